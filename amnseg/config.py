@@ -1,0 +1,133 @@
+"""Typed configuration: dataclass defaults (= the reference VOC settings), YAML files, overrides.
+
+A config is built from the dataclasses below, then a YAML file from ``configs/`` (or any path),
+then ``key=value`` overrides from the command line, e.g. ``cam.epochs=3 data.root=/data/voc``.
+"""
+
+from __future__ import annotations
+
+import dataclasses
+import hashlib
+import json
+from dataclasses import dataclass, field
+from pathlib import Path
+from typing import Any
+
+from omegaconf import OmegaConf
+from omegaconf.errors import OmegaConfBaseException
+
+from amnseg.errors import AmnsegError
+
+CONFIG_DIR = Path(__file__).resolve().parent.parent / "configs"
+
+
+@dataclass
+class DataConfig:
+    """Where the images, image-level labels and (optional) ground-truth masks are."""
+
+    kind: str = "voc"  # voc | coco | folder
+    root: str = "data/VOCdevkit/VOC2012"
+    train_split: str = "train_aug"  # the classifiers train on this split
+    infer_split: str = "train"  # maps, seeds and pseudo masks are made (and evaluated) on this one
+    val_split: str = "val"
+    aug_mask_dir: str = "SegmentationClassAug"  # VOC: SBD masks for train_aug
+    semantic_dir: str | None = None  # COCO: folder of precomputed semantic PNGs (optional)
+    num_workers: int = 2
+
+
+@dataclass
+class BackboneConfig:
+    """ResNet backbone. ``width`` scales every channel count (1.0 = torchvision's ResNet)."""
+
+    depth: int = 50
+    width: float = 1.0
+    strides: list[int] = field(default_factory=lambda: [2, 2, 2, 1])
+    norm: str = "frozen"  # frozen: BatchNorm always uses running stats (reference); batch: trains
+    freeze_conv1: bool = True  # the reference never trains conv1
+    pretrained: str | None = None  # path to ImageNet weights, "hub" for the torch hub cache
+
+
+@dataclass
+class CamConfig:
+    """Stage 'cam': classifier training and multi-scale CAM inference (METHOD.md section 2)."""
+
+    epochs: int = 5
+    batch_size: int = 16
+    lr: float = 0.1
+    head_lr_mult: float = 10.0
+    weight_decay: float = 1e-4
+    # The reference hands its weight decay to SGD's momentum slot: momentum 1e-4, i.e. none.
+    momentum: float = 1e-4
+    poly_power: float = 0.9
+    resize_long: list[int] = field(default_factory=lambda: [320, 640])
+    crop_size: int = 512
+    scales: list[float] = field(default_factory=lambda: [1.0, 0.5, 1.5, 2.0])
+    flip: bool = True
+    eval_threshold: float = 0.15
+
+
+@dataclass
+class EvalConfig:
+    """Threshold sweeps: thresholds = start, start + step, ... <= stop."""
+
+    sweep_start: float = 0.0
+    sweep_stop: float = 0.95
+    sweep_step: float = 0.05
+    robust_range: list[float] = field(default_factory=lambda: [0.10, 0.60])
+
+    def thresholds(self) -> list[float]:
+        count = int(round((self.sweep_stop - self.sweep_start) / self.sweep_step)) + 1
+        return [round(self.sweep_start + i * self.sweep_step, 6) for i in range(count)]
+
+
+@dataclass
+class Config:
+    run_dir: str = "runs/voc12"
+    seed: int = 0
+    device: str = "auto"  # auto | cpu | cuda | cuda:N
+    data: DataConfig = field(default_factory=DataConfig)
+    backbone: BackboneConfig = field(default_factory=BackboneConfig)
+    cam: CamConfig = field(default_factory=CamConfig)
+    eval: EvalConfig = field(default_factory=EvalConfig)
+
+
+def resolve_config_path(name_or_path: str | Path) -> Path:
+    """``voc12`` -> ``configs/voc12.yaml``; an existing path is taken as it is."""
+    path = Path(name_or_path)
+    if path.is_file():
+        return path
+    candidate = CONFIG_DIR / f"{name_or_path}.yaml"
+    if candidate.is_file():
+        return candidate
+    known = ", ".join(sorted(p.stem for p in CONFIG_DIR.glob("*.yaml")))
+    raise AmnsegError(f"{name_or_path}: no such config file (built-in configs: {known})")
+
+
+def load_config(name_or_path: str | Path | None = None, overrides: list[str] | None = None) -> Config:
+    """Defaults, then the YAML file (if any), then ``key=value`` overrides."""
+    merged = OmegaConf.structured(Config)
+    try:
+        if name_or_path is not None:
+            path = resolve_config_path(name_or_path)
+            merged = OmegaConf.merge(merged, OmegaConf.load(path))
+        if overrides:
+            bad = [o for o in overrides if "=" not in o]
+            if bad:
+                raise AmnsegError(f"override {bad[0]!r}: expected key=value")
+            merged = OmegaConf.merge(merged, OmegaConf.from_dotlist(list(overrides)))
+        config = OmegaConf.to_object(merged)
+    except OmegaConfBaseException as exc:
+        message = str(exc).strip().splitlines()[0]
+        raise AmnsegError(f"config {name_or_path or '(defaults)'}: {message}") from None
+    assert isinstance(config, Config)
+    return config
+
+
+def config_to_dict(config: Any) -> dict[str, Any]:
+    return dataclasses.asdict(config)
+
+
+def config_hash(config: Any) -> str:
+    """A short stable hash of a (sub-)config, for telling runs apart."""
+    payload = json.dumps(config_to_dict(config), sort_keys=True).encode()
+    return hashlib.sha256(payload).hexdigest()[:12]

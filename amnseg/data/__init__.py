@@ -1,0 +1,1 @@
+"""Datasets (VOC, COCO, the user's own folder, the built-in demo) and transforms."""

@@ -1,0 +1,128 @@
+"""Atomic file writing and the on-disk formats shared by the stages.
+
+Every output is written to a temporary file in the destination folder and renamed into place,
+so a killed run never leaves a half-written file under a final name.
+"""
+
+from __future__ import annotations
+
+import json
+import os
+import tempfile
+from collections.abc import Iterator
+from contextlib import contextmanager
+from dataclasses import dataclass
+from pathlib import Path
+from typing import Any
+
+import numpy as np
+import torch
+from PIL import Image
+
+from amnseg.errors import AmnsegError
+
+
+@contextmanager
+def atomic_path(path: str | Path) -> Iterator[Path]:
+    """Yield a temporary path beside ``path``; on success rename it to ``path``."""
+    path = Path(path)
+    path.parent.mkdir(parents=True, exist_ok=True)
+    fd, tmp_name = tempfile.mkstemp(prefix=f".{path.name}.", suffix=".tmp", dir=path.parent)
+    os.close(fd)
+    tmp = Path(tmp_name)
+    try:
+        yield tmp
+        os.replace(tmp, path)
+    finally:
+        if tmp.exists():
+            tmp.unlink()
+
+
+def save_json(path: str | Path, obj: Any) -> None:
+    with atomic_path(path) as tmp:
+        tmp.write_text(json.dumps(obj, indent=2, sort_keys=False, default=_json_default) + "\n")
+
+
+def append_jsonl(path: str | Path, obj: Any) -> None:
+    """Append one JSON record as a line (a line is written in one call, so it is whole or absent)."""
+    path = Path(path)
+    path.parent.mkdir(parents=True, exist_ok=True)
+    with open(path, "a") as f:
+        f.write(json.dumps(obj, default=_json_default) + "\n")
+
+
+def load_json(path: str | Path) -> Any:
+    return json.loads(Path(path).read_text())
+
+
+def _json_default(obj: Any) -> Any:
+    if isinstance(obj, np.generic):
+        return obj.item()
+    if isinstance(obj, np.ndarray):
+        return obj.tolist()
+    if isinstance(obj, Path):
+        return str(obj)
+    raise TypeError(f"cannot serialise {type(obj).__name__} to JSON")
+
+
+def save_checkpoint(path: str | Path, checkpoint: dict[str, Any]) -> None:
+    with atomic_path(path) as tmp:
+        torch.save(checkpoint, tmp)
+
+
+def load_checkpoint(path: str | Path) -> dict[str, Any]:
+    """Load a checkpoint without unpickling arbitrary objects."""
+    path = Path(path)
+    if not path.is_file():
+        raise AmnsegError(f"{path}: checkpoint not found")
+    try:
+        return torch.load(path, map_location="cpu", weights_only=True)
+    except Exception as exc:  # torch raises several types for corrupt or unsafe files
+        first_line = str(exc).strip().splitlines()[0] if str(exc).strip() else type(exc).__name__
+        raise AmnsegError(f"{path}: not a readable checkpoint ({first_line})") from exc
+
+
+@dataclass
+class ScoreMaps:
+    """Per-image score maps of the image's classes.
+
+    ``class_ids``: (K,) int64, class indices 1..C (0 is background, never stored here).
+    ``strided``: (K, h4, w4) float32 maps at stride 4, h4 = (H - 1) // 4 + 1.
+    ``full``: (K, H, W) float32 maps at image size.
+    """
+
+    class_ids: np.ndarray
+    strided: np.ndarray
+    full: np.ndarray
+
+
+def save_score_maps(path: str | Path, maps: ScoreMaps) -> None:
+    """Write maps as a compressed ``.npz`` (plain arrays, readable without pickle)."""
+    with atomic_path(path) as tmp, open(tmp, "wb") as f:
+        np.savez_compressed(
+            f,
+            class_ids=np.asarray(maps.class_ids, dtype=np.int64),
+            strided=np.asarray(maps.strided, dtype=np.float32),
+            full=np.asarray(maps.full, dtype=np.float32),
+        )
+
+
+def load_score_maps(path: str | Path) -> ScoreMaps:
+    path = Path(path)
+    try:
+        with np.load(path, allow_pickle=False) as data:
+            return ScoreMaps(data["class_ids"], data["strided"], data["full"])
+    except FileNotFoundError:
+        raise AmnsegError(f"{path}: score map file not found") from None
+    except (OSError, KeyError, ValueError) as exc:
+        raise AmnsegError(f"{path}: not a valid score map file ({exc})") from exc
+
+
+def save_label_png(path: str | Path, labels: np.ndarray, palette: list[int] | None = None) -> None:
+    """Write a uint8 label map as a PNG (palette mode when a palette is given)."""
+    image = Image.fromarray(np.asarray(labels, dtype=np.uint8), mode="L")
+    if palette is not None:
+        image = image.convert("P")
+        image.putpalette(palette)
+    with atomic_path(path) as tmp:
+        image.save(tmp, format="PNG")
