@@ -103,7 +103,9 @@ def resolve_config_path(name_or_path: str | Path) -> Path:
     raise AmnsegError(f"{name_or_path}: no such config file (built-in configs: {known})")
 
 
-def load_config(name_or_path: str | Path | None = None, overrides: list[str] | None = None) -> Config:
+def load_config(
+    name_or_path: str | Path | None = None, overrides: list[str] | None = None
+) -> Config:
     """Defaults, then the YAML file (if any), then ``key=value`` overrides."""
     merged = OmegaConf.structured(Config)
     try:

@@ -44,7 +44,7 @@ def save_json(path: str | Path, obj: Any) -> None:
 
 
 def append_jsonl(path: str | Path, obj: Any) -> None:
-    """Append one JSON record as a line (a line is written in one call, so it is whole or absent)."""
+    """Append one JSON record as one line, written in a single call."""
     path = Path(path)
     path.parent.mkdir(parents=True, exist_ok=True)
     with open(path, "a") as f:

@@ -1,0 +1,93 @@
+"""Image transforms of the reference pipeline, on uint8 (H, W, 3) numpy images.
+
+Rescaling uses PIL bicubic like the reference; normalisation is ImageNet's mean/std; random
+crops place the image at a random offset inside a fixed-size canvas filled with a pad value.
+"""
+
+from __future__ import annotations
+
+import numpy as np
+import torch
+from PIL import Image
+
+IMAGENET_MEAN = np.array([0.485, 0.456, 0.406], dtype=np.float32)
+IMAGENET_STD = np.array([0.229, 0.224, 0.225], dtype=np.float32)
+
+
+def normalize(image: np.ndarray) -> np.ndarray:
+    """(H, W, 3) uint8 RGB -> (3, H, W) float32, (x / 255 - mean) / std."""
+    scaled = (image.astype(np.float32) / 255.0 - IMAGENET_MEAN) / IMAGENET_STD
+    return np.ascontiguousarray(scaled.transpose(2, 0, 1))
+
+
+def scaled_size(height: int, width: int, scale: float) -> tuple[int, int]:
+    return int(round(height * scale)), int(round(width * scale))
+
+
+def rescale(image: np.ndarray, scale: float, resample: int = Image.BICUBIC) -> np.ndarray:
+    """Resize by ``scale`` to (round(H * s), round(W * s)); PIL bicubic by default."""
+    height, width = scaled_size(image.shape[0], image.shape[1], scale)
+    if (height, width) == image.shape[:2]:
+        return image
+    return np.asarray(Image.fromarray(image).resize((width, height), resample))
+
+
+def random_resize_long(
+    image: np.ndarray, low: int, high: int, rng: np.random.Generator
+) -> np.ndarray:
+    """Rescale so that the long side is a random integer in [low, high] (bicubic)."""
+    target = int(rng.integers(low, high + 1))
+    return rescale(image, target / max(image.shape[:2]))
+
+
+def random_crop_box(
+    height: int, width: int, crop: int, rng: np.random.Generator
+) -> tuple[slice, slice, slice, slice]:
+    """Where a random ``crop`` x ``crop`` window meets the image.
+
+    Returns (canvas rows, canvas cols, image rows, image cols). A side longer than ``crop`` is
+    cut at a random offset; a shorter one is placed at a random offset inside the canvas.
+    """
+
+    def one_axis(size: int) -> tuple[slice, slice]:
+        extent = min(size, crop)
+        if size > crop:
+            start = int(rng.integers(0, size - crop + 1))
+            return slice(0, extent), slice(start, start + extent)
+        start = int(rng.integers(0, crop - size + 1))
+        return slice(start, start + extent), slice(0, extent)
+
+    canvas_rows, image_rows = one_axis(height)
+    canvas_cols, image_cols = one_axis(width)
+    return canvas_rows, canvas_cols, image_rows, image_cols
+
+
+def paste_crop(
+    array: np.ndarray, box: tuple[slice, slice, slice, slice], crop: int, pad_value: float
+) -> np.ndarray:
+    """Cut ``array`` ((C, H, W) or (H, W)) with a box from :func:`random_crop_box`."""
+    canvas_rows, canvas_cols, image_rows, image_cols = box
+    shape = (*array.shape[:-2], crop, crop)
+    canvas = np.full(shape, pad_value, dtype=array.dtype)
+    canvas[..., canvas_rows, canvas_cols] = array[..., image_rows, image_cols]
+    return canvas
+
+
+class ClassificationTrainTransform:
+    """CAM training augmentation: resize long side, flip, normalise, random crop (pad 0).
+
+    Maps (uint8 image (H, W, 3), rng) -> float32 tensor (3, crop, crop).
+    """
+
+    def __init__(self, resize_long: tuple[int, int], crop_size: int, flip: bool = True):
+        self.resize_long = resize_long
+        self.crop_size = crop_size
+        self.flip = flip
+
+    def __call__(self, image: np.ndarray, rng: np.random.Generator) -> torch.Tensor:
+        image = random_resize_long(image, self.resize_long[0], self.resize_long[1], rng)
+        if self.flip and rng.random() < 0.5:
+            image = image[:, ::-1]
+        chw = normalize(image)
+        box = random_crop_box(chw.shape[1], chw.shape[2], self.crop_size, rng)
+        return torch.from_numpy(paste_crop(chw, box, self.crop_size, 0.0))

@@ -1,0 +1,78 @@
+"""Multi-scale + flip inference of class activation maps (METHOD.md section 2).
+
+The image is rescaled (PIL bicubic) to every scale; each scale runs as one batch of two (the
+image and its mirror), the mirrored map is flipped back and added. Maps of all scales are
+resized bilinearly to the stride-4 size and to the backbone's "up size" (the feature size times
+the output stride), cropped to the image and summed. Scales of different sizes cannot share a
+batch: padding them to one size would change the features near the border.
+"""
+
+from __future__ import annotations
+
+from collections.abc import Callable, Sequence
+
+import numpy as np
+import torch
+import torch.nn.functional as F
+
+from amnseg.data.transforms import normalize, rescale
+
+
+def strided_size(height: int, width: int, stride: int) -> tuple[int, int]:
+    """Size of a map at ``stride``: ((H - 1) // s + 1, (W - 1) // s + 1)."""
+    return (height - 1) // stride + 1, (width - 1) // stride + 1
+
+
+def strided_up_size(height: int, width: int, stride: int) -> tuple[int, int]:
+    """The stride-``s`` size times ``s``: the smallest multiple of ``s`` covering the image."""
+    rows, cols = strided_size(height, width, stride)
+    return rows * stride, cols * stride
+
+
+def multiscale_inputs(
+    image: np.ndarray, scales: Sequence[float], flip: bool = True
+) -> list[torch.Tensor]:
+    """uint8 (H, W, 3) -> one normalised batch per scale, (2 or 1, 3, h_s, w_s)."""
+    batches = []
+    for scale in scales:
+        chw = torch.from_numpy(normalize(rescale(image, scale)))
+        batches.append(torch.stack([chw, chw.flip(-1)]) if flip else chw[None])
+    return batches
+
+
+def merge_flip(maps: torch.Tensor) -> torch.Tensor:
+    """(2, C, h, w) image + mirrored maps -> (C, h, w) sum (mirror flipped back); (1, ...) as is."""
+    return maps[0] + maps[1].flip(-1) if maps.shape[0] == 2 else maps[0]
+
+
+@torch.no_grad()
+def multiscale_cam(
+    cam_fn: Callable[[torch.Tensor], torch.Tensor],
+    inputs: Sequence[torch.Tensor],
+    image_size: tuple[int, int],
+    output_stride: int,
+    device: torch.device | str = "cpu",
+) -> tuple[torch.Tensor, torch.Tensor]:
+    """Sum of per-scale activation maps at stride 4 and at image size.
+
+    ``cam_fn`` maps images (B, 3, h, w) to maps (B, C, h / s, w / s). Returns
+    (strided (C, (H-1)//4+1, (W-1)//4+1), full (C, H, W)), not normalised, on ``device``.
+    """
+    height, width = image_size
+    small = strided_size(height, width, 4)
+    up = strided_up_size(height, width, output_stride)
+    strided_sum: torch.Tensor | None = None
+    full_sum: torch.Tensor | None = None
+    for batch in inputs:
+        maps = merge_flip(cam_fn(batch.to(device, non_blocking=True)))[None]
+        strided = F.interpolate(maps, small, mode="bilinear", align_corners=False)[0]
+        full = F.interpolate(maps, up, mode="bilinear", align_corners=False)[0, :, :height, :width]
+        strided_sum = strided if strided_sum is None else strided_sum + strided
+        full_sum = full if full_sum is None else full_sum + full
+    assert strided_sum is not None and full_sum is not None, "at least one scale is needed"
+    return strided_sum, full_sum
+
+
+def max_normalize(maps: torch.Tensor, eps: float = 1e-5) -> torch.Tensor:
+    """(K, h, w) -> each channel divided by its own maximum + eps."""
+    return maps / (maps.amax(dim=(-2, -1), keepdim=True) + eps)

@@ -1,0 +1,123 @@
+"""What every training stage shares: device choice, seeding, the poly schedule, per-sample
+augmentation randomness, epoch checkpoints with resume, and JSON-lines logs."""
+
+from __future__ import annotations
+
+import random
+from collections.abc import Callable
+from pathlib import Path
+from typing import Any
+
+import numpy as np
+import torch
+
+from amnseg.data.base import SegDataset
+from amnseg.errors import AmnsegError
+from amnseg.io import append_jsonl, load_checkpoint, save_checkpoint
+
+
+def resolve_device(spec: str) -> torch.device:
+    """``auto`` -> the first CUDA device when there is one, else the CPU."""
+    if spec == "auto":
+        return torch.device("cuda" if torch.cuda.is_available() else "cpu")
+    device = torch.device(spec)
+    if device.type == "cuda" and not torch.cuda.is_available():
+        raise AmnsegError(f"device={spec}: CUDA is not available on this machine")
+    return device
+
+
+def seed_everything(seed: int) -> None:
+    random.seed(seed)
+    np.random.seed(seed)
+    torch.manual_seed(seed)
+
+
+def poly_lr_lambda(max_step: int, power: float) -> Callable[[int], float]:
+    """lr factor at ``step``: (1 - step / max_step) ** power (the reference's poly decay)."""
+    return lambda step: (1.0 - min(step, max_step) / max_step) ** power
+
+
+class AugmentedSet(torch.utils.data.Dataset):
+    """Applies ``make_item(sample, rng)`` to dataset samples with a per-sample random generator.
+
+    The generator is seeded from (seed, epoch, index), so augmentations do not depend on the
+    number of loader workers and a resumed run sees the same crops as an uninterrupted one.
+    """
+
+    def __init__(self, dataset: SegDataset, make_item: Callable[..., Any], seed: int):
+        self.dataset = dataset
+        self.make_item = make_item
+        self.seed = seed
+        self.epoch = 0
+
+    def set_epoch(self, epoch: int) -> None:
+        self.epoch = epoch
+
+    def __len__(self) -> int:
+        return len(self.dataset)
+
+    def __getitem__(self, index: int) -> Any:
+        rng = np.random.default_rng([self.seed, self.epoch, index])
+        return self.make_item(self.dataset[index], rng)
+
+
+def epoch_loader(
+    dataset: AugmentedSet, epoch: int, batch_size: int, num_workers: int, seed: int
+) -> torch.utils.data.DataLoader:
+    """A shuffled loader (drop_last, like the reference) whose order depends on seed + epoch."""
+    dataset.set_epoch(epoch)
+    generator = torch.Generator().manual_seed(seed * 1000 + epoch)
+    return torch.utils.data.DataLoader(
+        dataset,
+        batch_size=batch_size,
+        shuffle=True,
+        drop_last=True,
+        num_workers=num_workers,
+        generator=generator,
+        pin_memory=torch.cuda.is_available(),
+    )
+
+
+def steps_per_epoch(num_images: int, batch_size: int, what: str) -> int:
+    steps = num_images // batch_size
+    if steps == 0:
+        raise AmnsegError(
+            f"{what}: {num_images} training images is fewer than one batch of {batch_size}"
+        )
+    return steps
+
+
+class TrainingState:
+    """Per-epoch checkpoint of a training stage (``last.pt`` in the stage folder).
+
+    Holds model, optimiser and scheduler states and the number of finished epochs, so that a
+    killed run resumes at the start of the epoch it was in.
+    """
+
+    def __init__(self, path: Path):
+        self.path = path
+
+    def restore(self, model, optimizer, scheduler) -> int:
+        """Load the saved state if there is one; return the number of finished epochs."""
+        if not self.path.is_file():
+            return 0
+        state = load_checkpoint(self.path)
+        model.load_state_dict(state["model"])
+        optimizer.load_state_dict(state["optimizer"])
+        scheduler.load_state_dict(state["scheduler"])
+        return int(state["epochs_done"])
+
+    def save(self, model, optimizer, scheduler, epochs_done: int) -> None:
+        save_checkpoint(
+            self.path,
+            {
+                "model": model.state_dict(),
+                "optimizer": optimizer.state_dict(),
+                "scheduler": scheduler.state_dict(),
+                "epochs_done": epochs_done,
+            },
+        )
+
+
+def log_metrics(path: Path, record: dict[str, Any]) -> None:
+    append_jsonl(path, record)

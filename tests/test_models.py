@@ -1,0 +1,140 @@
+"""Backbone layout, frozen BatchNorm, CAM net and multi-scale CAM inference."""
+
+from pathlib import Path
+
+import numpy as np
+import pytest
+import torch
+import torch.nn.functional as F
+from PIL import Image
+
+from amnseg.errors import AmnsegError
+from amnseg.models import CAMNet, FrozenBatchNorm2d, ResNet, load_imagenet_weights
+from amnseg.ops.multiscale import max_normalize, multiscale_cam, multiscale_inputs
+
+REFERENCE = Path(__file__).resolve().parents[1].parent / "shared" / "reference"
+
+
+def reference_keys(name: str, prefix: str) -> dict[str, tuple[int, ...]]:
+    path = REFERENCE / f"official_keys_{name}.tsv"
+    if not path.is_file():
+        pytest.skip(f"{path} not available")
+    keys = {}
+    for line in path.read_text().splitlines():
+        key, shape, _ = line.split("\t")
+        if key.startswith(prefix):
+            keys[key[len(prefix):]] = tuple(int(v) for v in shape.strip("()").split(",") if v)
+    return keys
+
+
+def test_resnet50_state_dict_matches_reference_layout():
+    model = ResNet(depth=50)
+    ours = {k: tuple(v.shape) for k, v in model.state_dict().items()}
+    assert ours == reference_keys("cam", "resnet50.")
+
+
+def test_cam_classifier_matches_reference_layout():
+    model = CAMNet(ResNet(depth=50), num_classes=20)
+    assert tuple(model.classifier.weight.shape) == reference_keys("cam", "classifier.")["weight"]
+    assert model.classifier.bias is None
+
+
+@pytest.mark.parametrize("depth", [18, 34, 50, 101])
+def test_output_stride_and_channels(depth):
+    model = ResNet(depth=depth, width=0.125, strides=[2, 2, 2, 1]).eval()
+    features = model(torch.randn(1, 3, 50, 37))
+    assert features.shape == (1, model.out_channels, 4, 3)  # ceil(50/16), ceil(37/16)
+    levels = model.forward_levels(torch.randn(1, 3, 64, 64))
+    assert [lv.shape[1] for lv in levels] == model.level_channels
+    assert [lv.shape[-1] for lv in levels] == [16, 16, 8, 4, 4]
+
+
+def test_frozen_batchnorm_uses_running_stats_in_train_mode():
+    model = ResNet(depth=18, width=0.25).train()
+    for module in model.modules():
+        if isinstance(module, FrozenBatchNorm2d):
+            module.running_mean.uniform_(-1, 1)
+            module.running_var.uniform_(0.5, 2)
+            module.weight.data.uniform_(0.5, 1.5)
+            module.bias.data.uniform_(-0.5, 0.5)
+    before = {k: v.clone() for k, v in model.state_dict().items()}
+    x = torch.randn(4, 3, 32, 32)
+    bn = model.bn1
+    stem = model.conv1(x)
+    expected = (stem - bn.running_mean[None, :, None, None]) / torch.sqrt(
+        bn.running_var[None, :, None, None] + bn.eps
+    ) * bn.weight[None, :, None, None] + bn.bias[None, :, None, None]
+    torch.testing.assert_close(bn(stem), expected, rtol=1e-5, atol=1e-5)
+    train_out = model(x)
+    after = model.state_dict()
+    for key, value in before.items():
+        assert torch.equal(value, after[key]), f"{key} changed in a train-mode forward"
+    torch.testing.assert_close(train_out, model.eval()(x))
+    assert not bn.weight.requires_grad and not bn.bias.requires_grad
+    assert not model.conv1.weight.requires_grad
+
+
+def test_cam_net_detaches_after_layer2():
+    model = CAMNet(ResNet(depth=18, width=0.25, norm="batch", freeze_conv1=False), 3)
+    model(torch.randn(2, 3, 32, 32)).sum().backward()
+    assert all(p.grad is None for p in model.backbone.layer2.parameters())
+    assert all(p.grad is None for p in model.backbone.layer1.parameters())
+    assert any(p.grad is not None for p in model.backbone.layer3.parameters())
+    assert model.classifier.weight.grad is not None
+
+
+def test_imagenet_weights_load_and_mismatch_errors(tmp_path):
+    source = ResNet(depth=18, width=0.25)
+    state = source.state_dict()
+    state["fc.weight"] = torch.zeros(1000, 128)  # torchvision files carry the classifier too
+    path = tmp_path / "resnet18-test.pth"
+    torch.save(state, path)
+    target = ResNet(depth=18, width=0.25)
+    load_imagenet_weights(target, path)
+    assert torch.equal(target.conv1.weight, source.conv1.weight)
+    with pytest.raises(AmnsegError, match="resnet18-test.pth.*do not fit"):
+        load_imagenet_weights(ResNet(depth=18, width=0.5), path)
+    with pytest.raises(AmnsegError, match="not found"):
+        load_imagenet_weights(target, tmp_path / "absent.pth")
+
+
+def loop_reference_cam(model: CAMNet, image: np.ndarray, scales, stride: int):
+    """A direct per-scale, per-image loop written from METHOD.md section 2."""
+    height, width = image.shape[:2]
+    mean = np.array([0.485, 0.456, 0.406])
+    std = np.array([0.229, 0.224, 0.225])
+    h4, w4 = (height - 1) // 4 + 1, (width - 1) // 4 + 1
+    up = (((height - 1) // stride + 1) * stride, ((width - 1) // stride + 1) * stride)
+    strided_total, full_total = 0, 0
+    for scale in scales:
+        size = (int(round(width * scale)), int(round(height * scale)))
+        scaled = np.asarray(Image.fromarray(image).resize(size, Image.BICUBIC))
+        tensor = torch.tensor(((scaled / 255.0 - mean) / std).transpose(2, 0, 1)).float()
+        weight = model.classifier.weight
+        plain = F.relu(F.conv2d(model.backbone(tensor[None]), weight))[0]
+        mirrored = F.relu(F.conv2d(model.backbone(tensor.flip(-1)[None]), weight))[0]
+        summed = (plain + mirrored.flip(-1))[None]
+        strided_total = strided_total + F.interpolate(summed, (h4, w4), mode="bilinear")[0]
+        full = F.interpolate(summed, up, mode="bilinear")[0, :, :height, :width]
+        full_total = full_total + full
+    return strided_total, full_total
+
+
+@torch.no_grad()
+def test_multiscale_cam_equals_per_scale_loop():
+    torch.manual_seed(0)
+    model = CAMNet(ResNet(depth=18, width=0.25, strides=[2, 2, 2, 1]), 4).eval()
+    torch.nn.init.normal_(model.classifier.weight)
+    image = np.random.default_rng(0).integers(0, 256, (37, 50, 3), dtype=np.uint8)
+    scales = [1.0, 0.5, 1.5, 2.0]
+    strided, full = multiscale_cam(
+        model.cam, multiscale_inputs(image, scales), (37, 50), model.backbone.output_stride
+    )
+    ref_strided, ref_full = loop_reference_cam(model, image, scales, 16)
+    assert strided.shape == (4, 10, 13) and full.shape == (4, 37, 50)
+    torch.testing.assert_close(strided, ref_strided, rtol=1e-4, atol=1e-5)
+    torch.testing.assert_close(full, ref_full, rtol=1e-4, atol=1e-5)
+    normalized = max_normalize(full)
+    assert torch.all(normalized <= 1.0)
+    torch.testing.assert_close(normalized.amax(dim=(1, 2)), full.amax(dim=(1, 2)) / (
+        full.amax(dim=(1, 2)) + 1e-5))
