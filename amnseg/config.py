@@ -67,6 +67,68 @@ class CamConfig:
 
 
 @dataclass
+class SeedsConfig:
+    """Stage "seeds": two thresholds + dense CRF (METHOD.md section 3)."""
+
+    cam_fg_threshold: float = 0.30  # seeds from CAMs, to train AMN
+    cam_bg_threshold: float = 0.05
+    amn_fg_threshold: float = 0.45  # seeds from AMN maps, to train IRN
+    amn_bg_threshold: float = 0.15
+    crf_iterations: int = 10
+    crf_gt_prob: float = 0.7
+    crf_gaussian_sxy: float = 3.0
+    crf_gaussian_compat: float = 3.0
+    crf_bilateral_sxy: float = 50.0
+    crf_bilateral_srgb: float = 5.0
+    crf_bilateral_compat: float = 10.0
+    workers: int = 0  # CRF worker processes; 0 = one per CPU core
+
+
+@dataclass
+class AmnConfig:
+    """Stage "amn": the activation manipulation network (METHOD.md section 4)."""
+
+    epochs: int = 5
+    batch_size: int = 16
+    backbone_lr: float = 5e-6
+    head_lr: float = 1e-4  # label encoder and ASPP
+    weight_decay: float = 1e-4
+    label_smoothing: float = 0.4
+    dropout: float = 0.1
+    crop_size: int = 512
+    rescale: list[float] = field(default_factory=lambda: [0.5, 1.5])
+    flip: bool = True
+    scales: list[float] = field(default_factory=lambda: [1.0, 0.5, 1.5, 2.0])
+    eval_threshold: float = 0.25
+    eval_images: int = 200  # per-epoch check: single-scale maps of this many images (0 = off)
+
+
+@dataclass
+class IrnConfig:
+    """Stage "irn": boundary network and random walk (METHOD.md section 5)."""
+
+    radius: int = 10  # pair radius of the training labels, at stride 4
+    epochs: int = 3
+    batch_size: int = 32
+    lr: float = 0.1
+    weight_decay: float = 1e-4
+    momentum: float = 1e-4  # the same positional-argument quirk as the CAM stage
+    poly_power: float = 0.9
+    crop_size: int = 512
+    rescale: list[float] = field(default_factory=lambda: [0.5, 1.5])
+    flip: bool = True
+    # Backbone weights: "imagenet" (reference: backbone.pretrained) or "cam" (the trained CAM
+    # classifier's backbone; for data far from ImageNet, e.g. the demo).
+    backbone_init: str = "imagenet"
+    infer_pad_size: int = 512  # images are zero-padded to this size for boundary inference
+    walk_radius: int = 5
+    beta: float = 10.0
+    exp_times: int = 8
+    cam_power: float = 1.3
+    bg_threshold: float = 0.25
+
+
+@dataclass
 class EvalConfig:
     """Threshold sweeps: thresholds = start, start + step, ... <= stop."""
 
@@ -88,6 +150,9 @@ class Config:
     data: DataConfig = field(default_factory=DataConfig)
     backbone: BackboneConfig = field(default_factory=BackboneConfig)
     cam: CamConfig = field(default_factory=CamConfig)
+    seeds: SeedsConfig = field(default_factory=SeedsConfig)
+    amn: AmnConfig = field(default_factory=AmnConfig)
+    irn: IrnConfig = field(default_factory=IrnConfig)
     eval: EvalConfig = field(default_factory=EvalConfig)
 
 

@@ -4,12 +4,14 @@ augmentation randomness, epoch checkpoints with resume, and JSON-lines logs."""
 from __future__ import annotations
 
 import random
+import time
 from collections.abc import Callable
 from pathlib import Path
 from typing import Any
 
 import numpy as np
 import torch
+from tqdm import tqdm
 
 from amnseg.data.base import SegDataset
 from amnseg.errors import AmnsegError
@@ -121,3 +123,67 @@ class TrainingState:
 
 def log_metrics(path: Path, record: dict[str, Any]) -> None:
     append_jsonl(path, record)
+
+
+def fit(
+    stage: str,
+    out_dir: Path,
+    model: torch.nn.Module,
+    optimizer: torch.optim.Optimizer,
+    scheduler: torch.optim.lr_scheduler.LRScheduler,
+    train_set: AugmentedSet,
+    compute_loss: Callable[..., torch.Tensor],
+    *,
+    epochs: int,
+    batch_size: int,
+    num_workers: int,
+    seed: int,
+    device: torch.device,
+    after_epoch: Callable[[], dict[str, Any]] | None = None,
+) -> None:
+    """The one training loop of every stage.
+
+    Each batch is a tuple of tensors moved to ``device`` and passed to
+    ``compute_loss(model, *batch)``. After each epoch: optional extra metrics
+    (``after_epoch()``), a JSON line in ``<out_dir>/log.jsonl``, a console line and a
+    checkpoint (``last.pt``); a run that finds ``last.pt`` resumes after its last epoch.
+    """
+    state = TrainingState(out_dir / "last.pt")
+    first_epoch = state.restore(model, optimizer, scheduler)
+    for epoch in range(first_epoch, epochs):
+        model.train()
+        loader = epoch_loader(train_set, epoch, batch_size, num_workers, seed)
+        started, loss_sum, seen = time.perf_counter(), 0.0, 0
+        bar = tqdm(loader, desc=f"{stage} epoch {epoch + 1}/{epochs}", leave=False)
+        for batch in bar:
+            batch = [tensor.to(device, non_blocking=True) for tensor in batch]
+            loss = compute_loss(model, *batch)
+            optimizer.zero_grad(set_to_none=True)
+            loss.backward()
+            optimizer.step()
+            scheduler.step()
+            loss_sum += loss.item() * len(batch[0])
+            seen += len(batch[0])
+            bar.set_postfix(loss=f"{loss.item():.4f}")
+        elapsed = time.perf_counter() - started
+        record: dict[str, Any] = {
+            "stage": stage,
+            "epoch": epoch + 1,
+            "loss": loss_sum / max(seen, 1),
+            "lr": [group["lr"] for group in optimizer.param_groups],
+            "images_per_s": seen / elapsed if elapsed > 0 else None,
+            "seconds": elapsed,
+        }
+        if after_epoch is not None:
+            record.update(after_epoch())
+        log_metrics(out_dir / "log.jsonl", record)
+        extras = "".join(
+            f", {key} {value:.4f}" for key, value in record.items()
+            if key not in ("stage", "epoch", "loss", "lr", "images_per_s", "seconds")
+            and isinstance(value, float)
+        )
+        tqdm.write(
+            f"{stage} epoch {epoch + 1}/{epochs}: loss {record['loss']:.4f}, "
+            f"{seen / max(elapsed, 1e-9):.1f} img/s{extras}"
+        )
+        state.save(model, optimizer, scheduler, epoch + 1)

@@ -91,3 +91,32 @@ class ClassificationTrainTransform:
         chw = normalize(image)
         box = random_crop_box(chw.shape[1], chw.shape[2], self.crop_size, rng)
         return torch.from_numpy(paste_crop(chw, box, self.crop_size, 0.0))
+
+
+class SegmentationTrainTransform:
+    """Augmentation of (image, per-pixel labels) pairs for the AMN/IRN-style stages.
+
+    Random rescale by a factor in ``rescale`` (image bicubic, labels nearest), flip, normalise,
+    random crop with the image padded by 0 and the labels by 255 (ignored).
+    Maps (uint8 image (H, W, 3), uint8 labels (H, W), rng) -> (float32 (3, crop, crop),
+    int64 (crop, crop)).
+    """
+
+    def __init__(self, rescale: tuple[float, float], crop_size: int, flip: bool = True):
+        self.rescale = rescale
+        self.crop_size = crop_size
+        self.flip = flip
+
+    def __call__(
+        self, image: np.ndarray, labels: np.ndarray, rng: np.random.Generator
+    ) -> tuple[torch.Tensor, torch.Tensor]:
+        scale = self.rescale[0] + rng.random() * (self.rescale[1] - self.rescale[0])
+        image = rescale(image, scale)
+        labels = rescale(labels, scale, Image.NEAREST)
+        if self.flip and rng.random() < 0.5:
+            image, labels = image[:, ::-1], labels[:, ::-1]
+        chw = normalize(image)
+        box = random_crop_box(chw.shape[1], chw.shape[2], self.crop_size, rng)
+        image_crop = paste_crop(chw, box, self.crop_size, 0.0)
+        label_crop = paste_crop(np.ascontiguousarray(labels), box, self.crop_size, 255)
+        return torch.from_numpy(image_crop), torch.from_numpy(label_crop.astype(np.int64))

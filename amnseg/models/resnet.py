@@ -144,7 +144,15 @@ class ResNet(nn.Module):
         self.layer4 = self._make_layer(block, widths[3], counts[3], layer_strides[3], norm)
         self.level_channels = [widths[0]] + [w * block.expansion for w in widths]
         self.out_channels = self.level_channels[-1]
-        self.output_stride = 2 * strides[0] * strides[1] * strides[2] * strides[3]
+        stem_stride = 2 * strides[0]  # conv1, then the stride-2 max-pool
+        self.level_strides = [
+            stem_stride,
+            stem_stride,
+            stem_stride * strides[1],
+            stem_stride * strides[1] * strides[2],
+            stem_stride * strides[1] * strides[2] * strides[3],
+        ]
+        self.output_stride = self.level_strides[-1]
         self._init_weights()
         if freeze_conv1:
             self.conv1.weight.requires_grad_(False)

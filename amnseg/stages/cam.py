@@ -6,8 +6,6 @@
 
 from __future__ import annotations
 
-import dataclasses
-import time
 from pathlib import Path
 
 import numpy as np
@@ -15,20 +13,17 @@ import torch
 import torch.nn.functional as F
 from tqdm import tqdm
 
-from amnseg.config import BackboneConfig, Config, config_to_dict
+from amnseg.checkpoints import backbone_from_checkpoint, load_model_checkpoint, save_model
+from amnseg.config import Config, config_to_dict
 from amnseg.data import build_dataset
 from amnseg.data.base import Sample
 from amnseg.data.transforms import ClassificationTrainTransform
-from amnseg.errors import AmnsegError
-from amnseg.io import ScoreMaps, load_checkpoint, save_checkpoint, save_json, save_score_maps
+from amnseg.io import ScoreMaps, save_json, save_score_maps
 from amnseg.models import CAMNet, build_backbone
-from amnseg.models.resnet import ResNet
 from amnseg.ops.multiscale import max_normalize, multiscale_cam, multiscale_inputs
 from amnseg.training import (
     AugmentedSet,
-    TrainingState,
-    epoch_loader,
-    log_metrics,
+    fit,
     poly_lr_lambda,
     resolve_device,
     seed_everything,
@@ -77,82 +72,37 @@ def train_cam(config: Config) -> Path:
     scheduler = torch.optim.lr_scheduler.LambdaLR(
         optimizer, poly_lr_lambda(steps * cam_cfg.epochs, cam_cfg.poly_power)
     )
-    state = TrainingState(out_dir / "last.pt")
-    first_epoch = state.restore(model, optimizer, scheduler)
-
     transform = ClassificationTrainTransform(tuple(cam_cfg.resize_long), cam_cfg.crop_size)
 
     def make_item(sample: Sample, rng: np.random.Generator) -> tuple[torch.Tensor, torch.Tensor]:
         return transform(sample.image, rng), torch.from_numpy(sample.label)
 
-    train_set = AugmentedSet(dataset, make_item, config.seed)
-    model.train()
-    for epoch in range(first_epoch, cam_cfg.epochs):
-        loader = epoch_loader(
-            train_set, epoch, cam_cfg.batch_size, config.data.num_workers, config.seed
-        )
-        started, loss_sum, seen = time.perf_counter(), 0.0, 0
-        bar = tqdm(loader, desc=f"cam epoch {epoch + 1}/{cam_cfg.epochs}", leave=False)
-        for images, labels in bar:
-            images, labels = images.to(device), labels.to(device)
-            loss = F.multilabel_soft_margin_loss(model(images), labels)
-            optimizer.zero_grad(set_to_none=True)
-            loss.backward()
-            optimizer.step()
-            scheduler.step()
-            loss_sum += loss.item() * len(images)
-            seen += len(images)
-            bar.set_postfix(loss=f"{loss.item():.4f}")
-        elapsed = time.perf_counter() - started
-        record = {
-            "stage": "cam",
-            "epoch": epoch + 1,
-            "loss": loss_sum / max(seen, 1),
-            "lr": optimizer.param_groups[0]["lr"],
-            "images_per_s": seen / elapsed if elapsed > 0 else None,
-            "seconds": elapsed,
-        }
-        log_metrics(out_dir / "log.jsonl", record)
-        tqdm.write(
-            f"cam epoch {epoch + 1}/{cam_cfg.epochs}: loss {record['loss']:.4f}, "
-            f"{record['images_per_s']:.1f} img/s"
-        )
-        state.save(model, optimizer, scheduler, epoch + 1)
+    def compute_loss(model: CAMNet, images: torch.Tensor, labels: torch.Tensor) -> torch.Tensor:
+        return F.multilabel_soft_margin_loss(model(images), labels)
 
-    save_checkpoint(final_path, cam_checkpoint(model, dataset.class_names, config.backbone))
-    return final_path
-
-
-def cam_checkpoint(model: CAMNet, class_names: list[str], backbone: BackboneConfig) -> dict:
-    """An amnseg checkpoint: weights plus what is needed to rebuild the model."""
-    backbone_dict = dataclasses.asdict(backbone)
-    backbone_dict["pretrained"] = None  # the weights are in the checkpoint now
-    return {
-        "format": "amnseg",
-        "stage": "cam",
-        "class_names": list(class_names),
-        "backbone": backbone_dict,
-        "model": model.state_dict(),
-    }
+    fit(
+        "cam",
+        out_dir,
+        model,
+        optimizer,
+        scheduler,
+        AugmentedSet(dataset, make_item, config.seed),
+        compute_loss,
+        epochs=cam_cfg.epochs,
+        batch_size=cam_cfg.batch_size,
+        num_workers=config.data.num_workers,
+        seed=config.seed,
+        device=device,
+    )
+    return save_model(final_path, "cam", model, dataset.class_names, config.backbone)
 
 
 def load_cam_model(path: Path, class_names: list[str]) -> CAMNet:
     """Rebuild a CAMNet from an amnseg checkpoint, checking it fits the dataset's classes."""
-    checkpoint = load_checkpoint(path)
-    if checkpoint.get("format") != "amnseg" or checkpoint.get("stage") != "cam":
-        raise AmnsegError(f"{path}: not an amnseg CAM checkpoint")
-    saved = checkpoint["class_names"]
-    if len(saved) != len(class_names):
-        raise AmnsegError(
-            f"{path}: checkpoint is for {len(saved)} classes, the dataset has {len(class_names)}"
-        )
-    model = CAMNet(ResNet(**_resnet_kwargs(checkpoint["backbone"])), len(saved))
+    checkpoint = load_model_checkpoint(path, "cam", class_names)
+    model = CAMNet(backbone_from_checkpoint(checkpoint), len(class_names))
     model.load_state_dict(checkpoint["model"])
     return model
-
-
-def _resnet_kwargs(backbone: dict) -> dict:
-    return {k: backbone[k] for k in ("depth", "width", "strides", "norm", "freeze_conv1")}
 
 
 class _InferenceInputs(torch.utils.data.Dataset):

@@ -1,0 +1,83 @@
+"""Shared fixtures: a tiny dataset in the folder format and tiny configs."""
+
+from __future__ import annotations
+
+from pathlib import Path
+
+import numpy as np
+import pytest
+import torch
+from PIL import Image
+
+from amnseg.config import Config, load_config
+
+CLASSES = ["square", "disc"]
+
+
+def write_tiny_folder_dataset(root: Path, count: int = 8, size: int = 32, seed: int = 0) -> Path:
+    """``count`` images with one or two coloured shapes and their masks, folder format."""
+    rng = np.random.default_rng(seed)
+    (root / "images").mkdir(parents=True)
+    (root / "masks").mkdir()
+    (root / "splits").mkdir()
+    (root / "classes.txt").write_text("\n".join(CLASSES) + "\n")
+    rows = ["stem,classes"]
+    yy, xx = np.mgrid[:size, :size]
+    for i in range(count):
+        image = rng.integers(0, 60, (size, size, 3), dtype=np.uint8)
+        mask = np.zeros((size, size), np.uint8)
+        present = [c for c in (1, 2) if rng.random() < 0.7] or [1 + i % 2]
+        for cls in present:
+            cy, cx = rng.integers(8, size - 8, 2)
+            if cls == 1:
+                region = (abs(yy - cy) < 6) & (abs(xx - cx) < 6)
+            else:
+                region = (yy - cy) ** 2 + (xx - cx) ** 2 < 36
+            image[region] = (220, 60, 60) if cls == 1 else (60, 60, 220)
+            mask[region] = cls
+        stem = f"img {i:02d}"
+        Image.fromarray(image).save(root / "images" / f"{stem}.png")
+        Image.fromarray(mask).save(root / "masks" / f"{stem}.png")
+        rows.append(f"{stem},{';'.join(CLASSES[c - 1] for c in sorted(set(mask.ravel()) - {0}))}")
+    (root / "labels.csv").write_text("\n".join(rows) + "\n")
+    stems = [f"img {i:02d}" for i in range(count)]
+    (root / "splits" / "train.txt").write_text("\n".join(stems) + "\n")
+    (root / "splits" / "val.txt").write_text("\n".join(stems[: count // 2]) + "\n")
+    return root
+
+
+def tiny_config(data_root: Path, run_dir: Path, *overrides: str) -> Config:
+    """A config with a tiny network and images, for tests on CPU in seconds."""
+    return load_config(
+        None,
+        [
+            f"run_dir={run_dir}",
+            "device=cpu",
+            "data.kind=folder",
+            f"data.root={data_root}",
+            "data.train_split=train",
+            "data.infer_split=train",
+            "data.val_split=val",
+            "data.num_workers=0",
+            "backbone.depth=18",
+            "backbone.width=0.125",
+            "backbone.strides=[2,2,1,1]",
+            "backbone.pretrained=null",
+            "cam.epochs=2",
+            "cam.batch_size=4",
+            "cam.resize_long=[24,40]",
+            "cam.crop_size=32",
+            *overrides,
+        ],
+    )
+
+
+@pytest.fixture
+def tiny_dataset(tmp_path: Path) -> Path:
+    return write_tiny_folder_dataset(tmp_path / "data")
+
+
+@pytest.fixture(autouse=True)
+def _few_threads():
+    torch.set_num_threads(1)
+    yield

@@ -1,0 +1,104 @@
+"""The CAM stage on a tiny folder dataset: training, resume, maps, and the map files."""
+
+from __future__ import annotations
+
+import numpy as np
+import pytest
+import torch
+from conftest import tiny_config
+
+from amnseg.data.transforms import paste_crop, random_crop_box
+from amnseg.errors import AmnsegError
+from amnseg.io import load_checkpoint, load_score_maps
+from amnseg.ops.multiscale import max_normalize, multiscale_cam, multiscale_inputs
+from amnseg.stages import cam as cam_stage
+from amnseg.training import TrainingState, poly_lr_lambda
+
+
+def test_random_crop_cuts_large_and_pads_small_sides():
+    rng = np.random.default_rng(0)
+    image = np.arange(2 * 10 * 3, dtype=np.float32).reshape(2, 10, 3) + 1
+    for _ in range(20):
+        box = random_crop_box(10, 3, 6, rng)
+        crop = paste_crop(image, box, 6, 0.0)
+        assert crop.shape == (2, 6, 6)
+        nonzero_cols = np.flatnonzero(crop[0].any(axis=0))
+        assert len(nonzero_cols) == 3 and np.all(np.diff(nonzero_cols) == 1)  # whole width
+        rows = crop[0][:, nonzero_cols]
+        assert np.all(np.diff(rows[:, 0]) == 3)  # six consecutive image rows
+
+
+def test_poly_schedule_matches_formula():
+    schedule = poly_lr_lambda(100, 0.9)
+    assert schedule(0) == 1.0
+    assert schedule(50) == pytest.approx(0.5**0.9)
+    assert schedule(100) == 0.0
+
+
+def test_train_and_make_cams(tiny_dataset, tmp_path):
+    config = tiny_config(tiny_dataset, tmp_path / "run")
+    checkpoint_path = cam_stage.train_cam(config)
+    checkpoint = load_checkpoint(checkpoint_path)
+    assert checkpoint["class_names"] == ["square", "disc"]
+    log = (tmp_path / "run" / "cam" / "log.jsonl").read_text().splitlines()
+    assert len(log) == 2
+
+    maps_dir = cam_stage.make_cams(config)
+    files = sorted(maps_dir.glob("*.npz"))
+    assert len(files) == 8
+    assert not list(maps_dir.glob(".*"))  # no temporary files left
+
+    # Every file equals an independent computation with the saved model.
+    from amnseg.data import build_dataset
+
+    dataset = build_dataset(config.data, "train")
+    model = cam_stage.load_cam_model(checkpoint_path, dataset.class_names).eval()
+    for stem in dataset.stems[:3]:
+        sample = dataset[dataset.index_of(stem)]
+        maps = load_score_maps(maps_dir / f"{stem}.npz")
+        expected_ids = np.flatnonzero(sample.label) + 1
+        assert maps.class_ids.tolist() == expected_ids.tolist()
+        strided, full = multiscale_cam(
+            model.cam, multiscale_inputs(sample.image, config.cam.scales), sample.image.shape[:2], 8
+        )
+        keep = torch.as_tensor(expected_ids - 1)
+        np.testing.assert_allclose(maps.full, max_normalize(full[keep]).numpy(), atol=1e-6)
+        np.testing.assert_allclose(maps.strided, max_normalize(strided[keep]).numpy(), atol=1e-6)
+        assert maps.strided.shape[1:] == (8, 8) and maps.full.shape[1:] == (32, 32)
+
+    # Resume per image: a deleted map is recomputed identically, the others are kept.
+    victim = files[3]
+    before = victim.read_bytes()
+    kept_mtime = files[0].stat().st_mtime_ns
+    victim.unlink()
+    cam_stage.make_cams(config)
+    assert victim.read_bytes() == before
+    assert files[0].stat().st_mtime_ns == kept_mtime
+
+
+def test_training_resumes_from_last_epoch(tiny_dataset, tmp_path, monkeypatch):
+    straight = tiny_config(tiny_dataset, tmp_path / "straight")
+    reference = load_checkpoint(cam_stage.train_cam(straight))["model"]
+
+    resumed = tiny_config(tiny_dataset, tmp_path / "resumed")
+    original_save = TrainingState.save
+
+    def save_then_die(self, *args, **kwargs):
+        original_save(self, *args, **kwargs)
+        raise KeyboardInterrupt  # killed right after the first epoch's checkpoint
+
+    monkeypatch.setattr(TrainingState, "save", save_then_die)
+    with pytest.raises(KeyboardInterrupt):
+        cam_stage.train_cam(resumed)
+    monkeypatch.setattr(TrainingState, "save", original_save)
+    assert not (tmp_path / "resumed" / "cam" / "cam.pt").exists()
+    result = load_checkpoint(cam_stage.train_cam(resumed))["model"]
+    for key, value in reference.items():
+        assert torch.equal(value, result[key]), key
+
+
+def test_checkpoint_for_wrong_class_count_is_refused(tiny_dataset, tmp_path):
+    config = tiny_config(tiny_dataset, tmp_path / "run", "cam.epochs=1")
+    path = cam_stage.train_cam(config)
+    with pytest.raises(AmnsegError, match="checkpoint is for 2 classes, the dataset has 3"):
+        cam_stage.load_cam_model(path, ["a", "b", "c"])

@@ -1,0 +1,163 @@
+"""IRN: path geometry, pair labels, loss, the boundary net, and the random walk vs dense."""
+
+from __future__ import annotations
+
+import itertools
+import math
+from pathlib import Path
+
+import numpy as np
+import pytest
+import torch
+
+from amnseg.losses import irn_affinity_loss
+from amnseg.models import ResNet
+from amnseg.models.irn import BoundaryNet
+from amnseg.ops.affinity import (
+    affinity_labels,
+    pair_region,
+    path_affinities,
+    path_offsets,
+    search_directions,
+)
+from amnseg.ops.random_walk import random_walk
+
+REFERENCE = Path(__file__).resolve().parents[1].parent / "shared" / "reference"
+
+
+@pytest.mark.parametrize("radius", [2, 3, 5, 10])
+def test_search_directions_brute_force(radius):
+    expected = set()
+    for dy, dx in itertools.product(range(-radius, radius + 1), repeat=2):
+        if (dy, dx) == (0, 0) or dy * dy + dx * dx >= radius * radius:
+            continue
+        if dy > 0 or (dy == 0 and dx > 0):  # one of each +-pair: the "forward" half-plane
+            expected.add((dy, dx))
+    got = search_directions(radius)
+    assert set(got) == expected and len(got) == len(expected)
+
+
+def test_radius_ten_matches_reference_displacement_count():
+    # The reference IRN checkpoint stores one displacement per search direction of radius 10.
+    path = REFERENCE / "official_keys_irn.tsv"
+    if not path.is_file():
+        pytest.skip("reference key list not available")
+    shape = next(line.split("\t")[1] for line in path.read_text().splitlines()
+                 if line.startswith("disp_target"))
+    assert f", {len(search_directions(10))}," in shape
+
+
+@pytest.mark.parametrize("radius", [3, 5])
+def test_path_offsets_brute_force(radius):
+    for dy, dx in search_directions(radius):
+        expected = []
+        for y in range(min(0, dy), max(0, dy) + 1):
+            for x in range(min(0, dx), max(0, dx) + 1):
+                # distance from (y, x) to the line through the origin along (dy, dx)
+                distance = abs(dy * x - dx * y) / math.hypot(dy, dx)
+                if distance < 1:
+                    expected.append((y, x))
+        got = path_offsets((dy, dx))
+        assert sorted(got) == sorted(expected)
+        assert (0, 0) in got and (dy, dx) in got
+
+
+def test_path_affinities_brute_force():
+    rng = np.random.default_rng(0)
+    boundary = rng.random((7, 9))
+    got = path_affinities(torch.tensor(boundary), 3).numpy()
+    for k, (dy, dx) in enumerate(search_directions(3)):
+        for y in range(7):
+            for x in range(9):
+                if not (0 <= y + dy < 7 and 0 <= x + dx < 9):
+                    assert got[k, y, x] == 0
+                    continue
+                peak = max(boundary[y + py, x + px] for py, px in path_offsets((dy, dx)))
+                assert got[k, y, x] == pytest.approx(1 - peak)
+
+
+def test_affinity_labels_brute_force():
+    rng = np.random.default_rng(1)
+    seed = rng.choice([0, 0, 1, 2, 255], size=(12, 14)).astype(np.uint8)
+    radius = 4
+    bg, fg, neg = affinity_labels(seed, radius)
+    rows, cols = pair_region(12, 14, radius)
+    assert rows == slice(0, 9) and cols == slice(3, 11)
+    for k, (dy, dx) in enumerate(search_directions(radius)):
+        for i, y in enumerate(range(rows.start, rows.stop)):
+            for j, x in enumerate(range(cols.start, cols.stop)):
+                a, b = int(seed[y, x]), int(seed[y + dy, x + dx])
+                ignored = a == 255 or b == 255
+                assert bg[k, i, j] == (not ignored and a == b == 0)
+                assert fg[k, i, j] == (not ignored and a == b and a != 0)
+                assert neg[k, i, j] == (not ignored and a != b)
+
+
+def test_irn_loss_matches_formula():
+    rng = np.random.default_rng(2)
+    aff = torch.tensor(rng.random((2, 3, 4, 5)))
+    masks = [torch.tensor(rng.random((2, 3, 4, 5)) < 0.3).double() for _ in range(3)]
+    bg, fg, neg = masks
+    pos_loss = -np.log(aff.numpy() + 1e-5)
+    neg_loss = -np.log(1 + 1e-5 - aff.numpy())
+    mean = lambda m, loss: (m.numpy() * loss).sum() / (m.numpy().sum() + 1e-5)  # noqa: E731
+    expected = ((mean(bg, pos_loss) + mean(fg, pos_loss)) / 2 + mean(neg, neg_loss)) / 2
+    assert irn_affinity_loss(aff, bg, fg, neg).item() == pytest.approx(expected)
+
+
+def test_boundary_net_layout_and_frozen_backbone():
+    net = BoundaryNet(ResNet(depth=50))
+    path = REFERENCE / "official_keys_irn.tsv"
+    if path.is_file():
+        reference = {
+            line.split("\t")[0]: line.split("\t")[1]
+            for line in path.read_text().splitlines() if line.startswith("fc_edge")
+        }
+        ours = {k: str(tuple(v.shape)) for k, v in net.state_dict().items()
+                if k.startswith("fc_edge")}
+        assert ours == reference
+    small = BoundaryNet(ResNet(depth=18, width=0.125, strides=[2, 2, 1, 1])).train()
+    assert not small.backbone.training
+    out = small(torch.randn(2, 3, 37, 50))
+    assert out.shape == (2, 1, 10, 13)
+    out.sum().backward()
+    assert all(p.grad is None for p in small.backbone.parameters())
+    assert small.fc_edge6.weight.grad is not None
+
+
+def dense_random_walk(maps, boundary, radius, beta, exp_times):
+    """The reference formulation: dense affinity matrix, column-normalised, squared 8 times."""
+    height, width = boundary.shape
+    n = height * width
+    affinity = torch.eye(n, dtype=torch.float64)
+    for y, x in itertools.product(range(height), range(width)):
+        for dy, dx in search_directions(radius):
+            ty, tx = y + dy, x + dx
+            if 0 <= ty < height and 0 <= tx < width:
+                peak = max(boundary[y + py, x + px].item() for py, px in path_offsets((dy, dx)))
+                affinity[y * width + x, ty * width + tx] = 1 - peak
+                affinity[ty * width + tx, y * width + x] = 1 - peak
+    affinity = affinity.pow(beta)
+    transition = affinity / affinity.sum(dim=0, keepdim=True)
+    for _ in range(exp_times):
+        transition = transition @ transition
+    return (maps.reshape(maps.shape[0], -1).double() @ transition).reshape(maps.shape)
+
+
+@pytest.mark.parametrize("size", [(6, 6), (9, 13), (11, 7)])
+def test_random_walk_equals_dense_reference(size):
+    generator = torch.Generator().manual_seed(sum(size))
+    boundary = torch.rand(size, generator=generator) ** 3
+    maps = torch.rand((2, *size), generator=generator)
+    dense = dense_random_walk(maps, boundary, 5, 10.0, 8)
+    ours = random_walk(maps, boundary, 5, 10.0, 8)
+    assert ours.dtype == torch.float32
+    relative = (ours.double() - dense).abs().max() / dense.abs().max()
+    assert relative <= 1e-4
+
+
+def test_random_walk_handles_zero_maps_and_full_boundaries():
+    zeros = random_walk(torch.zeros(1, 5, 6), torch.ones(5, 6))
+    assert torch.isfinite(zeros).all() and torch.count_nonzero(zeros) == 0
+    walled = random_walk(torch.rand(1, 5, 6), torch.ones(5, 6))
+    assert torch.isfinite(walled).all()
