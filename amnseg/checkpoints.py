@@ -44,8 +44,11 @@ def save_model(
 
 
 def load_model_checkpoint(path: Path, stage: str, class_names: list[str]) -> dict[str, Any]:
-    """Load an amnseg checkpoint of ``stage`` and check it is for ``len(class_names)`` classes."""
+    """Load a checkpoint of ``stage`` (amnseg's or the authors'), checking its class count."""
     checkpoint = load_checkpoint(path)
+    if checkpoint.get("format") != "amnseg" and any(k.startswith("resnet50.") for k in checkpoint):
+        # An authors' checkpoint: convert it on the fly.
+        return import_reference(stage, path, class_names)
     if checkpoint.get("format") != "amnseg" or checkpoint.get("stage") != stage:
         found = checkpoint.get("stage", "unknown") if checkpoint.get("format") == "amnseg" else None
         what = f"an amnseg {found} checkpoint" if found else "not an amnseg checkpoint"
@@ -67,3 +70,128 @@ def backbone_from_checkpoint(checkpoint: dict[str, Any]) -> ResNet:
         norm=saved["norm"],
         freeze_conv1=saved["freeze_conv1"],
     )
+
+
+# --- the authors' checkpoints (res50_cam.pth, res50_amn.pth, res50_irn.pth) ----------------
+
+REFERENCE_BACKBONE = BackboneConfig(depth=50, width=1.0, strides=[2, 2, 2, 1], norm="frozen",
+                                    freeze_conv1=True, pretrained=None)
+# Canonical key prefixes of each reference file -> ours. Everything else in those files is an
+# alias (stage*, backbone.*, newly_added.*, edge_layers.*, ...) or an instance-segmentation part
+# we do not use (displacement branch, path index buffers).
+REFERENCE_PREFIXES: dict[str, dict[str, str]] = {
+    "cam": {"resnet50.": "backbone.", "classifier.": "classifier."},
+    "amn": {"resnet50.": "backbone.", "label_enc.": "label_enc.", "classifier.": "classifier."},
+    "irn": {"resnet50.": "backbone.", **{f"fc_edge{i}.": f"fc_edge{i}." for i in range(1, 7)}},
+}
+UNUSED_PREFIXES = ("fc_dp", "dp_layers.", "mean_shift.", "path_indices", "disp_target")
+
+
+def _build_model(stage: str, backbone: ResNet, num_classes: int) -> nn.Module:
+    from amnseg.models.amn import AMN
+    from amnseg.models.cam import CAMNet
+    from amnseg.models.irn import BoundaryNet
+
+    if stage == "cam":
+        return CAMNet(backbone, num_classes)
+    if stage == "amn":
+        return AMN(backbone, num_classes)
+    if stage == "irn":
+        return BoundaryNet(backbone)
+    raise AmnsegError(f"unknown checkpoint kind {stage!r}: expected cam, amn or irn")
+
+
+def build_model(checkpoint: dict[str, Any]) -> nn.Module:
+    """The model of an amnseg checkpoint, with its weights loaded."""
+    model = _build_model(
+        checkpoint["stage"], backbone_from_checkpoint(checkpoint), len(checkpoint["class_names"])
+    )
+    model.load_state_dict(checkpoint["model"])
+    return model
+
+
+def reference_class_count(stage: str, state: dict[str, Any]) -> int | None:
+    if stage == "cam" and "classifier.weight" in state:
+        return int(state["classifier.weight"].shape[0])
+    if stage == "amn" and "label_enc.weight" in state:
+        return int(state["label_enc.weight"].shape[1])
+    return None  # IRN's boundary branch does not depend on the classes
+
+
+def _fingerprint(tensor) -> tuple:
+    return (tuple(tensor.shape), str(tensor.dtype), tensor.double().sum().item(),
+            tensor.double().abs().sum().item())
+
+
+def import_reference(
+    stage: str, source: Path, class_names: list[str], destination: Path | None = None
+) -> dict[str, Any]:
+    """Convert an authors' checkpoint into an amnseg checkpoint (written if ``destination``).
+
+    Loads with ``weights_only=True``; checks that every aliased copy equals a canonical tensor,
+    that the class count matches ``class_names`` and that every tensor fits our model.
+    """
+    state = load_checkpoint(source)
+    if not isinstance(state, dict) or not state:
+        raise AmnsegError(f"{source}: not a state dict")
+    if state.get("format") == "amnseg":
+        raise AmnsegError(f"{source}: already an amnseg checkpoint (nothing to import)")
+    if stage not in REFERENCE_PREFIXES:
+        raise AmnsegError(f"unknown checkpoint kind {stage!r}: expected cam, amn or irn")
+    prefixes = REFERENCE_PREFIXES[stage]
+    count = reference_class_count(stage, state)
+    if count is not None and count != len(class_names):
+        raise AmnsegError(
+            f"{source}: checkpoint is for {count} classes, {len(class_names)} class names given"
+        )
+    canonical: dict[str, Any] = {}
+    aliases: dict[str, Any] = {}
+    for key, tensor in state.items():
+        target = next((ours + key[len(ref):] for ref, ours in prefixes.items()
+                       if key.startswith(ref)), None)
+        if target is not None:
+            canonical[target] = tensor
+        elif not key.startswith(UNUSED_PREFIXES):
+            aliases[key] = tensor
+    known = {_fingerprint(t) for t in canonical.values()}
+    for key, tensor in aliases.items():
+        if hasattr(tensor, "shape") and tensor.numel() > 1 and _fingerprint(tensor) not in known:
+            raise AmnsegError(
+                f"{source}: aliased tensor {key} matches no canonical tensor (corrupt file?)"
+            )
+    model = _build_model(stage, ResNet(depth=50), len(class_names))
+    expected = model.state_dict()
+    missing = sorted(k for k in expected if k not in canonical)
+    if missing:
+        raise AmnsegError(f"{source}: not a reference {stage} checkpoint: {missing[0]} is missing")
+    for key, value in expected.items():
+        if tuple(canonical[key].shape) != tuple(value.shape):
+            raise AmnsegError(
+                f"{source}: {key} has shape {tuple(canonical[key].shape)}, "
+                f"expected {tuple(value.shape)}"
+            )
+    model.load_state_dict({k: canonical[k] for k in expected})
+    checkpoint = {
+        "format": "amnseg",
+        "stage": stage,
+        "class_names": list(class_names),
+        "backbone": dataclasses.asdict(REFERENCE_BACKBONE),
+        "model": model.state_dict(),
+        "imported_from": str(source),
+    }
+    if destination is not None:
+        save_checkpoint(destination, checkpoint)
+    return checkpoint
+
+
+def export_reference(checkpoint: dict[str, Any]) -> dict[str, Any]:
+    """An amnseg checkpoint's weights under the reference's canonical key names."""
+    stage = checkpoint.get("stage")
+    if checkpoint.get("format") != "amnseg" or stage not in REFERENCE_PREFIXES:
+        raise AmnsegError("not an amnseg cam, amn or irn checkpoint")
+    reverse = {ours: ref for ref, ours in REFERENCE_PREFIXES[stage].items()}
+    exported = {}
+    for key, tensor in checkpoint["model"].items():
+        prefix = next(p for p in reverse if key.startswith(p))
+        exported[reverse[prefix] + key[len(prefix):]] = tensor
+    return exported

@@ -64,6 +64,95 @@ def make_cam_command(
     console.print(f"CAM maps: [bold]{out_dir}[/bold]")
 
 
+@app.command("make-seeds")
+def make_seeds_command(
+    config: str = typer.Argument(..., help=CONFIG_HELP),
+    overrides: list[str] = typer.Argument(None, help=OVERRIDES_HELP),
+    source: str = typer.Option("cam", help="Which maps: cam (thresholds 0.30/0.05) or amn "
+                               "(0.45/0.15); the thresholds are seeds.* options."),
+    maps: Path = typer.Option(None, help="Score map folder (default: the run's <source>/maps)."),
+    workers: int = typer.Option(None, help="CRF processes (default: seeds.workers, 0 = cores)."),
+) -> None:
+    """Seed labels from score maps: two thresholds + dense CRF (resumes per image)."""
+    from amnseg.stages.seeds import make_seeds
+
+    loaded = _load(config, overrides)
+    fg, bg, default_maps, out_dir = _seed_settings(loaded, source)
+    result = make_seeds(loaded, maps or default_maps, out_dir, fg, bg, workers)
+    console.print(f"seeds: [bold]{result}[/bold]")
+
+
+@app.command("train-amn")
+def train_amn_command(
+    config: str = typer.Argument(..., help=CONFIG_HELP),
+    overrides: list[str] = typer.Argument(None, help=OVERRIDES_HELP),
+    seeds: Path = typer.Option(None, help="CAM seed folder (default: <run_dir>/seeds/cam)."),
+) -> None:
+    """Train the activation manipulation network on CAM seeds (resumes from the last epoch)."""
+    from amnseg.stages.amn import train_amn
+
+    loaded = _load(config, overrides)
+    path = train_amn(loaded, seeds or _seed_settings(loaded, "cam")[3])
+    console.print(f"AMN checkpoint: [bold]{path}[/bold]")
+
+
+@app.command("make-amn-maps")
+def make_amn_maps_command(
+    config: str = typer.Argument(..., help=CONFIG_HELP),
+    overrides: list[str] = typer.Argument(None, help=OVERRIDES_HELP),
+    seeds: Path = typer.Option(None, help="CAM seed folder (default: <run_dir>/seeds/cam)."),
+    checkpoint: Path = typer.Option(None, help="AMN checkpoint (default: <run_dir>/amn/amn.pt)."),
+) -> None:
+    """Write multi-scale + flip AMN maps (eval mode, deterministic; resumes per image)."""
+    from amnseg.stages.amn import make_amn_maps
+
+    loaded = _load(config, overrides)
+    out_dir = make_amn_maps(loaded, seeds or _seed_settings(loaded, "cam")[3], checkpoint)
+    console.print(f"AMN maps: [bold]{out_dir}[/bold]")
+
+
+@app.command("train-irn")
+def train_irn_command(
+    config: str = typer.Argument(..., help=CONFIG_HELP),
+    overrides: list[str] = typer.Argument(None, help=OVERRIDES_HELP),
+    seeds: Path = typer.Option(None, help="AMN seed folder (default: <run_dir>/seeds/amn)."),
+) -> None:
+    """Train IRN's boundary branch on pair labels from the AMN seeds."""
+    from amnseg.stages.irn import train_irn
+
+    loaded = _load(config, overrides)
+    path = train_irn(loaded, seeds or _seed_settings(loaded, "amn")[3])
+    console.print(f"IRN checkpoint: [bold]{path}[/bold]")
+
+
+@app.command("make-masks")
+def make_masks_command(
+    config: str = typer.Argument(..., help=CONFIG_HELP),
+    overrides: list[str] = typer.Argument(None, help=OVERRIDES_HELP),
+    maps: Path = typer.Option(None, help="AMN map folder (default: <run_dir>/amn/maps)."),
+    checkpoint: Path = typer.Option(None, help="IRN checkpoint (default: <run_dir>/irn/irn.pt)."),
+) -> None:
+    """Random-walk the AMN maps into the final pseudo masks (VOC-palette PNGs)."""
+    from amnseg.stages.amn import maps_dir as amn_maps_dir
+    from amnseg.stages.irn import make_masks
+
+    loaded = _load(config, overrides)
+    out_dir = make_masks(loaded, maps or amn_maps_dir(loaded), checkpoint)
+    console.print(f"pseudo masks: [bold]{out_dir}[/bold]")
+
+
+def _seed_settings(config: Config, source: str) -> tuple[float, float, Path, Path]:
+    """(fg threshold, bg threshold, default map folder, seed folder) of a map source."""
+    run = Path(config.run_dir)
+    if source == "cam":
+        s = config.seeds
+        return s.cam_fg_threshold, s.cam_bg_threshold, run / "cam" / "maps", run / "seeds" / "cam"
+    if source == "amn":
+        s = config.seeds
+        return s.amn_fg_threshold, s.amn_bg_threshold, run / "amn" / "maps", run / "seeds" / "amn"
+    raise AmnsegError(f"--source {source!r}: expected cam or amn")
+
+
 @app.command("eval")
 def eval_command(
     config: str = typer.Argument(..., help=CONFIG_HELP),
@@ -102,6 +191,85 @@ def sweep_command(
     console.print(sweep_table(results))
     for path in paths:
         console.print(f"plot: {path}")
+
+
+@app.command("run")
+def run_command(
+    config: str = typer.Argument(..., help=CONFIG_HELP),
+    overrides: list[str] = typer.Argument(None, help=OVERRIDES_HELP),
+    start: str = typer.Option(None, "--from", help="First stage to (re)consider."),
+    stop: str = typer.Option(None, "--to", help="Last stage to run."),
+) -> None:
+    """Run the whole pipeline; unchanged stages are skipped, interrupted ones resume."""
+    from amnseg.pipeline import run_pipeline
+
+    loaded = _load(config, overrides)
+    manifest = run_pipeline(loaded, start, stop, progress=console.print)
+    console.print(manifest_table(manifest))
+
+
+@app.command("status")
+def status_command(run_dir: Path = typer.Argument(..., help="A run folder.")) -> None:
+    """Print a run folder's manifest: stages, status, timings, metrics."""
+    from amnseg.pipeline import MANIFEST, load_manifest
+
+    if not (run_dir / MANIFEST).is_file():
+        raise AmnsegError(f"{run_dir}: no {MANIFEST} (not a run folder made by `amnseg run`)")
+    console.print(manifest_table(load_manifest(run_dir)))
+
+
+@app.command("import-checkpoint")
+def import_checkpoint_command(
+    kind: str = typer.Argument(..., help="cam, amn or irn."),
+    source: Path = typer.Argument(..., help="The authors' file (res50_cam.pth, ...)."),
+    destination: Path = typer.Argument(..., help="Where to write the amnseg checkpoint."),
+    classes: str = typer.Option("voc", help="voc, coco, or a classes.txt path."),
+) -> None:
+    """Convert an authors' checkpoint (res50_{cam,amn,irn}.pth) into an amnseg checkpoint."""
+    from amnseg.checkpoints import import_reference
+
+    import_reference(kind, source, _class_names(classes), destination)
+    console.print(f"imported {kind} checkpoint: [bold]{destination}[/bold]")
+
+
+@app.command("export-checkpoint")
+def export_checkpoint_command(
+    source: Path = typer.Argument(..., help="An amnseg checkpoint."),
+    destination: Path = typer.Argument(..., help="Where to write the reference-layout file."),
+) -> None:
+    """Write an amnseg checkpoint's weights under the reference's key names."""
+    from amnseg.checkpoints import export_reference
+    from amnseg.io import load_checkpoint, save_checkpoint
+
+    save_checkpoint(destination, export_reference(load_checkpoint(source)))
+    console.print(f"exported: [bold]{destination}[/bold]")
+
+
+def _class_names(spec: str) -> list[str]:
+    if spec == "voc":
+        from amnseg.data.voc import VOC_CLASSES
+
+        return list(VOC_CLASSES)
+    if spec == "coco":
+        return [f"coco_{i}" for i in range(1, 81)]  # names come from the dataset's JSON
+    path = Path(spec)
+    if not path.is_file():
+        raise AmnsegError(f"--classes {spec}: expected voc, coco or a classes.txt path")
+    return [line.strip() for line in path.read_text().splitlines() if line.strip()]
+
+
+def manifest_table(manifest: dict) -> Table:
+    table = Table(title="Pipeline")
+    for column in ("stage", "status", "seconds", "metrics"):
+        table.add_column(column)
+    for name, record in manifest.get("stages", {}).items():
+        metrics = ", ".join(
+            f"{key} {100 * value:.1f}" if "miou" in key else f"{key} {value:.2f}"
+            for key, value in (record.get("metrics") or {}).items()
+            if isinstance(value, (int, float))
+        )
+        table.add_row(name, record.get("status", "?"), f"{record.get('seconds', 0):.1f}", metrics)
+    return table
 
 
 @app.command("generate-demo")

@@ -8,7 +8,9 @@ import torch.nn.functional as F
 IGNORE_INDEX = 255
 
 
-def smoothed_targets(seeds: torch.Tensor, num_channels: int, eps: float) -> torch.Tensor:
+def smoothed_targets(
+    seeds: torch.Tensor, num_channels: int, eps: float, dtype: torch.dtype = torch.float32
+) -> torch.Tensor:
     """(B, h, w) seeds -> (B, C + 1, h, w) label-smoothed targets.
 
     1 - eps on the seed class and eps / C on each of the other C channels; pixels whose seed is
@@ -18,7 +20,7 @@ def smoothed_targets(seeds: torch.Tensor, num_channels: int, eps: float) -> torc
     targets = torch.full(
         (seeds.shape[0], num_channels, *seeds.shape[1:]),
         eps / (num_channels - 1),
-        dtype=torch.float32,
+        dtype=dtype,
         device=seeds.device,
     )
     return targets.scatter_(1, index[:, None], 1.0 - eps)
@@ -33,7 +35,7 @@ def amn_loss(logits: torch.Tensor, seeds: torch.Tensor, eps: float = 0.4) -> tor
     batch; loss = (L_bg + L_fg) / 2. A term with no pixels counts as 0 (the reference divides
     0 by 0 there and gets NaN).
     """
-    targets = smoothed_targets(seeds, logits.shape[1], eps)
+    targets = smoothed_targets(seeds, logits.shape[1], eps, logits.dtype)
     per_pixel = -(targets * F.log_softmax(logits, dim=1)).sum(dim=1)
     background = seeds == 0
     foreground = (seeds != 0) & (seeds != IGNORE_INDEX)

@@ -1,0 +1,189 @@
+"""Import of the authors' checkpoints (synthetic, from the published key lists), export, and
+the default forward passes against functional re-computations from METHOD.md."""
+
+from __future__ import annotations
+
+from pathlib import Path
+
+import pytest
+import torch
+import torch.nn.functional as F
+
+from amnseg.checkpoints import build_model, export_reference, import_reference
+from amnseg.errors import AmnsegError
+
+REFERENCE = Path(__file__).resolve().parents[1].parent / "shared" / "reference"
+VOC_LIKE = [f"class{i}" for i in range(20)]
+
+
+def key_list(kind: str) -> list[tuple[str, tuple[int, ...], str]]:
+    path = REFERENCE / f"official_keys_{kind}.tsv"
+    if not path.is_file():
+        pytest.skip(f"{path} not available")
+    rows = []
+    for line in path.read_text().splitlines():
+        key, shape, dtype = line.split("\t")
+        rows.append((key, tuple(int(v) for v in shape.strip("()").split(",") if v.strip()), dtype))
+    return rows
+
+
+def synthetic_reference(kind: str, seed: int = 0) -> dict[str, torch.Tensor]:
+    """Random tensors of the listed shapes, plus alias copies like the real files carry."""
+    generator = torch.Generator().manual_seed(seed)
+    state = {}
+    for key, shape, dtype in key_list(kind):
+        if dtype == "torch.int64":
+            state[key] = torch.randint(0, 100, shape, generator=generator)
+        elif key.endswith("running_var"):
+            state[key] = torch.rand(shape, generator=generator) + 0.5
+        else:
+            state[key] = torch.randn(shape, generator=generator) * 0.05
+    # Aliases: the same tensors under other module paths.
+    state["stage1.0.weight"] = state["resnet50.conv1.weight"].clone()
+    state["backbone.0.1.running_mean"] = state["resnet50.bn1.running_mean"].clone()
+    state["stage4.0.2.conv3.weight"] = state["resnet50.layer4.2.conv3.weight"].clone()
+    if kind == "cam":
+        state["newly_added.0.weight"] = state["classifier.weight"].clone()
+    if kind == "amn":
+        state["newly_added.0.1.c2.weight"] = state["classifier.1.c2.weight"].clone()
+    for key in [k for k in state if k.startswith("edge_layers.")]:
+        # IRN lists its edge modules twice: edge_layers.i.* is fc_edge{i+1}.*
+        index, rest = key[len("edge_layers."):].split(".", 1)
+        state[key] = state[f"fc_edge{int(index) + 1}.{rest}"].clone()
+    return state
+
+
+def save(tmp_path: Path, state: dict, name: str) -> Path:
+    path = tmp_path / name
+    torch.save(state, path)
+    return path
+
+
+# --- functional re-computation of the reference networks from raw tensors -----------------
+
+def f_bn(x, sd, prefix):
+    return F.batch_norm(x, sd[f"{prefix}.running_mean"], sd[f"{prefix}.running_var"],
+                        sd[f"{prefix}.weight"], sd[f"{prefix}.bias"], False, 0.0, 1e-5)
+
+
+def f_bottleneck(x, sd, prefix, stride):
+    out = F.relu(f_bn(F.conv2d(x, sd[f"{prefix}.conv1.weight"]), sd, f"{prefix}.bn1"))
+    out = F.relu(f_bn(F.conv2d(out, sd[f"{prefix}.conv2.weight"], stride=stride, padding=1),
+                      sd, f"{prefix}.bn2"))
+    out = f_bn(F.conv2d(out, sd[f"{prefix}.conv3.weight"]), sd, f"{prefix}.bn3")
+    if f"{prefix}.downsample.0.weight" in sd:
+        x = f_bn(F.conv2d(x, sd[f"{prefix}.downsample.0.weight"], stride=stride), sd,
+                 f"{prefix}.downsample.1")
+    return F.relu(out + x)
+
+
+def f_resnet50_levels(x, sd):
+    """conv1 s2 -> bn -> relu -> maxpool, layers with strides 1, 2, 2, 1 (METHOD.md 1)."""
+    r = "resnet50"
+    x = F.relu(f_bn(F.conv2d(x, sd[f"{r}.conv1.weight"], stride=2, padding=3), sd, f"{r}.bn1"))
+    levels = [F.max_pool2d(x, 3, 2, 1)]
+    for layer, (blocks, stride) in enumerate(zip([3, 4, 6, 3], [1, 2, 2, 1], strict=True), 1):
+        x = levels[-1]
+        for block in range(blocks):
+            x = f_bottleneck(x, sd, f"{r}.layer{layer}.{block}", stride if block == 0 else 1)
+        levels.append(x)
+    return levels
+
+
+@pytest.fixture(scope="module")
+def image():
+    return torch.randn(2, 3, 70, 54, generator=torch.Generator().manual_seed(5))
+
+
+@torch.no_grad()
+def test_cam_import_and_forward_match_functional(tmp_path, image):
+    state = synthetic_reference("cam")
+    checkpoint = import_reference("cam", save(tmp_path, state, "res50_cam.pth"), VOC_LIKE,
+                                  tmp_path / "cam.pt")
+    model = build_model(checkpoint).eval()
+    features = f_resnet50_levels(image, state)[-1]
+    expected_cam = F.relu(F.conv2d(features, state["classifier.weight"]))
+    torch.testing.assert_close(model.cam(image), expected_cam, rtol=1e-4, atol=1e-5)
+    expected_logits = F.conv2d(features.mean(dim=(2, 3), keepdim=True),
+                               state["classifier.weight"]).flatten(1)
+    torch.testing.assert_close(model(image), expected_logits, rtol=1e-4, atol=1e-5)
+    assert (tmp_path / "cam.pt").is_file()
+
+
+@torch.no_grad()
+def test_amn_import_and_forward_match_functional(tmp_path, image):
+    state = synthetic_reference("amn", seed=1)
+    model = build_model(import_reference("amn", save(tmp_path, state, "res50_amn.pth"),
+                                         VOC_LIKE)).eval()
+    labels = torch.zeros(2, 20)
+    labels[0, 3] = labels[1, 7] = labels[1, 14] = 1
+    features = f_resnet50_levels(image, state)[-1]
+    conditioning = labels @ state["label_enc.weight"].T + state["label_enc.bias"]
+    conditioned = features * conditioning[:, :, None, None]
+    expected = sum(
+        F.conv2d(conditioned, state[f"classifier.1.c{i}.weight"], state[f"classifier.1.c{i}.bias"],
+                 padding=rate, dilation=rate)
+        for i, rate in enumerate([6, 12, 18, 24])
+    )
+    torch.testing.assert_close(model(image, labels), expected, rtol=1e-4, atol=1e-5)
+
+
+@torch.no_grad()
+def test_irn_import_and_forward_match_functional(tmp_path, image):
+    state = synthetic_reference("irn", seed=2)
+    model = build_model(import_reference("irn", save(tmp_path, state, "res50_irn.pth"),
+                                         VOC_LIKE)).eval()
+    levels = f_resnet50_levels(image, state)
+    edges = []
+    for index, (level, scale) in enumerate(zip(levels, [1, 1, 2, 4, 4], strict=True), 1):
+        edge = F.conv2d(level, state[f"fc_edge{index}.0.weight"])
+        edge = F.group_norm(edge, 4, state[f"fc_edge{index}.1.weight"],
+                            state[f"fc_edge{index}.1.bias"])
+        if scale > 1:
+            edge = F.interpolate(edge, scale_factor=scale, mode="bilinear", align_corners=False)
+        edges.append(F.relu(edge))
+    height, width = edges[1].shape[-2:]
+    stacked = torch.cat([edge[..., :height, :width] for edge in edges], dim=1)
+    expected = F.conv2d(stacked, state["fc_edge6.weight"], state["fc_edge6.bias"])
+    torch.testing.assert_close(model(image), expected, rtol=1e-4, atol=1e-5)
+    assert expected.shape[-2:] == ((70 - 1) // 4 + 1, (54 - 1) // 4 + 1)
+
+
+@pytest.mark.parametrize("kind", ["cam", "amn", "irn"])
+def test_export_then_import_is_identity(tmp_path, kind):
+    checkpoint = import_reference(kind, save(tmp_path, synthetic_reference(kind), "ref.pth"),
+                                  VOC_LIKE)
+    exported = export_reference(checkpoint)
+    assert set(exported) <= {key for key, _, _ in key_list(kind)}
+    again = import_reference(kind, save(tmp_path, exported, "exported.pth"), VOC_LIKE)
+    for key, value in checkpoint["model"].items():
+        assert torch.equal(value, again["model"][key]), key
+
+
+def test_refusals(tmp_path):
+    state = synthetic_reference("cam")
+    path = save(tmp_path, state, "res50_cam.pth")
+    with pytest.raises(AmnsegError, match="res50_cam.pth: checkpoint is for 20 classes, 80"):
+        import_reference("cam", path, [f"c{i}" for i in range(80)])
+    state["stage1.0.weight"] = state["stage1.0.weight"] + 1  # an alias that disagrees
+    with pytest.raises(AmnsegError, match="aliased tensor stage1.0.weight"):
+        import_reference("cam", save(tmp_path, state, "bad.pth"), VOC_LIKE)
+    wrong = synthetic_reference("cam")
+    wrong["resnet50.layer1.0.conv1.weight"] = torch.zeros(3, 3)
+    with pytest.raises(AmnsegError, match="layer1.0.conv1.weight has shape"):
+        import_reference("cam", save(tmp_path, wrong, "wrong.pth"), VOC_LIKE)
+    with pytest.raises(AmnsegError, match="not a reference amn checkpoint"):
+        import_reference("amn", path, VOC_LIKE)
+    junk = tmp_path / "junk.pth"
+    junk.write_bytes(b"junk")
+    with pytest.raises(AmnsegError, match="junk.pth: not a readable checkpoint"):
+        import_reference("cam", junk, VOC_LIKE)
+    pickled = tmp_path / "pickled.pth"
+    torch.save({"resnet50.conv1.weight": Unsafe()}, pickled)  # arbitrary objects never load
+    with pytest.raises(AmnsegError, match="pickled.pth: not a readable checkpoint"):
+        import_reference("cam", pickled, VOC_LIKE)
+
+
+class Unsafe:
+    def __reduce__(self):
+        return (print, ("this must never run",))
