@@ -94,7 +94,8 @@ def test_zero_label_gives_bias_only_conditioning():
 
 def test_aspp_init_and_reference_key_layout():
     model = AMN(ResNet(depth=50), 20)
-    keys = {k: tuple(v.shape) for k, v in model.state_dict().items() if not k.startswith("backbone")}
+    state = model.state_dict()
+    keys = {k: tuple(v.shape) for k, v in state.items() if not k.startswith("backbone")}
     assert keys["label_enc.weight"] == (2048, 20)
     assert keys["classifier.1.c3.weight"] == (21, 2048, 3, 3)
     assert set(keys) == {"label_enc.weight", "label_enc.bias"} | {
