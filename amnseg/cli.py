@@ -272,6 +272,14 @@ def manifest_table(manifest: dict) -> Table:
     return table
 
 
+@app.command("report")
+def report_command(run_dir: Path = typer.Argument(..., help="A run folder.")) -> None:
+    """Write <run>/report.html: results, threshold curves, histograms, gallery, config."""
+    from amnseg.report.html import build_report
+
+    console.print(f"report: [bold]{build_report(run_dir)}[/bold]")
+
+
 @app.command("generate-demo")
 def generate_demo_command(
     root: Path = typer.Argument(Path("data/demo"), help="Where to write the demo dataset."),
@@ -287,19 +295,40 @@ def generate_demo_command(
 def demo_command(
     overrides: list[str] = typer.Argument(None, help=OVERRIDES_HELP),
 ) -> None:
-    """Run the pipeline on the built-in demo data (generated on first use) and summarise."""
-    from amnseg.data.demo import ensure_demo
-    from amnseg.stages.cam import make_cams, train_cam
+    """Run the whole pipeline on the built-in demo data (generated on first use), write the
+    report and print a summary."""
+    import time
 
+    from amnseg.data.demo import ensure_demo
+    from amnseg.pipeline import run_pipeline
+    from amnseg.report.html import build_report
+
+    started = time.perf_counter()
     loaded = _load("demo", overrides)
-    ensure_demo(Path(loaded.data.root), seed=loaded.seed)
-    train_cam(loaded)
-    cam_maps = make_cams(loaded)
-    results = {"CAM": _evaluate(loaded, "cam", cam_maps, None)}
-    paths = _plot(loaded, results)
-    console.print(sweep_table(results))
-    for path in paths:
-        console.print(f"plot: {path}")
+    console.print(f"demo data: {ensure_demo(Path(loaded.data.root), seed=loaded.seed)}")
+    manifest = run_pipeline(loaded, progress=console.print)
+    report = build_report(Path(loaded.run_dir))
+    console.print(manifest_table(manifest))
+    console.print(summary_table(Path(loaded.run_dir)))
+    console.print(f"report: [bold]{report}[/bold]")
+    console.print(f"total time: {time.perf_counter() - started:.0f} s")
+
+
+def summary_table(run_dir: Path) -> Table:
+    """CAM vs AMN robustness and the mIoU of every stage's output, from the run's eval JSONs."""
+    from amnseg.io import load_json
+
+    eval_dir = run_dir / "eval"
+    sweeps = {name: load_json(eval_dir / f"{stem}_sweep.json")
+              for name, stem in (("CAM", "cam"), ("AMN", "amn"))
+              if (eval_dir / f"{stem}_sweep.json").is_file()}
+    table = sweep_table(sweeps) if sweeps else Table()
+    for name, stem in (("CAM seeds (CRF)", "cam_seeds"), ("AMN seeds (CRF)", "amn_seeds"),
+                       ("pseudo masks", "pseudo_masks")):
+        path = eval_dir / f"{stem}.json"
+        if path.is_file():
+            table.add_row(name, "", f"{100 * load_json(path)['miou']:.1f}", "", "", "", "")
+    return table
 
 
 def _evaluate(config: Config, name: str, maps: Path, threshold: float | None) -> dict:

@@ -190,6 +190,14 @@ def load_config(
     return config
 
 
+def config_from_dict(values: dict[str, Any]) -> Config:
+    """Rebuild a Config from its dict form (e.g. a run folder's config.json)."""
+    merged = OmegaConf.merge(OmegaConf.structured(Config), OmegaConf.create(values))
+    config = OmegaConf.to_object(merged)
+    assert isinstance(config, Config)
+    return config
+
+
 def config_to_dict(config: Any) -> dict[str, Any]:
     return dataclasses.asdict(config)
 

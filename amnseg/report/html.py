@@ -1,0 +1,223 @@
+"""``amnseg report RUN``: one self-contained HTML page (pictures embedded, no internet).
+
+Sections: results per stage and per class, the threshold sweep and the per-image optimal
+thresholds (CAM vs AMN), foreground/background activation histograms, a gallery of the best
+and worst images (image, ground truth, CAM, AMN map, seed, pseudo mask), and the config.
+"""
+
+from __future__ import annotations
+
+import base64
+import html
+import json
+from pathlib import Path
+from typing import Any
+
+import numpy as np
+
+from amnseg.config import config_from_dict
+from amnseg.data import build_dataset
+from amnseg.data.base import SegDataset, read_index_png
+from amnseg.errors import AmnsegError
+from amnseg.io import atomic_path, load_json, load_score_maps
+from amnseg.metrics import foreground_background_gap
+from amnseg.report.figures import activation_histograms, colorize_labels, heatmap, png_bytes
+from amnseg.report.plots import plot_optimal_threshold_histogram, plot_sweep
+
+# (label in the report, eval file stem, kind)
+STAGE_ROWS = (
+    ("CAM maps (best threshold)", "cam_sweep", "sweep"),
+    ("CAM seeds (CRF, 0.30/0.05)", "cam_seeds", "labels"),
+    ("AMN maps (best threshold)", "amn_sweep", "sweep"),
+    ("AMN seeds (CRF, 0.45/0.15)", "amn_seeds", "labels"),
+    ("Pseudo masks (IRN random walk)", "pseudo_masks", "labels"),
+)
+GALLERY_FOLDERS = (
+    ("CAM", "cam/maps", "maps"),
+    ("AMN", "amn/maps", "maps"),
+    ("AMN seed", "seeds/amn", "labels"),
+    ("pseudo mask", "irn/masks", "labels"),
+)
+
+
+def _img_tag(data: bytes, alt: str, width: int | None = None) -> str:
+    encoded = base64.b64encode(data).decode()
+    size = f' width="{width}"' if width else ""
+    return f'<img src="data:image/png;base64,{encoded}" alt="{html.escape(alt)}"{size}>'
+
+
+def _pct(value: float | None) -> str:
+    return "–" if value is None or (isinstance(value, float) and np.isnan(value)) else (
+        f"{100 * value:.1f}"
+    )
+
+
+def _load_results(eval_dir: Path) -> dict[str, dict[str, Any]]:
+    results = {}
+    for _, stem, _ in STAGE_ROWS:
+        path = eval_dir / f"{stem}.json"
+        if path.is_file():
+            results[stem] = load_json(path)
+    return results
+
+
+def _stage_table(results: dict[str, dict], class_names: list[str]) -> str:
+    header = "".join(f"<th>{html.escape(n)}</th>" for n in ["background", *class_names])
+    rows = []
+    for label, stem, kind in STAGE_ROWS:
+        result = results.get(stem)
+        if result is None:
+            continue
+        if kind == "sweep":
+            score = result["best_miou"]
+            per_class = result["per_class_iou_at_best"]
+            label = f"{label} t={result['best_threshold']:.2f}"
+        else:
+            score, per_class = result["miou"], result["per_class_iou"]
+        cells = "".join(f"<td>{_pct(per_class.get(n))}</td>"
+                        for n in ["background", *class_names])
+        rows.append(f"<tr><th>{html.escape(label)}</th><td class='key'>{_pct(score)}</td>"
+                    f"{cells}</tr>")
+    if not rows:
+        return "<p>No evaluation results yet (the dataset may have no ground truth).</p>"
+    return (f"<table><tr><th>stage</th><th>mIoU</th>{header}</tr>{''.join(rows)}</table>")
+
+
+def _robustness_table(results: dict[str, dict]) -> str:
+    rows = []
+    for name, stem in (("CAM", "cam_sweep"), ("AMN", "amn_sweep")):
+        r = results.get(stem)
+        if r is None:
+            continue
+        rows.append(
+            f"<tr><th>{name}</th><td>{r['best_threshold']:.2f}</td><td>{_pct(r['best_miou'])}</td>"
+            f"<td>{_pct(r['oracle_miou'])}</td><td>{_pct(r['miou_range'])}</td>"
+            f"<td>{r['optimal_threshold_mean']:.2f} ± {r['optimal_threshold_std']:.2f}</td>"
+            f"<td>{r['fg_bg_gap']:.3f}</td></tr>"
+        )
+    if not rows:
+        return ""
+    lo, hi = next(r for r in results.values() if "robust_range" in r)["robust_range"]
+    return ("<table><tr><th>maps</th><th>best t</th><th>best mIoU</th>"
+            "<th>per-image oracle mIoU</th>"
+            f"<th>mIoU range {lo:.2f}–{hi:.2f}</th><th>optimal t mean ± std</th>"
+            f"<th>FG−BG gap</th></tr>{''.join(rows)}</table>")
+
+
+def _activation_samples(run_dir: Path, dataset: SegDataset, limit: int = 150):
+    samples = {}
+    for name, folder, _ in GALLERY_FOLDERS[:2]:
+        maps_dir = run_dir / folder
+        if not maps_dir.is_dir():
+            continue
+        fg_parts, bg_parts = [], []
+        for stem in dataset.stems[:limit]:
+            path = maps_dir / f"{stem}.npz"
+            gt = dataset.mask(stem)
+            if not path.is_file() or gt is None:
+                continue
+            fg, bg = foreground_background_gap(load_score_maps(path).full, gt)
+            fg_parts.append(fg[::7])  # a subsample keeps the histogram cheap
+            bg_parts.append(bg[::7])
+        if fg_parts:
+            samples[name] = (np.concatenate(fg_parts), np.concatenate(bg_parts))
+    return samples
+
+
+def _gallery(run_dir: Path, dataset: SegDataset, results: dict[str, dict], count: int) -> str:
+    ranking_source = next(
+        (results[s] for s in ("pseudo_masks", "amn_seeds", "cam_seeds") if s in results), None
+    )
+    if ranking_source is None:
+        return "<p>No label maps to rank images by yet.</p>"
+    scores = ranking_source["per_image_miou"]
+    ordered = sorted(scores, key=scores.get)
+    picks = [("best", s) for s in reversed(ordered[-count:])] + [("worst", s)
+                                                                 for s in ordered[:count]]
+    header = "".join(f"<th>{h}</th>" for h in
+                     ["", "image", "ground truth", *[n for n, _, _ in GALLERY_FOLDERS]])
+    rows = []
+    for group, stem in picks:
+        image = dataset.image(stem)
+        gt = dataset.mask(stem)
+        cells = [_img_tag(png_bytes(image), stem, 160),
+                 _img_tag(png_bytes(colorize_labels(gt)), "ground truth", 160)
+                 if gt is not None else "–"]
+        for name, folder, kind in GALLERY_FOLDERS:
+            path = run_dir / folder / (f"{stem}.npz" if kind == "maps" else f"{stem}.png")
+            if not path.is_file():
+                cells.append("–")
+            elif kind == "maps":
+                cells.append(_img_tag(png_bytes(heatmap(load_score_maps(path).full, image)),
+                                      name, 160))
+            else:
+                cells.append(_img_tag(png_bytes(colorize_labels(read_index_png(path))), name, 160))
+        label = f"{group}<br><small>{html.escape(stem)}<br>mIoU {_pct(scores[stem])}</small>"
+        rows.append(f"<tr><th>{label}</th>{''.join(f'<td>{c}</td>' for c in cells)}</tr>")
+    return f"<table class='gallery'><tr>{header}</tr>{''.join(rows)}</table>"
+
+
+STYLE = """
+body { font-family: -apple-system, 'Segoe UI', Helvetica, Arial, sans-serif; margin: 2em auto;
+       max-width: 1200px; color: #222; padding: 0 1em; }
+h1 { font-size: 1.7em; margin-bottom: 0.1em; }
+h2 { margin-top: 1.8em; border-bottom: 1px solid #ddd; }
+table { border-collapse: collapse; font-size: 0.85em; margin: 0.6em 0; }
+td, th { border: 1px solid #ddd; padding: 4px 7px; text-align: right; }
+th { background: #f6f6f6; } td.key { font-weight: bold; background: #fff8e1; }
+.gallery td { padding: 2px; } .gallery img { display: block; image-rendering: pixelated; }
+.figures img { max-width: 48%; margin-right: 1%; } .muted { color: #777; }
+pre { background: #f6f6f6; padding: 1em; overflow-x: auto; font-size: 0.8em; }
+"""
+
+
+def build_report(run_dir: Path, gallery_count: int = 4) -> Path:
+    """Write ``<run_dir>/report.html`` and return its path."""
+    run_dir = Path(run_dir)
+    config_path = run_dir / "config.json"
+    if not config_path.is_file():
+        raise AmnsegError(f"{run_dir}: no config.json (not an amnseg run folder)")
+    config_dict = load_json(config_path)
+    config = config_from_dict(config_dict)
+    dataset = build_dataset(config.data, config.data.infer_split)
+    eval_dir = run_dir / "eval"
+    results = _load_results(eval_dir)
+    sweeps = {name: results[stem] for name, stem in (("CAM", "cam_sweep"), ("AMN", "amn_sweep"))
+              if stem in results}
+    figures = []
+    if sweeps:
+        figures.append(plot_sweep(sweeps, eval_dir / "sweep.png"))
+        histogram = eval_dir / "optimal_thresholds.png"
+        figures.append(plot_optimal_threshold_histogram(sweeps, histogram))
+    samples = _activation_samples(run_dir, dataset)
+    if samples:
+        figures.append(activation_histograms(samples, eval_dir / "activations.png"))
+    manifest_path = run_dir / "manifest.json"
+    timings = ""
+    if manifest_path.is_file():
+        stages = load_json(manifest_path).get("stages", {})
+        timings = "<table><tr><th>stage</th><th>status</th><th>seconds</th></tr>" + "".join(
+            f"<tr><th>{html.escape(n)}</th><td>{r.get('status')}</td>"
+            f"<td>{r.get('seconds', 0):.1f}</td></tr>" for n, r in stages.items()) + "</table>"
+    body = f"""
+<h1>amnseg run report</h1>
+<p class="muted">{html.escape(str(run_dir))} · dataset {html.escape(config.data.kind)}
+ {html.escape(config.data.root)} ({html.escape(config.data.infer_split)}, {len(dataset)} images)</p>
+<h2>mIoU per stage and class (%)</h2>
+{_stage_table(results, dataset.class_names)}
+<h2>Robustness to the threshold</h2>
+{_robustness_table(results)}
+<div class="figures">{''.join(_img_tag(p.read_bytes(), p.stem) for p in figures)}</div>
+<h2>Best and worst images</h2>
+{_gallery(run_dir, dataset, results, gallery_count)}
+<h2>Stages</h2>
+{timings}
+<h2>Config</h2>
+<pre>{html.escape(json.dumps(config_dict, indent=2))}</pre>
+"""
+    page = (f"<!DOCTYPE html><html><head><meta charset='utf-8'><title>amnseg report</title>"
+            f"<style>{STYLE}</style></head><body>{body}</body></html>")
+    out = run_dir / "report.html"
+    with atomic_path(out) as tmp:
+        tmp.write_text(page)
+    return out
