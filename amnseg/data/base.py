@@ -47,8 +47,8 @@ class SegDataset(ABC):
         mask = self.mask(stem)
         if mask is not None and mask.shape != image.shape[:2]:
             raise AmnsegError(
-                f"{self.mask_path(stem)}: mask size {mask.shape[1]}x{mask.shape[0]} differs from "
-                f"image size {image.shape[1]}x{image.shape[0]}"
+                f"{self.mask_source(stem)}: mask size {mask.shape[1]}x{mask.shape[0]} "
+                f"differs from image size {image.shape[1]}x{image.shape[0]}"
             )
         return Sample(stem=stem, image=image, label=self.label(stem), mask=mask)
 
@@ -65,6 +65,11 @@ class SegDataset(ABC):
 
     def mask_path(self, stem: str) -> Path | None:
         return None
+
+    def mask_source(self, stem: str) -> str:
+        """What an error about the mask of ``stem`` names: its file, or (for masks built from
+        annotations, e.g. COCO) whatever they come from."""
+        return str(self.mask_path(stem) or self.image_path(stem))
 
     def mask(self, stem: str) -> np.ndarray | None:
         path = self.mask_path(stem)
@@ -86,7 +91,7 @@ def read_rgb(path: Path) -> np.ndarray:
         raise AmnsegError(f"{path}: image listed in the dataset but not found")
     try:
         with Image.open(path) as image:
-            return np.asarray(image.convert("RGB"), dtype=np.uint8)
+            return np.array(image.convert("RGB"), dtype=np.uint8)
     except (UnidentifiedImageError, OSError, SyntaxError) as exc:
         raise AmnsegError(f"{path}: unreadable image ({exc.__class__.__name__})") from None
 
@@ -101,9 +106,7 @@ def read_index_png(path: Path) -> np.ndarray:
                 raise AmnsegError(
                     f"{path}: mask must be an index PNG (mode P or L), found mode {image.mode}"
                 )
-            return np.asarray(image, dtype=np.uint8) if image.mode in ("P", "L") else (
-                np.asarray(image).astype(np.uint8)
-            )
+            return np.array(image, dtype=np.uint8)
     except (UnidentifiedImageError, OSError, SyntaxError) as exc:
         raise AmnsegError(f"{path}: unreadable mask ({exc.__class__.__name__})") from None
 

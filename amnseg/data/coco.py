@@ -1,11 +1,20 @@
 """MS COCO 2014 from the instance annotation JSON (pycocotools), METHOD.md section 0.
 
 Layout: ``root/<split folder>/`` images (``train2014``, ``val2014``; the split names ``train``
-and ``val`` map to them) and ``root/annotations/instances_<split folder>.json``. Category ids
-(1..90, with gaps) map to classes 1..80 in ascending id order. Semantic masks are painted from
-the instances, larger instances first so that smaller objects lying on them stay visible;
-crowd regions are marked 255 (ignored). Images without annotations are kept (empty label, all
-background). With ``semantic_dir`` the masks are read from ``<semantic_dir>/<stem>.png``.
+and ``val`` map to them, any other name is taken as the folder name) and
+``root/annotations/instances_<split folder>.json``.
+
+- Classes: category ids (1..90, with gaps) map to classes 1..80 in ascending id order; the
+  names are the JSON's category names.
+- Images: every image of the JSON, sorted by file name, keyed by the file name's stem; images
+  without annotations are kept (empty label, all-background mask).
+- Labels: (80,) multi-hot of the categories of the image's annotations, crowd annotations
+  included (a crowd of people still means "person" is in the image).
+- Masks (when no ``semantic_dir``): painted from the instances, larger areas first (ties by
+  annotation id) so that a smaller object lying on a larger one stays visible. Crowd regions
+  become 255 (ignored) wherever no non-crowd instance covers them: their pixels are a mix of
+  the class and background, so scoring them either way would be wrong.
+- With ``semantic_dir``, masks are read from ``<semantic_dir>/<stem>.png`` instead.
 """
 
 from __future__ import annotations
@@ -13,70 +22,96 @@ from __future__ import annotations
 import contextlib
 import io
 from pathlib import Path
+from typing import Any
 
 import numpy as np
 
-from amnseg.data.base import SegDataset, read_index_png, require_dir
+from amnseg.data.base import IGNORE_INDEX, SegDataset, read_index_png, require_dir
 from amnseg.errors import AmnsegError
 
 SPLIT_FOLDERS = {"train": "train2014", "val": "val2014"}
 
 
 class COCODataset(SegDataset):
-    def __init__(self, root: str | Path, split: str, semantic_dir: str | None = None):
-        from pycocotools.coco import COCO
+    """COCO images of one split with labels and masks from the instance annotations."""
+
+    def __init__(
+        self, root: str | Path, split: str, semantic_dir: str | Path | None = None
+    ) -> None:
+        from pycocotools.coco import COCO  # imported here: only COCO users pay for it
 
         self.root = require_dir(Path(root), "COCO")
+        self.split = split
         folder = SPLIT_FOLDERS.get(split, split)
         self.image_dir = require_dir(self.root / folder, f"COCO {folder} image")
-        annotation = self.root / "annotations" / f"instances_{folder}.json"
-        if not annotation.is_file():
-            raise AmnsegError(f"{annotation}: COCO annotation file not found")
+        self.annotation_file = self.root / "annotations" / f"instances_{folder}.json"
+        if not self.annotation_file.is_file():
+            raise AmnsegError(f"{self.annotation_file}: COCO annotation file not found")
         try:
             with contextlib.redirect_stdout(io.StringIO()):  # pycocotools prints progress
-                self.coco = COCO(str(annotation))
-        except (ValueError, KeyError) as exc:
-            raise AmnsegError(f"{annotation}: not a COCO instance file ({exc})") from None
+                self.coco = COCO(str(self.annotation_file))
+        except (ValueError, KeyError, TypeError, AssertionError) as exc:
+            # JSONDecodeError is a ValueError; COCO asserts the top level is an object.
+            reason = str(exc).splitlines()[0] if str(exc) else exc.__class__.__name__
+            raise AmnsegError(
+                f"{self.annotation_file}: not a COCO instance annotation file ({reason})"
+            ) from None
         categories = sorted(self.coco.getCatIds())
         self.category_to_class = {cat: i + 1 for i, cat in enumerate(categories)}
-        self.class_names = [self.coco.loadCats(cat)[0]["name"] for cat in categories]
+        self.class_names = [str(self.coco.cats[cat]["name"]) for cat in categories]
         images = sorted(self.coco.imgs.values(), key=lambda info: info["file_name"])
-        self.stems = [Path(info["file_name"]).stem for info in images]
-        self._info = {Path(info["file_name"]).stem: info for info in images}
+        self._info: dict[str, dict[str, Any]] = {}
+        for info in images:
+            stem = Path(info["file_name"]).stem
+            if stem in self._info:
+                raise AmnsegError(
+                    f"{self.annotation_file}: two images share the name '{stem}' "
+                    f"(ids {self._info[stem]['id']} and {info['id']})"
+                )
+            self._info[stem] = info
+        self.stems = list(self._info)
         self.semantic_dir = Path(semantic_dir) if semantic_dir else None
+        if self.semantic_dir is not None:
+            require_dir(self.semantic_dir, "COCO semantic mask")
 
     def image_path(self, stem: str) -> Path:
         return self.image_dir / self._info[stem]["file_name"]
 
-    def _annotations(self, stem: str) -> list[dict]:
-        return self.coco.loadAnns(self.coco.getAnnIds(imgIds=self._info[stem]["id"]))
+    def _annotations(self, stem: str) -> list[dict[str, Any]]:
+        return self.coco.imgToAnns.get(self._info[stem]["id"], [])
 
     def label(self, stem: str) -> np.ndarray:
+        """(80,) float32 multi-hot, from the annotations (crowd ones included)."""
         label = np.zeros(len(self.class_names), dtype=np.float32)
         for annotation in self._annotations(stem):
-            if not annotation.get("iscrowd", 0):
-                label[self.category_to_class[annotation["category_id"]] - 1] = 1.0
+            label[self.category_to_class[annotation["category_id"]] - 1] = 1.0
         return label
 
     def mask_path(self, stem: str) -> Path | None:
         return self.semantic_dir / f"{stem}.png" if self.semantic_dir else None
 
+    def mask_source(self, stem: str) -> str:
+        if self.semantic_dir is not None:
+            return str(self.semantic_dir / f"{stem}.png")
+        return f"{self.annotation_file} (image {self._info[stem]['file_name']})"
+
     @property
     def has_masks(self) -> bool:
-        return bool(self.stems)
+        return bool(self.stems)  # always: built from the annotations when not given
 
     def mask(self, stem: str) -> np.ndarray:
+        """(H, W) uint8: 0 background, 1..80 classes, 255 crowd (see the module docstring)."""
         if self.semantic_dir is not None:
             return read_index_png(self.semantic_dir / f"{stem}.png")
         info = self._info[stem]
         mask = np.zeros((info["height"], info["width"]), dtype=np.uint8)
-        annotations = sorted(self._annotations(stem), key=lambda a: -a.get("area", 0))
-        crowd = np.zeros_like(mask, dtype=bool)
-        for annotation in annotations:
+        crowd = np.zeros(mask.shape, dtype=bool)
+        ordered = sorted(self._annotations(stem), key=lambda a: (-a.get("area", 0), a["id"]))
+        for annotation in ordered:
             region = self.coco.annToMask(annotation).astype(bool)
             if annotation.get("iscrowd", 0):
                 crowd |= region
             else:
                 mask[region] = self.category_to_class[annotation["category_id"]]
-        mask[crowd & (mask == 0)] = 255
+        mask[crowd & (mask == 0)] = IGNORE_INDEX
         return mask

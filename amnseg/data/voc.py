@@ -1,8 +1,11 @@
 """PASCAL VOC 2012 (with the SBD-augmented ``train_aug`` split), METHOD.md section 0.
 
 Layout: ``root = .../VOCdevkit/VOC2012`` with ``JPEGImages/``, ``SegmentationClass/`` (palette
-PNGs, read as indices), ``Annotations/*.xml``, ``ImageSets/Segmentation/<split>.txt`` and, for
-``train_aug``, the SBD masks in ``SegmentationClassAug/`` (grayscale index PNGs).
+PNGs, read as indices, 255 = ignored object borders), ``Annotations/*.xml``,
+``ImageSets/Segmentation/<split>.txt`` and, for ``train_aug``, the SBD masks in
+``SegmentationClassAug/`` (grayscale index PNGs) plus ``ImageSets/Segmentation/train_aug.txt``.
+
+Images are keyed by their stem string (``2007_000032``), never by an integer parse of it.
 """
 
 from __future__ import annotations
@@ -26,17 +29,22 @@ VOC_CLASSES = (
     "diningtable", "dog", "horse", "motorbike", "person", "pottedplant", "sheep", "sofa",
     "train", "tvmonitor",
 )
+_CLASS_INDEX = {name: i for i, name in enumerate(VOC_CLASSES)}
 
 
 def voc_palette() -> list[int]:
-    """The standard VOC colour map (256 entries, flat RGB list): the bits of each index are
-    spread over the high bits of R, G and B."""
-    palette = []
+    """The standard VOC colour map as a flat ``[r0, g0, b0, r1, ...]`` list of 768 ints.
+
+    Bits 0, 1, 2 of an index go to R, G, B respectively, bits 3, 4, 5 to the next lower bit of
+    R, G, B, and so on, starting from bit 7 of each channel: index 1 -> (128, 0, 0),
+    index 255 -> (224, 224, 192).
+    """
+    palette: list[int] = []
     for index in range(256):
         red = green = blue = 0
         value = index
         for shift in range(7, -1, -1):
-            red |= ((value >> 0) & 1) << shift
+            red |= (value & 1) << shift
             green |= ((value >> 1) & 1) << shift
             blue |= ((value >> 2) & 1) << shift
             value >>= 3
@@ -45,12 +53,31 @@ def voc_palette() -> list[int]:
 
 
 class VOCDataset(SegDataset):
-    def __init__(self, root: str | Path, split: str, aug_mask_dir: str = "SegmentationClassAug"):
+    """VOC 2012 images of one split.
+
+    Masks: ``SegmentationClass/<stem>.png`` when it exists, else ``<aug_mask_dir>/<stem>.png``
+    (relative to ``root`` unless absolute), else none. Labels: (20,) multi-hot from the mask's
+    values when there is a mask, else from the object names of ``Annotations/<stem>.xml``.
+    """
+
+    def __init__(
+        self, root: str | Path, split: str, aug_mask_dir: str = "SegmentationClassAug"
+    ) -> None:
         self.root = require_dir(Path(root), "VOC2012")
+        self.split = split
         self.class_names = list(VOC_CLASSES)
         self.image_dir = require_dir(self.root / "JPEGImages", "JPEGImages")
-        self.stems = read_split_file(self.root / "ImageSets" / "Segmentation" / f"{split}.txt")
+        split_file = self.root / "ImageSets" / "Segmentation" / f"{split}.txt"
+        if split == "train_aug" and not split_file.is_file():
+            # The one list VOC itself does not ship: say where it is expected.
+            raise AmnsegError(
+                f"{split_file}: split list not found (train_aug.txt, the 10,582 SBD-augmented "
+                "training images, is looked for in ImageSets/Segmentation/)"
+            )
+        self.stems = read_split_file(split_file)
+        # Path("/abs") on the right of "/" wins, so an absolute aug_mask_dir works as it is.
         self.mask_dirs = [self.root / "SegmentationClass", self.root / aug_mask_dir]
+        self._labels: dict[str, np.ndarray] = {}  # a mask is read once for its label
 
     def image_path(self, stem: str) -> Path:
         return self.image_dir / f"{stem}.jpg"
@@ -64,15 +91,21 @@ class VOCDataset(SegDataset):
 
     @property
     def has_masks(self) -> bool:
+        # A sample rather than only the first image: test-like splits mix in maskless images.
         return bool(self.stems) and all(self.mask_path(s) is not None for s in self.stems[:50])
 
     def label(self, stem: str) -> np.ndarray:
-        path = self.mask_path(stem)
-        if path is not None:
-            return labels_from_mask(read_index_png(path), len(VOC_CLASSES))
-        return self._label_from_xml(self.root / "Annotations" / f"{stem}.xml")
+        """(20,) float32 multi-hot."""
+        if stem not in self._labels:
+            path = self.mask_path(stem)
+            if path is not None:
+                self._labels[stem] = labels_from_mask(read_index_png(path), len(VOC_CLASSES))
+            else:
+                self._labels[stem] = self._label_from_xml(self.root / "Annotations" / f"{stem}.xml")
+        return self._labels[stem].copy()
 
-    def _label_from_xml(self, path: Path) -> np.ndarray:
+    @staticmethod
+    def _label_from_xml(path: Path) -> np.ndarray:
         if not path.is_file():
             raise AmnsegError(f"{path}: no mask and no annotation for this image")
         try:
@@ -80,9 +113,10 @@ class VOCDataset(SegDataset):
         except ElementTree.ParseError as exc:
             raise AmnsegError(f"{path}: unreadable annotation ({exc})") from None
         label = np.zeros(len(VOC_CLASSES), dtype=np.float32)
-        for node in tree.getroot().iter("object"):
+        # Only top-level <object> names: person objects hold <part><name>head</name></part>.
+        for node in tree.getroot().findall("object"):
             name = (node.findtext("name") or "").strip()
-            if name not in VOC_CLASSES:
-                raise AmnsegError(f"{path}: unknown class '{name}'")
-            label[VOC_CLASSES.index(name)] = 1.0
+            if name not in _CLASS_INDEX:
+                raise AmnsegError(f"{path}: unknown class '{name}' (not a VOC class)")
+            label[_CLASS_INDEX[name]] = 1.0
         return label

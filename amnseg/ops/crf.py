@@ -43,7 +43,7 @@ def crf_refine_labels(
     crf.addPairwiseBilateral(
         sxy=params.bilateral_sxy,
         srgb=params.bilateral_srgb,
-        rgbim=np.ascontiguousarray(image, dtype=np.uint8),
+        rgbim=np.array(image, dtype=np.uint8, order="C", copy=True),  # it needs a writable buffer
         compat=params.bilateral_compat,
     )
     marginals = np.asarray(crf.inference(params.iterations))
