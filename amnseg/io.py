@@ -21,7 +21,6 @@ from PIL import Image
 
 from amnseg.errors import AmnsegError
 
-
 _UMASK = os.umask(0)
 os.umask(_UMASK)
 

@@ -252,7 +252,7 @@ def run_pipeline(
             # Everything downstream depended on the old outputs.
             for later in STAGES[index + 1:]:
                 records.pop(later.name, None)
-        progress(f"[run ] {stage.name}: {stage.description}"
+        progress(f"[run] {stage.name}: {stage.description}"
                  + (" (resuming)" if same else ""))
         record = {"fingerprint": stage_hash, "status": "running",
                   "started": time.strftime("%Y-%m-%dT%H:%M:%S"),

@@ -2,14 +2,24 @@
 
 from __future__ import annotations
 
+from typing import TYPE_CHECKING
+
 from amnseg.data.base import SegDataset
 from amnseg.errors import AmnsegError
+
+if TYPE_CHECKING:
+    from amnseg.config import DataConfig
 
 DATASET_KINDS = ("voc", "coco", "folder")
 
 
-def build_dataset(data_config, split: str) -> SegDataset:
-    """The dataset of ``data_config.kind`` (voc | coco | folder) for ``split``."""
+def build_dataset(data_config: DataConfig, split: str) -> SegDataset:
+    """The dataset of ``data_config.kind`` for ``split``.
+
+    ``voc``: PASCAL VOC 2012, ``coco``: MS COCO 2014, ``folder``: the user's own data in the
+    folder format (also what the built-in demo writes). Imports are lazy so that, e.g., VOC
+    users never import pycocotools.
+    """
     kind = data_config.kind
     if kind == "voc":
         from amnseg.data.voc import VOCDataset
@@ -23,4 +33,5 @@ def build_dataset(data_config, split: str) -> SegDataset:
         from amnseg.data.folder import FolderDataset
 
         return FolderDataset(data_config.root, split)
-    raise AmnsegError(f"data.kind={kind!r}: expected one of {', '.join(DATASET_KINDS)}")
+    raise AmnsegError(f"data.kind={kind!r}: unknown dataset kind, expected one of "
+                      f"{', '.join(DATASET_KINDS)}")

@@ -84,8 +84,17 @@ class COCODataset(SegDataset):
         """(80,) float32 multi-hot, from the annotations (crowd ones included)."""
         label = np.zeros(len(self.class_names), dtype=np.float32)
         for annotation in self._annotations(stem):
-            label[self.category_to_class[annotation["category_id"]] - 1] = 1.0
+            label[self._class_of(annotation) - 1] = 1.0
         return label
+
+    def _class_of(self, annotation: dict[str, Any]) -> int:
+        cls = self.category_to_class.get(annotation["category_id"])
+        if cls is None:
+            raise AmnsegError(
+                f"{self.annotation_file}: annotation {annotation.get('id')} has category id "
+                f"{annotation['category_id']}, which is not in the file's categories"
+            )
+        return cls
 
     def mask_path(self, stem: str) -> Path | None:
         return self.semantic_dir / f"{stem}.png" if self.semantic_dir else None
@@ -112,6 +121,6 @@ class COCODataset(SegDataset):
             if annotation.get("iscrowd", 0):
                 crowd |= region
             else:
-                mask[region] = self.category_to_class[annotation["category_id"]]
+                mask[region] = self._class_of(annotation)
         mask[crowd & (mask == 0)] = IGNORE_INDEX
         return mask

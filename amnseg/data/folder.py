@@ -1,12 +1,17 @@
 """Users' own data in a plain folder (also the format of the built-in demo).
 
-    root/images/<stem>.<jpg|jpeg|png|bmp|webp>   any file names
-    root/classes.txt       one foreground class name per line (class i + 1 is line i)
-    root/labels.csv        ``stem,classes`` rows; classes joined by ``;`` (may be empty);
-                           an optional header row ``stem,classes``
-    root/masks/<stem>.png  optional index PNGs (0 background, 1..C, 255 ignore) for evaluation
-    root/splits/<split>.txt  optional stem lists; without a splits/ folder every split is
-                             all images of labels.csv
+    root/images/<stem>.<jpg|jpeg|png|bmp|webp>   any file names (suffix case does not matter)
+    root/classes.txt         one foreground class name per line (class i + 1 is line i);
+                             blank lines are ignored
+    root/labels.csv          one ``stem,classes`` row per image; classes joined by ``;`` (may
+                             be empty: no object); an optional header row ``stem,classes``;
+                             quote a stem that holds a comma
+    root/masks/<stem>.png    optional index PNGs (0 background, 1..C, 255 ignore) for evaluation
+    root/splits/<split>.txt  optional stem lists, one per line
+
+Splits: ``splits/<split>.txt`` when it exists; without a ``splits/`` folder every split is all
+images of labels.csv (in file order); a ``splits/`` folder without the asked file is an error.
+Stems are strings throughout (``007`` stays ``007``).
 """
 
 from __future__ import annotations
@@ -19,92 +24,161 @@ import numpy as np
 from amnseg.data.base import SegDataset, require_dir
 from amnseg.errors import AmnsegError
 
-IMAGE_SUFFIXES = {".jpg", ".jpeg", ".png", ".bmp", ".webp"}
+IMAGE_SUFFIXES = (".jpg", ".jpeg", ".png", ".bmp", ".webp")
 
 
 class FolderDataset(SegDataset):
-    def __init__(self, root: str | Path, split: str):
+    """A dataset in the folder format above; labels are (C,) multi-hot over classes.txt."""
+
+    def __init__(self, root: str | Path, split: str) -> None:
         self.root = require_dir(Path(root), "dataset")
-        image_dir = require_dir(self.root / "images", "images")
-        self.class_names = self._read_classes(self.root / "classes.txt")
-        self._labels = self._read_labels(self.root / "labels.csv")
-        self._images = self._index_images(image_dir)
-        self.stems = self._read_split(split)
-        for stem in self.stems:
+        self.split = split
+        self.image_dir = require_dir(self.root / "images", "images")
+        self.class_names = _read_classes(self.root / "classes.txt")
+        labels_file = self.root / "labels.csv"
+        self._labels, rows = _read_labels(labels_file, self.class_names)
+        self._images = _index_images(self.image_dir)
+        for stem, line in rows.items():
             if stem not in self._images:
                 raise AmnsegError(
-                    f"{image_dir}: no image file for '{stem}' (listed in labels.csv)"
+                    f"{labels_file}:{line}: image '{stem}' not found in {self.image_dir} "
+                    f"(looked for {stem} with suffix {'/'.join(IMAGE_SUFFIXES)})"
                 )
-        self._mask_dir = self.root / "masks" if (self.root / "masks").is_dir() else None
+        self.stems = self._read_split(split, labels_file)
+        mask_dir = self.root / "masks"
+        self._mask_dir = mask_dir if mask_dir.is_dir() else None
 
-    @staticmethod
-    def _read_classes(path: Path) -> list[str]:
-        if not path.is_file():
-            raise AmnsegError(f"{path}: class list not found")
-        names = [line.strip() for line in path.read_text().splitlines() if line.strip()]
-        if not names:
-            raise AmnsegError(f"{path}: no class names")
-        duplicates = sorted({n for n in names if names.count(n) > 1})
-        if duplicates:
-            raise AmnsegError(f"{path}: class '{duplicates[0]}' is listed twice")
-        return names
-
-    def _read_labels(self, path: Path) -> dict[str, np.ndarray]:
-        if not path.is_file():
-            raise AmnsegError(f"{path}: labels.csv not found")
-        index = {name: i for i, name in enumerate(self.class_names)}
-        labels: dict[str, np.ndarray] = {}
-        with open(path, newline="") as f:
-            for line_number, row in enumerate(csv.reader(f), start=1):
-                is_header = line_number == 1 and [c.strip() for c in row] == ["stem", "classes"]
-                if not row or is_header:
-                    continue
-                stem = row[0].strip()
-                names = [n.strip() for n in (row[1] if len(row) > 1 else "").split(";")]
-                label = np.zeros(len(self.class_names), dtype=np.float32)
-                for name in filter(None, names):
-                    if name not in index:
-                        raise AmnsegError(
-                            f"{path}:{line_number}: unknown class '{name}' (not in classes.txt)"
-                        )
-                    label[index[name]] = 1.0
-                if stem in labels:
-                    raise AmnsegError(f"{path}:{line_number}: image '{stem}' is listed twice")
-                labels[stem] = label
-        return labels
-
-    @staticmethod
-    def _index_images(image_dir: Path) -> dict[str, Path]:
-        images: dict[str, Path] = {}
-        for path in sorted(image_dir.iterdir()):
-            if path.suffix.lower() not in IMAGE_SUFFIXES:
-                continue
-            if path.stem in images:
-                raise AmnsegError(
-                    f"{image_dir}: two images share the name '{path.stem}' "
-                    f"({images[path.stem].name}, {path.name})"
-                )
-            images[path.stem] = path
-        return images
-
-    def _read_split(self, split: str) -> list[str]:
+    def _read_split(self, split: str, labels_file: Path) -> list[str]:
         split_dir = self.root / "splits"
         if not split_dir.is_dir():
             return list(self._labels)
         path = split_dir / f"{split}.txt"
         if not path.is_file():
-            raise AmnsegError(f"{path}: split list not found")
-        stems = [line.strip() for line in path.read_text().splitlines() if line.strip()]
-        for stem in stems:
+            known = ", ".join(sorted(p.stem for p in split_dir.glob("*.txt"))) or "none"
+            raise AmnsegError(f"{path}: split list not found (splits here: {known})")
+        stems: list[str] = []
+        seen: set[str] = set()
+        # Whole stripped lines, not the first word: stems may contain spaces.
+        for line_number, line in enumerate(_read_text(path).splitlines(), start=1):
+            stem = line.strip()
+            if not stem:
+                continue
             if stem not in self._labels:
-                raise AmnsegError(f"{path}: image '{stem}' has no row in labels.csv")
+                raise AmnsegError(
+                    f"{path}:{line_number}: image '{stem}' has no row in {labels_file}"
+                )
+            if stem in seen:
+                raise AmnsegError(f"{path}:{line_number}: image '{stem}' is listed twice")
+            seen.add(stem)
+            stems.append(stem)
         return stems
 
     def image_path(self, stem: str) -> Path:
         return self._images[stem]
 
     def label(self, stem: str) -> np.ndarray:
+        """(C,) float32 multi-hot."""
         return self._labels[stem].copy()
 
     def mask_path(self, stem: str) -> Path | None:
-        return None if self._mask_dir is None else self._mask_dir / f"{stem}.png"
+        """``masks/<stem>.png`` when that file exists (masks may cover only some images)."""
+        if self._mask_dir is None:
+            return None
+        path = self._mask_dir / f"{stem}.png"
+        return path if path.is_file() else None
+
+    @property
+    def has_masks(self) -> bool:
+        return any(self.mask_path(stem) is not None for stem in self.stems)
+
+
+def _read_text(path: Path) -> str:
+    # utf-8-sig: spreadsheet programs often save a byte-order mark at the start.
+    try:
+        return path.read_text(encoding="utf-8-sig")
+    except UnicodeDecodeError as exc:
+        raise AmnsegError(f"{path}: not UTF-8 text (byte {exc.start})") from None
+
+
+def _read_classes(path: Path) -> list[str]:
+    """Foreground class names in order (class index = position + 1)."""
+    if not path.is_file():
+        raise AmnsegError(f"{path}: class list not found (one class name per line)")
+    names: list[str] = []
+    for line_number, line in enumerate(_read_text(path).splitlines(), start=1):
+        name = line.strip()
+        if not name:
+            continue
+        if name in names:
+            raise AmnsegError(f"{path}:{line_number}: class '{name}' is listed twice")
+        if ";" in name:
+            # labels.csv joins classes with ';', so such a name could never be referenced.
+            raise AmnsegError(f"{path}:{line_number}: class name '{name}' contains ';'")
+        names.append(name)
+    if not names:
+        raise AmnsegError(f"{path}: no class names")
+    return names
+
+
+def _read_labels(
+    path: Path, class_names: list[str]
+) -> tuple[dict[str, np.ndarray], dict[str, int]]:
+    """(stem -> (C,) multi-hot, stem -> line number in the file), in file order."""
+    if not path.is_file():
+        raise AmnsegError(f"{path}: labels.csv not found (rows of stem,classes)")
+    index = {name: i for i, name in enumerate(class_names)}
+    labels: dict[str, np.ndarray] = {}
+    lines: dict[str, int] = {}
+    first = True
+    # Lines keep their endings so that a quoted field may span lines.
+    reader = csv.reader(_read_text(path).splitlines(keepends=True))
+    for row in reader:
+        line_number = reader.line_num  # right even when a quoted field spans lines
+        cells = [cell.strip() for cell in row]
+        if not any(cells):
+            continue
+        if first and [c.lower() for c in cells] == ["stem", "classes"]:
+            first = False
+            continue
+        first = False
+        if len(cells) > 2 and any(cells[2:]):
+            raise AmnsegError(
+                f"{path}:{line_number}: expected 2 columns (stem,classes), found {len(cells)}; "
+                "join several classes with ';'"
+            )
+        stem = cells[0]
+        if not stem:
+            raise AmnsegError(f"{path}:{line_number}: empty image stem")
+        if stem in labels:
+            raise AmnsegError(
+                f"{path}:{line_number}: image '{stem}' is listed twice (first on line "
+                f"{lines[stem]})"
+            )
+        label = np.zeros(len(class_names), dtype=np.float32)
+        classes = cells[1] if len(cells) > 1 else ""
+        for name in filter(None, (n.strip() for n in classes.split(";"))):
+            if name not in index:
+                raise AmnsegError(
+                    f"{path}:{line_number}: unknown class '{name}' (not in classes.txt)"
+                )
+            label[index[name]] = 1.0
+        labels[stem] = label
+        lines[stem] = line_number
+    if not labels:
+        raise AmnsegError(f"{path}: no image rows")
+    return labels, lines
+
+
+def _index_images(image_dir: Path) -> dict[str, Path]:
+    """stem -> image file, from one scan of ``image_dir``."""
+    images: dict[str, Path] = {}
+    for path in sorted(image_dir.iterdir()):
+        if path.suffix.lower() not in IMAGE_SUFFIXES or not path.is_file():
+            continue
+        if path.stem in images:
+            raise AmnsegError(
+                f"{image_dir}: two images share the name '{path.stem}' "
+                f"({images[path.stem].name}, {path.name})"
+            )
+        images[path.stem] = path
+    return images

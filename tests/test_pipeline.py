@@ -1,0 +1,143 @@
+"""`amnseg run`: every stage on a tiny dataset, skipping, invalidation, kill + resume, report."""
+
+from __future__ import annotations
+
+import hashlib
+import os
+import signal
+import subprocess
+import sys
+import time
+from pathlib import Path
+
+import pytest
+from conftest import tiny_config, write_tiny_folder_dataset
+
+from amnseg.pipeline import STAGE_NAMES, load_manifest, run_pipeline
+from amnseg.report.html import build_report
+
+FAST = [
+    "cam.epochs=1", "amn.epochs=1", "irn.epochs=1", "amn.batch_size=4", "irn.batch_size=4",
+    "amn.crop_size=32", "irn.crop_size=32", "irn.radius=3", "irn.backbone_init=cam",
+    "irn.infer_pad_size=0", "amn.eval_images=2", "seeds.workers=1", "cam.scales=[1.0,0.5]",
+    "amn.scales=[1.0,0.5]", "irn.exp_times=4",
+]
+
+
+def digest(folder: Path) -> dict[str, str]:
+    return {
+        str(p.relative_to(folder)): hashlib.sha256(p.read_bytes()).hexdigest()
+        for p in sorted(folder.rglob("*"))
+        if p.is_file() and p.suffix in (".npz", ".png")
+        and p.parent.name in ("maps", "cam", "amn", "masks")
+    }
+
+
+@pytest.fixture(scope="module")
+def finished_run(tmp_path_factory):
+    root = tmp_path_factory.mktemp("pipeline")
+    data = write_tiny_folder_dataset(root / "data", count=8)
+    config = tiny_config(data, root / "run", *FAST)
+    messages: list[str] = []
+    manifest = run_pipeline(config, progress=messages.append)
+    return config, manifest, messages
+
+
+def test_all_stages_complete_with_metrics(finished_run):
+    config, manifest, messages = finished_run
+    assert list(manifest["stages"]) == list(STAGE_NAMES)
+    assert all(r["status"] == "done" for r in manifest["stages"].values())
+    metrics = manifest["stages"]["masks"]["metrics"]
+    assert 0.0 <= metrics["pseudo_masks_miou"] <= 1.0
+    run = Path(config.run_dir)
+    for folder, suffix in [("cam/maps", ".npz"), ("seeds/cam", ".png"), ("amn/maps", ".npz"),
+                           ("seeds/amn", ".png"), ("irn/masks", ".png")]:
+        assert len(list((run / folder).glob(f"*{suffix}"))) == 8, folder
+    leftovers = [p for p in run.rglob("*") if p.name.startswith(".") or p.suffix == ".tmp"]
+    assert not leftovers
+
+
+def test_rerun_skips_everything(finished_run):
+    config, _, _ = finished_run
+    before = digest(Path(config.run_dir))
+    messages: list[str] = []
+    run_pipeline(config, progress=messages.append)
+    assert all(m.startswith("[skip]") for m in messages) and len(messages) == len(STAGE_NAMES)
+    assert digest(Path(config.run_dir)) == before
+
+
+def test_changed_amn_option_reruns_from_amn(finished_run):
+    config, _, _ = finished_run
+    run = Path(config.run_dir)
+    cam_maps = digest(run / "cam")
+    changed = tiny_config(Path(config.data.root), run, *FAST, "amn.label_smoothing=0.3")
+    messages: list[str] = []
+    run_pipeline(changed, progress=messages.append)
+    ran = [m.split()[1].rstrip(":") for m in messages if m.startswith("[run")]
+    assert ran == list(STAGE_NAMES[STAGE_NAMES.index("amn"):])
+    assert digest(run / "cam") == cam_maps  # upstream outputs untouched
+    # the original config is now "changed" again: back to it re-runs the same stages
+    messages.clear()
+    run_pipeline(config, progress=messages.append)
+    assert [m.split()[1].rstrip(":") for m in messages if m.startswith("[run")] == ran
+
+
+def test_report_renders(finished_run):
+    config, _, _ = finished_run
+    report = build_report(Path(config.run_dir))
+    text = report.read_text()
+    assert text.startswith("<!DOCTYPE html>") and "Best and worst images" in text
+    assert text.count("data:image/png;base64,") >= 10
+    assert "http://" not in text and "https://" not in text  # nothing fetched from outside
+
+
+SCRIPT = """
+import sys
+sys.path.insert(0, {tests!r})
+from pathlib import Path
+from conftest import tiny_config
+from amnseg.pipeline import run_pipeline
+import amnseg.stages.cam as cam
+if {slow}:
+    original = cam.save_score_maps
+    def slow_save(*args, **kwargs):
+        import time
+        original(*args, **kwargs)
+        print("saved", flush=True)
+        time.sleep(0.3)
+    cam.save_score_maps = slow_save
+config = tiny_config(Path({data!r}), Path({run!r}), *{fast!r})
+run_pipeline(config, stop="cam_maps")
+"""
+
+
+def run_script(data: Path, run: Path, slow: bool) -> subprocess.Popen:
+    code = SCRIPT.format(tests=str(Path(__file__).parent), slow=slow, data=str(data),
+                         run=str(run), fast=FAST)
+    env = {**os.environ, "PYTHONUNBUFFERED": "1"}
+    return subprocess.Popen([sys.executable, "-c", code], stdout=subprocess.PIPE,
+                            stderr=subprocess.DEVNULL, text=True, env=env)
+
+
+def test_killed_map_stage_resumes_to_identical_outputs(tmp_path):
+    data = write_tiny_folder_dataset(tmp_path / "data", count=8)
+    straight = run_script(data, tmp_path / "straight", slow=False)
+    assert straight.wait(timeout=300) == 0
+
+    victim = run_script(data, tmp_path / "killed", slow=True)
+    saved = 0
+    deadline = time.time() + 300
+    while saved < 3 and time.time() < deadline:
+        if victim.stdout.readline().startswith("saved"):
+            saved += 1
+    victim.send_signal(signal.SIGKILL)
+    victim.wait(timeout=60)
+    maps = tmp_path / "killed" / "cam" / "maps"
+    written = list(maps.glob("*.npz"))
+    assert 3 <= len(written) < 8  # killed in the middle of the map stage
+    assert load_manifest(tmp_path / "killed")["stages"]["cam_maps"]["status"] == "running"
+
+    resumed = run_script(data, tmp_path / "killed", slow=False)
+    assert resumed.wait(timeout=300) == 0
+    assert digest(tmp_path / "killed" / "cam") == digest(tmp_path / "straight" / "cam")
+    assert not [p for p in maps.iterdir() if not p.name.endswith(".npz")]
