@@ -125,12 +125,11 @@ def test_masks_cover_whole_bodies() -> None:
             for obj in sample.objects:
                 body = obj.body & (sample.mask != IGNORE_INDEX)
                 assert (sample.mask[body] == obj.class_index).all()
-                # Mark pixels are a small part of the labelled body.
+                # Mark pixels (all of an object's marks) are a small part of its body.
                 fraction = obj.mark.sum() / obj.body.sum()
-                assert fraction < (0.5 if size == 64 else 0.25)
-                if size == 128:
-                    fractions.append(fraction)
-    assert np.median(fractions) < 0.12
+                assert fraction < 0.35
+                fractions.append(fraction)
+    assert np.median(fractions) < 0.16
     # Body pixels are the mask's foreground: nothing labelled outside objects.
     sample = render_sample(DemoParams(seed=7, **TINY), "val", 0)
     union = np.any([obj.body for obj in sample.objects], axis=0)

@@ -21,6 +21,7 @@ from __future__ import annotations
 
 import contextlib
 import io
+import warnings
 from pathlib import Path
 from typing import Any
 
@@ -117,7 +118,16 @@ class COCODataset(SegDataset):
         crowd = np.zeros(mask.shape, dtype=bool)
         ordered = sorted(self._annotations(stem), key=lambda a: (-a.get("area", 0), a["id"]))
         for annotation in ordered:
-            region = self.coco.annToMask(annotation).astype(bool)
+            with warnings.catch_warnings():
+                # pycocotools' decoder trips a numpy 2 DeprecationWarning on every call.
+                warnings.simplefilter("ignore", DeprecationWarning)
+                region = self.coco.annToMask(annotation).astype(bool)
+            if region.shape != mask.shape:  # an RLE whose "size" disagrees with the image
+                raise AmnsegError(
+                    f"{self.annotation_file}: annotation {annotation.get('id')} is "
+                    f"{region.shape[1]}x{region.shape[0]}, its image {info['file_name']} is "
+                    f"{mask.shape[1]}x{mask.shape[0]}"
+                )
             if annotation.get("iscrowd", 0):
                 crowd |= region
             else:

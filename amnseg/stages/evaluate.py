@@ -1,55 +1,133 @@
 """Evaluation of score maps (threshold sweeps, per-image optimal thresholds) and of label maps
-(seeds, pseudo masks) against the ground truth; results as JSON in the run folder."""
+(seeds, pseudo masks) against the ground truth; results as JSON in the run folder.
+
+Score maps are the ``<stem>.npz`` files of ``amnseg.io.save_score_maps``; only the dataset's
+stems that have such a file are evaluated, in dataset order.
+"""
 
 from __future__ import annotations
 
-from collections.abc import Sequence
+import math
+from collections.abc import Iterator, Sequence
 from pathlib import Path
 from typing import Any
 
 import numpy as np
 from tqdm import tqdm
 
+from amnseg.config import EvalConfig
 from amnseg.data.base import SegDataset, read_index_png
 from amnseg.errors import AmnsegError
-from amnseg.io import load_score_maps, save_json
+from amnseg.io import ScoreMaps, load_score_maps, save_json
 from amnseg.metrics import (
     confusion_matrix,
     foreground_background_gap,
-    iou_per_class,
+    iou_from_confusion,
     miou,
     optimal_thresholds,
     scores_to_labels,
     sweep_confusions,
 )
 
+MAP_KINDS = ("full", "strided")
+STRIDE = 4  # of the "strided" maps (ScoreMaps.strided)
+QUANTILES = {"p10": 0.10, "p25": 0.25, "p50": 0.50, "p75": 0.75, "p90": 0.90}
+_SAME = 1e-9  # thresholds closer than this are the same grid point
+
+
+def _dataset_name(dataset: SegDataset) -> str:
+    return str(getattr(dataset, "root", type(dataset).__name__))
+
 
 def _stems_with(folder: Path, dataset: SegDataset, suffix: str) -> list[str]:
+    """The dataset's stems that have ``<stem><suffix>`` in ``folder``, in dataset order."""
     if not folder.is_dir():
         raise AmnsegError(f"{folder}: folder not found")
     if not dataset.has_masks:
-        raise AmnsegError(f"{dataset.root}: the dataset has no ground-truth masks to evaluate on")
+        raise AmnsegError(
+            f"{_dataset_name(dataset)}: the dataset has no ground-truth masks to evaluate on"
+        )
     stems = [s for s in dataset.stems if (folder / f"{s}{suffix}").is_file()]
     if not stems:
-        raise AmnsegError(f"{folder}: holds no {suffix} file of the dataset's images")
+        raise AmnsegError(
+            f"{folder}: holds no {suffix} file of the dataset's {len(dataset.stems)} images"
+        )
     return stems
 
 
-def _gt(dataset: SegDataset, stem: str, shape: tuple[int, ...], path: Path) -> np.ndarray:
+def _gt(dataset: SegDataset, stem: str, shape: tuple[int, ...], path: Path,
+        stride: int = 1) -> np.ndarray:
+    """The GT mask of ``stem`` (subsampled by ``stride``), checked against ``shape``."""
     gt = dataset.mask(stem)
     if gt is None:
-        raise AmnsegError(f"{stem}: no ground-truth mask")
+        raise AmnsegError(f"{dataset.mask_source(stem)}: no ground-truth mask for {stem!r}")
+    if stride > 1:
+        # Stride-4 maps have (H - 1) // 4 + 1 rows: exactly the rows 0, 4, 8, ... of the mask.
+        gt = gt[::stride, ::stride]
     if gt.shape != tuple(shape):
         raise AmnsegError(
-            f"{path}: size {shape[-1]}x{shape[-2]} differs from the ground truth "
-            f"{gt.shape[1]}x{gt.shape[0]}"
+            f"{path}: maps are {shape[-1]}x{shape[-2]} but the ground-truth mask of {stem!r} "
+            f"is {gt.shape[1]}x{gt.shape[0]}" + (f" at stride {stride}" if stride > 1 else "")
         )
     return gt
 
 
 def class_table(dataset: SegDataset, iou: np.ndarray) -> dict[str, float | None]:
+    """{class name: IoU}, "background" first; None for classes absent from GT and prediction."""
     names = ["background", *dataset.class_names]
-    return {name: (None if np.isnan(v) else float(v)) for name, v in zip(names, iou, strict=True)}
+    return {name: _number(v) for name, v in zip(names, iou, strict=True)}
+
+
+def _number(value: Any) -> float | None:
+    """A JSON-safe float: NaN (undefined) becomes null."""
+    value = float(value)
+    return None if math.isnan(value) else value
+
+
+def _iterate_maps(
+    maps_dir: Path, dataset: SegDataset, use: str, desc: str
+) -> Iterator[tuple[str, Path, ScoreMaps, np.ndarray, np.ndarray]]:
+    """Yield (stem, file, maps, scores (K, h, w), gt (h, w)) for every map file of the dataset,
+    with a progress bar; every problem with a file becomes a one-line AmnsegError naming it."""
+    if use not in MAP_KINDS:
+        raise AmnsegError(f"use={use!r}: expected one of {', '.join(MAP_KINDS)}")
+    maps_dir = Path(maps_dir)
+    stems = _stems_with(maps_dir, dataset, ".npz")
+    for stem in tqdm(stems, desc=desc, unit="img", leave=False):
+        path = maps_dir / f"{stem}.npz"
+        maps = load_score_maps(path)
+        scores = maps.full if use == "full" else maps.strided
+        if scores.ndim != 3 or len(scores) != len(maps.class_ids):
+            raise AmnsegError(
+                f"{path}: {use} maps of shape {scores.shape} do not match "
+                f"{len(maps.class_ids)} class ids"
+            )
+        ids = np.asarray(maps.class_ids)
+        if ids.size and (ids.min() < 1 or ids.max() > dataset.num_classes):
+            raise AmnsegError(
+                f"{path}: class ids {ids.tolist()} outside 1..{dataset.num_classes}"
+            )
+        gt = _gt(dataset, stem, scores.shape[1:], path, 1 if use == "full" else STRIDE)
+        yield stem, path, maps, scores, gt
+
+
+def _sweep_grid(
+    thresholds: Sequence[float], extra: float | None
+) -> tuple[list[float], int, int | None]:
+    """(grid, sweep size, position of ``extra`` in the grid): the sorted unique sweep
+    thresholds, then ``extra`` appended unless it is already on them."""
+    values = sorted({float(t) for t in thresholds})
+    if not values or not all(math.isfinite(t) for t in values):
+        raise AmnsegError(f"thresholds {list(thresholds)!r}: need at least one finite value")
+    if extra is None:
+        return values, len(values), None
+    extra = float(extra)
+    if not math.isfinite(extra):
+        raise AmnsegError(f"threshold {extra}: must be a finite number")
+    for index, value in enumerate(values):
+        if abs(value - extra) <= _SAME:
+            return values, len(values), index
+    return [*values, extra], len(values), len(values)
 
 
 def evaluate_maps(
@@ -58,77 +136,115 @@ def evaluate_maps(
     thresholds: Sequence[float],
     out_dir: Path,
     name: str = "cam",
-    threshold: float = 0.15,
-    robust_range: tuple[float, float] = (0.10, 0.60),
     use: str = "full",
+    threshold: float | None = 0.15,
+    robust_range: Sequence[float] = tuple(EvalConfig().robust_range),
 ) -> dict[str, Any]:
     """Sweep the background threshold over score maps; write ``<out_dir>/<name>_sweep.json``.
 
-    Reports mIoU per threshold, the best threshold and mIoU, mIoU at ``threshold``, per-class
-    IoU at the best threshold, the mIoU range within ``robust_range``, each image's optimal
-    threshold with their spread, the "oracle" mIoU (every image at its own optimum) and the
-    foreground/background activation gap.
+    ``use``: "full" compares the (K, H, W) maps with the mask; "strided" the (K, h4, w4) maps
+    with the mask subsampled to every 4th row and column. ``threshold`` (e.g. the config's
+    eval threshold; None to skip) is reported as ``miou_at_threshold``; it need not lie on the
+    sweep grid, and per-image optima are searched on the grid only.
+
+    Dataset mIoU sums the confusions of all images (the standard, pixel-weighted definition).
+    An image's own mIoU averages over the classes in its GT or prediction; its optimal threshold
+    is the lowest grid value reaching its best mIoU; the oracle mIoU sums each image's confusion
+    at its own optimum. The FG/BG gap pools all pixels: mean peak activation (max over the GT
+    classes' maps) on GT foreground minus on GT background.
+
+    JSON fields: name, maps, use, images, thresholds, miou (per threshold), best_threshold,
+    best_miou, threshold, miou_at_threshold, per_class_iou_at_best, robust_range, miou_range
+    (max - min mIoU over thresholds inside the robust range), oracle_miou, optimal_thresholds
+    ({stem: t}), per_image_best_miou ({stem: mIoU}), optimal_threshold_mean / _std /
+    _quantiles (p10..p90), fg_mean_activation, bg_mean_activation, fg_bg_gap. Undefined values
+    are null.
     """
     maps_dir = Path(maps_dir)
-    stems = _stems_with(maps_dir, dataset, ".npz")
-    thresholds = [float(t) for t in thresholds]
-    grid = thresholds if threshold in thresholds else sorted([*thresholds, float(threshold)])
+    grid, count, at_position = _sweep_grid(thresholds, threshold)
+    sweep = grid[:count]  # the grid may end with the extra `threshold`
     n = dataset.num_classes + 1
+
     total = np.zeros((len(grid), n, n), dtype=np.int64)
     oracle = np.zeros((n, n), dtype=np.int64)
     optimum: dict[str, float] = {}
+    optimum_miou: dict[str, float] = {}
     fg_sum = bg_sum = 0.0
-    fg_count = bg_count = 0
-    for stem in tqdm(stems, desc=f"evaluate {name}", leave=False):
-        path = maps_dir / f"{stem}.npz"
-        maps = load_score_maps(path)
-        scores = maps.full if use == "full" else maps.strided
-        gt = _gt(dataset, stem, scores.shape[1:], path)
-        confusions = sweep_confusions(scores, maps.class_ids, gt, grid, n)
+    fg_pixels = bg_pixels = 0
+    images = 0
+    for stem, path, maps, scores, gt in _iterate_maps(maps_dir, dataset, use, f"eval {name}"):
+        try:
+            confusions = sweep_confusions(scores, maps.class_ids, gt, grid, n)
+        except ValueError as exc:  # e.g. a mask label beyond the dataset's classes
+            raise AmnsegError(f"{path}: {exc}") from None
         total += confusions
-        best, _ = optimal_thresholds(confusions[None], grid)
-        if best[0] >= 0:
-            oracle += confusions[best[0]]
-            optimum[stem] = grid[best[0]]
-        fg, bg = foreground_background_gap(scores, gt)
-        fg_sum, fg_count = fg_sum + float(fg.sum()), fg_count + fg.size
-        bg_sum, bg_count = bg_sum + float(bg.sum()), bg_count + bg.size
-    curve = miou(total)
-    sweep = [float(curve[grid.index(t)]) for t in thresholds]
-    best_index = int(np.nanargmax(sweep))
-    low, high = robust_range
-    in_range = [m for t, m in zip(thresholds, sweep, strict=True) if low - 1e-9 <= t <= high + 1e-9]
-    optima = np.array(list(optimum.values()))
-    fg_mean = fg_sum / max(fg_count, 1)
-    bg_mean = bg_sum / max(bg_count, 1)
-    result = {
+        best = optimal_thresholds(confusions[:count], sweep)
+        if best.index >= 0:  # an image with only ignored pixels has no optimum
+            oracle += confusions[int(best.index)]
+            optimum[stem] = sweep[int(best.index)]
+            optimum_miou[stem] = float(best.miou)
+        split = foreground_background_gap(scores, gt, maps.class_ids)
+        fg_sum += float(split.fg.sum(dtype=np.float64))
+        bg_sum += float(split.bg.sum(dtype=np.float64))
+        fg_pixels += split.fg.size
+        bg_pixels += split.bg.size
+        images += 1
+
+    curve = np.asarray(miou(total), dtype=np.float64)
+    if np.all(np.isnan(curve)):
+        raise AmnsegError(f"{maps_dir}: the ground truth of its images has no labelled pixel")
+    best_index = int(np.nanargmax(curve[:count]))  # first maximum = lowest threshold
+    low, high = (float(v) for v in robust_range)
+    inside = [m for t, m in zip(sweep, curve, strict=False)
+              if low - _SAME <= t <= high + _SAME and not math.isnan(m)]
+    optima = np.array(list(optimum.values()), dtype=np.float64)
+    fg_mean = fg_sum / fg_pixels if fg_pixels else math.nan
+    bg_mean = bg_sum / bg_pixels if bg_pixels else math.nan
+    result: dict[str, Any] = {
         "name": name,
         "maps": str(maps_dir),
-        "images": len(stems),
-        "thresholds": thresholds,
-        "miou": sweep,
-        "best_threshold": thresholds[best_index],
-        "best_miou": sweep[best_index],
-        "threshold": float(threshold),
-        "miou_at_threshold": float(curve[grid.index(float(threshold))]),
-        "per_class_iou_at_best": class_table(dataset, iou_per_class(total[grid.index(
-            thresholds[best_index])])),
+        "use": use,
+        "images": images,
+        "thresholds": sweep,
+        "miou": [_number(m) for m in curve[:count]],
+        "best_threshold": sweep[best_index],
+        "best_miou": float(curve[best_index]),
+        "threshold": None if threshold is None else float(threshold),
+        "miou_at_threshold": None if at_position is None else _number(curve[at_position]),
+        "per_class_iou_at_best": class_table(dataset, iou_from_confusion(total[best_index])),
         "robust_range": [low, high],
-        "miou_range": float(max(in_range) - min(in_range)) if in_range else None,
-        "oracle_miou": float(miou(oracle)),
+        "miou_range": float(max(inside) - min(inside)) if inside else None,
+        "oracle_miou": _number(miou(oracle)),
+        "optimal_thresholds": optimum,
+        "per_image_best_miou": optimum_miou,
         "optimal_threshold_mean": float(optima.mean()) if optima.size else None,
         "optimal_threshold_std": float(optima.std()) if optima.size else None,
         "optimal_threshold_quantiles": (
-            {q: float(np.quantile(optima, float(q))) for q in ("0.1", "0.25", "0.5", "0.75", "0.9")}
+            {key: float(np.quantile(optima, q)) for key, q in QUANTILES.items()}
             if optima.size else None
         ),
-        "optimal_thresholds": optimum,
-        "fg_mean_activation": fg_mean,
-        "bg_mean_activation": bg_mean,
-        "fg_bg_gap": fg_mean - bg_mean,
+        "fg_mean_activation": _number(fg_mean),
+        "bg_mean_activation": _number(bg_mean),
+        "fg_bg_gap": _number(fg_mean - bg_mean),
     }
     save_json(Path(out_dir) / f"{name}_sweep.json", result)
     return result
+
+
+def evaluate_at_threshold(
+    maps_dir: Path, dataset: SegDataset, threshold: float, use: str = "full"
+) -> float:
+    """Dataset mIoU of score maps at one threshold, by direct thresholding (no sweep, no file
+    written); ``use`` as in ``evaluate_maps``."""
+    n = dataset.num_classes + 1
+    total = np.zeros((n, n), dtype=np.int64)
+    for _, path, maps, scores, gt in _iterate_maps(Path(maps_dir), dataset, use, "eval"):
+        prediction = scores_to_labels(scores, maps.class_ids, threshold)
+        try:
+            total += confusion_matrix(prediction, gt, n)
+        except ValueError as exc:
+            raise AmnsegError(f"{path}: {exc}") from None
+    return float(miou(total))
 
 
 def evaluate_label_maps(
@@ -136,7 +252,7 @@ def evaluate_label_maps(
 ) -> dict[str, Any]:
     """mIoU of label PNGs (seeds or pseudo masks; 255 in a prediction counts as background,
     i.e. an unsure seed pixel is not a correct one); writes ``<out_dir>/<name>.json`` with
-    per-class and per-image IoU."""
+    miou, per_class_iou, unsure_fraction and per_image_miou."""
     folder = Path(folder)
     stems = _stems_with(folder, dataset, ".png")
     n = dataset.num_classes + 1
@@ -144,7 +260,7 @@ def evaluate_label_maps(
     per_image: dict[str, float] = {}
     unsure = 0
     pixels = 0
-    for stem in tqdm(stems, desc=f"evaluate {name}", leave=False):
+    for stem in tqdm(stems, desc=f"eval {name}", unit="img", leave=False):
         path = folder / f"{stem}.png"
         labels = read_index_png(path)
         gt = _gt(dataset, stem, labels.shape, path)
@@ -153,7 +269,10 @@ def evaluate_label_maps(
         prediction = np.where(labels == 255, 0, labels)
         if prediction.max(initial=0) >= n:
             raise AmnsegError(f"{path}: holds class {prediction.max()}, the dataset has {n - 1}")
-        confusion = confusion_matrix(prediction, gt, n)
+        try:
+            confusion = confusion_matrix(prediction, gt, n)
+        except ValueError as exc:
+            raise AmnsegError(f"{dataset.mask_source(stem)}: {exc}") from None
         total += confusion
         score = miou(confusion)
         if not np.isnan(score):
@@ -163,23 +282,9 @@ def evaluate_label_maps(
         "folder": str(folder),
         "images": len(stems),
         "miou": float(miou(total)),
-        "per_class_iou": class_table(dataset, iou_per_class(total)),
+        "per_class_iou": class_table(dataset, iou_from_confusion(total)),
         "unsure_fraction": unsure / max(pixels, 1),
         "per_image_miou": per_image,
     }
     save_json(Path(out_dir) / f"{name}.json", result)
     return result
-
-
-def evaluate_at_threshold(
-    maps_dir: Path, dataset: SegDataset, threshold: float
-) -> float:
-    """mIoU of score maps at one threshold (a direct, sweep-free computation)."""
-    stems = _stems_with(Path(maps_dir), dataset, ".npz")
-    n = dataset.num_classes + 1
-    total = np.zeros((n, n), dtype=np.int64)
-    for stem in stems:
-        maps = load_score_maps(Path(maps_dir) / f"{stem}.npz")
-        prediction = scores_to_labels(maps.full, maps.class_ids, threshold)
-        total += confusion_matrix(prediction, _gt(dataset, stem, prediction.shape, maps_dir), n)
-    return float(miou(total))

@@ -1,0 +1,396 @@
+"""Dataset readers (VOC, COCO, folder) on tiny fixture trees written by the tests themselves."""
+
+from __future__ import annotations
+
+import json
+from pathlib import Path
+
+import numpy as np
+import pytest
+from PIL import Image
+
+from amnseg.config import DataConfig
+from amnseg.data import build_dataset
+from amnseg.data.coco import COCODataset
+from amnseg.data.folder import FolderDataset
+from amnseg.data.voc import VOC_CLASSES, VOCDataset, voc_palette
+from amnseg.errors import AmnsegError
+
+W, H = 20, 16  # every fixture image is 20 wide, 16 high
+
+
+def save_image(path: Path, seed: int = 0, size: tuple[int, int] = (W, H)) -> None:
+    path.parent.mkdir(parents=True, exist_ok=True)
+    pixels = np.random.default_rng(seed).integers(0, 255, (size[1], size[0], 3), dtype=np.uint8)
+    Image.fromarray(pixels).save(path)
+
+
+def save_index_png(path: Path, mask: np.ndarray, palette: list[int] | None = None) -> None:
+    path.parent.mkdir(parents=True, exist_ok=True)
+    image = Image.fromarray(mask.astype(np.uint8), mode="L")
+    if palette is not None:
+        image = image.convert("P")
+        image.putpalette(palette)
+        image.putdata(mask.ravel().tolist())  # convert("P") may remap: put the indices back
+    image.save(path)
+
+
+def single_line(exc: pytest.ExceptionInfo[AmnsegError]) -> str:
+    message = str(exc.value)
+    assert "\n" not in message
+    return message
+
+
+# ---------------------------------------------------------------------------------------- VOC
+
+VOC_A, VOC_B, VOC_C = "2007_000032", "2008_000002", "2009_000123"
+
+
+def voc_mask_a() -> np.ndarray:
+    mask = np.zeros((H, W), np.uint8)
+    mask[2:8, 3:10] = 1  # aeroplane
+    mask[9:14, 12:18] = 15  # person
+    mask[0, :] = mask[-1, :] = mask[:, 0] = mask[:, -1] = 255  # ignore border
+    return mask
+
+
+def write_voc(tmp_path: Path, with_train_aug: bool = True) -> Path:
+    root = tmp_path / "VOCdevkit" / "VOC2012"
+    for i, stem in enumerate((VOC_A, VOC_B, VOC_C)):
+        save_image(root / "JPEGImages" / f"{stem}.jpg", seed=i)
+    # A: a VOC palette mask. B: only an SBD (grayscale) mask. C: only an XML annotation.
+    save_index_png(root / "SegmentationClass" / f"{VOC_A}.png", voc_mask_a(), voc_palette())
+    aug = np.zeros((H, W), np.uint8)
+    aug[4:12, 4:12] = 12  # dog
+    save_index_png(root / "SegmentationClassAug" / f"{VOC_B}.png", aug)
+    (root / "Annotations").mkdir()
+    (root / "Annotations" / f"{VOC_C}.xml").write_text(
+        "<annotation><filename>x.jpg</filename>"
+        "<object><name>cat</name><difficult>0</difficult></object>"
+        "<object><name> person </name><part><name>head</name></part></object>"
+        "</annotation>"
+    )
+    sets = root / "ImageSets" / "Segmentation"
+    sets.mkdir(parents=True)
+    (sets / "train.txt").write_text(f"{VOC_A}\n{VOC_C}\n")
+    (sets / "val.txt").write_text(f"{VOC_A}\n")
+    if with_train_aug:
+        (sets / "train_aug.txt").write_text(f"{VOC_A}\n{VOC_B}\n\n")
+    return root
+
+
+def test_voc_palette_is_the_standard_colormap() -> None:
+    palette = voc_palette()
+    assert len(palette) == 768 and all(isinstance(v, int) and 0 <= v <= 255 for v in palette)
+    colour = [tuple(palette[3 * i : 3 * i + 3]) for i in range(256)]
+    assert colour[0] == (0, 0, 0)
+    assert colour[1] == (128, 0, 0)
+    assert colour[2] == (0, 128, 0)
+    assert colour[15] == (192, 128, 128)  # person
+    assert colour[255] == (224, 224, 192)  # the ignore border colour
+    assert len(set(colour)) == 256
+
+
+def test_voc_palette_mask_reads_indices_and_keeps_ignore(tmp_path: Path) -> None:
+    root = write_voc(tmp_path)
+    with Image.open(root / "SegmentationClass" / f"{VOC_A}.png") as png:
+        assert png.mode == "P"
+    dataset = VOCDataset(root, "val")
+    assert dataset.stems == [VOC_A] and dataset.class_names == list(VOC_CLASSES)
+    sample = dataset[0]
+    assert sample.image.shape == (H, W, 3) and sample.image.dtype == np.uint8
+    assert sample.mask is not None and sample.mask.dtype == np.uint8
+    np.testing.assert_array_equal(sample.mask, voc_mask_a())
+    assert set(np.unique(sample.mask).tolist()) == {0, 1, 15, 255}
+    expected = np.zeros(20, np.float32)
+    expected[[0, 14]] = 1
+    np.testing.assert_array_equal(sample.label, expected)
+    assert dataset.has_masks
+
+
+def test_voc_train_aug_uses_sbd_mask(tmp_path: Path) -> None:
+    dataset = VOCDataset(write_voc(tmp_path), "train_aug")
+    assert dataset.stems == [VOC_A, VOC_B]
+    assert all(isinstance(s, str) for s in dataset.stems)
+    assert dataset.mask_path(VOC_B) == dataset.root / "SegmentationClassAug" / f"{VOC_B}.png"
+    sample = dataset[dataset.index_of(VOC_B)]
+    assert set(np.unique(sample.mask).tolist()) == {0, 12}
+    assert np.flatnonzero(sample.label).tolist() == [VOC_CLASSES.index("dog")]
+    assert dataset.has_masks
+
+
+def test_voc_labels_from_xml_without_mask(tmp_path: Path) -> None:
+    dataset = VOCDataset(write_voc(tmp_path), "train")
+    assert dataset.mask_path(VOC_C) is None and dataset.mask(VOC_C) is None
+    label = dataset.label(VOC_C)
+    assert label.dtype == np.float32
+    assert sorted(np.flatnonzero(label).tolist()) == [
+        VOC_CLASSES.index("cat"), VOC_CLASSES.index("person")
+    ]
+    assert dataset[1].mask is None
+    assert not dataset.has_masks  # one image of the split has no mask
+
+
+def test_voc_aug_mask_dir_option(tmp_path: Path) -> None:
+    root = write_voc(tmp_path)
+    (root / "SegmentationClassAug").rename(root / "SBD")
+    assert VOCDataset(root, "train_aug").mask_path(VOC_B) is None
+    assert VOCDataset(root, "train_aug", aug_mask_dir="SBD").mask_path(VOC_B) is not None
+
+
+def test_voc_errors(tmp_path: Path) -> None:
+    root = write_voc(tmp_path, with_train_aug=False)
+    with pytest.raises(AmnsegError) as exc:
+        VOCDataset(root, "train_aug")
+    message = single_line(exc)
+    assert str(root / "ImageSets" / "Segmentation" / "train_aug.txt") in message
+    with pytest.raises(AmnsegError) as exc:
+        VOCDataset(root, "trainval")
+    assert "trainval.txt" in single_line(exc)
+    with pytest.raises(AmnsegError) as exc:
+        VOCDataset(tmp_path / "nowhere", "train")
+    assert str(tmp_path / "nowhere") in single_line(exc)
+
+    xml = root / "Annotations" / f"{VOC_C}.xml"
+    xml.write_text("<annotation><object><name>unicorn</name></object></annotation>")
+    with pytest.raises(AmnsegError) as exc:
+        VOCDataset(root, "train").label(VOC_C)
+    message = single_line(exc)
+    assert str(xml) in message and "unicorn" in message
+    xml.unlink()
+    with pytest.raises(AmnsegError) as exc:
+        VOCDataset(root, "train").label(VOC_C)
+    assert str(xml) in single_line(exc)
+
+
+# --------------------------------------------------------------------------------------- COCO
+
+COCO_IMG, COCO_EMPTY = "COCO_train2014_000000000010", "COCO_train2014_000000000011"
+
+
+def uncompressed_rle(region: np.ndarray) -> dict:
+    """COCO's uncompressed RLE (as crowd annotations use): column-major runs, zeros first."""
+    flat = region.ravel(order="F").astype(np.uint8)
+    changes = np.flatnonzero(np.diff(flat)) + 1
+    bounds = np.concatenate([[0], changes, [flat.size]])
+    counts = np.diff(bounds).tolist()
+    if flat[0] == 1:
+        counts = [0, *counts]
+    return {"counts": counts, "size": list(region.shape)}
+
+
+def box(x0: int, y0: int, x1: int, y1: int) -> list[list[float]]:
+    return [[x0, y0, x1, y0, x1, y1, x0, y1]]
+
+
+def write_coco(tmp_path: Path, width: int = W) -> Path:
+    root = tmp_path / "coco"
+    for i, stem in enumerate((COCO_IMG, COCO_EMPTY)):
+        save_image(root / "train2014" / f"{stem}.jpg", seed=i)
+    crowd = np.zeros((H, width), bool)  # an RLE's size is the JSON's image size
+    crowd[0:6, 14:20] = True  # a crowd in the top-right corner ...
+    crowd[8:10, 12:16] = True  # ... and a bit overlapping the person
+    data = {
+        "images": [
+            {"id": 11, "file_name": f"{COCO_EMPTY}.jpg", "width": width, "height": H},
+            {"id": 10, "file_name": f"{COCO_IMG}.jpg", "width": width, "height": H},
+        ],
+        # Non-contiguous ids, listed out of order.
+        "categories": [
+            {"id": 90, "name": "toothbrush", "supercategory": "indoor"},
+            {"id": 1, "name": "person", "supercategory": "person"},
+            {"id": 3, "name": "car", "supercategory": "vehicle"},
+        ],
+        # The small car comes first in the file: painting in file order would bury it.
+        "annotations": [
+            {"id": 1, "image_id": 10, "category_id": 3, "iscrowd": 0, "area": 16.0,
+             "segmentation": box(8, 5, 12, 9), "bbox": [8, 5, 4, 4]},
+            {"id": 2, "image_id": 10, "category_id": 1, "iscrowd": 0, "area": 120.0,
+             "segmentation": box(2, 2, 14, 12), "bbox": [2, 2, 12, 10]},
+            {"id": 3, "image_id": 10, "category_id": 90, "iscrowd": 1,
+             "area": float(crowd.sum()), "segmentation": uncompressed_rle(crowd),
+             "bbox": [12, 0, 8, 10]},
+        ],
+    }
+    (root / "annotations").mkdir()
+    (root / "annotations" / "instances_train2014.json").write_text(json.dumps(data))
+    return root
+
+
+def test_coco_classes_labels_and_masks(tmp_path: Path, capsys: pytest.CaptureFixture) -> None:
+    dataset = COCODataset(write_coco(tmp_path), "train")
+    assert capsys.readouterr().out == ""  # pycocotools' progress prints are silenced
+    assert dataset.class_names == ["person", "car", "toothbrush"]  # by ascending id 1, 3, 90
+    assert dataset.category_to_class == {1: 1, 3: 2, 90: 3}
+    assert dataset.stems == [COCO_IMG, COCO_EMPTY]
+    assert dataset.has_masks
+
+    sample = dataset[dataset.index_of(COCO_IMG)]
+    assert sample.image.shape == (H, W, 3)
+    np.testing.assert_array_equal(sample.label, [1, 1, 1])  # the crowd's class counts too
+    mask = sample.mask
+    assert mask is not None and mask.shape == (H, W) and mask.dtype == np.uint8
+    assert mask[4, 4] == 1  # person
+    assert mask[7, 10] == 2  # the smaller car stays on top of the person
+    assert mask[2, 17] == 255  # crowd alone: ignored
+    assert mask[9, 13] == 1  # crowd under a non-crowd instance: the instance wins
+    assert mask[14, 1] == 0
+    assert set(np.unique(mask).tolist()) == {0, 1, 2, 255}
+
+    empty = dataset[dataset.index_of(COCO_EMPTY)]
+    np.testing.assert_array_equal(empty.label, np.zeros(3, np.float32))
+    assert empty.mask is not None and empty.mask.shape == (H, W) and not empty.mask.any()
+
+
+def test_coco_exact_folder_name_and_semantic_dir(tmp_path: Path) -> None:
+    root = write_coco(tmp_path)
+    semantic = tmp_path / "semantic"
+    given = np.full((H, W), 2, np.uint8)
+    save_index_png(semantic / f"{COCO_IMG}.png", given)
+    dataset = COCODataset(root, "train2014", semantic_dir=str(semantic))
+    sample = dataset[dataset.index_of(COCO_IMG)]
+    np.testing.assert_array_equal(sample.mask, given)
+    np.testing.assert_array_equal(sample.label, [1, 1, 1])  # still from the annotations
+
+
+def test_coco_errors(tmp_path: Path) -> None:
+    root = write_coco(tmp_path)
+    with pytest.raises(AmnsegError) as exc:
+        COCODataset(root, "val")  # no val2014 folder
+    assert str(root / "val2014") in single_line(exc)
+    (root / "val2014").mkdir()
+    with pytest.raises(AmnsegError) as exc:
+        COCODataset(root, "val")
+    assert str(root / "annotations" / "instances_val2014.json") in single_line(exc)
+    (root / "annotations" / "instances_val2014.json").write_text("{not json")
+    with pytest.raises(AmnsegError) as exc:
+        COCODataset(root, "val")
+    assert "instances_val2014.json" in single_line(exc)
+
+
+def test_coco_mask_size_mismatch_names_the_annotation_file(tmp_path: Path) -> None:
+    dataset = COCODataset(write_coco(tmp_path, width=W + 4), "train")
+    with pytest.raises(AmnsegError) as exc:
+        dataset[0]
+    message = single_line(exc)
+    assert "instances_train2014.json" in message and "24x16" in message and "20x16" in message
+
+
+# ------------------------------------------------------------------------------------- folder
+
+FOLDER_CLASSES = ["cat", "dog"]
+
+
+def write_folder(tmp_path: Path, with_masks: bool = True) -> Path:
+    root = tmp_path / "mydata"
+    save_image(root / "images" / "my photo-01.JPG", seed=1)
+    save_image(root / "images" / "007.png", seed=2)
+    save_image(root / "images" / "a,b.jpeg", seed=3)
+    save_image(root / "images" / "nothing here.bmp", seed=4)
+    (root / "images" / "notes.txt").write_text("not an image")
+    (root / "classes.txt").write_text("cat\n\n  dog \n\n")
+    (root / "labels.csv").write_text(
+        "stem,classes\n"
+        "my photo-01,cat\n"
+        "007,dog\n"
+        '"a,b",cat; dog\n'
+        "nothing here,\n"
+    )
+    if with_masks:
+        mask = np.zeros((H, W), np.uint8)
+        mask[3:9, 3:9] = 1
+        mask[10:12, 10:12] = 255
+        save_index_png(root / "masks" / "my photo-01.png", mask)
+    return root
+
+
+def test_folder_reads_odd_names_and_labels(tmp_path: Path) -> None:
+    dataset = FolderDataset(write_folder(tmp_path), "train")
+    assert dataset.class_names == FOLDER_CLASSES
+    assert dataset.stems == ["my photo-01", "007", "a,b", "nothing here"]  # labels.csv order
+    labels = {s: np.flatnonzero(dataset.label(s)).tolist() for s in dataset.stems}
+    assert labels == {"my photo-01": [0], "007": [1], "a,b": [0, 1], "nothing here": []}
+    assert dataset.image_path("my photo-01").name == "my photo-01.JPG"
+    assert dataset.label("nothing here").dtype == np.float32
+
+    sample = dataset[0]
+    assert sample.image.shape == (H, W, 3)
+    assert sample.mask is not None and set(np.unique(sample.mask).tolist()) == {0, 1, 255}
+    assert dataset[1].mask is None  # masks may cover only some images
+    assert dataset.has_masks
+
+
+def test_folder_splits(tmp_path: Path) -> None:
+    root = write_folder(tmp_path, with_masks=False)
+    assert not FolderDataset(root, "anything").has_masks
+    (root / "splits").mkdir()
+    (root / "splits" / "val.txt").write_text("007\n\nnothing here\n")
+    assert FolderDataset(root, "val").stems == ["007", "nothing here"]
+    with pytest.raises(AmnsegError) as exc:
+        FolderDataset(root, "train")  # splits/ exists, splits/train.txt does not
+    assert str(root / "splits" / "train.txt") in single_line(exc)
+    (root / "splits" / "val.txt").write_text("007\nghost\n")
+    with pytest.raises(AmnsegError) as exc:
+        FolderDataset(root, "val")
+    message = single_line(exc)
+    assert str(root / "splits" / "val.txt") in message and "ghost" in message
+
+
+def test_build_dataset_dispatch(tmp_path: Path) -> None:
+    root = write_folder(tmp_path)
+    dataset = build_dataset(DataConfig(kind="folder", root=str(root)), "train")
+    assert isinstance(dataset, FolderDataset) and len(dataset) == 4
+    voc = build_dataset(DataConfig(kind="voc", root=str(write_voc(tmp_path))), "val")
+    assert isinstance(voc, VOCDataset)
+    with pytest.raises(AmnsegError) as exc:
+        build_dataset(DataConfig(kind="cityscapes", root=str(root)), "train")
+    message = single_line(exc)
+    assert "cityscapes" in message and all(k in message for k in ("voc", "coco", "folder"))
+
+
+@pytest.mark.parametrize(
+    ("breakage", "named", "words"),
+    [
+        (lambda r: (r / "images" / "007.png").rename(r / "elsewhere.png"),
+         "labels.csv:3", ["007"]),
+        (lambda r: (r / "labels.csv").write_text("stem,classes\n007,dog\nmy photo-01,cat;bird\n"),
+         "labels.csv:3", ["bird"]),
+        (lambda r: (r / "labels.csv").write_text("007,dog\n007,cat\n"), "labels.csv:2", ["twice"]),
+        (lambda r: (r / "labels.csv").write_text("007,dog,cat\n"), "labels.csv:1", ["columns"]),
+        (lambda r: (r / "classes.txt").write_text("cat\ndog\ncat\n"), "classes.txt:3", ["cat"]),
+        (lambda r: (r / "classes.txt").unlink(), "classes.txt", []),
+        (lambda r: (r / "labels.csv").unlink(), "labels.csv", []),
+        (lambda r: save_image(r / "images" / "007.jpg"), "images", ["007"]),
+    ],
+    ids=["image-missing", "unknown-class", "duplicate-row", "extra-column", "duplicate-class",
+         "no-classes", "no-labels", "two-images-one-stem"],
+)
+def test_folder_errors(tmp_path: Path, breakage, named: str, words: list[str]) -> None:
+    root = write_folder(tmp_path)
+    breakage(root)
+    with pytest.raises(AmnsegError) as exc:
+        FolderDataset(root, "train")
+    message = single_line(exc)
+    assert named in message, message
+    assert all(word in message for word in words), message
+
+
+def test_folder_missing_folders(tmp_path: Path) -> None:
+    with pytest.raises(AmnsegError) as exc:
+        FolderDataset(tmp_path / "nowhere", "train")
+    assert str(tmp_path / "nowhere") in single_line(exc)
+    root = write_folder(tmp_path)
+    (root / "images").rename(root / "pictures")
+    with pytest.raises(AmnsegError) as exc:
+        FolderDataset(root, "train")
+    assert str(root / "images") in single_line(exc)
+
+
+def test_folder_mask_size_mismatch_names_the_mask(tmp_path: Path) -> None:
+    root = write_folder(tmp_path)
+    save_index_png(root / "masks" / "my photo-01.png", np.zeros((10, 10), np.uint8))
+    dataset = FolderDataset(root, "train")
+    with pytest.raises(AmnsegError) as exc:
+        dataset[0]
+    message = single_line(exc)
+    assert str(root / "masks" / "my photo-01.png") in message and "10x10" in message

@@ -1,0 +1,374 @@
+"""Metrics against independent references (torchmetrics, brute force, direct argmax), the
+threshold sweep against per-threshold recomputation, and the evaluation stage end to end."""
+
+from __future__ import annotations
+
+import itertools
+from pathlib import Path
+
+import numpy as np
+import pytest
+import torch
+from torchmetrics.classification import MulticlassJaccardIndex
+
+from amnseg.data.base import SegDataset
+from amnseg.errors import AmnsegError
+from amnseg.io import ScoreMaps, load_json, save_score_maps
+from amnseg.metrics import (
+    IGNORE_INDEX,
+    confusion_matrix,
+    foreground_background_gap,
+    image_miou,
+    iou_from_confusion,
+    miou,
+    optimal_thresholds,
+    per_image_oracle,
+    pixel_accuracy,
+    scores_to_labels,
+    sweep_confusions,
+)
+from amnseg.report.plots import plot_optimal_threshold_histogram, plot_sweep
+from amnseg.stages.evaluate import evaluate_at_threshold, evaluate_maps
+
+GRID = [round(0.05 * i, 2) for i in range(20)]
+
+
+def random_labels(rng: np.random.Generator, shape, n: int, ignore: float = 0.1) -> np.ndarray:
+    labels = rng.integers(0, n, shape).astype(np.uint8)
+    labels[rng.random(shape) < ignore] = IGNORE_INDEX
+    return labels
+
+
+def quantised_scores(rng: np.random.Generator, k: int, shape) -> np.ndarray:
+    """Scores on the 0.05 grid (as float32), so many pixels tie exactly with a grid threshold
+    and with each other."""
+    scores = (rng.integers(0, 21, (k, *shape)) * 0.05).astype(np.float32)
+    scores[:, rng.random(shape) < 0.1] = 0.0  # also ties at t = 0
+    return scores
+
+
+def reference_labels(scores: np.ndarray, class_ids, threshold: float) -> np.ndarray:
+    """The reference procedure: pad a threshold channel in the maps' dtype, argmax, map ids."""
+    padded = np.concatenate([np.full((1, *scores.shape[1:]), threshold, scores.dtype), scores])
+    return np.concatenate([[0], class_ids])[np.argmax(padded, axis=0)]
+
+
+# --------------------------------------------------------------------------- confusion, IoU
+
+
+def test_confusion_matches_brute_force():
+    rng = np.random.default_rng(0)
+    n = 4
+    gt = random_labels(rng, (5, 7), n, ignore=0.2)
+    pred = rng.integers(0, n, (5, 7))
+    expected = np.zeros((n, n), dtype=np.int64)
+    for g, p in zip(gt.ravel(), pred.ravel(), strict=True):
+        if g != IGNORE_INDEX:
+            expected[g, p] += 1
+    confusion = confusion_matrix(pred, gt, n)
+    assert confusion.dtype == np.int64
+    np.testing.assert_array_equal(confusion, expected)
+
+
+@pytest.mark.parametrize("bad", [-1, 4, 255])
+def test_confusion_rejects_predictions_out_of_range(bad):
+    gt = np.zeros((2, 2), np.uint8)
+    pred = np.zeros((2, 2), np.int64)
+    pred[0, 1] = bad
+    with pytest.raises(ValueError, match="prediction"):
+        confusion_matrix(pred, gt, 4)
+
+
+def test_confusion_rejects_bad_ground_truth_but_skips_ignore():
+    pred = np.zeros((2, 2), np.uint8)
+    with pytest.raises(ValueError, match="ground-truth"):
+        confusion_matrix(pred, np.array([[0, 7], [0, 0]], np.uint8), 4)
+    # A wild prediction under an ignored pixel is never counted, so it is no error.
+    gt = np.array([[0, IGNORE_INDEX], [1, 1]], np.uint8)
+    pred = np.array([[0, 200], [1, 0]], np.uint8)
+    np.testing.assert_array_equal(confusion_matrix(pred, gt, 2), [[1, 0], [1, 1]])
+
+
+def test_iou_matches_torchmetrics_on_present_classes():
+    rng = np.random.default_rng(1)
+    n = 6
+    gt = random_labels(rng, (4, 40, 50), n)
+    pred = rng.integers(0, n - 1, (4, 40, 50)).astype(np.uint8)  # class n-1 never predicted
+    gt[gt == 2] = 3  # class 2 absent from the ground truth but predicted
+    confusion = confusion_matrix(pred, gt, n)
+    ours = iou_from_confusion(confusion)
+
+    metric = MulticlassJaccardIndex(num_classes=n, ignore_index=IGNORE_INDEX, average=None)
+    theirs = metric(torch.from_numpy(pred.astype(np.int64)), torch.from_numpy(gt.astype(np.int64)))
+    present = np.isin(np.arange(n), np.concatenate([gt[gt != IGNORE_INDEX], pred[gt != 255]]))
+    assert np.array_equal(~np.isnan(ours), present)
+    np.testing.assert_allclose(ours[present], theirs.numpy()[present], rtol=1e-6)
+    assert miou(confusion) == pytest.approx(float(np.mean(theirs.numpy()[present])), rel=1e-6)
+
+
+def test_iou_nan_for_absent_class_and_pixel_accuracy():
+    confusion = np.array([[3, 1, 0], [0, 2, 0], [0, 0, 0]])
+    iou = iou_from_confusion(confusion)
+    np.testing.assert_allclose(iou[:2], [3 / 4, 2 / 3])
+    assert np.isnan(iou[2])
+    assert miou(confusion) == pytest.approx((3 / 4 + 2 / 3) / 2)
+    assert pixel_accuracy(confusion) == pytest.approx(5 / 6)
+    assert np.isnan(miou(np.zeros((3, 3), np.int64)))
+    batched = miou(np.stack([confusion, np.eye(3, dtype=np.int64)]))
+    np.testing.assert_allclose(batched, [(3 / 4 + 2 / 3) / 2, 1.0])
+
+
+# --------------------------------------------------------------------------- thresholding
+
+
+@pytest.mark.parametrize("threshold", [0.0, 0.15, 0.25, 0.5, 1.0])
+def test_scores_to_labels_equals_reference_argmax_with_ties(threshold):
+    rng = np.random.default_rng(2)
+    scores = quantised_scores(rng, 3, (30, 30))
+    class_ids = np.array([4, 2, 9])
+    # Ties of scores with the (float32) threshold must exist for the test to mean something.
+    assert np.any(scores.max(axis=0) == np.float32(threshold))
+    labels = scores_to_labels(scores, class_ids, threshold)
+    assert labels.dtype == np.uint8 and labels.shape == (30, 30)
+    np.testing.assert_array_equal(labels, reference_labels(scores, class_ids, threshold))
+    # Ties go to background: foreground exactly where the best score is strictly above t.
+    np.testing.assert_array_equal(labels > 0, scores.max(axis=0) > np.float32(threshold))
+
+
+def test_scores_to_labels_class_ties_take_first_channel_and_no_classes():
+    scores = np.full((2, 1, 2), 0.7, np.float32)
+    np.testing.assert_array_equal(scores_to_labels(scores, np.array([5, 3]), 0.2), [[5, 5]])
+    empty = scores_to_labels(np.zeros((0, 2, 3), np.float32), np.zeros(0, np.int64), 0.2)
+    np.testing.assert_array_equal(empty, np.zeros((2, 3), np.uint8))
+    with pytest.raises(ValueError, match="class ids"):
+        scores_to_labels(scores, np.array([1]), 0.2)
+
+
+def test_sweep_equals_per_threshold_recomputation():
+    rng = np.random.default_rng(3)
+    n = 5
+    gt = random_labels(rng, (25, 31), n)
+    thresholds = [0.3, 0.0, 0.15, 0.95, 0.15, 0.5, 1.0, 0.05]  # unsorted, repeated, on ties
+    for k, dtype in itertools.product((0, 1, 3), (np.float32, np.float64)):
+        class_ids = rng.choice(np.arange(1, n), k, replace=False)
+        scores = quantised_scores(rng, k, gt.shape).astype(dtype)
+        sweep = sweep_confusions(scores, class_ids, gt, thresholds, n)
+        assert sweep.shape == (len(thresholds), n, n) and sweep.dtype == np.int64
+        for t, confusion in zip(thresholds, sweep, strict=True):
+            expected = confusion_matrix(scores_to_labels(scores, class_ids, t), gt, n)
+            np.testing.assert_array_equal(confusion, expected, err_msg=f"k={k} t={t} {dtype}")
+
+
+def test_sweep_on_continuous_scores_and_input_checks():
+    rng = np.random.default_rng(4)
+    gt = random_labels(rng, (40, 40), 4)
+    scores = rng.random((2, 40, 40), dtype=np.float32)
+    class_ids = np.array([1, 3])
+    sweep = sweep_confusions(scores, class_ids, gt, GRID, 4)
+    for t, confusion in zip(GRID, sweep, strict=True):
+        np.testing.assert_array_equal(
+            confusion, confusion_matrix(scores_to_labels(scores, class_ids, t), gt, 4)
+        )
+    with pytest.raises(ValueError, match="class ids"):
+        sweep_confusions(scores, np.array([1, 4]), gt, GRID, 4)
+    with pytest.raises(ValueError, match="ground truth"):
+        sweep_confusions(scores, class_ids, gt[:-1], GRID, 4)
+    with pytest.raises(ValueError, match="thresholds"):
+        sweep_confusions(scores, class_ids, gt, [], 4)
+
+
+# --------------------------------------------------------------------------- per-image optima
+
+
+def test_optimal_threshold_ties_go_to_lowest_threshold():
+    # Image 0: one bright square, perfect for every t in [0, 0.5); image 1 undefined.
+    gt = np.zeros((6, 6), np.uint8)
+    gt[1:3, 1:3] = 1
+    scores = np.where(gt == 1, 0.6, 0.0).astype(np.float32)[None]
+    thresholds = [0.7, 0.45, 0.1, 0.3]
+    confusions = np.stack([
+        sweep_confusions(scores, np.array([1]), gt, thresholds, 2),
+        sweep_confusions(scores, np.array([1]), np.full_like(gt, 255), thresholds, 2),
+    ])
+    best = optimal_thresholds(confusions, thresholds)
+    assert best.index.tolist() == [2, -1]
+    assert best.threshold[0] == 0.1 and np.isnan(best.threshold[1])
+    assert best.miou[0] == 1.0 and np.isnan(best.miou[1])
+    single = optimal_thresholds(confusions[0], thresholds)
+    assert int(single.index) == 2
+
+
+def make_image(rng: np.random.Generator, size: int = 24, classes: int = 3):
+    """A GT with one or two blobs and maps whose contrast varies across images, so each image
+    prefers a different threshold."""
+    gt = np.zeros((size, size), np.uint8)
+    yy, xx = np.mgrid[:size, :size]
+    ids = np.sort(rng.choice(np.arange(1, classes + 1), rng.integers(1, 3), replace=False))
+    maps = []
+    level = rng.uniform(0.1, 0.8)  # where this image's object/background boundary lies
+    for cls in ids:
+        cy, cx, r = rng.integers(5, size - 5), rng.integers(5, size - 5), rng.integers(3, 7)
+        blob = (yy - cy) ** 2 + (xx - cx) ** 2 < r * r
+        gt[blob] = cls
+        edge = np.sqrt((yy - cy) ** 2 + (xx - cx) ** 2) / r
+        maps.append(np.clip(1.0 - (1.0 - level) * edge + rng.normal(0, 0.05, edge.shape), 0, 1))
+    gt[rng.random(gt.shape) < 0.03] = IGNORE_INDEX
+    return np.stack(maps).astype(np.float32), ids, gt
+
+
+def test_per_image_oracle_beats_best_global_threshold():
+    rng = np.random.default_rng(5)
+    n = 4
+    confusions = np.stack([
+        sweep_confusions(scores, ids, gt, GRID, n)
+        for scores, ids, gt in (make_image(rng) for _ in range(12))
+    ])
+    oracle = per_image_oracle(confusions, GRID)
+    global_best = np.nanmax(miou(confusions.sum(axis=0)))
+    assert oracle.miou >= global_best
+    assert oracle.optimum.threshold.shape == (12,)
+    assert np.unique(oracle.optimum.threshold).size > 2  # the images disagree
+    for i, index in enumerate(oracle.optimum.index):
+        scores = image_miou(confusions[i])
+        assert oracle.optimum.miou[i] == pytest.approx(np.nanmax(scores))
+        assert scores[index] == np.nanmax(scores)
+    np.testing.assert_array_equal(
+        oracle.confusion, sum(confusions[i, j] for i, j in enumerate(oracle.optimum.index))
+    )
+
+
+def test_foreground_background_gap():
+    gt = np.array([[0, 1, 2], [0, IGNORE_INDEX, 2]], np.uint8)
+    scores = np.array([
+        [[0.1, 0.9, 0.2], [0.3, 1.0, 0.0]],
+        [[0.2, 0.1, 0.6], [0.0, 1.0, 0.8]],
+        [[0.9, 0.9, 0.9], [0.9, 0.9, 0.9]],  # class 3 is not in the GT
+    ], np.float32)
+    split = foreground_background_gap(scores, gt, np.array([1, 2, 3]))
+    np.testing.assert_allclose(np.sort(split.fg), [0.6, 0.8, 0.9])
+    np.testing.assert_allclose(np.sort(split.bg), [0.2, 0.3])
+    assert split.fg_mean == pytest.approx(2.3 / 3)
+    assert split.bg_mean == pytest.approx(0.25)
+    assert split.gap == pytest.approx(2.3 / 3 - 0.25)
+    fg, bg = foreground_background_gap(scores, gt)  # without ids: max over all channels
+    assert np.allclose(fg, 0.9) and np.allclose(bg, 0.9)
+
+
+# --------------------------------------------------------------------------- evaluation stage
+
+
+class ArrayDataset(SegDataset):
+    """A dataset whose masks live in memory (images are never read by the evaluation)."""
+
+    class_names = ["cat", "dog", "bird"]
+
+    def __init__(self, masks: dict[str, np.ndarray | None]):
+        self.masks = masks
+        self.stems = list(masks)
+
+    def image_path(self, stem: str) -> Path:
+        return Path(f"/nonexistent/{stem}.png")
+
+    def label(self, stem: str) -> np.ndarray:
+        return np.zeros(self.num_classes, np.float32)
+
+    def mask(self, stem: str) -> np.ndarray | None:
+        return self.masks[stem]
+
+    @property
+    def has_masks(self) -> bool:
+        return all(m is not None for m in self.masks.values())
+
+
+@pytest.fixture
+def maps_set(tmp_path):
+    """Three images with maps (plus one stem without a map file), and their GT masks."""
+    rng = np.random.default_rng(6)
+    masks, images = {}, {}
+    for i, stem in enumerate(["a 1", "b_2", "c.3", "no_maps"]):
+        scores, ids, gt = make_image(rng, size=20 + 4 * i)
+        masks[stem] = gt
+        if stem != "no_maps":
+            images[stem] = (scores, ids, gt)
+            strided = scores[:, ::4, ::4]
+            save_score_maps(tmp_path / "maps" / f"{stem}.npz", ScoreMaps(ids, strided, scores))
+    return tmp_path / "maps", ArrayDataset(masks), images
+
+
+def test_evaluate_maps_end_to_end(tmp_path, maps_set):
+    maps_dir, dataset, images = maps_set
+    result = evaluate_maps(maps_dir, dataset, GRID, tmp_path / "eval", name="cam",
+                           threshold=0.12, robust_range=(0.1, 0.6))
+    saved = load_json(tmp_path / "eval" / "cam_sweep.json")
+    assert saved == result
+    for key in ("name", "maps", "use", "images", "thresholds", "miou", "best_threshold",
+                "best_miou", "threshold", "miou_at_threshold", "per_class_iou_at_best",
+                "robust_range", "miou_range", "oracle_miou", "optimal_thresholds",
+                "per_image_best_miou", "optimal_threshold_mean", "optimal_threshold_std",
+                "optimal_threshold_quantiles", "fg_mean_activation", "bg_mean_activation",
+                "fg_bg_gap"):
+        assert key in result, key
+    assert result["images"] == 3 and result["thresholds"] == GRID
+    assert set(result["optimal_thresholds"]) == set(images)
+
+    # Every number against a direct recomputation with the plain per-threshold functions.
+    n = 4
+    direct = [sum(confusion_matrix(scores_to_labels(s, ids, t), gt, n)
+                  for s, ids, gt in images.values()) for t in GRID]
+    np.testing.assert_allclose(result["miou"], [miou(c) for c in direct])
+    best = int(np.argmax(result["miou"]))
+    assert result["best_threshold"] == GRID[best]
+    assert result["best_miou"] == pytest.approx(max(result["miou"]))
+    assert result["miou_at_threshold"] == pytest.approx(
+        evaluate_at_threshold(maps_dir, dataset, 0.12))
+    assert list(result["per_class_iou_at_best"]) == ["background", "cat", "dog", "bird"]
+    inside = [m for t, m in zip(GRID, result["miou"], strict=True) if 0.1 <= t <= 0.6]
+    assert result["miou_range"] == pytest.approx(max(inside) - min(inside))
+    assert result["oracle_miou"] >= result["best_miou"]
+    optima = np.array(list(result["optimal_thresholds"].values()))
+    assert result["optimal_threshold_mean"] == pytest.approx(optima.mean())
+    assert result["optimal_threshold_std"] == pytest.approx(optima.std())
+    assert list(result["optimal_threshold_quantiles"]) == ["p10", "p25", "p50", "p75", "p90"]
+    fg = np.concatenate([foreground_background_gap(s, g, i).fg for s, i, g in images.values()])
+    bg = np.concatenate([foreground_background_gap(s, g, i).bg for s, i, g in images.values()])
+    assert result["fg_mean_activation"] == pytest.approx(fg.mean())
+    assert result["fg_bg_gap"] == pytest.approx(fg.mean() - bg.mean())
+
+    # The strided maps are compared with the mask at every 4th pixel.
+    strided = evaluate_maps(maps_dir, dataset, GRID, tmp_path / "eval", name="s", use="strided")
+    assert strided["use"] == "strided" and 0 <= strided["best_miou"] <= 1
+
+
+def test_evaluate_maps_errors(tmp_path, maps_set):
+    maps_dir, dataset, _ = maps_set
+    out = tmp_path / "eval"
+    with pytest.raises(AmnsegError, match="not found"):
+        evaluate_maps(tmp_path / "missing", dataset, GRID, out)
+    (tmp_path / "empty").mkdir()
+    with pytest.raises(AmnsegError, match="holds no .npz"):
+        evaluate_maps(tmp_path / "empty", dataset, GRID, out)
+    no_gt = ArrayDataset(dict.fromkeys(dataset.stems))
+    with pytest.raises(AmnsegError, match="no ground-truth masks"):
+        evaluate_maps(maps_dir, no_gt, GRID, out)
+    with pytest.raises(AmnsegError, match="use="):
+        evaluate_maps(maps_dir, dataset, GRID, out, use="half")
+    dataset.masks["b_2"] = dataset.masks["b_2"][:-1]
+    with pytest.raises(AmnsegError, match=r"b_2\.npz.*differ|b_2\.npz: maps are") as error:
+        evaluate_maps(maps_dir, dataset, GRID, out)
+    assert "\n" not in str(error.value)
+    assert not (out / "cam_sweep.json").exists()
+
+
+def test_plots_write_png(tmp_path, maps_set):
+    maps_dir, dataset, _ = maps_set
+    cam = evaluate_maps(maps_dir, dataset, GRID, tmp_path / "eval", name="cam")
+    amn = dict(cam, miou=[m and min(1.0, m + 0.05) for m in cam["miou"]],
+               optimal_thresholds={k: min(0.95, v + 0.1) for k, v in
+                                   cam["optimal_thresholds"].items()})
+    for plot, file in ((plot_sweep, "sweep.png"), (plot_optimal_threshold_histogram, "hist.png")):
+        for results in ({"CAM": cam}, {"CAM": cam, "AMN": amn}):
+            path = plot(results, tmp_path / "plots" / file)
+            assert path == tmp_path / "plots" / file
+            data = path.read_bytes()
+            assert data.startswith(b"\x89PNG") and len(data) > 5000
+    assert sorted(p.name for p in (tmp_path / "plots").iterdir()) == ["hist.png", "sweep.png"]
