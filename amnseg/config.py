@@ -101,6 +101,7 @@ class AmnConfig:
     scales: list[float] = field(default_factory=lambda: [1.0, 0.5, 1.5, 2.0])
     eval_threshold: float = 0.25
     eval_images: int = 200  # per-epoch check: single-scale maps of this many images (0 = off)
+    backbone_init: str = "imagenet"  # or "cam": start from the CAM classifier's backbone
 
 
 @dataclass

@@ -173,7 +173,7 @@ _CAM_TRAIN = tuple(f"cam.{name}" for name in (
     "resize_long", "crop_size"))
 _AMN_TRAIN = tuple(f"amn.{name}" for name in (
     "epochs", "batch_size", "backbone_lr", "head_lr", "weight_decay", "label_smoothing",
-    "dropout", "crop_size", "rescale", "flip"))
+    "dropout", "crop_size", "rescale", "flip", "backbone_init"))
 _IRN_TRAIN = tuple(f"irn.{name}" for name in (
     "radius", "epochs", "batch_size", "lr", "weight_decay", "momentum", "poly_power",
     "crop_size", "rescale", "flip", "backbone_init"))

@@ -23,9 +23,9 @@ from amnseg.data.transforms import SegmentationTrainTransform
 from amnseg.errors import AmnsegError
 from amnseg.io import ScoreMaps, save_json, save_score_maps
 from amnseg.losses import amn_loss
-from amnseg.models import build_backbone
 from amnseg.models.amn import AMN
 from amnseg.ops.multiscale import merge_flip, multiscale_inputs, strided_size
+from amnseg.stages.cam import initial_backbone
 from amnseg.training import (
     AugmentedSet,
     fit,
@@ -68,7 +68,8 @@ def train_amn(config: Config, cam_seeds_dir: Path) -> Path:
     seed_everything(config.seed)
     device = resolve_device(config.device)
     dataset = build_dataset(config.data, config.data.infer_split)
-    model = AMN(build_backbone(config.backbone), dataset.num_classes, amn_cfg.dropout).to(device)
+    backbone = initial_backbone(config, amn_cfg.backbone_init, "amn", dataset.num_classes)
+    model = AMN(backbone, dataset.num_classes, amn_cfg.dropout).to(device)
     backbone_params, new_params = model.param_groups()
     optimizer = torch.optim.Adam(
         [

@@ -18,8 +18,10 @@ from amnseg.config import Config, config_to_dict
 from amnseg.data import build_dataset
 from amnseg.data.base import Sample
 from amnseg.data.transforms import ClassificationTrainTransform
+from amnseg.errors import AmnsegError
 from amnseg.io import ScoreMaps, save_json, save_score_maps
 from amnseg.models import CAMNet, build_backbone
+from amnseg.models.resnet import ResNet
 from amnseg.ops.multiscale import max_normalize, multiscale_cam, multiscale_inputs
 from amnseg.training import (
     AugmentedSet,
@@ -95,6 +97,17 @@ def train_cam(config: Config) -> Path:
         device=device,
     )
     return save_model(final_path, "cam", model, dataset.class_names, config.backbone)
+
+
+def initial_backbone(config: Config, source: str, stage: str, num_classes: int) -> ResNet:
+    """The backbone a later stage starts from: ``imagenet`` (the reference: ``backbone.*``,
+    i.e. ImageNet weights when ``backbone.pretrained`` is set) or ``cam`` (the trained CAM
+    classifier's backbone; for data far from ImageNet or without ImageNet weights)."""
+    if source == "imagenet":
+        return build_backbone(config.backbone)
+    if source == "cam":
+        return load_cam_model(default_checkpoint(config), [""] * num_classes).backbone
+    raise AmnsegError(f"{stage}.backbone_init={source!r}: expected imagenet or cam")
 
 
 def load_cam_model(path: Path, class_names: list[str]) -> CAMNet:

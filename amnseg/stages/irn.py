@@ -25,13 +25,12 @@ from amnseg.data.voc import voc_palette
 from amnseg.errors import AmnsegError
 from amnseg.io import load_score_maps, save_json, save_label_png
 from amnseg.losses import irn_affinity_loss
-from amnseg.models import build_backbone
 from amnseg.models.irn import BoundaryNet
-from amnseg.models.resnet import ResNet
 from amnseg.ops.affinity import affinity_labels, pair_region, path_affinities
 from amnseg.ops.multiscale import merge_flip, strided_size
 from amnseg.ops.random_walk import random_walk
 from amnseg.stages.amn import read_seed
+from amnseg.stages.cam import initial_backbone
 from amnseg.training import AugmentedSet, fit, poly_lr_lambda, resolve_device, seed_everything
 from amnseg.training import steps_per_epoch as count_steps
 
@@ -48,18 +47,6 @@ def masks_dir(config: Config) -> Path:
     return stage_dir(config) / "masks"
 
 
-def irn_backbone(config: Config, num_classes: int) -> ResNet:
-    """ImageNet backbone (reference) or the trained CAM classifier's (``irn.backbone_init``)."""
-    if config.irn.backbone_init == "imagenet":
-        return build_backbone(config.backbone)
-    if config.irn.backbone_init == "cam":
-        from amnseg.stages.cam import default_checkpoint as cam_checkpoint
-        from amnseg.stages.cam import load_cam_model
-
-        return load_cam_model(cam_checkpoint(config), [""] * num_classes).backbone
-    raise AmnsegError(f"irn.backbone_init={config.irn.backbone_init!r}: expected imagenet or cam")
-
-
 def train_irn(config: Config, amn_seeds_dir: Path) -> Path:
     """Train the boundary branch on pair labels from the AMN seeds; write ``irn.pt``."""
     out_dir = stage_dir(config)
@@ -69,7 +56,8 @@ def train_irn(config: Config, amn_seeds_dir: Path) -> Path:
     seed_everything(config.seed)
     device = resolve_device(config.device)
     dataset = build_dataset(config.data, config.data.infer_split)
-    model = BoundaryNet(irn_backbone(config, dataset.num_classes)).to(device)
+    backbone = initial_backbone(config, config.irn.backbone_init, "irn", dataset.num_classes)
+    model = BoundaryNet(backbone).to(device)
     optimizer = torch.optim.SGD(
         [
             {
