@@ -64,6 +64,9 @@ class CamConfig:
     scales: list[float] = field(default_factory=lambda: [1.0, 0.5, 1.5, 2.0])
     flip: bool = True
     eval_threshold: float = 0.15
+    # A trained classifier (amnseg's or the authors' res50_cam.pth): `amnseg run` then skips
+    # training and uses it.
+    checkpoint: str | None = None
 
 
 @dataclass
@@ -102,6 +105,7 @@ class AmnConfig:
     eval_threshold: float = 0.25
     eval_images: int = 200  # per-epoch check: single-scale maps of this many images (0 = off)
     backbone_init: str = "imagenet"  # or "cam": start from the CAM classifier's backbone
+    checkpoint: str | None = None  # a trained AMN (amnseg's or res50_amn.pth): no training
 
 
 @dataclass
@@ -127,6 +131,7 @@ class IrnConfig:
     exp_times: int = 8
     cam_power: float = 1.3
     bg_threshold: float = 0.25
+    checkpoint: str | None = None  # a trained IRN (amnseg's or res50_irn.pth): no training
 
 
 @dataclass

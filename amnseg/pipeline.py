@@ -101,9 +101,24 @@ def _evaluate_labels(config: Config, name: str, folder: Path) -> dict[str, Any]:
     return {f"{name}_miou": result["miou"]}
 
 
+def _use_given_checkpoint(config: Config, stage: str, given: str) -> dict[str, Any]:
+    """Import a given checkpoint (either format) to the stage's default place: no training."""
+    from amnseg.checkpoints import load_model_checkpoint
+    from amnseg.data import build_dataset
+    from amnseg.io import save_checkpoint
+
+    class_names = build_dataset(config.data, config.data.infer_split).class_names
+    checkpoint = load_model_checkpoint(Path(given), stage, class_names)
+    checkpoint["class_names"] = list(class_names)
+    save_checkpoint(_run_dir(config) / stage / f"{stage}.pt", checkpoint)
+    return {"checkpoint": given}
+
+
 def run_cam(config: Config) -> dict[str, Any]:
     from amnseg.stages.cam import train_cam
 
+    if config.cam.checkpoint:
+        return _use_given_checkpoint(config, "cam", config.cam.checkpoint)
     train_cam(config)
     return {}
 
@@ -128,6 +143,8 @@ def run_cam_seeds(config: Config) -> dict[str, Any]:
 def run_amn(config: Config) -> dict[str, Any]:
     from amnseg.stages.amn import train_amn
 
+    if config.amn.checkpoint:
+        return _use_given_checkpoint(config, "amn", config.amn.checkpoint)
     train_amn(config, _run_dir(config) / "seeds" / "cam")
     return {}
 
@@ -152,6 +169,8 @@ def run_amn_seeds(config: Config) -> dict[str, Any]:
 def run_irn(config: Config) -> dict[str, Any]:
     from amnseg.stages.irn import train_irn
 
+    if config.irn.checkpoint:
+        return _use_given_checkpoint(config, "irn", config.irn.checkpoint)
     train_irn(config, _run_dir(config) / "seeds" / "amn")
     return {}
 
@@ -170,13 +189,13 @@ _CRF = tuple(f"seeds.crf_{name}" for name in (
     "bilateral_srgb", "bilateral_compat"))
 _CAM_TRAIN = tuple(f"cam.{name}" for name in (
     "epochs", "batch_size", "lr", "head_lr_mult", "weight_decay", "momentum", "poly_power",
-    "resize_long", "crop_size"))
+    "resize_long", "crop_size", "checkpoint"))
 _AMN_TRAIN = tuple(f"amn.{name}" for name in (
     "epochs", "batch_size", "backbone_lr", "head_lr", "weight_decay", "label_smoothing",
-    "dropout", "crop_size", "rescale", "flip", "backbone_init"))
+    "dropout", "crop_size", "rescale", "flip", "backbone_init", "checkpoint"))
 _IRN_TRAIN = tuple(f"irn.{name}" for name in (
     "radius", "epochs", "batch_size", "lr", "weight_decay", "momentum", "poly_power",
-    "crop_size", "rescale", "flip", "backbone_init"))
+    "crop_size", "rescale", "flip", "backbone_init", "checkpoint"))
 _IRN_WALK = tuple(f"irn.{name}" for name in (
     "infer_pad_size", "walk_radius", "beta", "exp_times", "cam_power", "bg_threshold"))
 

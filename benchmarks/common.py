@@ -45,7 +45,8 @@ def best_time(fn: Callable[[], object], repeats: int) -> float:
 
 def write_section(name: str, body: str) -> None:
     """Replace (or append) the section ``## name`` of RESULTS.md."""
-    command = "python " + " ".join([Path(sys.argv[0]).as_posix(), *sys.argv[1:]])
+    module = f"benchmarks.{Path(sys.argv[0]).stem}"
+    command = " ".join(["python -m", module, *sys.argv[1:]])
     commit = subprocess.run(
         ["git", "rev-parse", "--short", "HEAD"], capture_output=True, text=True, check=False
     ).stdout.strip()

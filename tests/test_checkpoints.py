@@ -11,6 +11,7 @@ import torch.nn.functional as F
 
 from amnseg.checkpoints import build_model, export_reference, import_reference
 from amnseg.errors import AmnsegError
+from amnseg.io import load_checkpoint
 
 REFERENCE = Path(__file__).resolve().parents[1].parent / "shared" / "reference"
 VOC_LIKE = [f"class{i}" for i in range(20)]
@@ -187,3 +188,28 @@ def test_refusals(tmp_path):
 class Unsafe:
     def __reduce__(self):
         return (print, ("this must never run",))
+
+
+def test_pipeline_with_published_checkpoints_trains_nothing(tmp_path):
+    from conftest import write_tiny_folder_dataset
+
+    from amnseg.config import load_config
+    from amnseg.pipeline import run_pipeline
+
+    data = write_tiny_folder_dataset(tmp_path / "data", count=4)
+    (data / "classes.txt").write_text("\n".join(["square", "disc", *VOC_LIKE[2:]]) + "\n")
+    paths = {kind: save(tmp_path, synthetic_reference(kind), f"res50_{kind}.pth")
+             for kind in ("cam", "amn", "irn")}
+    config = load_config("voc12_published", [
+        f"run_dir={tmp_path / 'run'}", "device=cpu", "data.kind=folder", f"data.root={data}",
+        "data.infer_split=train", "data.num_workers=0", "seeds.workers=1",
+        "irn.infer_pad_size=0", "cam.scales=[1.0]", "amn.scales=[1.0]", "irn.exp_times=3",
+        *[f"{kind}.checkpoint={path}" for kind, path in paths.items()],
+    ])
+    manifest = run_pipeline(config, progress=lambda message: None)
+    assert all(record["status"] == "done" for record in manifest["stages"].values())
+    run = tmp_path / "run"
+    assert not list(run.rglob("last.pt")) and not list(run.rglob("log.jsonl"))  # no training
+    assert len(list((run / "irn" / "masks").glob("*.png"))) == 4
+    cam = build_model(load_checkpoint(run / "cam" / "cam.pt"))
+    assert torch.equal(cam.classifier.weight, synthetic_reference("cam")["classifier.weight"])
