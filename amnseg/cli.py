@@ -273,11 +273,22 @@ def manifest_table(manifest: dict) -> Table:
 
 
 @app.command("report")
-def report_command(run_dir: Path = typer.Argument(..., help="A run folder.")) -> None:
+def report_command(
+    run_dir: Path = typer.Argument(..., help="A run folder."),
+    png: Path = typer.Option(None, help="Also render the page to this PNG (needs Chromium)."),
+) -> None:
     """Write <run>/report.html: results, threshold curves, histograms, gallery, config."""
     from amnseg.report.html import build_report
 
-    console.print(f"report: [bold]{build_report(run_dir)}[/bold]")
+    page = build_report(run_dir)
+    console.print(f"report: [bold]{page}[/bold]")
+    if png is not None:
+        from amnseg.report.screenshot import broken_images, screenshot
+
+        broken = broken_images(page)
+        if broken:
+            raise AmnsegError(f"{page}: {broken} pictures failed to load")
+        console.print(f"screenshot: [bold]{screenshot(page, png)}[/bold]")
 
 
 @app.command("generate-demo")

@@ -141,3 +141,15 @@ def test_killed_map_stage_resumes_to_identical_outputs(tmp_path):
     assert resumed.wait(timeout=300) == 0
     assert digest(tmp_path / "killed" / "cam") == digest(tmp_path / "straight" / "cam")
     assert not [p for p in maps.iterdir() if not p.name.endswith(".npz")]
+
+
+def test_report_opens_in_chromium_with_all_pictures(finished_run, tmp_path):
+    from amnseg.report.screenshot import broken_images, find_browser, screenshot
+
+    if find_browser() is None:
+        pytest.skip("Chromium is not installed (Debian package 'chromium')")
+    config, _, _ = finished_run
+    page = build_report(Path(config.run_dir))
+    assert broken_images(page) == 0
+    png = screenshot(page, tmp_path / "report.png", height=900)
+    assert png.stat().st_size > 10_000

@@ -40,10 +40,11 @@ GALLERY_FOLDERS = (
 )
 
 
-def _img_tag(data: bytes, alt: str, width: int | None = None) -> str:
+def _img_tag(data: bytes, alt: str, width: int | None = None, css: str | None = None) -> str:
     encoded = base64.b64encode(data).decode()
     size = f' width="{width}"' if width else ""
-    return f'<img src="data:image/png;base64,{encoded}" alt="{html.escape(alt)}"{size}>'
+    klass = f' class="{css}"' if css else ""
+    return f'<img src="data:image/png;base64,{encoded}" alt="{html.escape(alt)}"{size}{klass}>'
 
 
 def _pct(value: float | None) -> str:
@@ -166,9 +167,19 @@ table { border-collapse: collapse; font-size: 0.85em; margin: 0.6em 0; }
 td, th { border: 1px solid #ddd; padding: 4px 7px; text-align: right; }
 th { background: #f6f6f6; } td.key { font-weight: bold; background: #fff8e1; }
 .gallery td { padding: 2px; } .gallery img { display: block; image-rendering: pixelated; }
-.figures img { max-width: 48%; margin-right: 1%; } .muted { color: #777; }
+.figures { display: flex; flex-wrap: wrap; gap: 1%; align-items: flex-start; }
+.figures img { width: 49%; } .figures img.wide { width: 80%; } .muted { color: #777; }
 pre { background: #f6f6f6; padding: 1em; overflow-x: auto; font-size: 0.8em; }
 """
+
+
+# Records on <body> how many pictures failed to load (read by tests and `--check`).
+CHECK_IMAGES = """<script>
+window.addEventListener("load", () => {
+  const broken = [...document.images].filter(i => !i.complete || i.naturalWidth === 0);
+  document.body.setAttribute("data-broken-images", broken.length);
+});
+</script>"""
 
 
 def build_report(run_dir: Path, gallery_count: int = 4) -> Path:
@@ -192,6 +203,10 @@ def build_report(run_dir: Path, gallery_count: int = 4) -> Path:
     samples = _activation_samples(run_dir, dataset)
     if samples:
         figures.append(activation_histograms(samples, eval_dir / "activations.png"))
+    figure_tags = "".join(
+        _img_tag(p.read_bytes(), p.stem, css="wide" if p.stem == "activations" else None)
+        for p in figures
+    )
     manifest_path = run_dir / "manifest.json"
     timings = ""
     if manifest_path.is_file():
@@ -207,7 +222,7 @@ def build_report(run_dir: Path, gallery_count: int = 4) -> Path:
 {_stage_table(results, dataset.class_names)}
 <h2>Robustness to the threshold</h2>
 {_robustness_table(results)}
-<div class="figures">{''.join(_img_tag(p.read_bytes(), p.stem) for p in figures)}</div>
+<div class="figures">{figure_tags}</div>
 <h2>Best and worst images</h2>
 {_gallery(run_dir, dataset, results, gallery_count)}
 <h2>Stages</h2>
@@ -216,7 +231,7 @@ def build_report(run_dir: Path, gallery_count: int = 4) -> Path:
 <pre>{html.escape(json.dumps(config_dict, indent=2))}</pre>
 """
     page = (f"<!DOCTYPE html><html><head><meta charset='utf-8'><title>amnseg report</title>"
-            f"<style>{STYLE}</style></head><body>{body}</body></html>")
+            f"<style>{STYLE}</style></head><body>{body}{CHECK_IMAGES}</body></html>")
     out = run_dir / "report.html"
     with atomic_path(out) as tmp:
         tmp.write_text(page)
