@@ -161,3 +161,30 @@ def test_crf_follows_image_edges():
     assert (refined[:, 15:] == 1).mean() > 0.95
     assert (refined[:, :12] == 0).mean() > 0.95
     assert (refined[:, 12:15] == 0).mean() > 0.5  # pulled back to the colour edge
+
+
+def test_seeds_identical_for_any_worker_count(tmp_path):
+    from conftest import tiny_config, write_tiny_folder_dataset
+
+    from amnseg.data import build_dataset
+    from amnseg.data.base import read_index_png
+    from amnseg.io import ScoreMaps, save_score_maps
+
+    data = write_tiny_folder_dataset(tmp_path / "data", count=6)
+    config = tiny_config(data, tmp_path / "run")
+    dataset = build_dataset(config.data, "train")
+    rng = np.random.default_rng(4)
+    for stem in dataset.stems:
+        class_ids = np.flatnonzero(dataset.label(stem)) + 1
+        full = rng.random((len(class_ids), 32, 32)).astype(np.float32)
+        save_score_maps(tmp_path / "maps" / f"{stem}.npz",
+                        ScoreMaps(class_ids, full[:, ::4, ::4], full))
+    outputs = {}
+    for workers in (1, 2, 3):
+        out = seeds_stage.make_seeds(config, tmp_path / "maps", tmp_path / f"s{workers}",
+                                     0.3, 0.05, workers=workers)
+        outputs[workers] = {p.name: p.read_bytes() for p in sorted(out.glob("*.png"))}
+    assert len(outputs[1]) == 6
+    assert outputs[1] == outputs[2] == outputs[3]
+    seed = read_index_png(tmp_path / "s1" / f"{dataset.stems[0]}.png")
+    assert set(np.unique(seed)) <= {0, 255, *range(1, 3)}
