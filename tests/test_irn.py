@@ -161,3 +161,21 @@ def test_random_walk_handles_zero_maps_and_full_boundaries():
     assert torch.isfinite(zeros).all() and torch.count_nonzero(zeros) == 0
     walled = random_walk(torch.rand(1, 5, 6), torch.ones(5, 6))
     assert torch.isfinite(walled).all()
+
+
+def test_pseudo_masks_for_background_only_and_all_zero_maps():
+    from amnseg.config import load_config
+    from amnseg.stages.irn import masks_from_walk, pseudo_mask
+
+    config = load_config(None, ["irn.infer_pad_size=0", "irn.exp_times=3"])
+    model = BoundaryNet(ResNet(depth=18, width=0.125, strides=[2, 2, 1, 1])).eval()
+    image = np.random.default_rng(0).integers(0, 256, (37, 50, 3), dtype=np.uint8)
+    none = pseudo_mask(model, image, np.zeros((0, 10, 13), np.float32), np.array([]), config)
+    assert none.shape == (37, 50) and none.dtype == np.uint8 and not none.any()
+    zeros = pseudo_mask(model, image, np.zeros((2, 10, 13), np.float32), np.array([3, 5]),
+                        config)
+    assert zeros.shape == (37, 50) and not zeros.any()  # nothing anywhere: all background
+    walked = torch.zeros(1, 10, 13)
+    walked[0, 2, 3] = 1.0
+    mask = masks_from_walk(walked, np.array([7]), (37, 50), 0.25)
+    assert set(np.unique(mask)) == {0, 7}
