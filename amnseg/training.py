@@ -125,6 +125,15 @@ def log_metrics(path: Path, record: dict[str, Any]) -> None:
     append_jsonl(path, record)
 
 
+def tensorboard_writer(folder: Path):
+    """A TensorBoard writer when the ``tensorboard`` package is installed, else None."""
+    try:
+        from torch.utils.tensorboard import SummaryWriter
+    except ImportError:
+        return None
+    return SummaryWriter(str(folder))
+
+
 def fit(
     stage: str,
     out_dir: Path,
@@ -150,6 +159,7 @@ def fit(
     """
     state = TrainingState(out_dir / "last.pt")
     first_epoch = state.restore(model, optimizer, scheduler)
+    board = tensorboard_writer(out_dir / "tensorboard")
     for epoch in range(first_epoch, epochs):
         model.train()
         loader = epoch_loader(train_set, epoch, batch_size, num_workers, seed)
@@ -177,6 +187,11 @@ def fit(
         if after_epoch is not None:
             record.update(after_epoch())
         log_metrics(out_dir / "log.jsonl", record)
+        if board is not None:
+            for key, value in record.items():
+                if isinstance(value, float):
+                    board.add_scalar(f"{stage}/{key}", value, epoch + 1)
+            board.flush()
         extras = "".join(
             f", {key} {value:.4f}" for key, value in record.items()
             if key not in ("stage", "epoch", "loss", "lr", "images_per_s", "seconds")
