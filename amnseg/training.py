@@ -136,33 +136,35 @@ def tensorboard_writer(folder: Path):
 
 def fit(
     stage: str,
-    out_dir: Path,
+    config: Any,
     model: torch.nn.Module,
     optimizer: torch.optim.Optimizer,
     scheduler: torch.optim.lr_scheduler.LRScheduler,
     train_set: AugmentedSet,
     compute_loss: Callable[..., torch.Tensor],
-    *,
-    epochs: int,
-    batch_size: int,
-    num_workers: int,
-    seed: int,
     device: torch.device,
     after_epoch: Callable[[], dict[str, Any]] | None = None,
 ) -> None:
     """The one training loop of every stage.
 
-    Each batch is a tuple of tensors moved to ``device`` and passed to
-    ``compute_loss(model, *batch)``. After each epoch: optional extra metrics
-    (``after_epoch()``), a JSON line in ``<out_dir>/log.jsonl``, a console line and a
-    checkpoint (``last.pt``); a run that finds ``last.pt`` resumes after its last epoch.
+    Epochs and batch size come from the stage's config section (``config.<stage>``), loader
+    workers and the seed from ``config``; outputs go to ``<run_dir>/<stage>``. Each batch is a
+    tuple of tensors moved to ``device`` and passed to ``compute_loss(model, *batch)``.
+    After each epoch: optional extra metrics (``after_epoch()``), a JSON line in
+    ``<run_dir>/<stage>/log.jsonl``, a console line and a checkpoint (``last.pt``); a run
+    that finds ``last.pt`` resumes after its last epoch.
     """
+    stage_config = getattr(config, stage)
+    epochs, batch_size = stage_config.epochs, stage_config.batch_size
+    out_dir = Path(config.run_dir) / stage
     state = TrainingState(out_dir / "last.pt")
     first_epoch = state.restore(model, optimizer, scheduler)
     board = tensorboard_writer(out_dir / "tensorboard")
     for epoch in range(first_epoch, epochs):
         model.train()
-        loader = epoch_loader(train_set, epoch, batch_size, num_workers, seed)
+        loader = epoch_loader(
+            train_set, epoch, batch_size, config.data.num_workers, config.seed
+        )
         started, loss_sum, seen = time.perf_counter(), 0.0, 0
         bar = tqdm(loader, desc=f"{stage} epoch {epoch + 1}/{epochs}", leave=False)
         for batch in bar:

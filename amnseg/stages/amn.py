@@ -102,17 +102,13 @@ def train_amn(config: Config, cam_seeds_dir: Path) -> Path:
 
     fit(
         "amn",
-        out_dir,
+        config,
         model,
         optimizer,
         scheduler,
         AugmentedSet(dataset, make_item, config.seed),
         compute_loss,
-        epochs=amn_cfg.epochs,
-        batch_size=amn_cfg.batch_size,
-        num_workers=config.data.num_workers,
-        seed=config.seed,
-        device=device,
+        device,
         after_epoch=after_epoch,
     )
     path = default_checkpoint(config)

@@ -84,17 +84,13 @@ def train_cam(config: Config) -> Path:
 
     fit(
         "cam",
-        out_dir,
+        config,
         model,
         optimizer,
         scheduler,
         AugmentedSet(dataset, make_item, config.seed),
         compute_loss,
-        epochs=cam_cfg.epochs,
-        batch_size=cam_cfg.batch_size,
-        num_workers=config.data.num_workers,
-        seed=config.seed,
-        device=device,
+        device,
     )
     return save_model(final_path, "cam", model, dataset.class_names, config.backbone)
 

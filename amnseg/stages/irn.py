@@ -93,17 +93,13 @@ def train_irn(config: Config, amn_seeds_dir: Path) -> Path:
 
     fit(
         "irn",
-        out_dir,
+        config,
         model,
         optimizer,
         scheduler,
         AugmentedSet(dataset, make_item, config.seed),
         compute_loss,
-        epochs=irn_cfg.epochs,
-        batch_size=irn_cfg.batch_size,
-        num_workers=config.data.num_workers,
-        seed=config.seed,
-        device=device,
+        device,
     )
     path = default_checkpoint(config)
     return save_model(path, "irn", model, dataset.class_names, config.backbone)
