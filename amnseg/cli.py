@@ -251,7 +251,9 @@ def _class_names(spec: str) -> list[str]:
 
         return list(VOC_CLASSES)
     if spec == "coco":
-        return [f"coco_{i}" for i in range(1, 81)]  # names come from the dataset's JSON
+        from amnseg.data.coco import COCO_CLASSES
+
+        return list(COCO_CLASSES)
     path = Path(spec)
     if not path.is_file():
         raise AmnsegError(f"--classes {spec}: expected voc, coco or a classes.txt path")
