@@ -106,11 +106,12 @@ def _use_given_checkpoint(config: Config, stage: str, given: str) -> dict[str, A
     from amnseg.checkpoints import load_model_checkpoint
     from amnseg.data import build_dataset
     from amnseg.io import save_checkpoint
+    from amnseg.stages import checkpoint_path
 
     class_names = build_dataset(config.data, config.data.infer_split).class_names
     checkpoint = load_model_checkpoint(Path(given), stage, class_names)
     checkpoint["class_names"] = list(class_names)
-    save_checkpoint(_run_dir(config) / stage / f"{stage}.pt", checkpoint)
+    save_checkpoint(checkpoint_path(config, stage), checkpoint)
     return {"checkpoint": given}
 
 

@@ -25,6 +25,7 @@ from amnseg.io import ScoreMaps, save_json, save_score_maps
 from amnseg.losses import amn_loss
 from amnseg.models.amn import AMN
 from amnseg.ops.multiscale import merge_flip, multiscale_inputs, strided_size
+from amnseg.stages import checkpoint_path, stage_dir
 from amnseg.stages.cam import initial_backbone
 from amnseg.training import (
     AugmentedSet,
@@ -35,16 +36,8 @@ from amnseg.training import (
 )
 
 
-def stage_dir(config: Config) -> Path:
-    return Path(config.run_dir) / "amn"
-
-
-def default_checkpoint(config: Config) -> Path:
-    return stage_dir(config) / "amn.pt"
-
-
 def maps_dir(config: Config) -> Path:
-    return stage_dir(config) / "maps"
+    return stage_dir(config, "amn") / "maps"
 
 
 def read_seed(seeds_dir: Path, stem: str, size: tuple[int, int]) -> np.ndarray:
@@ -61,7 +54,7 @@ def read_seed(seeds_dir: Path, stem: str, size: tuple[int, int]) -> np.ndarray:
 
 def train_amn(config: Config, cam_seeds_dir: Path) -> Path:
     """Train AMN on the images of ``data.infer_split`` with their CAM seeds; write ``amn.pt``."""
-    out_dir = stage_dir(config)
+    out_dir = stage_dir(config, "amn")
     out_dir.mkdir(parents=True, exist_ok=True)
     save_json(out_dir / "config.json", config_to_dict(config))
     amn_cfg = config.amn
@@ -111,7 +104,7 @@ def train_amn(config: Config, cam_seeds_dir: Path) -> Path:
         device,
         after_epoch=after_epoch,
     )
-    path = default_checkpoint(config)
+    path = checkpoint_path(config, "amn")
     return save_model(path, "amn", model, dataset.class_names, config.backbone)
 
 
@@ -210,7 +203,7 @@ def make_amn_maps(config: Config, cam_seeds_dir: Path, checkpoint: Path | None =
     out_dir.mkdir(parents=True, exist_ok=True)
     device = resolve_device(config.device)
     dataset = build_dataset(config.data, config.data.infer_split)
-    model = load_amn_model(checkpoint or default_checkpoint(config), dataset.class_names)
+    model = load_amn_model(checkpoint or checkpoint_path(config, "amn"), dataset.class_names)
     model.to(device).eval()
     todo = [s for s in dataset.stems if not (out_dir / f"{s}.npz").is_file()]
     loader = torch.utils.data.DataLoader(

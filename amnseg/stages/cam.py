@@ -23,6 +23,7 @@ from amnseg.io import ScoreMaps, save_json, save_score_maps
 from amnseg.models import CAMNet, build_backbone
 from amnseg.models.resnet import ResNet
 from amnseg.ops.multiscale import max_normalize, multiscale_cam, multiscale_inputs
+from amnseg.stages import checkpoint_path, stage_dir
 from amnseg.training import (
     AugmentedSet,
     fit,
@@ -33,24 +34,16 @@ from amnseg.training import (
 )
 
 
-def stage_dir(config: Config) -> Path:
-    return Path(config.run_dir) / "cam"
-
-
-def default_checkpoint(config: Config) -> Path:
-    return stage_dir(config) / "cam.pt"
-
-
 def maps_dir(config: Config) -> Path:
-    return stage_dir(config) / "maps"
+    return stage_dir(config, "cam") / "maps"
 
 
 def train_cam(config: Config) -> Path:
     """Train the CAM classifier as the reference does and write ``cam.pt``."""
-    out_dir = stage_dir(config)
+    out_dir = stage_dir(config, "cam")
     out_dir.mkdir(parents=True, exist_ok=True)
     save_json(out_dir / "config.json", config_to_dict(config))
-    final_path = default_checkpoint(config)
+    final_path = checkpoint_path(config, "cam")
     cam_cfg = config.cam
     seed_everything(config.seed)
     device = resolve_device(config.device)
@@ -102,7 +95,7 @@ def initial_backbone(config: Config, source: str, stage: str, num_classes: int) 
     if source == "imagenet":
         return build_backbone(config.backbone)
     if source == "cam":
-        return load_cam_model(default_checkpoint(config), [""] * num_classes).backbone
+        return load_cam_model(checkpoint_path(config, "cam"), [""] * num_classes).backbone
     raise AmnsegError(f"{stage}.backbone_init={source!r}: expected imagenet or cam")
 
 
@@ -139,7 +132,7 @@ def make_cams(config: Config, checkpoint: Path | None = None) -> Path:
     out_dir.mkdir(parents=True, exist_ok=True)
     device = resolve_device(config.device)
     dataset = build_dataset(config.data, config.data.infer_split)
-    model = load_cam_model(checkpoint or default_checkpoint(config), dataset.class_names)
+    model = load_cam_model(checkpoint or checkpoint_path(config, "cam"), dataset.class_names)
     model.to(device).eval()
     todo = [s for s in dataset.stems if not (out_dir / f"{s}.npz").is_file()]
     inputs = _InferenceInputs(dataset, todo, list(config.cam.scales), config.cam.flip)

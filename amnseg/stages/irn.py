@@ -29,27 +29,20 @@ from amnseg.models.irn import BoundaryNet
 from amnseg.ops.affinity import affinity_labels, pair_region, path_affinities
 from amnseg.ops.multiscale import merge_flip, strided_size
 from amnseg.ops.random_walk import random_walk
+from amnseg.stages import checkpoint_path, stage_dir
 from amnseg.stages.amn import read_seed
 from amnseg.stages.cam import initial_backbone
 from amnseg.training import AugmentedSet, fit, poly_lr_lambda, resolve_device, seed_everything
 from amnseg.training import steps_per_epoch as count_steps
 
 
-def stage_dir(config: Config) -> Path:
-    return Path(config.run_dir) / "irn"
-
-
-def default_checkpoint(config: Config) -> Path:
-    return stage_dir(config) / "irn.pt"
-
-
 def masks_dir(config: Config) -> Path:
-    return stage_dir(config) / "masks"
+    return stage_dir(config, "irn") / "masks"
 
 
 def train_irn(config: Config, amn_seeds_dir: Path) -> Path:
     """Train the boundary branch on pair labels from the AMN seeds; write ``irn.pt``."""
-    out_dir = stage_dir(config)
+    out_dir = stage_dir(config, "irn")
     out_dir.mkdir(parents=True, exist_ok=True)
     save_json(out_dir / "config.json", config_to_dict(config))
     irn_cfg = config.irn
@@ -101,7 +94,7 @@ def train_irn(config: Config, amn_seeds_dir: Path) -> Path:
         compute_loss,
         device,
     )
-    path = default_checkpoint(config)
+    path = checkpoint_path(config, "irn")
     return save_model(path, "irn", model, dataset.class_names, config.backbone)
 
 
@@ -175,7 +168,7 @@ def make_masks(config: Config, amn_maps_dir: Path, checkpoint: Path | None = Non
     out_dir.mkdir(parents=True, exist_ok=True)
     device = resolve_device(config.device)
     dataset = build_dataset(config.data, config.data.infer_split)
-    model = load_irn_model(checkpoint or default_checkpoint(config), dataset.class_names)
+    model = load_irn_model(checkpoint or checkpoint_path(config, "irn"), dataset.class_names)
     model.to(device).eval()
     palette = voc_palette()
     todo = [s for s in dataset.stems if not (out_dir / f"{s}.png").is_file()]
