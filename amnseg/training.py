@@ -125,6 +125,20 @@ def log_metrics(path: Path, record: dict[str, Any]) -> None:
     append_jsonl(path, record)
 
 
+def start_stage(config: Any, stage: str, split: str) -> tuple[Path, torch.device, SegDataset]:
+    """Common start of a training stage: its folder (with the config as JSON), seeded RNGs,
+    the device and the dataset of ``split``."""
+    from amnseg.config import config_to_dict
+    from amnseg.data import build_dataset
+    from amnseg.io import save_json
+
+    out_dir = Path(config.run_dir) / stage
+    out_dir.mkdir(parents=True, exist_ok=True)
+    save_json(out_dir / "config.json", config_to_dict(config))
+    seed_everything(config.seed)
+    return out_dir, resolve_device(config.device), build_dataset(config.data, split)
+
+
 def tensorboard_writer(folder: Path):
     """A TensorBoard writer when the ``tensorboard`` package is installed, else None."""
     try:

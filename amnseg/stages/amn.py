@@ -16,12 +16,12 @@ import torch.nn.functional as F
 from tqdm import tqdm
 
 from amnseg.checkpoints import backbone_from_checkpoint, load_model_checkpoint, save_model
-from amnseg.config import Config, config_to_dict
+from amnseg.config import Config
 from amnseg.data import build_dataset
 from amnseg.data.base import Sample, SegDataset, read_index_png
 from amnseg.data.transforms import SegmentationTrainTransform
 from amnseg.errors import AmnsegError
-from amnseg.io import ScoreMaps, save_json, save_score_maps
+from amnseg.io import ScoreMaps, save_score_maps
 from amnseg.losses import amn_loss
 from amnseg.models.amn import AMN
 from amnseg.ops.multiscale import merge_flip, multiscale_inputs, strided_size
@@ -31,7 +31,7 @@ from amnseg.training import (
     AugmentedSet,
     fit,
     resolve_device,
-    seed_everything,
+    start_stage,
     steps_per_epoch,
 )
 
@@ -54,13 +54,8 @@ def read_seed(seeds_dir: Path, stem: str, size: tuple[int, int]) -> np.ndarray:
 
 def train_amn(config: Config, cam_seeds_dir: Path) -> Path:
     """Train AMN on the images of ``data.infer_split`` with their CAM seeds; write ``amn.pt``."""
-    out_dir = stage_dir(config, "amn")
-    out_dir.mkdir(parents=True, exist_ok=True)
-    save_json(out_dir / "config.json", config_to_dict(config))
+    out_dir, device, dataset = start_stage(config, "amn", config.data.infer_split)
     amn_cfg = config.amn
-    seed_everything(config.seed)
-    device = resolve_device(config.device)
-    dataset = build_dataset(config.data, config.data.infer_split)
     backbone = initial_backbone(config, amn_cfg.backbone_init, "amn", dataset.num_classes)
     model = AMN(backbone, dataset.num_classes, amn_cfg.dropout).to(device)
     backbone_params, new_params = model.param_groups()

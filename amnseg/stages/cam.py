@@ -14,12 +14,12 @@ import torch.nn.functional as F
 from tqdm import tqdm
 
 from amnseg.checkpoints import backbone_from_checkpoint, load_model_checkpoint, save_model
-from amnseg.config import Config, config_to_dict
+from amnseg.config import Config
 from amnseg.data import build_dataset
 from amnseg.data.base import Sample
 from amnseg.data.transforms import ClassificationTrainTransform
 from amnseg.errors import AmnsegError
-from amnseg.io import ScoreMaps, save_json, save_score_maps
+from amnseg.io import ScoreMaps, save_score_maps
 from amnseg.models import CAMNet, build_backbone
 from amnseg.models.resnet import ResNet
 from amnseg.ops.multiscale import max_normalize, multiscale_cam, multiscale_inputs
@@ -29,7 +29,7 @@ from amnseg.training import (
     fit,
     poly_lr_lambda,
     resolve_device,
-    seed_everything,
+    start_stage,
     steps_per_epoch,
 )
 
@@ -40,15 +40,10 @@ def maps_dir(config: Config) -> Path:
 
 def train_cam(config: Config) -> Path:
     """Train the CAM classifier as the reference does and write ``cam.pt``."""
-    out_dir = stage_dir(config, "cam")
-    out_dir.mkdir(parents=True, exist_ok=True)
-    save_json(out_dir / "config.json", config_to_dict(config))
+    out_dir, device, dataset = start_stage(config, "cam", config.data.train_split)
     final_path = checkpoint_path(config, "cam")
     cam_cfg = config.cam
-    seed_everything(config.seed)
-    device = resolve_device(config.device)
 
-    dataset = build_dataset(config.data, config.data.train_split)
     model = CAMNet(build_backbone(config.backbone), dataset.num_classes).to(device)
     backbone_params, head_params = model.param_groups()
     optimizer = torch.optim.SGD(

@@ -17,13 +17,13 @@ from PIL import Image
 from tqdm import tqdm
 
 from amnseg.checkpoints import backbone_from_checkpoint, load_model_checkpoint, save_model
-from amnseg.config import Config, config_to_dict
+from amnseg.config import Config
 from amnseg.data import build_dataset
 from amnseg.data.base import Sample
 from amnseg.data.transforms import SegmentationTrainTransform, normalize, rescale
 from amnseg.data.voc import voc_palette
 from amnseg.errors import AmnsegError
-from amnseg.io import load_score_maps, save_json, save_label_png
+from amnseg.io import load_score_maps, save_label_png
 from amnseg.losses import irn_affinity_loss
 from amnseg.models.irn import BoundaryNet
 from amnseg.ops.affinity import affinity_labels, pair_region, path_affinities
@@ -32,7 +32,13 @@ from amnseg.ops.random_walk import random_walk
 from amnseg.stages import checkpoint_path, stage_dir
 from amnseg.stages.amn import read_seed
 from amnseg.stages.cam import initial_backbone
-from amnseg.training import AugmentedSet, fit, poly_lr_lambda, resolve_device, seed_everything
+from amnseg.training import (
+    AugmentedSet,
+    fit,
+    poly_lr_lambda,
+    resolve_device,
+    start_stage,
+)
 from amnseg.training import steps_per_epoch as count_steps
 
 
@@ -42,13 +48,8 @@ def masks_dir(config: Config) -> Path:
 
 def train_irn(config: Config, amn_seeds_dir: Path) -> Path:
     """Train the boundary branch on pair labels from the AMN seeds; write ``irn.pt``."""
-    out_dir = stage_dir(config, "irn")
-    out_dir.mkdir(parents=True, exist_ok=True)
-    save_json(out_dir / "config.json", config_to_dict(config))
+    out_dir, device, dataset = start_stage(config, "irn", config.data.infer_split)
     irn_cfg = config.irn
-    seed_everything(config.seed)
-    device = resolve_device(config.device)
-    dataset = build_dataset(config.data, config.data.infer_split)
     backbone = initial_backbone(config, config.irn.backbone_init, "irn", dataset.num_classes)
     model = BoundaryNet(backbone).to(device)
     optimizer = torch.optim.SGD(
