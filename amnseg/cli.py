@@ -39,6 +39,73 @@ def _load(config: str, overrides: list[str] | None) -> Config:
     return loaded
 
 
+@app.command("demo")
+def demo_command(
+    overrides: list[str] = typer.Argument(None, help=OVERRIDES_HELP),
+) -> None:
+    """Run the whole pipeline on the built-in demo data (generated on first use), write the
+    report and print a summary."""
+    import time
+
+    from amnseg.data.demo import ensure_demo
+    from amnseg.pipeline import run_pipeline
+    from amnseg.report.html import build_report
+
+    started = time.perf_counter()
+    loaded = _load("demo", overrides)
+    console.print(f"demo data: {ensure_demo(Path(loaded.data.root), seed=loaded.seed)}")
+    manifest = run_pipeline(loaded, progress=console.print)
+    report = build_report(Path(loaded.run_dir))
+    console.print(manifest_table(manifest))
+    console.print(summary_table(Path(loaded.run_dir)))
+    console.print(f"report: [bold]{report}[/bold]")
+    console.print(f"total time: {time.perf_counter() - started:.0f} s")
+
+
+@app.command("run")
+def run_command(
+    config: str = typer.Argument(..., help=CONFIG_HELP),
+    overrides: list[str] = typer.Argument(None, help=OVERRIDES_HELP),
+    start: str = typer.Option(None, "--from", help="First stage to (re)consider."),
+    stop: str = typer.Option(None, "--to", help="Last stage to run."),
+) -> None:
+    """Run the whole pipeline; unchanged stages are skipped, interrupted ones resume."""
+    from amnseg.pipeline import run_pipeline
+
+    loaded = _load(config, overrides)
+    manifest = run_pipeline(loaded, start, stop, progress=console.print)
+    console.print(manifest_table(manifest))
+
+
+@app.command("status")
+def status_command(run_dir: Path = typer.Argument(..., help="A run folder.")) -> None:
+    """Print a run folder's manifest: stages, status, timings, metrics."""
+    from amnseg.pipeline import MANIFEST, load_manifest
+
+    if not (run_dir / MANIFEST).is_file():
+        raise AmnsegError(f"{run_dir}: no {MANIFEST} (not a run folder made by `amnseg run`)")
+    console.print(manifest_table(load_manifest(run_dir)))
+
+
+@app.command("report")
+def report_command(
+    run_dir: Path = typer.Argument(..., help="A run folder."),
+    png: Path = typer.Option(None, help="Also render the page to this PNG (needs Chromium)."),
+) -> None:
+    """Write <run>/report.html: results, threshold curves, histograms, gallery, config."""
+    from amnseg.report.html import build_report
+
+    page = build_report(run_dir)
+    console.print(f"report: [bold]{page}[/bold]")
+    if png is not None:
+        from amnseg.report.screenshot import broken_images, screenshot
+
+        broken = broken_images(page)
+        if broken:
+            raise AmnsegError(f"{page}: {broken} pictures failed to load")
+        console.print(f"screenshot: [bold]{screenshot(page, png)}[/bold]")
+
+
 @app.command("train-cam")
 def train_cam_command(
     config: str = typer.Argument(..., help=CONFIG_HELP),
@@ -141,18 +208,6 @@ def make_masks_command(
     console.print(f"pseudo masks: [bold]{out_dir}[/bold]")
 
 
-def _seed_settings(config: Config, source: str) -> tuple[float, float, Path, Path]:
-    """(fg threshold, bg threshold, default map folder, seed folder) of a map source."""
-    run = Path(config.run_dir)
-    if source == "cam":
-        s = config.seeds
-        return s.cam_fg_threshold, s.cam_bg_threshold, run / "cam" / "maps", run / "seeds" / "cam"
-    if source == "amn":
-        s = config.seeds
-        return s.amn_fg_threshold, s.amn_bg_threshold, run / "amn" / "maps", run / "seeds" / "amn"
-    raise AmnsegError(f"--source {source!r}: expected cam or amn")
-
-
 @app.command("eval")
 def eval_command(
     config: str = typer.Argument(..., help=CONFIG_HELP),
@@ -193,31 +248,6 @@ def sweep_command(
         console.print(f"plot: {path}")
 
 
-@app.command("run")
-def run_command(
-    config: str = typer.Argument(..., help=CONFIG_HELP),
-    overrides: list[str] = typer.Argument(None, help=OVERRIDES_HELP),
-    start: str = typer.Option(None, "--from", help="First stage to (re)consider."),
-    stop: str = typer.Option(None, "--to", help="Last stage to run."),
-) -> None:
-    """Run the whole pipeline; unchanged stages are skipped, interrupted ones resume."""
-    from amnseg.pipeline import run_pipeline
-
-    loaded = _load(config, overrides)
-    manifest = run_pipeline(loaded, start, stop, progress=console.print)
-    console.print(manifest_table(manifest))
-
-
-@app.command("status")
-def status_command(run_dir: Path = typer.Argument(..., help="A run folder.")) -> None:
-    """Print a run folder's manifest: stages, status, timings, metrics."""
-    from amnseg.pipeline import MANIFEST, load_manifest
-
-    if not (run_dir / MANIFEST).is_file():
-        raise AmnsegError(f"{run_dir}: no {MANIFEST} (not a run folder made by `amnseg run`)")
-    console.print(manifest_table(load_manifest(run_dir)))
-
-
 @app.command("import-checkpoint")
 def import_checkpoint_command(
     kind: str = typer.Argument(..., help="cam, amn or irn."),
@@ -243,6 +273,29 @@ def export_checkpoint_command(
 
     save_checkpoint(destination, export_reference(load_checkpoint(source)))
     console.print(f"exported: [bold]{destination}[/bold]")
+
+
+@app.command("generate-demo")
+def generate_demo_command(
+    root: Path = typer.Argument(Path("data/demo"), help="Where to write the demo dataset."),
+    seed: int = typer.Option(0, help="Random seed (the data is a deterministic function of it)."),
+) -> None:
+    """Write the synthetic demo dataset (folder format) if it is not there yet."""
+    from amnseg.data.demo import ensure_demo
+
+    console.print(f"demo data: [bold]{ensure_demo(root, seed=seed)}[/bold]")
+
+
+def _seed_settings(config: Config, source: str) -> tuple[float, float, Path, Path]:
+    """(fg threshold, bg threshold, default map folder, seed folder) of a map source."""
+    run = Path(config.run_dir)
+    if source == "cam":
+        s = config.seeds
+        return s.cam_fg_threshold, s.cam_bg_threshold, run / "cam" / "maps", run / "seeds" / "cam"
+    if source == "amn":
+        s = config.seeds
+        return s.amn_fg_threshold, s.amn_bg_threshold, run / "amn" / "maps", run / "seeds" / "amn"
+    raise AmnsegError(f"--source {source!r}: expected cam or amn")
 
 
 def _class_names(spec: str) -> list[str]:
@@ -272,59 +325,6 @@ def manifest_table(manifest: dict) -> Table:
         )
         table.add_row(name, record.get("status", "?"), f"{record.get('seconds', 0):.1f}", metrics)
     return table
-
-
-@app.command("report")
-def report_command(
-    run_dir: Path = typer.Argument(..., help="A run folder."),
-    png: Path = typer.Option(None, help="Also render the page to this PNG (needs Chromium)."),
-) -> None:
-    """Write <run>/report.html: results, threshold curves, histograms, gallery, config."""
-    from amnseg.report.html import build_report
-
-    page = build_report(run_dir)
-    console.print(f"report: [bold]{page}[/bold]")
-    if png is not None:
-        from amnseg.report.screenshot import broken_images, screenshot
-
-        broken = broken_images(page)
-        if broken:
-            raise AmnsegError(f"{page}: {broken} pictures failed to load")
-        console.print(f"screenshot: [bold]{screenshot(page, png)}[/bold]")
-
-
-@app.command("generate-demo")
-def generate_demo_command(
-    root: Path = typer.Argument(Path("data/demo"), help="Where to write the demo dataset."),
-    seed: int = typer.Option(0, help="Random seed (the data is a deterministic function of it)."),
-) -> None:
-    """Write the synthetic demo dataset (folder format) if it is not there yet."""
-    from amnseg.data.demo import ensure_demo
-
-    console.print(f"demo data: [bold]{ensure_demo(root, seed=seed)}[/bold]")
-
-
-@app.command("demo")
-def demo_command(
-    overrides: list[str] = typer.Argument(None, help=OVERRIDES_HELP),
-) -> None:
-    """Run the whole pipeline on the built-in demo data (generated on first use), write the
-    report and print a summary."""
-    import time
-
-    from amnseg.data.demo import ensure_demo
-    from amnseg.pipeline import run_pipeline
-    from amnseg.report.html import build_report
-
-    started = time.perf_counter()
-    loaded = _load("demo", overrides)
-    console.print(f"demo data: {ensure_demo(Path(loaded.data.root), seed=loaded.seed)}")
-    manifest = run_pipeline(loaded, progress=console.print)
-    report = build_report(Path(loaded.run_dir))
-    console.print(manifest_table(manifest))
-    console.print(summary_table(Path(loaded.run_dir)))
-    console.print(f"report: [bold]{report}[/bold]")
-    console.print(f"total time: {time.perf_counter() - started:.0f} s")
 
 
 def summary_table(run_dir: Path) -> Table:
