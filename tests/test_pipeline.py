@@ -153,3 +153,38 @@ def test_report_opens_in_chromium_with_all_pictures(finished_run, tmp_path):
     assert broken_images(page) == 0
     png = screenshot(page, tmp_path / "report.png", height=900)
     assert png.stat().st_size > 10_000
+
+
+def amnseg_cli(*args: str) -> subprocess.CompletedProcess:
+    return subprocess.run([sys.executable, "-m", "amnseg.cli", *args], capture_output=True,
+                          text=True, timeout=300, check=False)
+
+
+def test_cli_sweep_and_status(finished_run):
+    config, _, _ = finished_run
+    run = Path(config.run_dir)
+    result = amnseg_cli("sweep", str(run / "config.json"), "--maps", f"CAM={run / 'cam/maps'}",
+                        "--maps", f"AMN={run / 'amn/maps'}")
+    assert result.returncode == 0, result.stderr
+    assert "Threshold robustness" in result.stdout
+    assert (run / "eval" / "CAM_sweep.json").is_file() and (run / "eval" / "sweep.png").is_file()
+    status = amnseg_cli("status", str(run))
+    assert status.returncode == 0 and "pseudo_masks_miou" in status.stdout
+
+
+@pytest.mark.parametrize(
+    "args, message",
+    [
+        (["train-cam", "voc12", "data.root=/nonexistent/voc"], "/nonexistent/voc: VOC2012 folder"),
+        (["train-cam", "voc12", "cam.epochz=3"], "Key 'epochz' not in 'CamConfig'"),
+        (["run", "voc12", "--from", "nope"], "unknown stage 'nope'"),
+        (["status", "/nonexistent/run"], "/nonexistent/run: no manifest.json"),
+    ],
+)
+def test_cli_errors_are_one_line(args, message, tmp_path):
+    if args[0] != "status":
+        args = [*args, f"run_dir={tmp_path / 'run'}"]  # nothing is written into the checkout
+    result = amnseg_cli(*args)
+    assert result.returncode == 2
+    lines = result.stderr.strip().splitlines()
+    assert len(lines) == 1 and lines[0].startswith("amnseg: error:") and message in lines[0]
