@@ -103,6 +103,9 @@ def main() -> None:
         "growth of the process's max RSS during the call.\n\n"
         "| classes | dense s | ours s | speed-up | dense peak MiB | ours peak MiB | "
         "memory ratio | max rel. diff |\n|---|---|---|---|---|---|---|---|\n" + "\n".join(rows)
+        + "\n\nThe max relative difference is against the dense float32 product, which itself "
+        "drifts by ~1e-4 over 8 squarings; against a float64 dense product ours agrees to "
+        "~1e-12 (tests/test_irn.py).\n"
     )
     write_section("Random walk: dense reference vs stencil", body)
 
