@@ -40,15 +40,12 @@ def activation_histograms(
 ) -> Path:
     """Histograms of the max activation on GT foreground vs background pixels, one panel per
     map set. ``samples``: name -> (foreground values, background values)."""
-    import matplotlib
+    from matplotlib.figure import Figure
 
-    matplotlib.use("Agg")
-    import matplotlib.pyplot as plt
+    from amnseg.report.plots import save_figure
 
-    from amnseg.io import atomic_path
-
-    figure, axes = plt.subplots(1, len(samples), figsize=(5.2 * len(samples), 3.6), dpi=120,
-                                squeeze=False)
+    figure = Figure(figsize=(5.2 * len(samples), 3.6), dpi=120)
+    axes = figure.subplots(1, len(samples), squeeze=False)
     edges = np.linspace(0, 1, bins + 1)
     for axis, (name, (fg, bg)) in zip(axes[0], samples.items(), strict=True):
         axis.hist(bg, bins=edges, alpha=0.6, density=True, color="#4c72b0",
@@ -62,7 +59,4 @@ def activation_histograms(
         axis.grid(alpha=0.3)
         axis.legend(fontsize=8)
     figure.tight_layout()
-    with atomic_path(path) as tmp:
-        figure.savefig(tmp, format="png")
-    plt.close(figure)
-    return path
+    return save_figure(figure, path)

@@ -21,7 +21,7 @@ FIGSIZE = (7.0, 4.4)
 DPI = 120
 
 
-def _save(figure: Figure, path: str | Path) -> Path:
+def save_figure(figure: Figure, path: str | Path) -> Path:
     path = Path(path)
     with atomic_path(path) as tmp:
         figure.savefig(tmp, format="png", dpi=DPI, bbox_inches="tight")
@@ -84,7 +84,7 @@ def plot_sweep(results: dict[str, dict[str, Any]], path: str | Path) -> Path:
     axis.grid(alpha=0.35)
     # Below the axes: inside, it would hide the low ends of the curves.
     axis.legend(fontsize=8, loc="upper center", bbox_to_anchor=(0.5, -0.14), frameon=False)
-    return _save(figure, path)
+    return save_figure(figure, path)
 
 
 def _bin_edges(results: dict[str, dict[str, Any]]) -> np.ndarray:
@@ -127,4 +127,4 @@ def plot_optimal_threshold_histogram(results: dict[str, dict[str, Any]], path: s
         axis.legend(fontsize=8, framealpha=0.9)
     else:
         axis.text(0.5, 0.5, "no per-image optima", transform=axis.transAxes, ha="center")
-    return _save(figure, path)
+    return save_figure(figure, path)
