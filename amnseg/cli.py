@@ -18,6 +18,7 @@ from rich.table import Table
 from amnseg.config import Config, config_to_dict, load_config
 from amnseg.errors import AmnsegError
 from amnseg.io import save_json
+from amnseg.stages.seeds import seed_settings
 
 app = typer.Typer(
     add_completion=False,
@@ -144,7 +145,7 @@ def make_seeds_command(
     from amnseg.stages.seeds import make_seeds
 
     loaded = _load(config, overrides)
-    fg, bg, default_maps, out_dir = _seed_settings(loaded, source)
+    fg, bg, default_maps, out_dir = seed_settings(loaded, source)
     result = make_seeds(loaded, maps or default_maps, out_dir, fg, bg, workers)
     console.print(f"seeds: [bold]{result}[/bold]")
 
@@ -159,7 +160,7 @@ def train_amn_command(
     from amnseg.stages.amn import train_amn
 
     loaded = _load(config, overrides)
-    path = train_amn(loaded, seeds or _seed_settings(loaded, "cam")[3])
+    path = train_amn(loaded, seeds or seed_settings(loaded, "cam")[3])
     console.print(f"AMN checkpoint: [bold]{path}[/bold]")
 
 
@@ -174,7 +175,7 @@ def make_amn_maps_command(
     from amnseg.stages.amn import make_amn_maps
 
     loaded = _load(config, overrides)
-    out_dir = make_amn_maps(loaded, seeds or _seed_settings(loaded, "cam")[3], checkpoint)
+    out_dir = make_amn_maps(loaded, seeds or seed_settings(loaded, "cam")[3], checkpoint)
     console.print(f"AMN maps: [bold]{out_dir}[/bold]")
 
 
@@ -188,7 +189,7 @@ def train_irn_command(
     from amnseg.stages.irn import train_irn
 
     loaded = _load(config, overrides)
-    path = train_irn(loaded, seeds or _seed_settings(loaded, "amn")[3])
+    path = train_irn(loaded, seeds or seed_settings(loaded, "amn")[3])
     console.print(f"IRN checkpoint: [bold]{path}[/bold]")
 
 
@@ -284,18 +285,6 @@ def generate_demo_command(
     from amnseg.data.demo import ensure_demo
 
     console.print(f"demo data: [bold]{ensure_demo(root, seed=seed)}[/bold]")
-
-
-def _seed_settings(config: Config, source: str) -> tuple[float, float, Path, Path]:
-    """(fg threshold, bg threshold, default map folder, seed folder) of a map source."""
-    run = Path(config.run_dir)
-    if source == "cam":
-        s = config.seeds
-        return s.cam_fg_threshold, s.cam_bg_threshold, run / "cam" / "maps", run / "seeds" / "cam"
-    if source == "amn":
-        s = config.seeds
-        return s.amn_fg_threshold, s.amn_bg_threshold, run / "amn" / "maps", run / "seeds" / "amn"
-    raise AmnsegError(f"--source {source!r}: expected cam or amn")
 
 
 def _class_names(spec: str) -> list[str]:

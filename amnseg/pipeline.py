@@ -131,14 +131,17 @@ def run_cam_maps(config: Config) -> dict[str, Any]:
     return _evaluate_maps(config, "cam", maps, config.cam.eval_threshold)
 
 
-def run_cam_seeds(config: Config) -> dict[str, Any]:
-    from amnseg.stages.seeds import make_seeds
+def _seeds_from(source: str) -> Callable[[Config], dict[str, Any]]:
+    """The stage that makes CRF seeds from the ``source`` (cam or amn) maps."""
 
-    out_dir = _run_dir(config) / "seeds" / "cam"
-    s = config.seeds
-    make_seeds(config, _run_dir(config) / "cam" / "maps", out_dir, s.cam_fg_threshold,
-               s.cam_bg_threshold)
-    return _evaluate_labels(config, "cam_seeds", out_dir)
+    def run(config: Config) -> dict[str, Any]:
+        from amnseg.stages.seeds import make_seeds, seed_settings
+
+        fg, bg, maps, out_dir = seed_settings(config, source)
+        make_seeds(config, maps, out_dir, fg, bg)
+        return _evaluate_labels(config, f"{source}_seeds", out_dir)
+
+    return run
 
 
 def run_amn(config: Config) -> dict[str, Any]:
@@ -155,16 +158,6 @@ def run_amn_maps(config: Config) -> dict[str, Any]:
 
     maps = make_amn_maps(config, _run_dir(config) / "seeds" / "cam")
     return _evaluate_maps(config, "amn", maps, config.amn.eval_threshold)
-
-
-def run_amn_seeds(config: Config) -> dict[str, Any]:
-    from amnseg.stages.seeds import make_seeds
-
-    out_dir = _run_dir(config) / "seeds" / "amn"
-    s = config.seeds
-    make_seeds(config, _run_dir(config) / "amn" / "maps", out_dir, s.amn_fg_threshold,
-               s.amn_bg_threshold)
-    return _evaluate_labels(config, "amn_seeds", out_dir)
 
 
 def run_irn(config: Config) -> dict[str, Any]:
@@ -206,12 +199,14 @@ STAGES: tuple[Stage, ...] = (
           "train the CAM classifier"),
     Stage("cam_maps", run_cam_maps, (*_DATA, "cam.scales", "cam.flip"), ("cam/maps",),
           "multi-scale CAMs"),
-    Stage("cam_seeds", run_cam_seeds, ("seeds.cam_fg_threshold", "seeds.cam_bg_threshold", *_CRF),
+    Stage("cam_seeds", _seeds_from("cam"),
+          ("seeds.cam_fg_threshold", "seeds.cam_bg_threshold", *_CRF),
           ("seeds/cam",), "CRF seeds from CAMs"),
     Stage("amn", run_amn, ("backbone", *_AMN_TRAIN), ("amn/amn.pt", "amn/last.pt",
                                                       "amn/log.jsonl"), "train AMN"),
     Stage("amn_maps", run_amn_maps, ("amn.scales",), ("amn/maps",), "AMN maps"),
-    Stage("amn_seeds", run_amn_seeds, ("seeds.amn_fg_threshold", "seeds.amn_bg_threshold", *_CRF),
+    Stage("amn_seeds", _seeds_from("amn"),
+          ("seeds.amn_fg_threshold", "seeds.amn_bg_threshold", *_CRF),
           ("seeds/amn",), "CRF seeds from AMN maps"),
     Stage("irn", run_irn, ("backbone", *_IRN_TRAIN), ("irn/irn.pt", "irn/last.pt",
                                                       "irn/log.jsonl"), "train IRN"),

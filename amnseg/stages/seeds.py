@@ -95,6 +95,17 @@ def crf_params(config: Config) -> CRFParams:
     )
 
 
+def seed_settings(config: Config, source: str) -> tuple[float, float, Path, Path]:
+    """(fg threshold, bg threshold, map folder, seed folder) for seeds from ``cam`` or ``amn``
+    maps: the run's ``<source>/maps`` become ``seeds/<source>``."""
+    if source not in ("cam", "amn"):
+        raise AmnsegError(f"seed source {source!r}: expected cam or amn")
+    fg = getattr(config.seeds, f"{source}_fg_threshold")
+    bg = getattr(config.seeds, f"{source}_bg_threshold")
+    run = Path(config.run_dir)
+    return fg, bg, run / source / "maps", run / "seeds" / source
+
+
 def make_seeds(
     config: Config,
     maps_dir: Path,
