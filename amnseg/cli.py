@@ -33,6 +33,10 @@ CONFIG_HELP = "Config name in configs/ (voc12, coco14, demo) or a YAML path."
 OVERRIDES_HELP = "key=value overrides, e.g. cam.epochs=3 data.root=/data/voc."
 
 
+def _print_plain(line: str) -> None:
+    console.print(line, markup=False, highlight=False)
+
+
 def _load(config: str, overrides: list[str] | None) -> Config:
     loaded = load_config(config, overrides or [])
     Path(loaded.run_dir).mkdir(parents=True, exist_ok=True)
@@ -55,7 +59,7 @@ def demo_command(
     started = time.perf_counter()
     loaded = _load("demo", overrides)
     console.print(f"demo data: {ensure_demo(Path(loaded.data.root), seed=loaded.seed)}")
-    manifest = run_pipeline(loaded, progress=console.print)
+    manifest = run_pipeline(loaded, progress=_print_plain)
     report = build_report(Path(loaded.run_dir))
     console.print(manifest_table(manifest))
     console.print(summary_table(Path(loaded.run_dir)))
@@ -74,7 +78,7 @@ def run_command(
     from amnseg.pipeline import run_pipeline
 
     loaded = _load(config, overrides)
-    manifest = run_pipeline(loaded, start, stop, progress=console.print)
+    manifest = run_pipeline(loaded, start, stop, progress=_print_plain)
     console.print(manifest_table(manifest))
 
 
