@@ -1,6 +1,7 @@
-"""amnseg checkpoints: weights plus what is needed to rebuild the model and check its fit.
+"""Building the stages' networks and their checkpoints: the one place every stage gets its
+models from (new, from a checkpoint, or from the authors' files).
 
-Layout: ``{"format": "amnseg", "stage": "cam" | "amn" | ..., "class_names": [...],
+Checkpoint layout: ``{"format": "amnseg", "stage": "cam" | "amn" | ..., "class_names": [...],
 "backbone": {...BackboneConfig...}, "model": state_dict, **extra}``; loaded with
 ``weights_only=True`` (no arbitrary unpickling).
 """
@@ -16,7 +17,10 @@ from torch import nn
 from amnseg.config import BackboneConfig
 from amnseg.errors import AmnsegError
 from amnseg.io import load_checkpoint, save_checkpoint
-from amnseg.models.resnet import ResNet
+from amnseg.models.amn import AMN
+from amnseg.models.cam import CAMNet
+from amnseg.models.irn import BoundaryNet
+from amnseg.models.resnet import ResNet, build_backbone
 
 
 def save_model(
@@ -44,7 +48,8 @@ def save_model(
 
 
 def load_model_checkpoint(path: Path, stage: str, class_names: list[str]) -> dict[str, Any]:
-    """Load a checkpoint of ``stage`` (amnseg's or the authors'), checking its class count."""
+    """Load a checkpoint of ``stage`` (amnseg's or the authors'), checking that it was made for
+    exactly ``class_names`` (count, names and order)."""
     checkpoint = load_checkpoint(path)
     if checkpoint.get("format") != "amnseg" and any(k.startswith("resnet50.") for k in checkpoint):
         # An authors' checkpoint: convert it on the fly.
@@ -53,10 +58,16 @@ def load_model_checkpoint(path: Path, stage: str, class_names: list[str]) -> dic
         found = checkpoint.get("stage", "unknown") if checkpoint.get("format") == "amnseg" else None
         what = f"an amnseg {found} checkpoint" if found else "not an amnseg checkpoint"
         raise AmnsegError(f"{path}: expected an amnseg {stage} checkpoint, found {what}")
-    saved = checkpoint["class_names"]
+    saved = list(checkpoint["class_names"])
     if len(saved) != len(class_names):
         raise AmnsegError(
             f"{path}: checkpoint is for {len(saved)} classes, the dataset has {len(class_names)}"
+        )
+    if saved != list(class_names):
+        index = next(i for i, (a, b) in enumerate(zip(saved, class_names, strict=True)) if a != b)
+        raise AmnsegError(
+            f"{path}: checkpoint class {index + 1} is {saved[index]!r}, the dataset's is "
+            f"{class_names[index]!r} (a checkpoint is only valid for its own class list)"
         )
     return checkpoint
 
@@ -68,14 +79,55 @@ def backbone_from_checkpoint(checkpoint: dict[str, Any]) -> ResNet:
         width=saved["width"],
         strides=saved["strides"],
         norm=saved["norm"],
-        freeze_conv1=saved["freeze_conv1"],
+        # checkpoints written before the option's rename call it freeze_conv1
+        freeze_stem=saved.get("freeze_stem", saved.get("freeze_conv1", True)),
     )
+
+
+def new_model(stage: str, backbone: ResNet, num_classes: int, **options: Any) -> nn.Module:
+    """An untrained network of ``stage`` (cam, amn, irn) on ``backbone``."""
+    if stage == "cam":
+        return CAMNet(backbone, num_classes)
+    if stage == "amn":
+        return AMN(backbone, num_classes, **options)
+    if stage == "irn":
+        return BoundaryNet(backbone)
+    raise AmnsegError(f"unknown checkpoint kind {stage!r}: expected cam, amn or irn")
+
+
+def build_model(checkpoint: dict[str, Any]) -> nn.Module:
+    """The model of an amnseg checkpoint, with its weights loaded."""
+    model = new_model(
+        checkpoint["stage"], backbone_from_checkpoint(checkpoint), len(checkpoint["class_names"])
+    )
+    model.load_state_dict(checkpoint["model"])
+    return model
+
+
+def load_model(path: Path, stage: str, class_names: list[str]) -> nn.Module:
+    """The trained network of ``stage`` in ``path`` (amnseg's or the authors' checkpoint)."""
+    return build_model(load_model_checkpoint(path, stage, class_names))
+
+
+def initial_backbone(
+    backbone: BackboneConfig, source: str, stage: str, cam_checkpoint: Path,
+    class_names: list[str],
+) -> ResNet:
+    """The backbone a later stage starts from: ``imagenet`` (the reference: ``backbone``'s
+    weights, i.e. ImageNet when ``backbone.pretrained`` is set) or ``cam`` (the trained CAM
+    classifier's backbone, ``cam_checkpoint``; for data far from ImageNet or without ImageNet
+    weights)."""
+    if source == "imagenet":
+        return build_backbone(backbone)
+    if source == "cam":
+        return load_model(cam_checkpoint, "cam", class_names).backbone
+    raise AmnsegError(f"{stage}.backbone_init={source!r}: expected imagenet or cam")
 
 
 # --- the authors' checkpoints (res50_cam.pth, res50_amn.pth, res50_irn.pth) ----------------
 
 REFERENCE_BACKBONE = BackboneConfig(depth=50, width=1.0, strides=[2, 2, 2, 1], norm="frozen",
-                                    freeze_conv1=True, pretrained=None)
+                                    freeze_stem=True, pretrained=None)
 # Canonical key prefixes of each reference file -> ours. Everything else in those files is an
 # alias (stage*, backbone.*, newly_added.*, edge_layers.*, ...) or an instance-segmentation part
 # we do not use (displacement branch, path index buffers).
@@ -85,29 +137,6 @@ REFERENCE_PREFIXES: dict[str, dict[str, str]] = {
     "irn": {"resnet50.": "backbone.", **{f"fc_edge{i}.": f"fc_edge{i}." for i in range(1, 7)}},
 }
 UNUSED_PREFIXES = ("fc_dp", "dp_layers.", "mean_shift.", "path_indices", "disp_target")
-
-
-def _build_model(stage: str, backbone: ResNet, num_classes: int) -> nn.Module:
-    from amnseg.models.amn import AMN
-    from amnseg.models.cam import CAMNet
-    from amnseg.models.irn import BoundaryNet
-
-    if stage == "cam":
-        return CAMNet(backbone, num_classes)
-    if stage == "amn":
-        return AMN(backbone, num_classes)
-    if stage == "irn":
-        return BoundaryNet(backbone)
-    raise AmnsegError(f"unknown checkpoint kind {stage!r}: expected cam, amn or irn")
-
-
-def build_model(checkpoint: dict[str, Any]) -> nn.Module:
-    """The model of an amnseg checkpoint, with its weights loaded."""
-    model = _build_model(
-        checkpoint["stage"], backbone_from_checkpoint(checkpoint), len(checkpoint["class_names"])
-    )
-    model.load_state_dict(checkpoint["model"])
-    return model
 
 
 def reference_class_count(stage: str, state: dict[str, Any]) -> int | None:
@@ -159,7 +188,7 @@ def import_reference(
             raise AmnsegError(
                 f"{source}: aliased tensor {key} matches no canonical tensor (corrupt file?)"
             )
-    model = _build_model(stage, ResNet(depth=50), len(class_names))
+    model = new_model(stage, ResNet(depth=50), len(class_names))
     expected = model.state_dict()
     missing = sorted(k for k in expected if k not in canonical)
     if missing:

@@ -18,7 +18,7 @@ from rich.table import Table
 from amnseg.config import Config, config_to_dict, load_config
 from amnseg.errors import AmnsegError
 from amnseg.io import save_json
-from amnseg.stages.seeds import seed_settings
+from amnseg.layout import MAP_SOURCES
 
 app = typer.Typer(
     add_completion=False,
@@ -111,106 +111,34 @@ def report_command(
         console.print(f"screenshot: [bold]{screenshot(page, png)}[/bold]")
 
 
-@app.command("train-cam")
-def train_cam_command(
-    config: str = typer.Argument(..., help=CONFIG_HELP),
-    overrides: list[str] = typer.Argument(None, help=OVERRIDES_HELP),
-) -> None:
-    """Train the CAM classifier on image-level labels (resumes from the last epoch)."""
-    from amnseg.stages.cam import train_cam
+def _stage_command(stage_name: str):
+    """The command that runs one pipeline stage (recorded in the run's manifest like
+    ``amnseg run``; its inputs must exist)."""
 
-    path = train_cam(_load(config, overrides))
-    console.print(f"CAM checkpoint: [bold]{path}[/bold]")
+    def command(
+        config: str = typer.Argument(..., help=CONFIG_HELP),
+        overrides: list[str] = typer.Argument(None, help=OVERRIDES_HELP),
+    ) -> None:
+        from amnseg.pipeline import run_pipeline
 
+        manifest = run_pipeline(
+            _load(config, overrides), stage_name, stage_name, progress=_print_plain,
+            require_upstream=False,
+        )
+        console.print(manifest_table(manifest))
 
-@app.command("make-cam")
-def make_cam_command(
-    config: str = typer.Argument(..., help=CONFIG_HELP),
-    overrides: list[str] = typer.Argument(None, help=OVERRIDES_HELP),
-    checkpoint: Path = typer.Option(None, help="CAM checkpoint (default: <run_dir>/cam/cam.pt)."),
-) -> None:
-    """Write multi-scale + flip CAMs of the inference split (resumes per image)."""
-    from amnseg.stages.cam import make_cams
-
-    out_dir = make_cams(_load(config, overrides), checkpoint)
-    console.print(f"CAM maps: [bold]{out_dir}[/bold]")
+    return command
 
 
-@app.command("make-seeds")
-def make_seeds_command(
-    config: str = typer.Argument(..., help=CONFIG_HELP),
-    overrides: list[str] = typer.Argument(None, help=OVERRIDES_HELP),
-    source: str = typer.Option("cam", help="Which maps: cam (thresholds 0.30/0.05) or amn "
-                               "(0.45/0.15); the thresholds are seeds.* options."),
-    maps: Path = typer.Option(None, help="Score map folder (default: the run's <source>/maps)."),
-    workers: int = typer.Option(None, help="CRF processes (default: seeds.workers, 0 = cores)."),
-) -> None:
-    """Seed labels from score maps: two thresholds + dense CRF (resumes per image)."""
-    from amnseg.stages.seeds import make_seeds
+def _register_stage_commands() -> None:
+    from amnseg.pipeline import STAGES
 
-    loaded = _load(config, overrides)
-    fg, bg, default_maps, out_dir = seed_settings(loaded, source)
-    result = make_seeds(loaded, maps or default_maps, out_dir, fg, bg, workers)
-    console.print(f"seeds: [bold]{result}[/bold]")
+    for stage in STAGES:
+        app.command(stage.command, help=f"Stage {stage.name}: {stage.description} (resumable; "
+                    "`amnseg run --from/--to` runs several).")(_stage_command(stage.name))
 
 
-@app.command("train-amn")
-def train_amn_command(
-    config: str = typer.Argument(..., help=CONFIG_HELP),
-    overrides: list[str] = typer.Argument(None, help=OVERRIDES_HELP),
-    seeds: Path = typer.Option(None, help="CAM seed folder (default: <run_dir>/seeds/cam)."),
-) -> None:
-    """Train the activation manipulation network on CAM seeds (resumes from the last epoch)."""
-    from amnseg.stages.amn import train_amn
-
-    loaded = _load(config, overrides)
-    path = train_amn(loaded, seeds or seed_settings(loaded, "cam")[3])
-    console.print(f"AMN checkpoint: [bold]{path}[/bold]")
-
-
-@app.command("make-amn-maps")
-def make_amn_maps_command(
-    config: str = typer.Argument(..., help=CONFIG_HELP),
-    overrides: list[str] = typer.Argument(None, help=OVERRIDES_HELP),
-    seeds: Path = typer.Option(None, help="CAM seed folder (default: <run_dir>/seeds/cam)."),
-    checkpoint: Path = typer.Option(None, help="AMN checkpoint (default: <run_dir>/amn/amn.pt)."),
-) -> None:
-    """Write multi-scale + flip AMN maps (eval mode, deterministic; resumes per image)."""
-    from amnseg.stages.amn import make_amn_maps
-
-    loaded = _load(config, overrides)
-    out_dir = make_amn_maps(loaded, seeds or seed_settings(loaded, "cam")[3], checkpoint)
-    console.print(f"AMN maps: [bold]{out_dir}[/bold]")
-
-
-@app.command("train-irn")
-def train_irn_command(
-    config: str = typer.Argument(..., help=CONFIG_HELP),
-    overrides: list[str] = typer.Argument(None, help=OVERRIDES_HELP),
-    seeds: Path = typer.Option(None, help="AMN seed folder (default: <run_dir>/seeds/amn)."),
-) -> None:
-    """Train IRN's boundary branch on pair labels from the AMN seeds."""
-    from amnseg.stages.irn import train_irn
-
-    loaded = _load(config, overrides)
-    path = train_irn(loaded, seeds or seed_settings(loaded, "amn")[3])
-    console.print(f"IRN checkpoint: [bold]{path}[/bold]")
-
-
-@app.command("make-masks")
-def make_masks_command(
-    config: str = typer.Argument(..., help=CONFIG_HELP),
-    overrides: list[str] = typer.Argument(None, help=OVERRIDES_HELP),
-    maps: Path = typer.Option(None, help="AMN map folder (default: <run_dir>/amn/maps)."),
-    checkpoint: Path = typer.Option(None, help="IRN checkpoint (default: <run_dir>/irn/irn.pt)."),
-) -> None:
-    """Random-walk the AMN maps into the final pseudo masks (VOC-palette PNGs)."""
-    from amnseg.stages.amn import maps_dir as amn_maps_dir
-    from amnseg.stages.irn import make_masks
-
-    loaded = _load(config, overrides)
-    out_dir = make_masks(loaded, maps or amn_maps_dir(loaded), checkpoint)
-    console.print(f"pseudo masks: [bold]{out_dir}[/bold]")
+_register_stage_commands()
 
 
 @app.command("eval")
@@ -218,12 +146,16 @@ def eval_command(
     config: str = typer.Argument(..., help=CONFIG_HELP),
     overrides: list[str] = typer.Argument(None, help=OVERRIDES_HELP),
     maps: Path = typer.Option(..., help="Folder of <stem>.npz score maps (e.g. runs/x/cam/maps)."),
-    threshold: float = typer.Option(None, help="Threshold (default: cam.eval_threshold)"),
-    name: str = typer.Option("cam", help="Name of this map set in outputs."),
+    kind: str = typer.Option(None, help="cam or amn: which eval_threshold is the default "
+                             "(default: from the folder, <run>/<kind>/maps)."),
+    threshold: float = typer.Option(None, help="Threshold (default: <kind>.eval_threshold)."),
+    name: str = typer.Option(None, help="Name of this map set in outputs (default: kind)."),
 ) -> None:
     """mIoU of score maps at one threshold, plus the threshold sweep and per-image optima."""
     loaded = _load(config, overrides)
-    result = _evaluate(loaded, name, maps, threshold)
+    kind = map_kind(maps, kind)
+    name = name or kind
+    result = _evaluate(loaded, name, maps, _threshold(loaded, kind, threshold))
     console.print(
         f"{name}: mIoU {100 * result['miou_at_threshold']:.2f} at threshold "
         f"{result['threshold']:.2f}; best {100 * result['best_miou']:.2f} at "
@@ -246,7 +178,8 @@ def sweep_command(
         name, sep, folder = item.partition("=")
         if not sep or not name or not folder:
             raise AmnsegError(f"--maps {item!r}: expected NAME=FOLDER")
-        results[name] = _evaluate(loaded, name, Path(folder), None)
+        kind = map_kind(Path(folder), name.lower() if name.lower() in MAP_SOURCES else None)
+        results[name] = _evaluate(loaded, name, Path(folder), _threshold(loaded, kind, None))
     paths = _plot(loaded, results)
     console.print(sweep_table(results))
     for path in paths:
@@ -337,7 +270,22 @@ def summary_table(run_dir: Path) -> Table:
     return table
 
 
-def _evaluate(config: Config, name: str, maps: Path, threshold: float | None) -> dict:
+def map_kind(folder: Path, given: str | None) -> str:
+    """``cam`` or ``amn``: ``given``, else the folder's kind when it is ``<run>/<kind>/maps``,
+    else ``cam``."""
+    if given is not None:
+        if given not in MAP_SOURCES:
+            raise AmnsegError(f"--kind {given}: expected one of {', '.join(MAP_SOURCES)}")
+        return given
+    parent = Path(folder).resolve().parent.name
+    return parent if parent in MAP_SOURCES else "cam"
+
+
+def _threshold(config: Config, kind: str, given: float | None) -> float:
+    return getattr(config, kind).eval_threshold if given is None else given
+
+
+def _evaluate(config: Config, name: str, maps: Path, threshold: float) -> dict:
     from amnseg.data import build_dataset
     from amnseg.stages.evaluate import evaluate_maps
 
@@ -348,7 +296,7 @@ def _evaluate(config: Config, name: str, maps: Path, threshold: float | None) ->
         config.eval.thresholds(),
         Path(config.run_dir) / "eval",
         name=name,
-        threshold=config.cam.eval_threshold if threshold is None else threshold,
+        threshold=threshold,
         robust_range=tuple(config.eval.robust_range),
     )
 

@@ -27,8 +27,11 @@ class DataConfig:
 
     kind: str = "voc"  # voc | coco | folder
     root: str = "data/VOCdevkit/VOC2012"
-    train_split: str = "train_aug"  # the classifiers train on this split
-    infer_split: str = "train"  # maps, seeds and pseudo masks are made (and evaluated) on this one
+    # As in the reference: CAM, AMN and IRN train on train_split, and maps, seeds and pseudo
+    # masks are made for every image of train_split and infer_split (the networks' training
+    # seeds, and the segmentation stage's masks); evaluation uses infer_split.
+    train_split: str = "train_aug"
+    infer_split: str = "train"
     val_split: str = "val"
     aug_mask_dir: str = "SegmentationClassAug"  # VOC: SBD masks for train_aug
     semantic_dir: str | None = None  # COCO: folder of precomputed semantic PNGs (optional)
@@ -42,9 +45,14 @@ class BackboneConfig:
     depth: int = 50
     width: float = 1.0
     strides: list[int] = field(default_factory=lambda: [2, 2, 2, 1])
-    norm: str = "frozen"  # frozen: BatchNorm always uses running stats (reference); batch: trains
-    freeze_conv1: bool = True  # the reference never trains conv1
-    pretrained: str | None = None  # path to ImageNet weights, "hub" for the torch hub cache
+    # frozen: BatchNorm normalises with its running statistics, which never change, while its
+    # affine gamma/beta train like any weight (the reference); batch: ordinary BatchNorm.
+    norm: str = "frozen"
+    freeze_stem: bool = True  # conv1 and bn1 never train in the reference
+    # ImageNet weights (torchvision layout): a file path, "hub" (torchvision's reference file
+    # from the torch hub cache, downloaded and hash-checked on first use), a URL, or null
+    # (random init).
+    pretrained: str | None = None
 
 
 @dataclass
@@ -70,6 +78,22 @@ class CamConfig:
 
 
 @dataclass
+class CrfConfig:
+    """Dense CRF kernels (pydensecrf's ``addPairwiseGaussian`` / ``addPairwiseBilateral``).
+
+    Defaults: the seed CRF of METHOD.md section 3 (unary from hard labels with ``gt_prob``).
+    """
+
+    iterations: int = 10
+    gt_prob: float = 0.7  # confidence of the hard label in "unary from labels"
+    gaussian_sxy: float = 3.0
+    gaussian_compat: float = 3.0
+    bilateral_sxy: float = 50.0
+    bilateral_srgb: float = 5.0
+    bilateral_compat: float = 10.0
+
+
+@dataclass
 class SeedsConfig:
     """Stage "seeds": two thresholds + dense CRF (METHOD.md section 3)."""
 
@@ -77,13 +101,7 @@ class SeedsConfig:
     cam_bg_threshold: float = 0.05
     amn_fg_threshold: float = 0.45  # seeds from AMN maps, to train IRN
     amn_bg_threshold: float = 0.15
-    crf_iterations: int = 10
-    crf_gt_prob: float = 0.7
-    crf_gaussian_sxy: float = 3.0
-    crf_gaussian_compat: float = 3.0
-    crf_bilateral_sxy: float = 50.0
-    crf_bilateral_srgb: float = 5.0
-    crf_bilateral_compat: float = 10.0
+    crf: CrfConfig = field(default_factory=CrfConfig)
     workers: int = 0  # CRF worker processes; 0 = one per CPU core
 
 

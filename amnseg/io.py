@@ -6,9 +6,10 @@ so a killed run never leaves a half-written file under a final name.
 
 from __future__ import annotations
 
+import io
 import json
 import os
-import tempfile
+import uuid
 from collections.abc import Iterator
 from contextlib import contextmanager
 from dataclasses import dataclass
@@ -21,21 +22,22 @@ from PIL import Image
 
 from amnseg.errors import AmnsegError
 
-_UMASK = os.umask(0)
-os.umask(_UMASK)
+TEMP_SUFFIX = ".tmp"
 
 
 @contextmanager
 def atomic_path(path: str | Path) -> Iterator[Path]:
-    """Yield a temporary path beside ``path``; on success rename it to ``path``."""
+    """Yield a temporary path beside ``path``; on success rename it to ``path``.
+
+    The temporary file is created like any other output (mode 0666 minus the umask, unlike
+    ``tempfile.mkstemp``'s 0600), so the final file gets the usual permissions.
+    """
     path = Path(path)
     path.parent.mkdir(parents=True, exist_ok=True)
-    fd, tmp_name = tempfile.mkstemp(prefix=f".{path.name}.", suffix=".tmp", dir=path.parent)
-    os.close(fd)
-    tmp = Path(tmp_name)
+    tmp = path.parent / f".{path.name}.{uuid.uuid4().hex[:12]}{TEMP_SUFFIX}"
+    os.close(os.open(tmp, os.O_CREAT | os.O_EXCL | os.O_WRONLY, 0o666))
     try:
         yield tmp
-        os.chmod(tmp, 0o666 & ~_UMASK)  # mkstemp creates 0600; give outputs the usual mode
         os.replace(tmp, path)
     finally:
         if tmp.exists():
@@ -70,8 +72,12 @@ def _json_default(obj: Any) -> Any:
 
 
 def save_checkpoint(path: str | Path, checkpoint: dict[str, Any]) -> None:
+    """``torch.save`` through memory: saved to a file, torch's zip names its inner folder after
+    the (random) temporary file, so identical checkpoints would differ byte for byte."""
+    buffer = io.BytesIO()
+    torch.save(checkpoint, buffer)
     with atomic_path(path) as tmp:
-        torch.save(checkpoint, tmp)
+        tmp.write_bytes(buffer.getbuffer())
 
 
 def load_checkpoint(path: str | Path) -> dict[str, Any]:

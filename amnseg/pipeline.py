@@ -9,7 +9,7 @@ interrupted (status ``running`` with the same fingerprint) resumes: map, seed an
 skip the images already written, training stages restart from their last epoch checkpoint.
 
 To add a stage: write its function ``(config) -> metrics`` and append a ``Stage`` to
-``STAGES`` with the config options it reads and the folders it owns.
+``STAGES`` with its command name, the config options it reads and the paths it owns.
 """
 
 from __future__ import annotations
@@ -23,9 +23,27 @@ from dataclasses import dataclass
 from pathlib import Path
 from typing import Any
 
+from amnseg.checkpoints import load_model_checkpoint
 from amnseg.config import Config, config_to_dict
+from amnseg.data import build_dataset
+from amnseg.data.base import SegDataset
 from amnseg.errors import AmnsegError
-from amnseg.io import load_json, save_json
+from amnseg.io import load_json, save_checkpoint, save_json
+from amnseg.layout import (
+    checkpoint_path,
+    eval_dir,
+    log_path,
+    maps_dir,
+    masks_dir,
+    seeds_dir,
+    training_state_path,
+)
+from amnseg.stages.amn import make_amn_maps, train_amn
+from amnseg.stages.cam import make_cams, train_cam
+from amnseg.stages.common import processed_images
+from amnseg.stages.evaluate import evaluate_label_maps, evaluate_maps
+from amnseg.stages.irn import make_masks, train_irn
+from amnseg.stages.seeds import make_seeds
 
 MANIFEST = "manifest.json"
 
@@ -33,9 +51,10 @@ MANIFEST = "manifest.json"
 @dataclass(frozen=True)
 class Stage:
     name: str
+    command: str  # the CLI command that runs this stage alone
     run: Callable[[Config], dict[str, Any]]
     options: tuple[str, ...]  # dotted config keys (or whole sections) the outputs depend on
-    outputs: tuple[str, ...]  # folders/files under the run folder that this stage owns
+    outputs: Callable[[Config], tuple[Path, ...]]  # the files/folders this stage owns
     description: str
 
 
@@ -53,137 +72,96 @@ def fingerprint(stage: Stage, config: Config, upstream: str) -> str:
 
 
 # --- the stages ---------------------------------------------------------------------------
-# Each returns metrics for the manifest; evaluation runs where ground-truth masks exist.
+# Each returns metrics for the manifest; evaluation runs on data.infer_split when it has
+# ground-truth masks.
 
 
-def _run_dir(config: Config) -> Path:
-    return Path(config.run_dir)
+def _evaluated_images(config: Config) -> SegDataset | None:
+    dataset = build_dataset(config.data, config.data.infer_split)
+    return dataset if dataset.has_masks else None
 
 
-def _has_masks(config: Config) -> bool:
-    from amnseg.data import build_dataset
-
-    return build_dataset(config.data, config.data.infer_split).has_masks
-
-
-def _evaluate_maps(config: Config, name: str, maps: Path, threshold: float) -> dict[str, Any]:
-    if not _has_masks(config):
+def _evaluate_maps(config: Config, source: str) -> dict[str, Any]:
+    dataset = _evaluated_images(config)
+    if dataset is None:
         return {}
-    from amnseg.data import build_dataset
-    from amnseg.stages.evaluate import evaluate_maps
-
     result = evaluate_maps(
-        maps,
-        build_dataset(config.data, config.data.infer_split),
+        maps_dir(config, source),
+        dataset,
         config.eval.thresholds(),
-        _run_dir(config) / "eval",
-        name=name,
-        threshold=threshold,
+        eval_dir(config),
+        name=source,
+        threshold=getattr(config, source).eval_threshold,
         robust_range=tuple(config.eval.robust_range),
     )
     return {
-        f"{name}_miou_at_threshold": result["miou_at_threshold"],
-        f"{name}_best_miou": result["best_miou"],
-        f"{name}_best_threshold": result["best_threshold"],
+        f"{source}_miou_at_threshold": result["miou_at_threshold"],
+        f"{source}_best_miou": result["best_miou"],
+        f"{source}_best_threshold": result["best_threshold"],
     }
 
 
 def _evaluate_labels(config: Config, name: str, folder: Path) -> dict[str, Any]:
-    if not _has_masks(config):
+    dataset = _evaluated_images(config)
+    if dataset is None:
         return {}
-    from amnseg.data import build_dataset
-    from amnseg.stages.evaluate import evaluate_label_maps
-
-    result = evaluate_label_maps(
-        folder, build_dataset(config.data, config.data.infer_split),
-        _run_dir(config) / "eval", name=name,
-    )
+    result = evaluate_label_maps(folder, dataset, eval_dir(config), name=name)
     return {f"{name}_miou": result["miou"]}
 
 
-def _use_given_checkpoint(config: Config, stage: str, given: str) -> dict[str, Any]:
-    """Import a given checkpoint (either format) to the stage's default place: no training."""
-    from amnseg.checkpoints import load_model_checkpoint
-    from amnseg.data import build_dataset
-    from amnseg.io import save_checkpoint
-    from amnseg.stages import checkpoint_path
-
-    class_names = build_dataset(config.data, config.data.infer_split).class_names
-    checkpoint = load_model_checkpoint(Path(given), stage, class_names)
-    checkpoint["class_names"] = list(class_names)
-    save_checkpoint(checkpoint_path(config, stage), checkpoint)
-    return {"checkpoint": given}
-
-
-def run_cam(config: Config) -> dict[str, Any]:
-    from amnseg.stages.cam import train_cam
-
-    if config.cam.checkpoint:
-        return _use_given_checkpoint(config, "cam", config.cam.checkpoint)
-    train_cam(config)
-    return {}
-
-
-def run_cam_maps(config: Config) -> dict[str, Any]:
-    from amnseg.stages.cam import make_cams
-
-    maps = make_cams(config)
-    return _evaluate_maps(config, "cam", maps, config.cam.eval_threshold)
-
-
-def _seeds_from(source: str) -> Callable[[Config], dict[str, Any]]:
-    """The stage that makes CRF seeds from the ``source`` (cam or amn) maps."""
+def _training(stage: str, train: Callable[[Config], Path]) -> Callable[[Config], dict]:
+    """A training stage: ``train(config)``, or, when ``<stage>.checkpoint`` is given, that
+    checkpoint (either format) checked against the dataset and copied into place."""
 
     def run(config: Config) -> dict[str, Any]:
-        from amnseg.stages.seeds import make_seeds, seed_settings
-
-        fg, bg, maps, out_dir = seed_settings(config, source)
-        make_seeds(config, maps, out_dir, fg, bg)
-        return _evaluate_labels(config, f"{source}_seeds", out_dir)
+        given = getattr(config, stage).checkpoint
+        dataset = build_dataset(config.data, config.data.train_split)
+        if given:
+            checkpoint = load_model_checkpoint(Path(given), stage, dataset.class_names)
+            save_checkpoint(checkpoint_path(config, stage), checkpoint)
+            return {"checkpoint": given}
+        train(config)
+        return {"train_split": config.data.train_split, "train_images": len(dataset)}
 
     return run
 
 
-def run_amn(config: Config) -> dict[str, Any]:
-    from amnseg.stages.amn import train_amn
+def _maps(source: str, make: Callable[[Config], Path]) -> Callable[[Config], dict]:
+    def run(config: Config) -> dict[str, Any]:
+        make(config)
+        return {"images": len(processed_images(config)), **_evaluate_maps(config, source)}
 
-    if config.amn.checkpoint:
-        return _use_given_checkpoint(config, "amn", config.amn.checkpoint)
-    train_amn(config, _run_dir(config) / "seeds" / "cam")
-    return {}
-
-
-def run_amn_maps(config: Config) -> dict[str, Any]:
-    from amnseg.stages.amn import make_amn_maps
-
-    maps = make_amn_maps(config, _run_dir(config) / "seeds" / "cam")
-    return _evaluate_maps(config, "amn", maps, config.amn.eval_threshold)
+    return run
 
 
-def run_irn(config: Config) -> dict[str, Any]:
-    from amnseg.stages.irn import train_irn
+def _seed_stage(source: str, description: str) -> Stage:
+    """The stage that makes CRF seeds from the ``source`` (cam or amn) maps."""
 
-    if config.irn.checkpoint:
-        return _use_given_checkpoint(config, "irn", config.irn.checkpoint)
-    train_irn(config, _run_dir(config) / "seeds" / "amn")
-    return {}
+    def run(config: Config) -> dict[str, Any]:
+        out_dir = make_seeds(config, source)
+        return _evaluate_labels(config, f"{source}_seeds", out_dir)
 
-
-def run_masks(config: Config) -> dict[str, Any]:
-    from amnseg.stages.irn import make_masks
-
-    out_dir = make_masks(config, _run_dir(config) / "amn" / "maps")
-    return _evaluate_labels(config, "pseudo_masks", out_dir)
+    options = (f"seeds.{source}_fg_threshold", f"seeds.{source}_bg_threshold", "seeds.crf")
+    return Stage(f"{source}_seeds", f"make-{source}-seeds", run, options,
+                 lambda config: (seeds_dir(config, source),), description)
 
 
-_DATA = ("seed", "data.kind", "data.root", "data.infer_split", "data.aug_mask_dir",
-         "data.semantic_dir")
-_CRF = tuple(f"seeds.crf_{name}" for name in (
-    "iterations", "gt_prob", "gaussian_sxy", "gaussian_compat", "bilateral_sxy",
-    "bilateral_srgb", "bilateral_compat"))
+def _masks(config: Config) -> dict[str, Any]:
+    out_dir = make_masks(config)
+    return {"images": len(processed_images(config)),
+            **_evaluate_labels(config, "pseudo_masks", out_dir)}
+
+
+def _training_outputs(stage: str) -> Callable[[Config], tuple[Path, ...]]:
+    return lambda config: (checkpoint_path(config, stage), training_state_path(config, stage),
+                           log_path(config, stage))
+
+
+_DATA = ("seed", "data.kind", "data.root", "data.train_split", "data.infer_split",
+         "data.aug_mask_dir", "data.semantic_dir")
 _CAM_TRAIN = tuple(f"cam.{name}" for name in (
     "epochs", "batch_size", "lr", "head_lr_mult", "weight_decay", "momentum", "poly_power",
-    "resize_long", "crop_size", "checkpoint"))
+    "resize_long", "crop_size", "flip", "checkpoint"))
 _AMN_TRAIN = tuple(f"amn.{name}" for name in (
     "epochs", "batch_size", "backbone_lr", "head_lr", "weight_decay", "label_smoothing",
     "dropout", "crop_size", "rescale", "flip", "backbone_init", "checkpoint"))
@@ -194,23 +172,23 @@ _IRN_WALK = tuple(f"irn.{name}" for name in (
     "infer_pad_size", "walk_radius", "beta", "exp_times", "cam_power", "bg_threshold"))
 
 STAGES: tuple[Stage, ...] = (
-    Stage("cam", run_cam, ("seed", "data.kind", "data.root", "data.train_split", "backbone",
-                           *_CAM_TRAIN), ("cam/cam.pt", "cam/last.pt", "cam/log.jsonl"),
-          "train the CAM classifier"),
-    Stage("cam_maps", run_cam_maps, (*_DATA, "cam.scales", "cam.flip"), ("cam/maps",),
-          "multi-scale CAMs"),
-    Stage("cam_seeds", _seeds_from("cam"),
-          ("seeds.cam_fg_threshold", "seeds.cam_bg_threshold", *_CRF),
-          ("seeds/cam",), "CRF seeds from CAMs"),
-    Stage("amn", run_amn, ("backbone", *_AMN_TRAIN), ("amn/amn.pt", "amn/last.pt",
-                                                      "amn/log.jsonl"), "train AMN"),
-    Stage("amn_maps", run_amn_maps, ("amn.scales",), ("amn/maps",), "AMN maps"),
-    Stage("amn_seeds", _seeds_from("amn"),
-          ("seeds.amn_fg_threshold", "seeds.amn_bg_threshold", *_CRF),
-          ("seeds/amn",), "CRF seeds from AMN maps"),
-    Stage("irn", run_irn, ("backbone", *_IRN_TRAIN), ("irn/irn.pt", "irn/last.pt",
-                                                      "irn/log.jsonl"), "train IRN"),
-    Stage("masks", run_masks, _IRN_WALK, ("irn/masks",), "random walk -> pseudo masks"),
+    Stage("cam", "train-cam", _training("cam", train_cam), (*_DATA, "backbone", *_CAM_TRAIN),
+          _training_outputs("cam"), "train the CAM classifier on data.train_split"),
+    Stage("cam_maps", "make-cam", _maps("cam", make_cams), ("cam.scales", "cam.flip"),
+          lambda config: (maps_dir(config, "cam"),), "multi-scale CAMs"),
+    _seed_stage("cam", "CRF seeds from CAMs"),
+    Stage("amn", "train-amn", _training("amn", lambda c: train_amn(c, seeds_dir(c, "cam"))),
+          ("backbone", *_AMN_TRAIN), _training_outputs("amn"),
+          "train AMN on the CAM seeds of data.train_split"),
+    Stage("amn_maps", "make-amn-maps",
+          _maps("amn", lambda c: make_amn_maps(c, seeds_dir(c, "cam"))), ("amn.scales",),
+          lambda config: (maps_dir(config, "amn"),), "AMN maps"),
+    _seed_stage("amn", "CRF seeds from AMN maps"),
+    Stage("irn", "train-irn", _training("irn", lambda c: train_irn(c, seeds_dir(c, "amn"))),
+          ("backbone", *_IRN_TRAIN), _training_outputs("irn"),
+          "train IRN on the AMN seeds of data.train_split"),
+    Stage("masks", "make-masks", _masks, _IRN_WALK, lambda config: (masks_dir(config),),
+          "random walk -> pseudo masks"),
 )
 STAGE_NAMES = tuple(stage.name for stage in STAGES)
 
@@ -220,9 +198,8 @@ def load_manifest(run_dir: Path) -> dict[str, Any]:
     return load_json(path) if path.is_file() else {"stages": {}}
 
 
-def _clear_outputs(run_dir: Path, stage: Stage) -> None:
-    for relative in stage.outputs:
-        path = run_dir / relative
+def _clear_outputs(config: Config, stage: Stage) -> None:
+    for path in stage.outputs(config):
         if path.is_dir():
             shutil.rmtree(path)
         elif path.exists():
@@ -234,8 +211,14 @@ def run_pipeline(
     start: str | None = None,
     stop: str | None = None,
     progress: Callable[[str], None] = print,
+    require_upstream: bool = True,
 ) -> dict[str, Any]:
-    """Run (or skip) the stages from ``start`` to ``stop``; returns the manifest."""
+    """Run (or skip) the stages from ``start`` to ``stop``; returns the manifest.
+
+    With ``require_upstream`` (``amnseg run --from``), the stages before ``start`` must be done
+    with this config; without it (a single stage's own command), a stage whose inputs are
+    missing says so when it reads them.
+    """
     for name in (start, stop):
         if name is not None and name not in STAGE_NAMES:
             raise AmnsegError(f"unknown stage {name!r}; stages: {', '.join(STAGE_NAMES)}")
@@ -253,7 +236,8 @@ def run_pipeline(
         record = records.get(stage.name, {})
         same = record.get("fingerprint") == stage_hash
         if index < first or index > last:
-            if index < first and not (same and record.get("status") == "done"):
+            done = same and record.get("status") == "done"
+            if index < first and require_upstream and not done:
                 raise AmnsegError(
                     f"{run_dir}: stage {stage.name} is not done with this config; "
                     f"run without --from (or --from {stage.name}) first"
@@ -263,7 +247,7 @@ def run_pipeline(
             progress(f"[skip] {stage.name}: up to date")
             continue
         if not same:
-            _clear_outputs(run_dir, stage)
+            _clear_outputs(config, stage)
             # Everything downstream depended on the old outputs.
             for later in STAGES[index + 1:]:
                 records.pop(later.name, None)

@@ -1,5 +1,5 @@
 """What every training stage shares: device choice, seeding, the poly schedule, per-sample
-augmentation randomness, epoch checkpoints with resume, and JSON-lines logs."""
+augmentation randomness, the training step, epoch checkpoints with resume, and JSON-lines logs."""
 
 from __future__ import annotations
 
@@ -13,9 +13,12 @@ import numpy as np
 import torch
 from tqdm import tqdm
 
+from amnseg.config import config_to_dict
+from amnseg.data import build_dataset
 from amnseg.data.base import SegDataset
 from amnseg.errors import AmnsegError
-from amnseg.io import append_jsonl, load_checkpoint, save_checkpoint
+from amnseg.io import append_jsonl, load_checkpoint, save_checkpoint, save_json
+from amnseg.layout import log_path, stage_dir, training_state_path
 
 
 def resolve_device(spec: str) -> torch.device:
@@ -32,6 +35,12 @@ def seed_everything(seed: int) -> None:
     random.seed(seed)
     np.random.seed(seed)
     torch.manual_seed(seed)
+
+
+def epoch_seed(seed: int, epoch: int) -> int:
+    """The seed of the global RNGs (dropout, ...) during ``epoch``: a resumed run that restarts
+    an epoch draws exactly what an uninterrupted one drew."""
+    return int(np.random.SeedSequence([seed, epoch]).generate_state(1)[0])
 
 
 def poly_lr_lambda(max_step: int, power: float) -> Callable[[int], float]:
@@ -128,11 +137,7 @@ def log_metrics(path: Path, record: dict[str, Any]) -> None:
 def start_stage(config: Any, stage: str, split: str) -> tuple[Path, torch.device, SegDataset]:
     """Common start of a training stage: its folder (with the config as JSON), seeded RNGs,
     the device and the dataset of ``split``."""
-    from amnseg.config import config_to_dict
-    from amnseg.data import build_dataset
-    from amnseg.io import save_json
-
-    out_dir = Path(config.run_dir) / stage
+    out_dir = stage_dir(config, stage)
     out_dir.mkdir(parents=True, exist_ok=True)
     save_json(out_dir / "config.json", config_to_dict(config))
     seed_everything(config.seed)
@@ -146,6 +151,23 @@ def tensorboard_writer(folder: Path):
     except ImportError:
         return None
     return SummaryWriter(str(folder))
+
+
+def train_step(
+    model: torch.nn.Module,
+    batch: list[torch.Tensor],
+    compute_loss: Callable[..., torch.Tensor],
+    optimizer: torch.optim.Optimizer,
+    scheduler: torch.optim.lr_scheduler.LRScheduler,
+) -> float:
+    """One optimisation step on ``batch``; returns the loss. The scheduler steps after the
+    optimiser, so step k uses the learning rate of schedule step k (the reference's order)."""
+    loss = compute_loss(model, *batch)
+    optimizer.zero_grad(set_to_none=True)
+    loss.backward()
+    optimizer.step()
+    scheduler.step()
+    return loss.item()
 
 
 def fit(
@@ -170,11 +192,12 @@ def fit(
     """
     stage_config = getattr(config, stage)
     epochs, batch_size = stage_config.epochs, stage_config.batch_size
-    out_dir = Path(config.run_dir) / stage
-    state = TrainingState(out_dir / "last.pt")
+    out_dir = stage_dir(config, stage)
+    state = TrainingState(training_state_path(config, stage))
     first_epoch = state.restore(model, optimizer, scheduler)
     board = tensorboard_writer(out_dir / "tensorboard")
     for epoch in range(first_epoch, epochs):
+        torch.manual_seed(epoch_seed(config.seed, epoch))
         model.train()
         loader = epoch_loader(
             train_set, epoch, batch_size, config.data.num_workers, config.seed
@@ -183,18 +206,16 @@ def fit(
         bar = tqdm(loader, desc=f"{stage} epoch {epoch + 1}/{epochs}", leave=False)
         for batch in bar:
             batch = [tensor.to(device, non_blocking=True) for tensor in batch]
-            loss = compute_loss(model, *batch)
-            optimizer.zero_grad(set_to_none=True)
-            loss.backward()
-            optimizer.step()
-            scheduler.step()
-            loss_sum += loss.item() * len(batch[0])
+            loss = train_step(model, batch, compute_loss, optimizer, scheduler)
+            loss_sum += loss * len(batch[0])
             seen += len(batch[0])
-            bar.set_postfix(loss=f"{loss.item():.4f}")
+            bar.set_postfix(loss=f"{loss:.4f}")
         elapsed = time.perf_counter() - started
         record: dict[str, Any] = {
             "stage": stage,
             "epoch": epoch + 1,
+            "split": getattr(train_set.dataset, "split", None),
+            "train_images": len(train_set),
             "loss": loss_sum / max(seen, 1),
             "lr": [group["lr"] for group in optimizer.param_groups],
             "images_per_s": seen / elapsed if elapsed > 0 else None,
@@ -202,7 +223,7 @@ def fit(
         }
         if after_epoch is not None:
             record.update(after_epoch())
-        log_metrics(out_dir / "log.jsonl", record)
+        log_metrics(log_path(config, stage), record)
         if board is not None:
             for key, value in record.items():
                 if isinstance(value, float):
@@ -210,7 +231,8 @@ def fit(
             board.flush()
         extras = "".join(
             f", {key} {value:.4f}" for key, value in record.items()
-            if key not in ("stage", "epoch", "loss", "lr", "images_per_s", "seconds")
+            if key not in ("stage", "epoch", "split", "train_images", "loss", "lr",
+                           "images_per_s", "seconds")
             and isinstance(value, float)
         )
         tqdm.write(

@@ -63,7 +63,7 @@ def main() -> None:
         for workers in (1, 2):
             out = root / f"seeds_{workers}"
             start = time.perf_counter()
-            make_seeds(config, maps, out, 0.30, 0.05, workers=workers)
+            make_seeds(config, "cam", maps, out, workers=workers)
             seconds = time.perf_counter() - start
             rows.append(f"| {workers} | {args.images} | {seconds:.1f} | "
                         f"{args.images / seconds:.2f} |")

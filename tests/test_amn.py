@@ -7,11 +7,11 @@ import math
 import numpy as np
 import pytest
 import torch
+import torch.nn.functional as F
 
 from amnseg.losses import amn_loss
 from amnseg.models import ResNet
 from amnseg.models.amn import AMN
-from amnseg.stages import seeds as seeds_stage
 from amnseg.stages.amn import amn_scores
 
 
@@ -127,64 +127,112 @@ def test_amn_scores_equal_per_pixel_computation():
     np.testing.assert_allclose(got, expected, rtol=1e-5, atol=1e-6)
 
 
-def fake_crf(image, labels, num_labels, params=None):
-    """A fixed 'CRF' for testing the seed logic: a 3x3 majority-free shift of labels."""
-    return np.roll(labels, 1, axis=1)
+def test_amn_scores_min_max_uses_its_epsilon():
+    # A channel of small probabilities (range ~8e-5): the 1e-5 in the denominator matters.
+    logits = torch.zeros(3, 2, 3)
+    logits[1] = torch.tensor([[-10.0, -9.7, -9.0], [-9.4, -9.9, -10.0]])
+    seed = torch.ones(2, 3, dtype=torch.long)
+    got = amn_scores(logits, np.array([1]), seed)[0].double()
+    probs = torch.softmax(logits.double(), dim=0)[1]
+    expected = (probs - probs.min()) / (probs.max() - probs.min() + 1e-5)
+    torch.testing.assert_close(got, expected, rtol=1e-4, atol=1e-6)
+    assert expected.max() < 0.9  # without the epsilon it would be 1
 
 
-def test_make_seed_equals_direct_procedure(monkeypatch):
-    monkeypatch.setattr(seeds_stage, "crf_refine_labels", fake_crf)
-    rng = np.random.default_rng(2)
-    scores = rng.random((2, 9, 11)).astype(np.float32)
-    class_ids = np.array([3, 7])
-    image = rng.integers(0, 256, (9, 11, 3), dtype=np.uint8)
-    got = seeds_stage.make_seed(image, scores, class_ids, 0.6, 0.2)
-    expected = np.zeros((9, 11), np.uint8)
-    for y in range(9):
-        for x in range(11):
-            x_src = (x - 1) % 11  # fake_crf rolls the labels by one column
-            vals = scores[:, y, x_src]
-            fg = 0 if vals.max() <= 0.6 else class_ids[vals.argmax()]
-            bg = 0 if vals.max() <= 0.2 else class_ids[vals.argmax()]
-            expected[y, x] = fg if fg else (0 if bg == 0 else 255)
-    np.testing.assert_array_equal(got, expected)
+# --- stage arithmetic against computations written here from METHOD.md -------------------
+
+MEAN = np.array([0.485, 0.456, 0.406])
+STD = np.array([0.229, 0.224, 0.225])
 
 
-def test_crf_follows_image_edges():
-    from amnseg.ops.crf import crf_refine_labels
+def normalized(image: np.ndarray, scale: float) -> torch.Tensor:
+    """PIL bicubic rescale to (round(H s), round(W s)), then ImageNet normalisation."""
+    from PIL import Image
 
-    image = np.zeros((30, 30, 3), np.uint8)
-    image[:, 15:] = 200
-    labels = np.zeros((30, 30), np.int64)
-    labels[:, 12:] = 1  # the label edge is 3 px off the image edge
-    refined = crf_refine_labels(image, labels, 2)
-    assert (refined[:, 15:] == 1).mean() > 0.95
-    assert (refined[:, :12] == 0).mean() > 0.95
-    assert (refined[:, 12:15] == 0).mean() > 0.5  # pulled back to the colour edge
+    height, width = image.shape[:2]
+    size = (int(round(width * scale)), int(round(height * scale)))
+    scaled = np.asarray(Image.fromarray(image).resize(size, Image.BICUBIC)) if scale != 1 else image
+    return torch.tensor(((scaled / 255.0 - MEAN) / STD).transpose(2, 0, 1), dtype=torch.float32)
 
 
-def test_seeds_identical_for_any_worker_count(tmp_path):
-    from conftest import tiny_config, write_tiny_folder_dataset
+def pil_nearest_rows(size: int, count: int) -> np.ndarray:
+    """Rows PIL's NEAREST picks when shrinking ``size`` to ``count``: the cell centres."""
+    return np.floor((np.arange(count) + 0.5) * size / count).astype(int)
 
-    from amnseg.data import build_dataset
-    from amnseg.data.base import read_index_png
-    from amnseg.io import ScoreMaps, save_score_maps
 
-    data = write_tiny_folder_dataset(tmp_path / "data", count=6)
-    config = tiny_config(data, tmp_path / "run")
-    dataset = build_dataset(config.data, "train")
-    rng = np.random.default_rng(4)
-    for stem in dataset.stems:
-        class_ids = np.flatnonzero(dataset.label(stem)) + 1
-        full = rng.random((len(class_ids), 32, 32)).astype(np.float32)
-        save_score_maps(tmp_path / "maps" / f"{stem}.npz",
-                        ScoreMaps(class_ids, full[:, ::4, ::4], full))
-    outputs = {}
-    for workers in (1, 2, 3):
-        out = seeds_stage.make_seeds(config, tmp_path / "maps", tmp_path / f"s{workers}",
-                                     0.3, 0.05, workers=workers)
-        outputs[workers] = {p.name: p.read_bytes() for p in sorted(out.glob("*.png"))}
-    assert len(outputs[1]) == 6
-    assert outputs[1] == outputs[2] == outputs[3]
-    seed = read_index_png(tmp_path / "s1" / f"{dataset.stems[0]}.png")
-    assert set(np.unique(seed)) <= {0, 255, *range(1, 3)}
+def asymmetric_image(height: int, width: int, seed: int = 0) -> np.ndarray:
+    rng = np.random.default_rng(seed)
+    yy, xx = np.mgrid[:height, :width]
+    image = rng.integers(0, 256, (height, width, 3)).astype(np.float64) * 0.3
+    image[..., 0] += 150 * (xx / width)  # a left-right ramp: not mirror-symmetric
+    image[(yy < height // 2) & (xx < width // 3)] = (250, 200, 10)
+    return image.clip(0, 255).astype(np.uint8)
+
+
+def test_amn_maps_equal_direct_computation_with_background_in_the_seed():
+    from amnseg.stages.amn import amn_maps_for_image
+
+    model = tiny_amn(4)
+    torch.nn.init.normal_(model.label_enc.weight)
+    for conv in model.classifier[1].children():
+        torch.nn.init.normal_(conv.weight, std=0.05)
+    height, width = 37, 50
+    image = asymmetric_image(height, width)
+    label = torch.tensor([0.0, 1.0, 0.0, 1.0])
+    rng = np.random.default_rng(5)
+    seed = rng.choice([0, 0, 2, 4, 255], size=(height, width)).astype(np.uint8)
+    scales = [1.0, 0.5, 1.5]
+    batches = []
+    for scale in scales:
+        chw = normalized(image, scale)
+        batches.append(torch.stack([chw, chw.flip(-1)]))
+    maps = amn_maps_for_image(model, batches, label, seed, "cpu")
+
+    # By hand: per scale, average the image's and the flipped-back mirror's logits, resize
+    # bilinearly to the stride-4 size and to H x W, average the scales.
+    h4, w4 = (height - 1) // 4 + 1, (width - 1) // 4 + 1
+    with torch.no_grad():
+        strided, full = 0, 0
+        for batch in batches:
+            plain = model(batch[:1], label[None])[0]
+            mirrored = model(batch[1:], label[None])[0].flip(-1)
+            mean = ((plain + mirrored) / 2)[None]
+            strided = strided + F.interpolate(mean, (h4, w4), mode="bilinear")[0]
+            full = full + F.interpolate(mean, (height, width), mode="bilinear")[0]
+        strided, full = strided / len(scales), full / len(scales)
+
+    def scores(logits, seed_at_size):
+        probs = torch.softmax(logits.double(), dim=0)[[0, 2, 4]]
+        low = probs.amin(dim=(1, 2), keepdim=True)
+        high = probs.amax(dim=(1, 2), keepdim=True)
+        minmax = (probs - low) / (high - low + 1e-5)
+        return torch.where(torch.as_tensor(seed_at_size != 0)[None], minmax, probs)[1:]
+
+    # The stride-4 seed: PIL NEAREST picks the cell centres (rows 1, 5, 9, 12, ... here).
+    small_seed = seed[np.ix_(pil_nearest_rows(height, h4), pil_nearest_rows(width, w4))]
+    assert not np.array_equal(small_seed, seed[::4, ::4])  # the two samplings differ here
+    assert maps.class_ids.tolist() == [2, 4]
+    np.testing.assert_allclose(maps.strided, scores(strided, small_seed), rtol=1e-4, atol=1e-6)
+    np.testing.assert_allclose(maps.full, scores(full, seed), rtol=1e-4, atol=1e-6)
+
+
+def test_amn_training_targets_sample_cell_centres(tmp_path):
+    from amnseg.config import AmnConfig
+    from amnseg.data.base import Sample
+    from amnseg.io import save_label_png
+    from amnseg.stages.amn import AmnTrainingItems
+
+    size = 64
+    yy, xx = np.mgrid[:size, :size]
+    seed = ((yy * 7 + xx * 3) % 6).astype(np.uint8)  # every pixel differs from its neighbours
+    seed[seed == 5] = 255
+    save_label_png(tmp_path / "s.png", seed)
+    image = asymmetric_image(size, size)
+    config = AmnConfig(crop_size=size, rescale=[1.0, 1.0], flip=False)
+    items = AmnTrainingItems(tmp_path, config, output_stride=16)
+    sample = Sample("s", image, np.array([1.0, 0.0], np.float32), None)
+    crop, label, target = items(sample, np.random.default_rng(0))
+    assert crop.shape == (3, size, size) and label.tolist() == [1.0, 0.0]
+    np.testing.assert_allclose(crop.numpy(), normalized(image, 1.0).numpy(), atol=1e-5)
+    assert target.dtype == torch.int64 and target.shape == (4, 4)
+    np.testing.assert_array_equal(target.numpy(), seed[8::16, 8::16])  # 16i + 8, not 16i

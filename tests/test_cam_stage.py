@@ -7,6 +7,7 @@ import pytest
 import torch
 from conftest import tiny_config
 
+from amnseg.checkpoints import load_model
 from amnseg.data.transforms import paste_crop, random_crop_box
 from amnseg.errors import AmnsegError
 from amnseg.io import load_checkpoint, load_score_maps
@@ -52,7 +53,7 @@ def test_train_and_make_cams(tiny_dataset, tmp_path):
     from amnseg.data import build_dataset
 
     dataset = build_dataset(config.data, "train")
-    model = cam_stage.load_cam_model(checkpoint_path, dataset.class_names).eval()
+    model = load_model(checkpoint_path, "cam", dataset.class_names).eval()
     for stem in dataset.stems[:3]:
         sample = dataset[dataset.index_of(stem)]
         maps = load_score_maps(maps_dir / f"{stem}.npz")
@@ -101,4 +102,4 @@ def test_checkpoint_for_wrong_class_count_is_refused(tiny_dataset, tmp_path):
     config = tiny_config(tiny_dataset, tmp_path / "run", "cam.epochs=1")
     path = cam_stage.train_cam(config)
     with pytest.raises(AmnsegError, match="checkpoint is for 2 classes, the dataset has 3"):
-        cam_stage.load_cam_model(path, ["a", "b", "c"])
+        load_model(path, "cam", ["a", "b", "c"])

@@ -13,14 +13,13 @@ from amnseg.checkpoints import build_model, export_reference, import_reference
 from amnseg.errors import AmnsegError
 from amnseg.io import load_checkpoint
 
-REFERENCE = Path(__file__).resolve().parents[1].parent / "shared" / "reference"
+# The key lists of the authors' files (copied from ../shared/reference/).
+REFERENCE = Path(__file__).resolve().parent / "data"
 VOC_LIKE = [f"class{i}" for i in range(20)]
 
 
 def key_list(kind: str) -> list[tuple[str, tuple[int, ...], str]]:
     path = REFERENCE / f"official_keys_{kind}.tsv"
-    if not path.is_file():
-        pytest.skip(f"{path} not available")
     rows = []
     for line in path.read_text().splitlines():
         key, shape, dtype = line.split("\t")

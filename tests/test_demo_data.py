@@ -10,9 +10,9 @@ import numpy as np
 import pytest
 from PIL import Image
 
-from amnseg.data import demo
 from amnseg.data.base import IGNORE_INDEX, labels_from_mask
 from amnseg.data.demo import MARKS, DemoParams, ensure_demo, generate_demo, render_sample
+from amnseg.data.demo import files as demo_files
 from amnseg.errors import AmnsegError
 
 TINY = {"num_train": 12, "num_val": 6, "size": 64}
@@ -150,7 +150,7 @@ def test_skips_complete_demo(tiny_demo: Path, monkeypatch: pytest.MonkeyPatch) -
     def fail(*args, **kwargs):
         raise AssertionError("a complete demo must not be regenerated")
 
-    monkeypatch.setattr(demo, "_write_demo", fail)
+    monkeypatch.setattr(demo_files, "_write_demo", fail)
     assert ensure_demo(tiny_demo, seed=3, **TINY) == tiny_demo
     assert generate_demo(str(tiny_demo), seed=3, **TINY) == tiny_demo
 
@@ -169,7 +169,7 @@ def test_interrupted_generation_leaves_nothing(
     tmp_path: Path, monkeypatch: pytest.MonkeyPatch
 ) -> None:
     calls = {"n": 0}
-    real_render = demo.render_sample
+    real_render = render_sample
 
     def flaky(params: DemoParams, split: str, index: int):
         calls["n"] += 1
@@ -177,17 +177,17 @@ def test_interrupted_generation_leaves_nothing(
             raise KeyboardInterrupt  # like a Ctrl-C midway
         return real_render(params, split, index)
 
-    monkeypatch.setattr(demo, "render_sample", flaky)
+    monkeypatch.setattr(demo_files, "render_sample", flaky)
     with pytest.raises(KeyboardInterrupt):
         generate_demo(tmp_path / "demo", seed=0, **TINY)
     assert list(tmp_path.iterdir()) == []
 
     # An existing demo survives a failed regeneration untouched.
-    monkeypatch.setattr(demo, "render_sample", real_render)
+    monkeypatch.setattr(demo_files, "render_sample", real_render)
     root = generate_demo(tmp_path / "demo", seed=0, **TINY)
     before = tree_bytes(root)
     calls["n"] = 0
-    monkeypatch.setattr(demo, "render_sample", flaky)
+    monkeypatch.setattr(demo_files, "render_sample", flaky)
     with pytest.raises(KeyboardInterrupt):
         generate_demo(root, seed=1, **TINY)
     assert tree_bytes(root) == before

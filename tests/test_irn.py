@@ -9,6 +9,7 @@ from pathlib import Path
 import numpy as np
 import pytest
 import torch
+import torch.nn.functional as F
 
 from amnseg.losses import irn_affinity_loss
 from amnseg.models import ResNet
@@ -22,7 +23,8 @@ from amnseg.ops.affinity import (
 )
 from amnseg.ops.random_walk import random_walk
 
-REFERENCE = Path(__file__).resolve().parents[1].parent / "shared" / "reference"
+# The key lists of the authors' files (copied from ../shared/reference/).
+REFERENCE = Path(__file__).resolve().parent / "data"
 
 
 @pytest.mark.parametrize("radius", [2, 3, 5, 10])
@@ -40,8 +42,6 @@ def test_search_directions_brute_force(radius):
 def test_radius_ten_matches_reference_displacement_count():
     # The reference IRN checkpoint stores one displacement per search direction of radius 10.
     path = REFERENCE / "official_keys_irn.tsv"
-    if not path.is_file():
-        pytest.skip("reference key list not available")
     shape = next(line.split("\t")[1] for line in path.read_text().splitlines()
                  if line.startswith("disp_target"))
     assert f", {len(search_directions(10))}," in shape
@@ -108,14 +108,13 @@ def test_irn_loss_matches_formula():
 def test_boundary_net_layout_and_frozen_backbone():
     net = BoundaryNet(ResNet(depth=50))
     path = REFERENCE / "official_keys_irn.tsv"
-    if path.is_file():
-        reference = {
-            line.split("\t")[0]: line.split("\t")[1]
-            for line in path.read_text().splitlines() if line.startswith("fc_edge")
-        }
-        ours = {k: str(tuple(v.shape)) for k, v in net.state_dict().items()
-                if k.startswith("fc_edge")}
-        assert ours == reference
+    reference = {
+        line.split("\t")[0]: line.split("\t")[1]
+        for line in path.read_text().splitlines() if line.startswith("fc_edge")
+    }
+    ours = {k: str(tuple(v.shape)) for k, v in net.state_dict().items()
+            if k.startswith("fc_edge")}
+    assert ours == reference and len(reference) == 17
     small = BoundaryNet(ResNet(depth=18, width=0.125, strides=[2, 2, 1, 1])).train()
     assert not small.backbone.training
     out = small(torch.randn(2, 3, 37, 50))
@@ -147,13 +146,27 @@ def dense_random_walk(maps, boundary, radius, beta, exp_times):
 @pytest.mark.parametrize("size", [(6, 6), (9, 13), (11, 7)])
 def test_random_walk_equals_dense_reference(size):
     generator = torch.Generator().manual_seed(sum(size))
-    boundary = torch.rand(size, generator=generator) ** 3
-    maps = torch.rand((2, *size), generator=generator)
+    boundary = torch.rand(size, generator=generator, dtype=torch.float64) ** 3
+    maps = torch.rand((2, *size), generator=generator, dtype=torch.float64)
     dense = dense_random_walk(maps, boundary, 5, 10.0, 8)
     ours = random_walk(maps, boundary, 5, 10.0, 8)
-    assert ours.dtype == torch.float32
-    relative = (ours.double() - dense).abs().max() / dense.abs().max()
-    assert relative <= 1e-4
+    assert ours.dtype == torch.float64
+    relative = (ours - dense).abs().max() / dense.abs().max()
+    assert relative <= 1e-8
+    # float32 maps: float64 accumulation, one rounding at the end.
+    single = random_walk(maps.float(), boundary.float(), 5, 10.0, 8)
+    assert single.dtype == torch.float32
+    assert (single.double() - dense).abs().max() / dense.abs().max() <= 1e-6
+
+
+@pytest.mark.parametrize("beta, exp_times, radius", [(3.0, 2, 3), (10.0, 5, 5), (7.0, 3, 4)])
+def test_random_walk_constants_reach_the_product(beta, exp_times, radius):
+    generator = torch.Generator().manual_seed(7)
+    boundary = torch.rand((8, 10), generator=generator, dtype=torch.float64) ** 2
+    maps = torch.rand((1, 8, 10), generator=generator, dtype=torch.float64)
+    dense = dense_random_walk(maps, boundary, radius, beta, exp_times)
+    ours = random_walk(maps, boundary, radius, beta, exp_times)
+    assert ((ours - dense).abs().max() / dense.abs().max()).item() <= 1e-9
 
 
 def test_random_walk_handles_zero_maps_and_full_boundaries():
@@ -179,3 +192,116 @@ def test_pseudo_masks_for_background_only_and_all_zero_maps():
     walked[0, 2, 3] = 1.0
     mask = masks_from_walk(walked, np.array([7]), (37, 50), 0.25)
     assert set(np.unique(mask)) == {0, 7}
+
+
+# --- stage arithmetic against computations written here from METHOD.md -------------------
+
+
+def asymmetric_image(height: int, width: int) -> np.ndarray:
+    rng = np.random.default_rng(3)
+    xx = np.mgrid[:height, :width][1]
+    image = rng.integers(0, 120, (height, width, 3)).astype(np.float64)
+    image[..., 2] += 130 * xx / width
+    image[: height // 3, : width // 4] = (240, 30, 30)
+    return image.clip(0, 255).astype(np.uint8)
+
+
+def tiny_boundary_net() -> BoundaryNet:
+    torch.manual_seed(2)
+    net = BoundaryNet(ResNet(depth=18, width=0.125, strides=[2, 2, 1, 1])).eval()
+    torch.nn.init.normal_(net.fc_edge6.weight, std=0.5)
+    return net
+
+
+@pytest.mark.parametrize("pad", [0, 64])
+def test_infer_boundary_averages_the_mirror_before_the_sigmoid(pad):
+    from amnseg.stages.irn import infer_boundary
+
+    net = tiny_boundary_net()
+    image = asymmetric_image(37, 50)
+    got = infer_boundary(net, image, pad)
+    mean = torch.tensor([0.485, 0.456, 0.406])[:, None, None]
+    std = torch.tensor([0.229, 0.224, 0.225])[:, None, None]
+    chw = (torch.tensor(image).permute(2, 0, 1) / 255.0 - mean) / std
+    mirrored = chw.flip(-1)
+    if pad:  # zeros at the bottom and right of each (normalised) input
+        chw = F.pad(chw, (0, pad - 50, 0, pad - 37))
+        mirrored = F.pad(mirrored, (0, pad - 50, 0, pad - 37))
+    with torch.no_grad():
+        plain = net(chw[None].float())[0, 0, :10, :13]
+        back = net(mirrored[None].float())[0, 0, :10, :13].flip(-1)
+    expected = torch.sigmoid((plain + back) / 2)
+    assert got.shape == (10, 13)
+    torch.testing.assert_close(got, expected, rtol=1e-5, atol=1e-6)
+
+
+def test_irn_training_pairs_come_from_the_seed_at_cell_centres(tmp_path):
+    from amnseg.config import IrnConfig
+    from amnseg.data.base import Sample
+    from amnseg.io import save_label_png
+    from amnseg.stages.irn import IrnTrainingItems
+
+    size = 48
+    yy, xx = np.mgrid[:size, :size]
+    seed = ((yy * 5 + xx * 3) % 5).astype(np.uint8)
+    seed[seed == 4] = 255
+    save_label_png(tmp_path / "s.png", seed)
+    config = IrnConfig(crop_size=size, rescale=[1.0, 1.0], flip=False, radius=3)
+    items = IrnTrainingItems(tmp_path, config)
+    sample = Sample("s", asymmetric_image(size, size), np.array([1.0], np.float32), None)
+    _, bg_pos, fg_pos, neg = items(sample, np.random.default_rng(0))
+    expected = affinity_labels(seed[2::4, 2::4], 3)  # x0.25 nearest: pixels 4i + 2
+    for got, want in zip((bg_pos, fg_pos, neg), expected, strict=True):
+        np.testing.assert_array_equal(got.numpy(), want)
+
+
+def test_walk_input_is_power_of_maps_times_non_boundary():
+    from amnseg.config import IrnConfig
+    from amnseg.stages.irn import walk
+
+    generator = torch.Generator().manual_seed(11)
+    boundary = torch.rand((9, 12), generator=generator, dtype=torch.float64) ** 2
+    maps = torch.rand((2, 9, 12), generator=generator, dtype=torch.float64)
+    config = IrnConfig(exp_times=4)
+    got = walk(maps, boundary, config)
+    expected = dense_random_walk(maps.pow(1.3) * (1 - boundary), boundary, 5, 10.0, 4)
+    assert ((got - expected).abs().max() / expected.abs().max()).item() <= 1e-9
+
+
+def test_walk_scores_upsample_normalise_and_prepend_background():
+    from amnseg.stages.irn import masks_from_walk, walk_scores
+
+    generator = torch.Generator().manual_seed(12)
+    walked = torch.rand((2, 10, 13), generator=generator, dtype=torch.float64) * 3.7
+    got = walk_scores(walked, (37, 50), 0.25)
+    up = F.interpolate(walked[None], size=(40, 52), mode="bilinear", align_corners=False)[0]
+    up = up[:, :37, :50]
+    expected = torch.cat([torch.full((1, 37, 50), 0.25, dtype=torch.float64), up / up.max()])
+    torch.testing.assert_close(got, expected, rtol=1e-12, atol=1e-12)
+    mask = masks_from_walk(walked, np.array([3, 7]), (37, 50), 0.25)
+    keys = np.array([0, 3, 7])
+    np.testing.assert_array_equal(mask, keys[expected.argmax(dim=0).numpy()])
+    assert set(np.unique(mask)) == {0, 3, 7}
+
+
+def test_pseudo_mask_composes_boundary_walk_and_scores():
+    from amnseg.config import load_config
+    from amnseg.stages.irn import infer_boundary, pseudo_mask
+
+    config = load_config(None, ["irn.exp_times=3", "irn.infer_pad_size=0"])
+    net = tiny_boundary_net()
+    image = asymmetric_image(37, 50)
+    generator = torch.Generator().manual_seed(13)
+    maps = torch.rand((2, 10, 13), generator=generator).numpy()
+    got = pseudo_mask(net, image, maps, np.array([2, 6]), config)
+    boundary = infer_boundary(net, image, 0).double()
+    walked = dense_random_walk(
+        torch.tensor(maps).double().pow(1.3) * (1 - boundary), boundary, 5, 10.0, 3)
+    up = F.interpolate(walked[None], size=(40, 52), mode="bilinear", align_corners=False)[0]
+    up = up[:, :37, :50] / up[:, :37, :50].max()
+    scores = torch.cat([torch.full((1, 37, 50), 0.25, dtype=torch.float64), up])
+    expected = np.array([0, 2, 6])[scores.argmax(dim=0).numpy()]
+    margin = scores.sort(dim=0).values
+    clear = (margin[-1] - margin[-2]).numpy() > 1e-4  # pixels not decided by rounding
+    np.testing.assert_array_equal(got[clear], expected[clear])
+    assert clear.mean() > 0.99 and len(np.unique(got)) == 3

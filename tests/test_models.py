@@ -9,16 +9,15 @@ import torch.nn.functional as F
 from PIL import Image
 
 from amnseg.errors import AmnsegError
-from amnseg.models import CAMNet, FrozenBatchNorm2d, ResNet, load_imagenet_weights
+from amnseg.models import CAMNet, FixedStatsBatchNorm2d, ResNet, load_imagenet_weights
 from amnseg.ops.multiscale import max_normalize, multiscale_cam, multiscale_inputs
 
-REFERENCE = Path(__file__).resolve().parents[1].parent / "shared" / "reference"
+# The key lists of the authors' files (copied from ../shared/reference/).
+REFERENCE = Path(__file__).resolve().parent / "data"
 
 
 def reference_keys(name: str, prefix: str) -> dict[str, tuple[int, ...]]:
     path = REFERENCE / f"official_keys_{name}.tsv"
-    if not path.is_file():
-        pytest.skip(f"{path} not available")
     keys = {}
     for line in path.read_text().splitlines():
         key, shape, _ = line.split("\t")
@@ -52,7 +51,7 @@ def test_output_stride_and_channels(depth):
 def test_frozen_batchnorm_uses_running_stats_in_train_mode():
     model = ResNet(depth=18, width=0.25).train()
     for module in model.modules():
-        if isinstance(module, FrozenBatchNorm2d):
+        if isinstance(module, FixedStatsBatchNorm2d):
             module.running_mean.uniform_(-1, 1)
             module.running_var.uniform_(0.5, 2)
             module.weight.data.uniform_(0.5, 1.5)
@@ -70,12 +69,22 @@ def test_frozen_batchnorm_uses_running_stats_in_train_mode():
     for key, value in before.items():
         assert torch.equal(value, after[key]), f"{key} changed in a train-mode forward"
     torch.testing.assert_close(train_out, model.eval()(x))
+    # Only the stem is frozen; every other BatchNorm's gamma/beta train (the reference's
+    # optimisers receive them).
     assert not bn.weight.requires_grad and not bn.bias.requires_grad
     assert not model.conv1.weight.requires_grad
+    trainable = {n for n, p in model.named_parameters() if p.requires_grad}
+    assert trainable == {n for n, _ in model.named_parameters()} - {
+        "conv1.weight", "bn1.weight", "bn1.bias"}
+    assert {"layer1.0.bn1.weight", "layer4.1.bn2.bias", "layer2.0.downsample.1.weight"} <= trainable
+    model(x).sum().backward()
+    assert model.layer3[0].bn1.weight.grad is not None and model.bn1.weight.grad is None
+    unfrozen = ResNet(depth=18, width=0.25, freeze_stem=False)
+    assert all(p.requires_grad for p in unfrozen.parameters())
 
 
 def test_cam_net_detaches_after_layer2():
-    model = CAMNet(ResNet(depth=18, width=0.25, norm="batch", freeze_conv1=False), 3)
+    model = CAMNet(ResNet(depth=18, width=0.25, norm="batch", freeze_stem=False), 3)
     model(torch.randn(2, 3, 32, 32)).sum().backward()
     assert all(p.grad is None for p in model.backbone.layer2.parameters())
     assert all(p.grad is None for p in model.backbone.layer1.parameters())
@@ -138,3 +147,71 @@ def test_multiscale_cam_equals_per_scale_loop():
     assert torch.all(normalized <= 1.0)
     torch.testing.assert_close(normalized.amax(dim=(1, 2)), full.amax(dim=(1, 2)) / (
         full.amax(dim=(1, 2)) + 1e-5))
+
+
+def test_cam_score_maps_keep_gt_classes_and_divide_by_max_plus_epsilon():
+    from amnseg.stages.cam import cam_score_maps
+
+    torch.manual_seed(1)
+    model = CAMNet(ResNet(depth=18, width=0.25, strides=[2, 2, 2, 1]), 4).eval()
+    # Small classifier weights: map maxima ~1e-4, so the 1e-5 of the normalisation matters.
+    torch.nn.init.normal_(model.classifier.weight, std=1e-6)
+    image = np.random.default_rng(3).integers(0, 256, (37, 50, 3), dtype=np.uint8)
+    scales = [1.0, 0.5]
+    label = np.array([0.0, 1.0, 0.0, 1.0], np.float32)
+    maps = cam_score_maps(model, multiscale_inputs(image, scales), label, (37, 50))
+    with torch.no_grad():
+        strided, full = loop_reference_cam(model, image, scales, 16)
+    assert maps.class_ids.tolist() == [2, 4]
+    for got, raw in ((maps.strided, strided), (maps.full, full)):
+        kept = raw[[1, 3]].double()
+        peak = kept.amax(dim=(1, 2), keepdim=True)
+        assert peak.max() < 1e-3
+        np.testing.assert_allclose(got, (kept / (peak + 1e-5)).numpy(), rtol=1e-4, atol=1e-6)
+        assert got.max() < 0.99  # the epsilon shows
+
+
+def test_imagenet_weights_download_through_the_hub_cache(tmp_path, monkeypatch):
+    import hashlib
+
+    from amnseg.models import resnet
+
+    source = ResNet(depth=18, width=0.25)
+    staged = tmp_path / "staged.pth"
+    torch.save(source.state_dict(), staged)
+    digest = hashlib.sha256(staged.read_bytes()).hexdigest()[:8]
+    server = tmp_path / "server"
+    server.mkdir()
+    published = server / f"resnet18-{digest}.pth"
+    staged.rename(published)
+    monkeypatch.setenv("TORCH_HOME", str(tmp_path / "torch_home"))
+    monkeypatch.setattr(torch.hub, "_hub_dir", None)
+    monkeypatch.setitem(resnet.IMAGENET_URLS, 18, published.as_uri())
+
+    target = ResNet(depth=18, width=0.25)
+    load_imagenet_weights(target, "hub")  # downloaded into the hub cache, hash checked
+    cached = tmp_path / "torch_home" / "hub" / "checkpoints" / published.name
+    assert cached.is_file()
+    assert torch.equal(target.layer2[0].conv1.weight, source.layer2[0].conv1.weight)
+    published.unlink()  # the second time the cache is used, no download
+    again = ResNet(depth=18, width=0.25)
+    load_imagenet_weights(again, "hub")
+    assert torch.equal(again.conv1.weight, source.conv1.weight)
+
+    # A URL given directly works the same; a file whose hash does not match is refused.
+    corrupt = server / "resnet18-00000000.pth"
+    torch.save(source.state_dict(), corrupt)
+    with pytest.raises(AmnsegError, match="could not be downloaded.*backbone.pretrained=null"):
+        load_imagenet_weights(ResNet(depth=18, width=0.25), corrupt.as_uri())
+    assert not (cached.parent / corrupt.name).exists()
+    # Offline (an unreachable address): one clear line naming the way out.
+    with pytest.raises(AmnsegError, match="could not be downloaded") as error:
+        load_imagenet_weights(ResNet(depth=18, width=0.25), (server / "absent-1234.pth").as_uri())
+    assert "\n" not in str(error.value)
+
+
+def test_reference_imagenet_file_names():
+    from amnseg.models.resnet import IMAGENET_URLS
+
+    assert IMAGENET_URLS[50].endswith("/resnet50-19c8e357.pth")  # the file the reference loads
+    assert IMAGENET_URLS[101].endswith("/resnet101-5d3b4d8f.pth")

@@ -2,7 +2,10 @@
 
 from __future__ import annotations
 
+from pathlib import Path
 from typing import TYPE_CHECKING
+
+import numpy as np
 
 from amnseg.data.base import SegDataset
 from amnseg.errors import AmnsegError
@@ -35,3 +38,57 @@ def build_dataset(data_config: DataConfig, split: str) -> SegDataset:
         return FolderDataset(data_config.root, split)
     raise AmnsegError(f"data.kind={kind!r}: unknown dataset kind, expected one of "
                       f"{', '.join(DATASET_KINDS)}")
+
+
+class SplitUnion(SegDataset):
+    """The images of several splits of one dataset, each once: the first split's images in its
+    order, then those of the next split that are not in it yet, and so on."""
+
+    def __init__(self, parts: list[SegDataset]) -> None:
+        self.class_names = list(parts[0].class_names)
+        for part in parts[1:]:
+            if list(part.class_names) != self.class_names:
+                raise AmnsegError(
+                    f"{getattr(part, 'root', '')}: split {getattr(part, 'split', '?')!r} has "
+                    "other classes than the first split"
+                )
+        self.root = getattr(parts[0], "root", None)
+        self.split = "+".join(str(getattr(part, "split", "?")) for part in parts)
+        self._parts = parts
+        self._owner: dict[str, SegDataset] = {}
+        self.stems = []
+        for part in parts:
+            for stem in part.stems:
+                if stem not in self._owner:
+                    self._owner[stem] = part
+                    self.stems.append(stem)
+
+    def image_path(self, stem: str) -> Path:
+        return self._owner[stem].image_path(stem)
+
+    def image(self, stem: str) -> np.ndarray:
+        return self._owner[stem].image(stem)
+
+    def label(self, stem: str) -> np.ndarray:
+        return self._owner[stem].label(stem)
+
+    def mask_path(self, stem: str) -> Path | None:
+        return self._owner[stem].mask_path(stem)
+
+    def mask_source(self, stem: str) -> str:
+        return self._owner[stem].mask_source(stem)
+
+    def mask(self, stem: str) -> np.ndarray | None:
+        return self._owner[stem].mask(stem)
+
+    @property
+    def has_masks(self) -> bool:
+        return any(part.has_masks for part in self._parts)
+
+
+def build_splits(data_config: DataConfig, splits: list[str]) -> SegDataset:
+    """The images of ``splits`` (each image once, in split order) as one dataset."""
+    unique = list(dict.fromkeys(splits))
+    if len(unique) == 1:
+        return build_dataset(data_config, unique[0])
+    return SplitUnion([build_dataset(data_config, split) for split in unique])

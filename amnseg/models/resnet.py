@@ -3,11 +3,12 @@
 Differences from torchvision's classifier: no ``avgpool``/``fc`` (we only need features), a
 ``width`` multiplier for tiny test networks, per-stage strides (the reference uses
 (2, 2, 2, 1): conv1 stride 2, a fixed stride-2 max-pool, then layer2/3/4 strides 2, 2, 1, so
-features come at 1/16 of the input), and BatchNorm layers that can be frozen.
+features come at 1/16 of the input), and BatchNorm layers whose statistics can be fixed.
 """
 
 from __future__ import annotations
 
+import urllib.parse
 from pathlib import Path
 
 import torch
@@ -17,18 +18,15 @@ from torch import nn
 from amnseg.errors import AmnsegError
 
 
-class FrozenBatchNorm2d(nn.BatchNorm2d):
-    """BatchNorm that always normalises with its running statistics and never trains.
+class FixedStatsBatchNorm2d(nn.BatchNorm2d):
+    """BatchNorm that always normalises with its running statistics, which never change.
 
-    It keeps BatchNorm2d's state-dict keys (``weight``, ``bias``, ``running_mean``,
-    ``running_var``, ``num_batches_tracked``), so ImageNet checkpoints load unchanged, but
-    ``model.train()`` changes nothing: the statistics are never updated.
+    As in the reference, only the statistics are fixed: the affine ``weight`` (gamma) and
+    ``bias`` (beta) are ordinary parameters that an optimiser may train. It keeps BatchNorm2d's
+    state-dict keys (``weight``, ``bias``, ``running_mean``, ``running_var``,
+    ``num_batches_tracked``), so ImageNet checkpoints load unchanged; ``model.train()`` changes
+    nothing.
     """
-
-    def __init__(self, num_features: int, eps: float = 1e-5):
-        super().__init__(num_features, eps=eps)
-        self.weight.requires_grad_(False)
-        self.bias.requires_grad_(False)
 
     def forward(self, x: torch.Tensor) -> torch.Tensor:
         return F.batch_norm(
@@ -36,12 +34,16 @@ class FrozenBatchNorm2d(nn.BatchNorm2d):
         )
 
 
+NORMS = ("frozen", "batch")
+
+
 def make_norm(kind: str, channels: int) -> nn.BatchNorm2d:
+    """``frozen``: fixed statistics (the reference); ``batch``: ordinary BatchNorm."""
     if kind == "frozen":
-        return FrozenBatchNorm2d(channels)
+        return FixedStatsBatchNorm2d(channels)
     if kind == "batch":
         return nn.BatchNorm2d(channels)
-    raise AmnsegError(f"backbone.norm={kind!r}: expected 'frozen' or 'batch'")
+    raise AmnsegError(f"backbone.norm={kind!r}: expected one of {', '.join(NORMS)}")
 
 
 class BasicBlock(nn.Module):
@@ -122,7 +124,7 @@ class ResNet(nn.Module):
         width: float = 1.0,
         strides: tuple[int, ...] | list[int] = (2, 2, 2, 1),
         norm: str = "frozen",
-        freeze_conv1: bool = True,
+        freeze_stem: bool = True,
     ):
         super().__init__()
         if depth not in ARCHITECTURES:
@@ -154,8 +156,9 @@ class ResNet(nn.Module):
         ]
         self.output_stride = self.level_strides[-1]
         self._init_weights()
-        if freeze_conv1:
-            self.conv1.weight.requires_grad_(False)
+        if freeze_stem:
+            for parameter in (*self.conv1.parameters(), *self.bn1.parameters()):
+                parameter.requires_grad_(False)
 
     def _make_layer(self, block, planes: int, count: int, stride: int, norm: str) -> nn.Sequential:
         blocks = [block(self.inplanes, planes, stride, norm)]
@@ -190,36 +193,69 @@ def build_backbone(config) -> ResNet:
         width=config.width,
         strides=config.strides,
         norm=config.norm,
-        freeze_conv1=config.freeze_conv1,
+        freeze_stem=config.freeze_stem,
     )
     if config.pretrained:
         load_imagenet_weights(model, config.pretrained)
     return model
 
 
-def find_hub_weights(depth: int) -> Path:
-    """The torchvision ImageNet file for ``depth`` in the torch hub cache (no download)."""
-    hub_dir = Path(torch.hub.get_dir()) / "checkpoints"
-    found = sorted(hub_dir.glob(f"resnet{depth}-*.pth"))
-    if not found:
-        raise AmnsegError(
-            f"{hub_dir}: no resnet{depth}-*.pth in the torch hub cache; "
-            "download it once or set backbone.pretrained=/path/to/weights.pth"
+# torchvision's original ImageNet files (the ones the reference loads); the part of the name
+# after the dash is the start of the file's SHA-256, checked on download.
+IMAGENET_URLS = {
+    depth: f"https://download.pytorch.org/models/resnet{depth}-{digest}.pth"
+    for depth, digest in ((18, "5c106cde"), (34, "333f7ec4"), (50, "19c8e357"),
+                          (101, "5d3b4d8f"))
+}
+
+
+def _download_weights(url: str) -> dict[str, torch.Tensor]:
+    """Weights from ``url`` via the torch hub cache (downloaded once, SHA-256 prefix checked)."""
+    cache = Path(torch.hub.get_dir()) / "checkpoints" / Path(urllib.parse.urlparse(url).path).name
+    try:
+        return torch.hub.load_state_dict_from_url(
+            url, map_location="cpu", check_hash=True, progress=True, weights_only=True
         )
-    return found[0]
+    except (OSError, RuntimeError) as exc:  # URLError is an OSError; a bad hash a RuntimeError
+        reason = str(getattr(exc, "reason", exc)).strip().splitlines()[0]
+        raise AmnsegError(
+            f"{url}: ImageNet weights could not be downloaded ({reason}); put the file at "
+            f"{cache}, set backbone.pretrained=/path/to/weights.pth, or use "
+            "backbone.pretrained=null to start from random weights"
+        ) from None
+
+
+def _read_weights(path: Path) -> dict[str, torch.Tensor]:
+    if not path.is_file():
+        raise AmnsegError(
+            f"{path}: ImageNet weights not found (backbone.pretrained; "
+            "backbone.pretrained=null starts from random weights)"
+        )
+    try:
+        return torch.load(path, map_location="cpu", weights_only=True)
+    except Exception as exc:
+        raise AmnsegError(f"{path}: not a readable weights file ({type(exc).__name__})") from exc
 
 
 def load_imagenet_weights(model: ResNet, source: str | Path) -> None:
-    """Load torchvision-format ImageNet weights (``fc.*`` is ignored) from a path or ``hub``."""
-    path = find_hub_weights(model.depth) if str(source) == "hub" else Path(source)
-    if not path.is_file():
-        raise AmnsegError(f"{path}: ImageNet weights not found (backbone.pretrained)")
-    try:
-        state = torch.load(path, map_location="cpu", weights_only=True)
-    except Exception as exc:
-        raise AmnsegError(f"{path}: not a readable weights file ({type(exc).__name__})") from exc
+    """Load torchvision-format ImageNet weights (``fc.*`` is ignored).
+
+    ``source``: ``hub`` (torchvision's file for the model's depth, from the torch hub cache or
+    downloaded into it), a URL, or a file path.
+    """
+    text = str(source)
+    if text == "hub":
+        if model.depth not in IMAGENET_URLS:
+            raise AmnsegError(f"backbone.pretrained=hub: no ImageNet file for depth {model.depth}")
+        text = IMAGENET_URLS[model.depth]
+    if "://" in text:
+        state, where = _download_weights(text), text
+    else:
+        state, where = _read_weights(Path(text)), text
     if isinstance(state, dict) and "state_dict" in state:
         state = state["state_dict"]
+    if not isinstance(state, dict):
+        raise AmnsegError(f"{where}: not a state dict of weights")
     state = {k: v for k, v in state.items() if not k.startswith("fc.")}
     own = model.state_dict()
     missing = sorted(k for k in own if k not in state and not k.endswith("num_batches_tracked"))
@@ -233,7 +269,7 @@ def load_imagenet_weights(model: ResNet, source: str | Path) -> None:
             f"the model wants {tuple(own[wrong[0]].shape)}"
         )
         raise AmnsegError(
-            f"{path}: weights do not fit ResNet-{model.depth} (width {own['conv1.weight'].shape[0]}"
-            f" stem channels): {problem}"
+            f"{where}: weights do not fit ResNet-{model.depth} (width "
+            f"{own['conv1.weight'].shape[0]} stem channels): {problem}"
         )
     model.load_state_dict(state, strict=False)

@@ -1,15 +1,7 @@
-"""The pipeline stages, one module each; every stage writes under ``<run_dir>/<stage>/``."""
+"""The pipeline stages, one module each: a function from config + input folder to output folder.
 
-from __future__ import annotations
-
-from pathlib import Path
-
-
-def stage_dir(config, stage: str) -> Path:
-    """``<run_dir>/<stage>``: the folder a stage writes its checkpoint, logs and outputs to."""
-    return Path(config.run_dir) / stage
-
-
-def checkpoint_path(config, stage: str) -> Path:
-    """``<run_dir>/<stage>/<stage>.pt``: the final checkpoint of a training stage."""
-    return stage_dir(config, stage) / f"{stage}.pt"
+``cam`` (classifier, CAMs), ``seeds`` (CRF seeds from CAM or AMN maps), ``amn`` (activation
+manipulation network, AMN maps), ``irn`` (boundary network, random walk, pseudo masks) and
+``evaluate`` (mIoU and threshold sweeps). Paths come from ``amnseg.layout``, networks from
+``amnseg.checkpoints``; ``common`` holds what the stages share.
+"""

@@ -1,8 +1,9 @@
 """Stage "amn": train the activation manipulation network on CAM seeds, write AMN maps.
 
-``train_amn``: config + CAM seeds -> ``<run_dir>/amn/amn.pt`` (resumes per epoch).
-``make_amn_maps``: config + checkpoint + CAM seeds -> ``<run_dir>/amn/maps/<stem>.npz`` in the
-same format as CAM maps (foreground classes only), resuming per image.
+``train_amn``: config + CAM seeds -> ``<run_dir>/amn/amn.pt``, trained on ``data.train_split``
+(resumes per epoch).
+``make_amn_maps``: config + checkpoint + CAM seeds -> ``<run_dir>/amn/maps/<stem>.npz`` for every
+image of the run, in the format of CAM maps (foreground classes only), resuming per image.
 """
 
 from __future__ import annotations
@@ -15,32 +16,24 @@ import torch
 import torch.nn.functional as F
 from tqdm import tqdm
 
-from amnseg.checkpoints import backbone_from_checkpoint, load_model_checkpoint, save_model
-from amnseg.config import Config
+from amnseg.checkpoints import initial_backbone, save_model
+from amnseg.config import AmnConfig, Config
 from amnseg.data import build_dataset
 from amnseg.data.base import Sample, SegDataset, read_index_png
-from amnseg.data.transforms import SegmentationTrainTransform
+from amnseg.data.transforms import SegmentationTrainTransform, shrink_labels
 from amnseg.errors import AmnsegError
 from amnseg.io import ScoreMaps, save_score_maps
+from amnseg.layout import checkpoint_path, maps_dir
 from amnseg.losses import amn_loss
+from amnseg.metrics import confusion_matrix, miou, scores_to_labels
 from amnseg.models.amn import AMN
 from amnseg.ops.multiscale import merge_flip, multiscale_inputs, strided_size
-from amnseg.stages import checkpoint_path, stage_dir
-from amnseg.stages.cam import initial_backbone
-from amnseg.training import (
-    AugmentedSet,
-    fit,
-    resolve_device,
-    start_stage,
-    steps_per_epoch,
-)
-
-
-def maps_dir(config: Config) -> Path:
-    return stage_dir(config, "amn") / "maps"
+from amnseg.stages.common import MultiscaleInputs, start_inference
+from amnseg.training import AugmentedSet, fit, start_stage, steps_per_epoch
 
 
 def read_seed(seeds_dir: Path, stem: str, size: tuple[int, int]) -> np.ndarray:
+    """The (H, W) uint8 seed of ``stem``, checked against the image size."""
     path = seeds_dir / f"{stem}.png"
     if not path.is_file():
         raise AmnsegError(f"{path}: seed not found; run the seed stage first")
@@ -52,12 +45,12 @@ def read_seed(seeds_dir: Path, stem: str, size: tuple[int, int]) -> np.ndarray:
     return seed
 
 
-def train_amn(config: Config, cam_seeds_dir: Path) -> Path:
-    """Train AMN on the images of ``data.infer_split`` with their CAM seeds; write ``amn.pt``."""
-    out_dir, device, dataset = start_stage(config, "amn", config.data.infer_split)
-    amn_cfg = config.amn
-    backbone = initial_backbone(config, amn_cfg.backbone_init, "amn", dataset.num_classes)
-    model = AMN(backbone, dataset.num_classes, amn_cfg.dropout).to(device)
+def amn_optimizer(
+    model: AMN, amn_cfg: AmnConfig
+) -> tuple[torch.optim.Adam, torch.optim.lr_scheduler.LambdaLR]:
+    """Adam at a constant learning rate: every trainable backbone parameter (BatchNorm
+    gamma/beta included; conv1/bn1 excluded) at ``backbone_lr``, the label encoder and the ASPP
+    head at ``head_lr``; L2 weight decay ``weight_decay`` on both."""
     backbone_params, new_params = model.param_groups()
     optimizer = torch.optim.Adam(
         [
@@ -66,41 +59,58 @@ def train_amn(config: Config, cam_seeds_dir: Path) -> Path:
         ],
         weight_decay=amn_cfg.weight_decay,
     )
-    steps_per_epoch(len(dataset), amn_cfg.batch_size, f"{config.data.root} (amn)")  # >= 1 batch
-    # Constant learning rate; a scheduler object keeps the resume logic the same for all stages.
-    scheduler = torch.optim.lr_scheduler.LambdaLR(optimizer, lambda step: 1.0)
-    transform = SegmentationTrainTransform(
-        tuple(amn_cfg.rescale), amn_cfg.crop_size, amn_cfg.flip
+    # A constant schedule keeps the resume logic the same for all stages.
+    return optimizer, torch.optim.lr_scheduler.LambdaLR(optimizer, lambda step: 1.0)
+
+
+class AmnTrainingItems:
+    """(sample, rng) -> (image crop (3, S, S), label (C,), target (h, w) int64): the sample's
+    image and CAM seed augmented together (rescale, flip, random crop S with the seed padded
+    by 255), the seed shrunk to the logit size (h, w) with PIL NEAREST as in the reference."""
+
+    def __init__(self, cam_seeds_dir: Path, amn_cfg: AmnConfig, output_stride: int):
+        self.seeds_dir = cam_seeds_dir
+        self.transform = SegmentationTrainTransform(
+            tuple(amn_cfg.rescale), amn_cfg.crop_size, amn_cfg.flip
+        )
+        self.logit_size = strided_size(amn_cfg.crop_size, amn_cfg.crop_size, output_stride)
+
+    def __call__(self, sample: Sample, rng: np.random.Generator):
+        seed = read_seed(self.seeds_dir, sample.stem, sample.image.shape[:2])
+        image, seed_crop = self.transform(sample.image, seed, rng)
+        target = shrink_labels(seed_crop.numpy().astype(np.uint8), self.logit_size)
+        return image, torch.from_numpy(sample.label), torch.from_numpy(target.astype(np.int64))
+
+
+def train_amn(config: Config, cam_seeds_dir: Path) -> Path:
+    """Train AMN on the images of ``data.train_split`` with their CAM seeds; write ``amn.pt``."""
+    _, device, dataset = start_stage(config, "amn", config.data.train_split)
+    amn_cfg = config.amn
+    backbone = initial_backbone(
+        config.backbone, amn_cfg.backbone_init, "amn", checkpoint_path(config, "cam"),
+        dataset.class_names,
     )
+    model = AMN(backbone, dataset.num_classes, amn_cfg.dropout).to(device)
+    steps_per_epoch(len(dataset), amn_cfg.batch_size, f"{config.data.root} (amn)")  # >= 1 batch
+    optimizer, scheduler = amn_optimizer(model, amn_cfg)
+    make_item = AmnTrainingItems(cam_seeds_dir, amn_cfg, backbone.output_stride)
 
-    def make_item(sample: Sample, rng: np.random.Generator):
-        seed = read_seed(cam_seeds_dir, sample.stem, sample.image.shape[:2])
-        image, seed_crop = transform(sample.image, seed, rng)
-        return image, torch.from_numpy(sample.label), seed_crop
+    def compute_loss(model: AMN, images, labels, targets) -> torch.Tensor:
+        return amn_loss(model(images, labels), targets, amn_cfg.label_smoothing)
 
-    def compute_loss(model: AMN, images, labels, seeds) -> torch.Tensor:
-        logits = model(images, labels)
-        seeds_small = F.interpolate(seeds[:, None].float(), logits.shape[-2:], mode="nearest")
-        return amn_loss(logits, seeds_small[:, 0].long(), amn_cfg.label_smoothing)
+    check_set = build_dataset(config.data, config.data.infer_split)
 
     def after_epoch() -> dict[str, float]:
-        if not (amn_cfg.eval_images and dataset.has_masks):
+        if not (amn_cfg.eval_images and check_set.has_masks):
             return {}
-        return {"val_miou": quick_amn_miou(model, dataset, cam_seeds_dir, config, device)}
+        return {"val_miou": quick_amn_miou(model, check_set, cam_seeds_dir, config, device)}
 
-    fit(
-        "amn",
-        config,
-        model,
-        optimizer,
-        scheduler,
-        AugmentedSet(dataset, make_item, config.seed),
-        compute_loss,
-        device,
-        after_epoch=after_epoch,
+    train_set = AugmentedSet(dataset, make_item, config.seed)
+    fit("amn", config, model, optimizer, scheduler, train_set, compute_loss, device,
+        after_epoch=after_epoch)
+    return save_model(
+        checkpoint_path(config, "amn"), "amn", model, dataset.class_names, config.backbone
     )
-    path = checkpoint_path(config, "amn")
-    return save_model(path, "amn", model, dataset.class_names, config.backbone)
 
 
 @torch.no_grad()
@@ -153,61 +163,32 @@ def amn_scores(logits: torch.Tensor, class_ids: np.ndarray, cam_seed: torch.Tens
     return kept[1:]
 
 
-class _AmnInputs(torch.utils.data.Dataset):
-    """Loader-side preparation: multi-scale batches, label and CAM seed of each image."""
-
-    def __init__(self, dataset: SegDataset, stems, scales, cam_seeds_dir: Path):
-        self.dataset, self.stems, self.scales = dataset, stems, scales
-        self.seeds_dir = cam_seeds_dir
-
-    def __len__(self) -> int:
-        return len(self.stems)
-
-    def __getitem__(self, index: int):
-        stem = self.stems[index]
-        image = self.dataset.image(stem)
-        seed = read_seed(self.seeds_dir, stem, image.shape[:2])
-        label = torch.from_numpy(self.dataset.label(stem))
-        return stem, multiscale_inputs(image, self.scales), label, seed
-
-
 def amn_maps_for_image(model, batches, label, seed: np.ndarray, device) -> ScoreMaps:
-    """ScoreMaps (foreground classes) of one image from its prepared inputs."""
+    """ScoreMaps (foreground classes) of one image from its prepared inputs and CAM seed."""
     size = seed.shape
     strided_logits, full_logits = amn_logits(model, batches, label, size, device)
     class_ids = np.flatnonzero(np.asarray(label)) + 1
-    seed_tensor = torch.as_tensor(seed)
+    # The stride-4 maps mask with the seed shrunk by PIL NEAREST, like the reference.
+    strided_seed = shrink_labels(seed, strided_size(*size, 4))
     return ScoreMaps(
         class_ids=class_ids,
-        # The stride-4 map samples every 4th pixel: ((H - 1) // 4 + 1) rows, like the map.
-        strided=amn_scores(strided_logits, class_ids, seed_tensor[::4, ::4]).cpu().numpy(),
-        full=amn_scores(full_logits, class_ids, seed_tensor).cpu().numpy(),
+        strided=amn_scores(strided_logits, class_ids, torch.as_tensor(strided_seed)).cpu().numpy(),
+        full=amn_scores(full_logits, class_ids, torch.as_tensor(seed)).cpu().numpy(),
     )
-
-
-def load_amn_model(path: Path, class_names: list[str]) -> AMN:
-    checkpoint = load_model_checkpoint(path, "amn", class_names)
-    model = AMN(backbone_from_checkpoint(checkpoint), len(class_names))
-    model.load_state_dict(checkpoint["model"])
-    return model
 
 
 def make_amn_maps(config: Config, cam_seeds_dir: Path, checkpoint: Path | None = None) -> Path:
-    """Write AMN maps of every image of ``data.infer_split`` (eval mode: deterministic)."""
-    out_dir = maps_dir(config)
-    out_dir.mkdir(parents=True, exist_ok=True)
-    device = resolve_device(config.device)
-    dataset = build_dataset(config.data, config.data.infer_split)
-    model = load_amn_model(checkpoint or checkpoint_path(config, "amn"), dataset.class_names)
-    model.to(device).eval()
-    todo = [s for s in dataset.stems if not (out_dir / f"{s}.npz").is_file()]
-    loader = torch.utils.data.DataLoader(
-        _AmnInputs(dataset, todo, list(config.amn.scales), cam_seeds_dir),
-        batch_size=None,
-        num_workers=config.data.num_workers,
+    """Write AMN maps of every image of the run (eval mode: deterministic)."""
+    out_dir = maps_dir(config, "amn")
+    job = start_inference(
+        config, "amn", checkpoint or checkpoint_path(config, "amn"), out_dir, ".npz"
     )
-    for stem, batches, label, seed in tqdm(loader, desc="amn maps", total=len(todo)):
-        maps = amn_maps_for_image(model, batches, label, np.asarray(seed), device)
+    inputs = MultiscaleInputs(job.dataset, job.todo, list(config.amn.scales), flip=True)
+    for stem, batches, label, size in tqdm(
+        inputs.loader(config.data.num_workers), desc="amn maps", total=len(job.todo)
+    ):
+        seed = read_seed(cam_seeds_dir, stem, tuple(size))
+        maps = amn_maps_for_image(job.model, batches, label, seed, job.device)
         save_score_maps(out_dir / f"{stem}.npz", maps)
     return out_dir
 
@@ -216,17 +197,16 @@ def make_amn_maps(config: Config, cam_seeds_dir: Path, checkpoint: Path | None =
 def quick_amn_miou(
     model: AMN, dataset: SegDataset, cam_seeds_dir: Path, config: Config, device
 ) -> float:
-    """mIoU of single-scale AMN maps of the first ``amn.eval_images`` images (a training check)."""
-    from amnseg.metrics import confusion_matrix, miou, scores_to_labels
-
+    """mIoU of single-scale AMN maps of the first ``amn.eval_images`` images of ``dataset`` at
+    ``amn.eval_threshold`` (a training check)."""
     was_training = model.training
     model.eval()
-    stems = dataset.stems[: config.amn.eval_images]
-    inputs = _AmnInputs(dataset, stems, [1.0], cam_seeds_dir)
     confusion = 0
-    for index in range(len(inputs)):
-        stem, batches, label, seed = inputs[index]
-        maps = amn_maps_for_image(model, batches, label, seed, device)
+    for stem in dataset.stems[: config.amn.eval_images]:
+        image = dataset.image(stem)
+        seed = read_seed(cam_seeds_dir, stem, image.shape[:2])
+        label = torch.from_numpy(dataset.label(stem))
+        maps = amn_maps_for_image(model, multiscale_inputs(image, [1.0]), label, seed, device)
         prediction = scores_to_labels(maps.full, maps.class_ids, config.amn.eval_threshold)
         confusion = confusion + confusion_matrix(
             prediction, dataset.mask(stem), dataset.num_classes + 1

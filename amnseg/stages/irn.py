@@ -1,9 +1,10 @@
 """Stage "irn": learn class boundaries from AMN seeds, then random-walk the AMN maps into the
 final pseudo masks (METHOD.md section 5).
 
-``train_irn``: config + AMN seeds -> ``<run_dir>/irn/irn.pt`` (resumes per epoch).
+``train_irn``: config + AMN seeds -> ``<run_dir>/irn/irn.pt``, trained on ``data.train_split``
+(resumes per epoch).
 ``make_masks``: config + checkpoint + AMN maps -> ``<run_dir>/irn/masks/<stem>.png`` (VOC
-palette PNGs, resuming per image).
+palette PNGs) for every image of the run, resuming per image.
 """
 
 from __future__ import annotations
@@ -16,42 +17,30 @@ import torch.nn.functional as F
 from PIL import Image
 from tqdm import tqdm
 
-from amnseg.checkpoints import backbone_from_checkpoint, load_model_checkpoint, save_model
-from amnseg.config import Config
-from amnseg.data import build_dataset
+from amnseg.checkpoints import initial_backbone, save_model
+from amnseg.config import Config, IrnConfig
 from amnseg.data.base import Sample
 from amnseg.data.transforms import SegmentationTrainTransform, normalize, rescale
 from amnseg.data.voc import voc_palette
 from amnseg.errors import AmnsegError
 from amnseg.io import load_score_maps, save_label_png
+from amnseg.layout import checkpoint_path, maps_dir, masks_dir
 from amnseg.losses import irn_affinity_loss
 from amnseg.models.irn import BoundaryNet
 from amnseg.ops.affinity import affinity_labels, pair_region, path_affinities
 from amnseg.ops.multiscale import merge_flip, strided_size
 from amnseg.ops.random_walk import random_walk
-from amnseg.stages import checkpoint_path, stage_dir
 from amnseg.stages.amn import read_seed
-from amnseg.stages.cam import initial_backbone
-from amnseg.training import (
-    AugmentedSet,
-    fit,
-    poly_lr_lambda,
-    resolve_device,
-    start_stage,
-)
-from amnseg.training import steps_per_epoch as count_steps
+from amnseg.stages.common import start_inference
+from amnseg.training import AugmentedSet, fit, poly_lr_lambda, start_stage, steps_per_epoch
 
 
-def masks_dir(config: Config) -> Path:
-    return stage_dir(config, "irn") / "masks"
-
-
-def train_irn(config: Config, amn_seeds_dir: Path) -> Path:
-    """Train the boundary branch on pair labels from the AMN seeds; write ``irn.pt``."""
-    out_dir, device, dataset = start_stage(config, "irn", config.data.infer_split)
-    irn_cfg = config.irn
-    backbone = initial_backbone(config, config.irn.backbone_init, "irn", dataset.num_classes)
-    model = BoundaryNet(backbone).to(device)
+def irn_optimizer(
+    model: BoundaryNet, irn_cfg: IrnConfig, total_steps: int
+) -> tuple[torch.optim.SGD, torch.optim.lr_scheduler.LambdaLR]:
+    """The reference's PolyOptimizer over the boundary layers only (the backbone is frozen):
+    SGD at ``lr`` with ``weight_decay``, the same weight-decay-as-momentum quirk as the CAM
+    stage (``momentum`` 1e-4), poly decay over ``total_steps``."""
     optimizer = torch.optim.SGD(
         [
             {
@@ -63,21 +52,46 @@ def train_irn(config: Config, amn_seeds_dir: Path) -> Path:
         lr=irn_cfg.lr,
         momentum=irn_cfg.momentum,
     )
-    steps = count_steps(len(dataset), irn_cfg.batch_size, f"{config.data.root} (irn)")
     scheduler = torch.optim.lr_scheduler.LambdaLR(
-        optimizer, poly_lr_lambda(steps * irn_cfg.epochs, irn_cfg.poly_power)
+        optimizer, poly_lr_lambda(total_steps, irn_cfg.poly_power)
     )
-    transform = SegmentationTrainTransform(
-        tuple(irn_cfg.rescale), irn_cfg.crop_size, irn_cfg.flip
-    )
+    return optimizer, scheduler
 
-    def make_item(sample: Sample, rng: np.random.Generator):
-        seed = read_seed(amn_seeds_dir, sample.stem, sample.image.shape[:2])
-        image, seed_crop = transform(sample.image, seed, rng)
-        # Pair labels live at stride 4: the crop's seed shrunk x0.25 (PIL nearest).
+
+class IrnTrainingItems:
+    """(sample, rng) -> (image crop (3, S, S), bg-positive, fg-positive, negative pair labels
+    (D, h', w') float32): image and AMN seed augmented together, the seed crop shrunk x0.25 with
+    PIL NEAREST (as the reference's label_scale) before the pairs within ``radius`` are
+    labelled."""
+
+    def __init__(self, amn_seeds_dir: Path, irn_cfg: IrnConfig):
+        self.seeds_dir = amn_seeds_dir
+        self.radius = irn_cfg.radius
+        self.transform = SegmentationTrainTransform(
+            tuple(irn_cfg.rescale), irn_cfg.crop_size, irn_cfg.flip
+        )
+
+    def __call__(self, sample: Sample, rng: np.random.Generator):
+        seed = read_seed(self.seeds_dir, sample.stem, sample.image.shape[:2])
+        image, seed_crop = self.transform(sample.image, seed, rng)
         small = rescale(seed_crop.numpy().astype(np.uint8), 0.25, Image.NEAREST)
-        bg_pos, fg_pos, neg = affinity_labels(small, irn_cfg.radius)
+        bg_pos, fg_pos, neg = affinity_labels(small, self.radius)
         return image, torch.from_numpy(bg_pos), torch.from_numpy(fg_pos), torch.from_numpy(neg)
+
+
+def train_irn(config: Config, amn_seeds_dir: Path) -> Path:
+    """Train the boundary branch on pair labels from the AMN seeds of ``data.train_split``;
+    write ``irn.pt``."""
+    _, device, dataset = start_stage(config, "irn", config.data.train_split)
+    irn_cfg = config.irn
+    backbone = initial_backbone(
+        config.backbone, irn_cfg.backbone_init, "irn", checkpoint_path(config, "cam"),
+        dataset.class_names,
+    )
+    model = BoundaryNet(backbone).to(device)
+    steps = steps_per_epoch(len(dataset), irn_cfg.batch_size, f"{config.data.root} (irn)")
+    optimizer, scheduler = irn_optimizer(model, irn_cfg, steps * irn_cfg.epochs)
+    make_item = IrnTrainingItems(amn_seeds_dir, irn_cfg)
 
     def compute_loss(model: BoundaryNet, images, bg_pos, fg_pos, neg) -> torch.Tensor:
         boundary = torch.sigmoid(model(images))[:, 0]
@@ -85,25 +99,11 @@ def train_irn(config: Config, amn_seeds_dir: Path) -> Path:
         affinity = path_affinities(boundary, irn_cfg.radius)[..., rows, cols]
         return irn_affinity_loss(affinity, bg_pos, fg_pos, neg)
 
-    fit(
-        "irn",
-        config,
-        model,
-        optimizer,
-        scheduler,
-        AugmentedSet(dataset, make_item, config.seed),
-        compute_loss,
-        device,
+    train_set = AugmentedSet(dataset, make_item, config.seed)
+    fit("irn", config, model, optimizer, scheduler, train_set, compute_loss, device)
+    return save_model(
+        checkpoint_path(config, "irn"), "irn", model, dataset.class_names, config.backbone
     )
-    path = checkpoint_path(config, "irn")
-    return save_model(path, "irn", model, dataset.class_names, config.backbone)
-
-
-def load_irn_model(path: Path, class_names: list[str]) -> BoundaryNet:
-    checkpoint = load_model_checkpoint(path, "irn", class_names)
-    model = BoundaryNet(backbone_from_checkpoint(checkpoint))
-    model.load_state_dict(checkpoint["model"])
-    return model
 
 
 @torch.no_grad()
@@ -123,25 +123,43 @@ def infer_boundary(
     return torch.sigmoid(merge_flip(logits[:, None])[0] / 2)
 
 
+def walk_scores(
+    walked: torch.Tensor, image_size: tuple[int, int], bg_threshold: float
+) -> torch.Tensor:
+    """Random-walk output (K, h4, w4) -> (K + 1, H, W) scores whose argmax is the mask.
+
+    Upsampled x4 (bilinear), cropped to the image, divided by the global max, background
+    channel ``bg_threshold`` prepended.
+    """
+    height, width = image_size
+    up = F.interpolate(walked[None], scale_factor=4, mode="bilinear", align_corners=False)[0]
+    up = up[:, :height, :width]
+    peak = up.max() if up.numel() else 0
+    if peak > 0:  # all-zero maps would divide 0 by 0; they mean "background everywhere"
+        up = up / peak
+    return F.pad(up, (0, 0, 0, 0, 1, 0), value=bg_threshold)
+
+
 def masks_from_walk(
     walked: torch.Tensor, class_ids: np.ndarray, image_size: tuple[int, int], bg_threshold: float
 ) -> np.ndarray:
-    """Random-walk output (K, h4, w4) -> (H, W) uint8 class ids.
-
-    Upsampled x4 (bilinear), cropped, divided by the global max, background channel
-    ``bg_threshold`` prepended, argmax, mapped to class ids.
-    """
-    height, width = image_size
+    """Random-walk output (K, h4, w4) -> (H, W) uint8 class ids (argmax of ``walk_scores``)."""
     if walked.shape[0] == 0:
         return np.zeros(image_size, dtype=np.uint8)
-    up = F.interpolate(walked[None], scale_factor=4, mode="bilinear", align_corners=False)[0]
-    up = up[:, :height, :width]
-    peak = up.max()
-    if peak > 0:  # all-zero maps would divide 0 by 0; they mean "background everywhere"
-        up = up / peak
-    scores = F.pad(up, (0, 0, 0, 0, 1, 0), value=bg_threshold)
+    scores = walk_scores(walked, image_size, bg_threshold)
     keys = np.concatenate([[0], class_ids]).astype(np.uint8)
     return keys[scores.argmax(dim=0).cpu().numpy()]
+
+
+def walk(
+    strided_maps: torch.Tensor, boundary: torch.Tensor, irn_cfg: IrnConfig
+) -> torch.Tensor:
+    """The random walk of METHOD.md section 5 on (K, h4, w4) AMN maps: x = maps ** cam_power *
+    (1 - boundary), propagated by the transition matrix of ``boundary`` (h4, w4)."""
+    maps = strided_maps.clamp(min=0).pow(irn_cfg.cam_power)
+    return random_walk(
+        maps * (1 - boundary), boundary, irn_cfg.walk_radius, irn_cfg.beta, irn_cfg.exp_times
+    )
 
 
 def pseudo_mask(
@@ -156,28 +174,26 @@ def pseudo_mask(
             f"stride-4 maps are {strided_maps.shape[2]}x{strided_maps.shape[1]}, the boundary "
             f"map is {boundary.shape[1]}x{boundary.shape[0]}"
         )
-    maps = torch.from_numpy(strided_maps).to(device).clamp(min=0).pow(irn_cfg.cam_power)
-    walked = random_walk(
-        maps * (1 - boundary), boundary, irn_cfg.walk_radius, irn_cfg.beta, irn_cfg.exp_times
-    )
+    walked = walk(torch.from_numpy(strided_maps).to(device), boundary, irn_cfg)
     return masks_from_walk(walked, class_ids, image.shape[:2], irn_cfg.bg_threshold)
 
 
-def make_masks(config: Config, amn_maps_dir: Path, checkpoint: Path | None = None) -> Path:
-    """Write the pseudo mask of every image of ``data.infer_split`` (resumes per image)."""
+def make_masks(
+    config: Config, amn_maps_dir: Path | None = None, checkpoint: Path | None = None
+) -> Path:
+    """Write the pseudo mask of every image of the run (resumes per image)."""
+    amn_maps_dir = amn_maps_dir or maps_dir(config, "amn")
     out_dir = masks_dir(config)
-    out_dir.mkdir(parents=True, exist_ok=True)
-    device = resolve_device(config.device)
-    dataset = build_dataset(config.data, config.data.infer_split)
-    model = load_irn_model(checkpoint or checkpoint_path(config, "irn"), dataset.class_names)
-    model.to(device).eval()
+    job = start_inference(
+        config, "irn", checkpoint or checkpoint_path(config, "irn"), out_dir, ".png"
+    )
     palette = voc_palette()
-    todo = [s for s in dataset.stems if not (out_dir / f"{s}.png").is_file()]
-    for stem in tqdm(todo, desc="pseudo masks"):
+    for stem in tqdm(job.todo, desc="pseudo masks"):
         maps = load_score_maps(amn_maps_dir / f"{stem}.npz")
         try:
             mask = pseudo_mask(
-                model, dataset.image(stem), maps.strided, maps.class_ids, config, device
+                job.model, job.dataset.image(stem), maps.strided, maps.class_ids, config,
+                job.device,
             )
         except AmnsegError as error:
             raise AmnsegError(f"{amn_maps_dir / (stem + '.npz')}: {error}") from None

@@ -4,7 +4,8 @@ For each image: foreground labels = argmax over [t_fg, maps] refined by a dense 
 labels = the same with t_bg; seed = the foreground class where the first says foreground, 0
 where both say background, 255 (unsure) elsewhere. Works on any ``<stem>.npz`` score maps (CAM
 or AMN). Images run in worker processes; each image's seed depends on that image alone, so the
-output does not depend on the number of workers.
+output does not depend on the number of workers. Seeds are made for every image of the run
+(``processed_images``): the training split's seeds train AMN (from CAMs) and IRN (from AMN maps).
 """
 
 from __future__ import annotations
@@ -18,13 +19,14 @@ from pathlib import Path
 import numpy as np
 from tqdm import tqdm
 
-from amnseg.config import Config
-from amnseg.data import build_dataset
+from amnseg.config import Config, CrfConfig
 from amnseg.data.base import SegDataset
 from amnseg.data.voc import voc_palette
 from amnseg.errors import AmnsegError
 from amnseg.io import load_score_maps, save_label_png
-from amnseg.ops.crf import CRFParams, crf_refine_labels
+from amnseg.layout import maps_dir, seeds_dir
+from amnseg.ops.crf import crf_refine_labels
+from amnseg.stages.common import processed_images
 
 UNSURE = 255
 
@@ -41,7 +43,7 @@ def make_seed(
     class_ids: np.ndarray,
     fg_threshold: float,
     bg_threshold: float,
-    crf: CRFParams = CRFParams(),
+    crf: CrfConfig,
 ) -> np.ndarray:
     """Seed labels of one image: (H, W) uint8 with 0 = bg, class ids, 255 = unsure.
 
@@ -64,7 +66,7 @@ class SeedJob:
     out_dir: Path
     fg_threshold: float
     bg_threshold: float
-    crf: CRFParams
+    crf: CrfConfig
 
 
 def _seed_one(job: SeedJob, stem: str) -> str:
@@ -82,54 +84,42 @@ def _seed_one(job: SeedJob, stem: str) -> str:
     return stem
 
 
-def crf_params(config: Config) -> CRFParams:
-    s = config.seeds
-    return CRFParams(
-        iterations=s.crf_iterations,
-        gt_prob=s.crf_gt_prob,
-        gaussian_sxy=s.crf_gaussian_sxy,
-        gaussian_compat=s.crf_gaussian_compat,
-        bilateral_sxy=s.crf_bilateral_sxy,
-        bilateral_srgb=s.crf_bilateral_srgb,
-        bilateral_compat=s.crf_bilateral_compat,
-    )
-
-
-def seed_settings(config: Config, source: str) -> tuple[float, float, Path, Path]:
-    """(fg threshold, bg threshold, map folder, seed folder) for seeds from ``cam`` or ``amn``
-    maps: the run's ``<source>/maps`` become ``seeds/<source>``."""
+def seed_thresholds(config: Config, source: str) -> tuple[float, float]:
+    """(foreground, background) thresholds of seeds from ``cam`` or ``amn`` maps."""
     if source not in ("cam", "amn"):
         raise AmnsegError(f"seed source {source!r}: expected cam or amn")
-    fg = getattr(config.seeds, f"{source}_fg_threshold")
-    bg = getattr(config.seeds, f"{source}_bg_threshold")
-    run = Path(config.run_dir)
-    return fg, bg, run / source / "maps", run / "seeds" / source
+    return (getattr(config.seeds, f"{source}_fg_threshold"),
+            getattr(config.seeds, f"{source}_bg_threshold"))
 
 
 def make_seeds(
     config: Config,
-    maps_dir: Path,
-    out_dir: Path,
-    fg_threshold: float,
-    bg_threshold: float,
+    source: str,
+    source_maps: Path | None = None,
+    out_dir: Path | None = None,
     workers: int | None = None,
 ) -> Path:
-    """Write ``<out_dir>/<stem>.png`` seeds for every image of ``data.infer_split``.
+    """Write ``<out_dir>/<stem>.png`` seeds from the ``source`` (cam or amn) maps of every image
+    of the run, with that source's thresholds.
 
-    Existing seed files are kept (resume). ``workers``: processes (default: config, 0 = cores).
+    Defaults: the run's ``<source>/maps`` -> ``seeds/<source>``. Existing seed files are kept
+    (resume). ``workers``: processes (default: ``seeds.workers``, 0 = one per core).
     """
-    if not maps_dir.is_dir():
-        raise AmnsegError(f"{maps_dir}: score map folder not found")
-    dataset = build_dataset(config.data, config.data.infer_split)
-    missing = [s for s in dataset.stems if not (maps_dir / f"{s}.npz").is_file()]
+    fg_threshold, bg_threshold = seed_thresholds(config, source)
+    source_maps = source_maps or maps_dir(config, source)
+    out_dir = out_dir or seeds_dir(config, source)
+    if not source_maps.is_dir():
+        raise AmnsegError(f"{source_maps}: score map folder not found")
+    dataset = processed_images(config)
+    missing = [s for s in dataset.stems if not (source_maps / f"{s}.npz").is_file()]
     if missing:
         raise AmnsegError(
-            f"{maps_dir}: no maps for {len(missing)} of {len(dataset)} images "
+            f"{source_maps}: no maps for {len(missing)} of {len(dataset)} images "
             f"(first: {missing[0]}.npz); run the map stage first"
         )
     out_dir.mkdir(parents=True, exist_ok=True)
     todo = [s for s in dataset.stems if not (out_dir / f"{s}.png").is_file()]
-    job = SeedJob(dataset, maps_dir, out_dir, fg_threshold, bg_threshold, crf_params(config))
+    job = SeedJob(dataset, source_maps, out_dir, fg_threshold, bg_threshold, config.seeds.crf)
     workers = config.seeds.workers if workers is None else workers
     workers = min(workers or os.cpu_count() or 1, max(len(todo), 1))
     run_one = partial(_seed_one, job)

@@ -1,0 +1,69 @@
+"""What the stage modules share: the images a run processes and the start of an inference
+stage. (Model building lives in ``amnseg.checkpoints``, paths in ``amnseg.layout``.)"""
+
+from __future__ import annotations
+
+from dataclasses import dataclass
+from pathlib import Path
+from typing import Any
+
+import torch
+from torch import nn
+
+from amnseg.checkpoints import load_model
+from amnseg.data import build_splits
+from amnseg.data.base import SegDataset
+from amnseg.ops.multiscale import multiscale_inputs
+from amnseg.training import resolve_device
+
+
+def processed_images(config: Any) -> SegDataset:
+    """The images the map, seed and mask stages process: every image of ``data.train_split``
+    (the networks train on their seeds; the segmentation stage on their masks), then those of
+    ``data.infer_split`` that are not among them (the images that are evaluated)."""
+    return build_splits(config.data, [config.data.train_split, config.data.infer_split])
+
+
+@dataclass
+class InferenceJob:
+    """An inference stage, ready to run: the model in eval mode on its device, the dataset and
+    the stems whose output file does not exist yet (a rerun resumes where it stopped)."""
+
+    model: nn.Module
+    device: torch.device
+    dataset: SegDataset
+    todo: list[str]
+
+
+def start_inference(
+    config: Any, stage: str, checkpoint: Path, out_dir: Path, suffix: str
+) -> InferenceJob:
+    """Create ``out_dir`` and load the ``stage`` network of ``checkpoint`` for the run's images;
+    the stems that already have ``<out_dir>/<stem><suffix>`` are done."""
+    out_dir.mkdir(parents=True, exist_ok=True)
+    device = resolve_device(config.device)
+    dataset = processed_images(config)
+    model = load_model(checkpoint, stage, dataset.class_names).to(device).eval()
+    todo = [stem for stem in dataset.stems if not (out_dir / f"{stem}{suffix}").is_file()]
+    return InferenceJob(model, device, dataset, todo)
+
+
+class MultiscaleInputs(torch.utils.data.Dataset):
+    """Loader-side preparation of each image's multi-scale (+ flip) batches, so that decoding
+    and resizing overlap the network's work. Items: (stem, batches, label, (H, W))."""
+
+    def __init__(self, dataset: SegDataset, stems: list[str], scales: list[float], flip: bool):
+        self.dataset, self.stems, self.scales, self.flip = dataset, stems, scales, flip
+
+    def __len__(self) -> int:
+        return len(self.stems)
+
+    def __getitem__(self, index: int) -> tuple[str, list[torch.Tensor], torch.Tensor, tuple]:
+        stem = self.stems[index]
+        image = self.dataset.image(stem)
+        batches = multiscale_inputs(image, self.scales, self.flip)
+        return stem, batches, torch.from_numpy(self.dataset.label(stem)), image.shape[:2]
+
+    def loader(self, num_workers: int) -> torch.utils.data.DataLoader:
+        """One image per step, in order."""
+        return torch.utils.data.DataLoader(self, batch_size=None, num_workers=num_workers)

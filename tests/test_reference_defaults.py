@@ -1,0 +1,112 @@
+"""The defaults are the reference's: every number of METHOD.md, written out here once more, must
+equal the config defaults and what `configs/voc12.yaml` resolves to."""
+
+from __future__ import annotations
+
+import pytest
+
+from amnseg.config import config_to_dict, load_config
+
+# METHOD.md, section by section (key in the config: value in the reference).
+METHOD = {
+    # 0. data
+    "data.train_split": "train_aug",
+    "data.infer_split": "train",
+    "data.val_split": "val",
+    # 1. backbone
+    "backbone.depth": 50,
+    "backbone.strides": [2, 2, 2, 1],
+    "backbone.norm": "frozen",
+    "backbone.freeze_stem": True,
+    # 2. cam
+    "cam.epochs": 5,
+    "cam.batch_size": 16,
+    "cam.lr": 0.1,
+    "cam.head_lr_mult": 10.0,
+    "cam.weight_decay": 1e-4,
+    "cam.momentum": 1e-4,
+    "cam.poly_power": 0.9,
+    "cam.resize_long": [320, 640],
+    "cam.crop_size": 512,
+    "cam.flip": True,
+    "cam.scales": [1.0, 0.5, 1.5, 2.0],
+    "cam.eval_threshold": 0.15,
+    # 3. seeds
+    "seeds.cam_fg_threshold": 0.30,
+    "seeds.cam_bg_threshold": 0.05,
+    "seeds.amn_fg_threshold": 0.45,
+    "seeds.amn_bg_threshold": 0.15,
+    "seeds.crf.iterations": 10,
+    "seeds.crf.gt_prob": 0.7,
+    "seeds.crf.gaussian_sxy": 3,
+    "seeds.crf.gaussian_compat": 3,
+    "seeds.crf.bilateral_sxy": 50,
+    "seeds.crf.bilateral_srgb": 5,
+    "seeds.crf.bilateral_compat": 10,
+    # 4. amn
+    "amn.epochs": 5,
+    "amn.batch_size": 16,
+    "amn.backbone_lr": 5e-6,
+    "amn.head_lr": 1e-4,
+    "amn.weight_decay": 1e-4,
+    "amn.label_smoothing": 0.4,
+    "amn.dropout": 0.1,
+    "amn.crop_size": 512,
+    "amn.rescale": [0.5, 1.5],
+    "amn.flip": True,
+    "amn.scales": [1.0, 0.5, 1.5, 2.0],
+    "amn.eval_threshold": 0.25,
+    "amn.backbone_init": "imagenet",
+    # 5. irn
+    "irn.radius": 10,
+    "irn.epochs": 3,
+    "irn.batch_size": 32,
+    "irn.lr": 0.1,
+    "irn.weight_decay": 1e-4,
+    "irn.momentum": 1e-4,
+    "irn.poly_power": 0.9,
+    "irn.crop_size": 512,
+    "irn.rescale": [0.5, 1.5],
+    "irn.flip": True,
+    "irn.backbone_init": "imagenet",
+    "irn.infer_pad_size": 512,
+    "irn.walk_radius": 5,
+    "irn.beta": 10,
+    "irn.exp_times": 8,
+    "irn.cam_power": 1.3,
+    "irn.bg_threshold": 0.25,
+}
+
+
+def lookup(config, dotted: str):
+    value = config_to_dict(config)
+    for part in dotted.split("."):
+        value = value[part]
+    return value
+
+
+@pytest.mark.parametrize("name", [None, "voc12"])
+def test_defaults_are_the_reference_values(name):
+    config = load_config(name, [])
+    for key, expected in METHOD.items():
+        got = lookup(config, key)
+        assert got == expected and type(got) is type(expected) or (
+            isinstance(expected, int) and isinstance(got, float) and got == expected
+        ), f"{key}: {got!r}, METHOD.md says {expected!r}"
+
+
+def test_voc12_config_loads_imagenet_weights_and_coco_keeps_the_method():
+    assert load_config("voc12", []).backbone.pretrained == "hub"
+    coco = load_config("coco14", [])
+    assert coco.data.kind == "coco" and coco.backbone.pretrained == "hub"
+    assert len(coco.data.train_split) and coco.cam.eval_threshold == 0.15
+    for key, expected in METHOD.items():
+        if not key.startswith("data."):
+            assert lookup(coco, key) == expected, key
+
+
+def test_eval_thresholds_grid():
+    config = load_config(None, [])
+    grid = config.eval.thresholds()
+    assert grid[0] == 0.0 and grid[-1] == 0.95 and len(grid) == 20
+    assert config.eval.robust_range == [0.10, 0.60]

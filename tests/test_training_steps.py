@@ -1,0 +1,197 @@
+"""Each training stage's optimiser against the reference recipe: which parameters it receives
+(by name), their learning rates, weight decay and momentum, and two steps' updates computed by
+hand from the optimisers' formulas."""
+
+from __future__ import annotations
+
+import math
+
+import numpy as np
+import pytest
+import torch
+import torch.nn.functional as F
+
+from amnseg.config import AmnConfig, CamConfig, IrnConfig
+from amnseg.losses import amn_loss
+from amnseg.models import CAMNet, ResNet
+from amnseg.models.amn import AMN
+from amnseg.models.irn import BoundaryNet
+from amnseg.stages.amn import amn_optimizer
+from amnseg.stages.cam import cam_loss, cam_optimizer
+from amnseg.stages.irn import irn_optimizer
+from amnseg.training import train_step
+
+STEM = {"conv1.weight", "bn1.weight", "bn1.bias"}
+
+
+def tiny_backbone() -> ResNet:
+    torch.manual_seed(0)
+    backbone = ResNet(depth=18, width=0.25, strides=[2, 2, 2, 1])
+    for module in backbone.modules():  # non-trivial BatchNorm, so gamma/beta gradients differ
+        if isinstance(module, torch.nn.BatchNorm2d):
+            module.weight.data.uniform_(0.5, 1.5)
+            module.bias.data.uniform_(-0.2, 0.2)
+            module.running_var.uniform_(0.5, 2.0)
+    return backbone
+
+
+def group_names(model: torch.nn.Module, optimizer: torch.optim.Optimizer) -> list[set[str]]:
+    names = {id(p): n for n, p in model.named_parameters()}
+    return [{names[id(p)] for p in group["params"]} for group in optimizer.param_groups]
+
+
+def snapshot(model: torch.nn.Module) -> dict[str, torch.Tensor]:
+    return {n: p.detach().clone() for n, p in model.named_parameters()}
+
+
+def grads(model: torch.nn.Module) -> dict[str, torch.Tensor | None]:
+    return {n: None if p.grad is None else p.grad.clone() for n, p in model.named_parameters()}
+
+
+def test_cam_optimizer_groups_and_two_sgd_steps():
+    model = CAMNet(tiny_backbone(), 3)
+    config = CamConfig()
+    total = 10
+    optimizer, scheduler = cam_optimizer(model, config, total)
+    backbone, head = group_names(model, optimizer)
+    everything = {n for n, _ in model.named_parameters()}
+    # Every backbone parameter but the stem, BatchNorm gamma/beta included.
+    assert backbone == {n for n in everything if n.startswith("backbone.")} - {
+        f"backbone.{n}" for n in STEM}
+    assert "backbone.layer3.0.bn1.weight" in backbone and "backbone.layer4.1.bn2.bias" in backbone
+    assert head == {"classifier.weight"}
+    assert [g["lr"] for g in optimizer.param_groups] == [0.1, 1.0]
+    assert [g["weight_decay"] for g in optimizer.param_groups] == [1e-4, 1e-4]
+    assert [g["momentum"] for g in optimizer.param_groups] == [1e-4, 1e-4]
+
+    images = torch.randn(2, 3, 48, 40, generator=torch.Generator().manual_seed(1))
+    labels = torch.tensor([[1.0, 0.0, 1.0], [0.0, 1.0, 0.0]])
+    start = snapshot(model)
+    loss = train_step(model, [images, labels], cam_loss, optimizer, scheduler)
+    first_grads = grads(model)
+    after_first = snapshot(model)
+    train_step(model, [images, labels], cam_loss, optimizer, scheduler)
+    second_grads = grads(model)
+    after_second = snapshot(model)
+    assert math.isfinite(loss)
+
+    momentum, decay = 1e-4, 1e-4
+    for name, p0 in start.items():
+        if name.startswith("backbone.") and name[len("backbone."):] in STEM:
+            assert torch.equal(after_second[name], p0), f"{name}: the stem must not train"
+            continue
+        base = 1.0 if name == "classifier.weight" else 0.1
+        g0 = first_grads[name]
+        if g0 is None:  # layer1-2: behind the detach, no gradient, untouched
+            assert name.startswith(("backbone.layer1", "backbone.layer2")), name
+            assert torch.equal(after_second[name], p0)
+            continue
+        # torch SGD with momentum: buf = d_p on the first step, buf = m * buf + d_p after.
+        d0 = g0 + decay * p0
+        p1 = p0 - base * d0  # lr factor (1 - 0/10) ** 0.9 = 1
+        torch.testing.assert_close(after_first[name], p1, rtol=1e-6, atol=1e-8)
+        d1 = second_grads[name] + decay * after_first[name]
+        lr1 = base * (1 - 1 / total) ** 0.9
+        p2 = after_first[name] - lr1 * (momentum * d0 + d1)
+        torch.testing.assert_close(after_second[name], p2, rtol=1e-6, atol=1e-8)
+    assert not torch.equal(after_second["backbone.layer3.0.bn1.weight"],
+                           start["backbone.layer3.0.bn1.weight"])
+
+
+def test_cam_loss_is_multilabel_soft_margin_by_hand():
+    model = CAMNet(tiny_backbone(), 3).eval()
+    images = torch.randn(2, 3, 32, 32, generator=torch.Generator().manual_seed(2))
+    labels = torch.tensor([[1.0, 0.0, 1.0], [0.0, 1.0, 0.0]])
+    logits = model(images).double()
+    by_hand = -(labels * F.logsigmoid(logits) + (1 - labels) * F.logsigmoid(-logits)).mean(1)
+    assert cam_loss(model, images, labels).item() == pytest.approx(by_hand.mean().item(),
+                                                                    rel=1e-5)
+
+
+def test_amn_optimizer_groups_and_two_adam_steps():
+    model = AMN(tiny_backbone(), 3, dropout=0.1)
+    config = AmnConfig()
+    optimizer, scheduler = amn_optimizer(model, config)
+    backbone, new = group_names(model, optimizer)
+    assert backbone == {n for n, _ in model.named_parameters() if n.startswith("backbone.")} - {
+        f"backbone.{n}" for n in STEM}
+    assert {"backbone.layer1.0.bn1.weight", "backbone.layer1.0.bn1.bias"} <= backbone
+    assert new == {"label_enc.weight", "label_enc.bias"} | {
+        f"classifier.1.c{i}.{kind}" for i in range(4) for kind in ("weight", "bias")}
+    assert [g["lr"] for g in optimizer.param_groups] == [5e-6, 1e-4]
+    assert [g["weight_decay"] for g in optimizer.param_groups] == [1e-4, 1e-4]
+
+    generator = torch.Generator().manual_seed(3)
+    images = torch.randn(2, 3, 64, 64, generator=generator)
+    labels = torch.tensor([[1.0, 1.0, 0.0], [0.0, 0.0, 1.0]])
+    targets = torch.randint(0, 4, (2, 4, 4), generator=generator)
+    targets[0, 0, :2] = 255
+
+    def compute_loss(net, images, labels, targets):
+        return amn_loss(net(images, labels), targets, 0.4)
+
+    start = snapshot(model)
+    train_step(model, [images, labels, targets], compute_loss, optimizer, scheduler)
+    g0, p1_actual = grads(model), snapshot(model)
+    train_step(model, [images, labels, targets], compute_loss, optimizer, scheduler)
+    g1, p2_actual = grads(model), snapshot(model)
+
+    beta1, beta2, eps, decay = 0.9, 0.999, 1e-8, 1e-4
+    for name, p0 in start.items():
+        if name[len("backbone."):] in STEM:
+            assert torch.equal(p2_actual[name], p0), name
+            continue
+        lr = 5e-6 if name.startswith("backbone.") else 1e-4  # constant: no schedule
+        d0 = g0[name] + decay * p0
+        m1, v1 = (1 - beta1) * d0, (1 - beta2) * d0 * d0
+        p1 = p0 - lr * (m1 / (1 - beta1)) / ((v1 / (1 - beta2)).sqrt() + eps)
+        torch.testing.assert_close(p1_actual[name], p1, rtol=1e-5, atol=1e-9)
+        d1 = g1[name] + decay * p1_actual[name]
+        m2, v2 = beta1 * m1 + (1 - beta1) * d1, beta2 * v1 + (1 - beta2) * d1 * d1
+        p2 = p1_actual[name] - lr * (m2 / (1 - beta1**2)) / (
+            (v2 / (1 - beta2**2)).sqrt() + eps)
+        torch.testing.assert_close(p2_actual[name], p2, rtol=1e-5, atol=1e-9)
+
+
+def test_irn_optimizer_trains_only_the_boundary_layers():
+    model = BoundaryNet(tiny_backbone())
+    config = IrnConfig()
+    total = 4
+    optimizer, scheduler = irn_optimizer(model, config, total)
+    (names,) = group_names(model, optimizer)
+    assert names == {n for n, _ in model.named_parameters() if n.startswith("fc_edge")}
+    group = optimizer.param_groups[0]
+    assert (group["lr"], group["weight_decay"], group["momentum"]) == (0.1, 1e-4, 1e-4)
+
+    images = torch.randn(2, 3, 32, 32, generator=torch.Generator().manual_seed(4))
+
+    def compute_loss(net, images):
+        return torch.sigmoid(net(images)).mean()
+
+    start = snapshot(model)
+    train_step(model, [images], compute_loss, optimizer, scheduler)
+    g0, p1_actual = grads(model), snapshot(model)
+    train_step(model, [images], compute_loss, optimizer, scheduler)
+    g1, p2_actual = grads(model), snapshot(model)
+    for name, p0 in start.items():
+        if not name.startswith("fc_edge"):
+            assert torch.equal(p2_actual[name], p0), name  # frozen backbone
+            continue
+        d0 = g0[name] + 1e-4 * p0
+        torch.testing.assert_close(p1_actual[name], p0 - 0.1 * d0, rtol=1e-6, atol=1e-9)
+        d1 = g1[name] + 1e-4 * p1_actual[name]
+        lr1 = 0.1 * (1 - 1 / total) ** 0.9
+        expected = p1_actual[name] - lr1 * (1e-4 * d0 + d1)
+        torch.testing.assert_close(p2_actual[name], expected, rtol=1e-6, atol=1e-9)
+
+
+def test_poly_schedule_reaches_zero_and_stays():
+    model = CAMNet(tiny_backbone(), 2)
+    optimizer, scheduler = cam_optimizer(model, CamConfig(lr=0.2), 5)
+    rates = []
+    for _ in range(7):
+        rates.append(optimizer.param_groups[0]["lr"])
+        optimizer.step()
+        scheduler.step()
+    expected = [0.2 * (1 - min(k, 5) / 5) ** 0.9 for k in range(7)]
+    np.testing.assert_allclose(rates, expected, rtol=1e-12)
