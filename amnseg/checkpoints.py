@@ -14,13 +14,14 @@ from typing import Any
 
 from torch import nn
 
-from amnseg.config import BackboneConfig
+from amnseg.config import BackboneConfig, deeplab_backbone
 from amnseg.errors import AmnsegError
 from amnseg.io import load_checkpoint, save_checkpoint
 from amnseg.models.amn import AMN
 from amnseg.models.cam import CAMNet
+from amnseg.models.deeplab import MSC, MSC_SCALES, DeepLabV2
 from amnseg.models.irn import BoundaryNet
-from amnseg.models.resnet import ResNet, build_backbone
+from amnseg.models.resnet import ResNet, build_backbone, resnet_from_config
 
 
 def save_model(
@@ -54,6 +55,8 @@ def load_model_checkpoint(path: Path, stage: str, class_names: list[str]) -> dic
     if checkpoint.get("format") != "amnseg" and any(k.startswith("resnet50.") for k in checkpoint):
         # An authors' checkpoint: convert it on the fly.
         return import_reference(stage, path, class_names)
+    if checkpoint.get("format") != "amnseg" and stage == "seg" and is_deeplab_state(checkpoint):
+        return import_deeplab(path, class_names)
     if checkpoint.get("format") != "amnseg" or checkpoint.get("stage") != stage:
         found = checkpoint.get("stage", "unknown") if checkpoint.get("format") == "amnseg" else None
         what = f"an amnseg {found} checkpoint" if found else "not an amnseg checkpoint"
@@ -73,32 +76,37 @@ def load_model_checkpoint(path: Path, stage: str, class_names: list[str]) -> dic
 
 
 def backbone_from_checkpoint(checkpoint: dict[str, Any]) -> ResNet:
-    saved = checkpoint["backbone"]
-    return ResNet(
-        depth=saved["depth"],
-        width=saved["width"],
-        strides=saved["strides"],
-        norm=saved["norm"],
-        # checkpoints written before the option's rename call it freeze_conv1
-        freeze_stem=saved.get("freeze_stem", saved.get("freeze_conv1", True)),
-    )
+    return resnet_from_config(checkpoint["backbone"])
+
+
+STAGES_WITH_MODELS = ("cam", "amn", "irn", "seg")
 
 
 def new_model(stage: str, backbone: ResNet, num_classes: int, **options: Any) -> nn.Module:
-    """An untrained network of ``stage`` (cam, amn, irn) on ``backbone``."""
+    """An untrained network of ``stage`` on ``backbone``; ``num_classes`` foreground classes.
+
+    cam: CAMNet; amn: AMN (option ``dropout``); irn: BoundaryNet; seg: MSC(DeepLabV2) with
+    ``num_classes + 1`` outputs (option ``msc_scales``).
+    """
     if stage == "cam":
         return CAMNet(backbone, num_classes)
     if stage == "amn":
         return AMN(backbone, num_classes, **options)
     if stage == "irn":
         return BoundaryNet(backbone)
-    raise AmnsegError(f"unknown checkpoint kind {stage!r}: expected cam, amn or irn")
+    if stage == "seg":
+        return MSC(DeepLabV2(backbone, num_classes + 1), options.get("msc_scales", MSC_SCALES))
+    raise AmnsegError(
+        f"unknown checkpoint kind {stage!r}: expected one of {', '.join(STAGES_WITH_MODELS)}"
+    )
 
 
 def build_model(checkpoint: dict[str, Any]) -> nn.Module:
     """The model of an amnseg checkpoint, with its weights loaded."""
+    options = {"msc_scales": checkpoint["msc_scales"]} if "msc_scales" in checkpoint else {}
     model = new_model(
-        checkpoint["stage"], backbone_from_checkpoint(checkpoint), len(checkpoint["class_names"])
+        checkpoint["stage"], backbone_from_checkpoint(checkpoint), len(checkpoint["class_names"]),
+        **options,
     )
     model.load_state_dict(checkpoint["model"])
     return model
@@ -214,13 +222,147 @@ def import_reference(
 
 
 def export_reference(checkpoint: dict[str, Any]) -> dict[str, Any]:
-    """An amnseg checkpoint's weights under the reference's canonical key names."""
+    """An amnseg checkpoint's weights under the reference's canonical key names (the authors'
+    for cam, amn, irn; kazuto's DeepLab-v2 layout for seg)."""
     stage = checkpoint.get("stage")
+    if checkpoint.get("format") == "amnseg" and stage == "seg":
+        return export_deeplab(checkpoint)
     if checkpoint.get("format") != "amnseg" or stage not in REFERENCE_PREFIXES:
-        raise AmnsegError("not an amnseg cam, amn or irn checkpoint")
+        raise AmnsegError("not an amnseg cam, amn, irn or seg checkpoint")
     reverse = {ours: ref for ref, ours in REFERENCE_PREFIXES[stage].items()}
     exported = {}
     for key, tensor in checkpoint["model"].items():
         prefix = next(p for p in reverse if key.startswith(p))
         exported[reverse[prefix] + key[len(prefix):]] = tensor
     return exported
+
+
+# --- DeepLab-v2 files (kazuto1011/deeplab-pytorch's MSC(DeepLabV2) layout) ------------------
+# Stem "layer1.conv1.{conv,bn}", blocks "layer<k>.block<j>.{reduce,conv3x3,increase,shortcut}
+# .{conv,bn}" (k = 2..5 is our layer k - 1, j = 1.. our block j - 1), head "aspp.c0..c3".
+# Trained files prefix every key with "base."; the init files the recipe starts from do not, and
+# have no ASPP or one for another class count.
+
+DEEPLAB_PARTS = {"reduce": ("conv1", "bn1"), "conv3x3": ("conv2", "bn2"),
+                 "increase": ("conv3", "bn3"), "shortcut": ("downsample.0", "downsample.1")}
+
+
+def is_deeplab_state(state: dict[str, Any]) -> bool:
+    return any(k.endswith("layer1.conv1.conv.weight") for k in state)
+
+
+def deeplab_to_ours(key: str) -> str | None:
+    """A DeepLab-v2 key (without ``base.``) -> our MSC key, or None if it is not one."""
+    parts = key.split(".")
+    if parts[0] == "aspp" and len(parts) == 3:
+        return f"base.aspp.{parts[1]}.{parts[2]}"
+    if parts[:2] == ["layer1", "conv1"] and len(parts) == 4 and parts[2] in ("conv", "bn"):
+        return f"base.backbone.{'conv1' if parts[2] == 'conv' else 'bn1'}.{parts[3]}"
+    if (len(parts) == 5 and parts[0][:5] == "layer" and parts[0][5:].isdigit()
+            and parts[1].startswith("block") and parts[1][5:].isdigit()
+            and parts[2] in DEEPLAB_PARTS and parts[3] in ("conv", "bn")):
+        layer, block = int(parts[0][5:]) - 1, int(parts[1][5:]) - 1
+        if 1 <= layer <= 4 and block >= 0:
+            conv, norm = DEEPLAB_PARTS[parts[2]]
+            return f"base.backbone.layer{layer}.{block}.{conv if parts[3] == 'conv' else norm}" \
+                f".{parts[4]}"
+    return None
+
+
+def ours_to_deeplab(key: str) -> str:
+    """The inverse of ``deeplab_to_ours`` (without ``base.``)."""
+    name = key.removeprefix("base.")
+    if name.startswith("aspp."):
+        return name
+    name = name.removeprefix("backbone.")
+    if name.startswith(("conv1.", "bn1.")):
+        module, rest = name.split(".", 1)
+        return f"layer1.conv1.{'conv' if module == 'conv1' else 'bn'}.{rest}"
+    layer, block, rest = name.split(".", 2)
+    for part, (conv, norm) in DEEPLAB_PARTS.items():
+        for ours, kind in ((conv, "conv"), (norm, "bn")):
+            if rest.startswith(ours + "."):
+                tail = rest[len(ours) + 1:]
+                return f"layer{int(layer[5:]) + 1}.block{int(block) + 1}.{part}.{kind}.{tail}"
+    raise AmnsegError(f"{key}: not a DeepLab-v2 parameter")
+
+
+def read_deeplab_state(source: Path, backbone: BackboneConfig, num_outputs: int | None,
+                       ) -> tuple[dict[str, Any], bool]:
+    """The tensors of a DeepLab-v2 file under our MSC keys, checked against the model of
+    ``backbone``: (state, whether it has a usable ASPP head). Every backbone tensor must be
+    there with the right shape; an unknown key is an error. The ASPP is kept when its output
+    count is ``num_outputs`` (None: any)."""
+    state = load_checkpoint(source)
+    if isinstance(state, dict) and "state_dict" in state and isinstance(state["state_dict"], dict):
+        state = state["state_dict"]
+    if not isinstance(state, dict) or not is_deeplab_state(state):
+        raise AmnsegError(f"{source}: not a DeepLab-v2 file (no layer1.conv1.conv.weight)")
+    trained = all(k.startswith("base.") for k in state)
+    mapped: dict[str, Any] = {}
+    for key, tensor in state.items():
+        ours = deeplab_to_ours(key.removeprefix("base.") if trained else key)
+        if ours is None:
+            raise AmnsegError(f"{source}: unexpected key {key} (not in the DeepLab-v2 layout)")
+        mapped[ours] = tensor
+    expected = new_model("seg", resnet_from_config(backbone), 1).state_dict()
+    for key, value in expected.items():
+        if key.startswith("base.aspp."):
+            continue
+        if key not in mapped:
+            raise AmnsegError(f"{source}: {ours_to_deeplab(key)} is missing")
+        if tuple(mapped[key].shape) != tuple(value.shape):
+            raise AmnsegError(
+                f"{source}: {ours_to_deeplab(key)} has shape {tuple(mapped[key].shape)}, "
+                f"expected {tuple(value.shape)}"
+            )
+    extra = sorted(k for k in mapped if k not in expected and not k.startswith("base.aspp."))
+    if extra:
+        raise AmnsegError(f"{source}: unexpected key {ours_to_deeplab(extra[0])}")
+    head = [k for k in mapped if k.startswith("base.aspp.")]
+    outputs = {int(mapped[k].shape[0]) for k in head}
+    usable = bool(head) and len(head) == 8 and (num_outputs is None or outputs == {num_outputs})
+    if not usable:
+        mapped = {k: v for k, v in mapped.items() if not k.startswith("base.aspp.")}
+    return mapped, usable
+
+
+def import_deeplab(
+    source: Path, class_names: list[str], destination: Path | None = None,
+    backbone: BackboneConfig | None = None,
+) -> dict[str, Any]:
+    """A trained DeepLab-v2 file (kazuto's MSC layout, ``base.`` keys) as an amnseg ``seg``
+    checkpoint for ``class_names`` (+ background), written to ``destination`` if given."""
+    backbone = backbone or deeplab_backbone()
+    state, has_head = read_deeplab_state(source, backbone, len(class_names) + 1)
+    if not has_head:
+        raw = load_checkpoint(source)
+        found = {tuple(v.shape)[0] for k, v in raw.items() if ".aspp." in f".{k}"}
+        if found:
+            raise AmnsegError(
+                f"{source}: checkpoint is for {min(found) - 1} classes, "
+                f"{len(class_names)} class names given"
+            )
+        raise AmnsegError(
+            f"{source}: no ASPP head (an init file: give it as seg.init to train from it)"
+        )
+    model = new_model("seg", resnet_from_config(backbone), len(class_names))
+    model.load_state_dict(state, strict=False)
+    checkpoint = {
+        "format": "amnseg",
+        "stage": "seg",
+        "class_names": list(class_names),
+        "backbone": dataclasses.asdict(backbone),
+        "model": model.state_dict(),
+        "msc_scales": list(MSC_SCALES),
+        "init": f"imported from {source}",
+        "imported_from": str(source),
+    }
+    if destination is not None:
+        save_checkpoint(destination, checkpoint)
+    return checkpoint
+
+
+def export_deeplab(checkpoint: dict[str, Any]) -> dict[str, Any]:
+    """An amnseg ``seg`` checkpoint's weights in kazuto's MSC layout (``base.`` keys)."""
+    return {f"base.{ours_to_deeplab(k)}": v for k, v in checkpoint["model"].items()}

@@ -8,6 +8,7 @@ Every command that works on a dataset takes a config (a name from ``configs/`` s
 
 from __future__ import annotations
 
+import errno
 import sys
 from pathlib import Path
 
@@ -30,7 +31,8 @@ app = typer.Typer(
 console = Console()
 
 CONFIG_HELP = "Config name in configs/ (voc12, coco14, demo) or a YAML path."
-OVERRIDES_HELP = "key=value overrides, e.g. cam.epochs=3 data.root=/data/voc."
+OVERRIDES_HELP = ("key=value overrides, e.g. cam.epochs=3 data.root=/data/voc (all options: "
+                  "amnseg config show CONFIG).")
 
 
 def _print_plain(line: str) -> None:
@@ -62,6 +64,7 @@ def demo_command(
     manifest = run_pipeline(loaded, progress=_print_plain)
     report = build_report(Path(loaded.run_dir))
     console.print(manifest_table(manifest))
+    _print_skipped(loaded)
     console.print(summary_table(Path(loaded.run_dir)))
     console.print(f"report: [bold]{report}[/bold]")
     console.print(f"total time: {time.perf_counter() - started:.0f} s")
@@ -73,13 +76,45 @@ def run_command(
     overrides: list[str] = typer.Argument(None, help=OVERRIDES_HELP),
     start: str = typer.Option(None, "--from", help="First stage to (re)consider."),
     stop: str = typer.Option(None, "--to", help="Last stage to run."),
+    on_bad_image: str = typer.Option(
+        None, "--on-bad-image", help="error (stop, naming the file; the default) or skip (leave "
+        "bad images out and list them): data.on_bad_image."),
 ) -> None:
-    """Run the whole pipeline; unchanged stages are skipped, interrupted ones resume."""
+    """Run the whole pipeline; unchanged stages are skipped, interrupted ones resume.
+
+    Every option of the config can be overridden as key=value; `amnseg config show CONFIG`
+    prints them all, resolved, with their values.
+    """
     from amnseg.pipeline import run_pipeline
 
-    loaded = _load(config, overrides)
+    extra = [f"data.on_bad_image={on_bad_image}"] if on_bad_image else []
+    loaded = _load(config, [*(overrides or []), *extra])
     manifest = run_pipeline(loaded, start, stop, progress=_print_plain)
     console.print(manifest_table(manifest))
+    _print_skipped(loaded)
+
+
+def _print_skipped(config: Config) -> None:
+    from amnseg.data import skipped_images
+
+    for stem, why in sorted(skipped_images(config).items()):
+        _print_plain(f"skipped {stem}: {why}")
+
+
+config_app = typer.Typer(help="Inspect configs.", no_args_is_help=True)
+app.add_typer(config_app, name="config")
+
+
+@config_app.command("show")
+def config_show_command(
+    config: str = typer.Argument(..., help=CONFIG_HELP),
+    overrides: list[str] = typer.Argument(None, help=OVERRIDES_HELP),
+) -> None:
+    """Print the resolved config (defaults + file + overrides) as YAML: every option there is."""
+    from omegaconf import OmegaConf
+
+    loaded = load_config(config, overrides or [])
+    _print_plain(OmegaConf.to_yaml(OmegaConf.structured(loaded)).rstrip())
 
 
 @app.command("status")
@@ -186,17 +221,63 @@ def sweep_command(
         console.print(f"plot: {path}")
 
 
+@app.command("eval-seg")
+def eval_seg_command(
+    config: str = typer.Argument(..., help=CONFIG_HELP),
+    overrides: list[str] = typer.Argument(None, help=OVERRIDES_HELP),
+    checkpoint: Path = typer.Option(None, help="Segmentation checkpoint (default: the run's "
+                                    "seg/seg.pt)."),
+) -> None:
+    """mIoU of the segmentation network on data.val_split: MSC (seg.eval_flip adds the mirror),
+    without and with the dense CRF (seg.eval_crf, parameters seg.crf.*)."""
+    from amnseg.stages.seg import evaluate_seg
+
+    result = evaluate_seg(_load(config, overrides), checkpoint=checkpoint)
+    line = f"{result['name']}: mIoU {100 * result['no_crf']['miou']:.2f}"
+    if result["crf"] is not None:
+        line += f", with CRF {100 * result['crf']['miou']:.2f}"
+    console.print(f"{line} on {result['images']} {result['split']} images")
+
+
+@app.command("predict")
+def predict_command(
+    checkpoint: Path = typer.Argument(..., help="An amnseg segmentation checkpoint."),
+    images: list[Path] = typer.Argument(..., help="Image files or folders of images."),
+    out: Path = typer.Option(..., "--out", help="Output folder."),
+    overlay: bool = typer.Option(False, "--overlay", help="Also write colour blends "
+                                 "(<out>/overlay/<stem>.png)."),
+    voc_submission: bool = typer.Option(
+        False, "--voc-submission", help="Write results/VOC2012/Segmentation/comp6_test_cls/"
+        "<id>.png (raw class indices) for the VOC evaluation server."),
+    crf: bool = typer.Option(True, "--crf/--no-crf", help="Dense CRF on the probabilities."),
+    flip: bool = typer.Option(False, "--flip", help="Also average the mirrored image."),
+    device: str = typer.Option("auto", help="auto, cpu, cuda or cuda:N."),
+) -> None:
+    """Label images with a trained segmentation network: <out>/<stem>.png palette PNGs whose
+    pixel values are class indices (0 background; VOC colours)."""
+    from amnseg.segmenter import Segmenter, predict_files
+
+    segmenter = Segmenter.from_checkpoint(checkpoint, device=device, flip=flip, crf=crf)
+    written = predict_files(segmenter, images, out, overlay, voc_submission)
+    console.print(f"{len(written)} masks: [bold]{written[0].parent if written else out}[/bold]")
+
+
 @app.command("import-checkpoint")
 def import_checkpoint_command(
-    kind: str = typer.Argument(..., help="cam, amn or irn."),
-    source: Path = typer.Argument(..., help="The authors' file (res50_cam.pth, ...)."),
+    kind: str = typer.Argument(..., help="cam, amn, irn or seg."),
+    source: Path = typer.Argument(..., help="The authors' file (res50_cam.pth, ...) or, for "
+                                  "seg, a trained DeepLab-v2 file (kazuto1011's layout)."),
     destination: Path = typer.Argument(..., help="Where to write the amnseg checkpoint."),
     classes: str = typer.Option("voc", help="voc, coco, or a classes.txt path."),
 ) -> None:
-    """Convert an authors' checkpoint (res50_{cam,amn,irn}.pth) into an amnseg checkpoint."""
-    from amnseg.checkpoints import import_reference
+    """Convert an authors' checkpoint (res50_{cam,amn,irn}.pth) or a DeepLab-v2 file into an
+    amnseg checkpoint."""
+    from amnseg.checkpoints import import_deeplab, import_reference
 
-    import_reference(kind, source, _class_names(classes), destination)
+    if kind == "seg":
+        import_deeplab(source, _class_names(classes), destination)
+    else:
+        import_reference(kind, source, _class_names(classes), destination)
     console.print(f"imported {kind} checkpoint: [bold]{destination}[/bold]")
 
 
@@ -267,6 +348,16 @@ def summary_table(run_dir: Path) -> Table:
         path = eval_dir / f"{stem}.json"
         if path.is_file():
             table.add_row(name, "", f"{100 * load_json(path)['miou']:.1f}", "", "", "", "")
+    segmentation = {stem: load_json(eval_dir / f"{stem}.json") for stem in ("seg", "seg_gt")
+                    if (eval_dir / f"{stem}.json").is_file()}
+    for stem, name in (("seg", "seg net on pseudo masks, val"), ("seg_gt", "seg net on GT, val")):
+        if stem in segmentation:
+            result = segmentation[stem]
+            crf = f" ({100 * result['crf']['miou']:.1f} CRF)" if result.get("crf") else ""
+            table.add_row(name, "", f"{100 * result['no_crf']['miou']:.1f}{crf}", "", "", "", "")
+    if len(segmentation) == 2:
+        ratio = segmentation["seg"]["no_crf"]["miou"] / segmentation["seg_gt"]["no_crf"]["miou"]
+        table.add_row("pseudo / GT", "", f"{100 * ratio:.0f} %", "", "", "", "")
     return table
 
 
@@ -333,12 +424,32 @@ def sweep_table(results: dict[str, dict]) -> Table:
     return table
 
 
+# Errors of the file system that a user fixes (not bugs): one line, exit status 2.
+USER_OS_ERRORS = (errno.EACCES, errno.EPERM, errno.EROFS, errno.ENOSPC, errno.EDQUOT,
+                  errno.ENOENT, errno.ENOTDIR, errno.EISDIR, errno.ENAMETOOLONG)
+
+
+def one_line(error: BaseException) -> str:
+    """The message of a user error as one line. An error raised in a data-loader worker comes
+    back wrapped in the worker's traceback; its last line is the original message."""
+    text = str(error).strip()
+    if "\n" in text:
+        text = text.splitlines()[-1].split("AmnsegError: ", 1)[-1]
+    return text
+
+
 def main() -> None:
     """Console entry point: user errors become one line on stderr and exit status 2."""
     try:
         app()
     except AmnsegError as error:
-        print(f"amnseg: error: {error}", file=sys.stderr)
+        print(f"amnseg: error: {one_line(error)}", file=sys.stderr)
+        sys.exit(2)
+    except OSError as error:
+        if error.errno not in USER_OS_ERRORS:
+            raise
+        where = f"{error.filename}: " if error.filename else ""
+        print(f"amnseg: error: {where}{error.strerror}", file=sys.stderr)
         sys.exit(2)
 
 

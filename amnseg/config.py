@@ -9,6 +9,7 @@ from __future__ import annotations
 import dataclasses
 import hashlib
 import json
+import math
 from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any
@@ -36,6 +37,16 @@ class DataConfig:
     aug_mask_dir: str = "SegmentationClassAug"  # VOC: SBD masks for train_aug
     semantic_dir: str | None = None  # COCO: folder of precomputed semantic PNGs (optional)
     num_workers: int = 2
+    # What tells `amnseg run` that the data changed: stat (size + modification time of every
+    # image and mask file, cheap) or content (their SHA-256, reads every byte).
+    signature: str = "stat"
+    # Images with more pixels are refused (their dense CRF would take minutes and many GB);
+    # 0 = no limit. VOC and COCO images have at most ~0.3 MP.
+    max_pixels: int = 4_000_000
+    # A bad image or mask (unreadable, too large, mask of another size or with values that are
+    # no class): "error" stops the run naming the file; "skip" leaves the image out and lists
+    # it in the run's summary and report (skipped_images.json).
+    on_bad_image: str = "error"
 
 
 @dataclass
@@ -49,6 +60,9 @@ class BackboneConfig:
     # affine gamma/beta train like any weight (the reference); batch: ordinary BatchNorm.
     norm: str = "frozen"
     freeze_stem: bool = True  # conv1 and bn1 never train in the reference
+    dilations: list[int] = field(default_factory=lambda: [1, 1, 1, 1])  # of layer1..layer4
+    stride_in_1x1: bool = False  # Caffe's block layout (DeepLab-v2's ResNet-101)
+    stem_pool_ceil: bool = False  # Caffe's max-pool rounds up (DeepLab-v2's ResNet-101)
     # ImageNet weights (torchvision layout): a file path, "hub" (torchvision's reference file
     # from the torch hub cache, downloaded and hash-checked on first use), a URL, or null
     # (random init).
@@ -152,6 +166,58 @@ class IrnConfig:
     checkpoint: str | None = None  # a trained IRN (amnseg's or res50_irn.pth): no training
 
 
+def deeplab_backbone() -> BackboneConfig:
+    """DeepLab-v2's ResNet-101: output stride 8 by dilation, Caffe's layout, BatchNorm frozen
+    (and its gamma/beta not optimised: see ``MSC.param_groups``)."""
+    return BackboneConfig(depth=101, strides=[2, 2, 1, 1], dilations=[1, 1, 2, 4],
+                          stride_in_1x1=True, stem_pool_ceil=True, norm="frozen",
+                          freeze_stem=False, pretrained="hub")
+
+
+def deeplab_crf() -> CrfConfig:
+    """The test-time CRF of DeepLab-v2 (on the softmax; ``gt_prob`` is unused there)."""
+    return CrfConfig(iterations=10, gaussian_sxy=1.0, gaussian_compat=3.0, bilateral_sxy=67.0,
+                     bilateral_srgb=3.0, bilateral_compat=4.0)
+
+
+@dataclass
+class SegConfig:
+    """Stage "seg": DeepLab-v2 trained on the pseudo masks, evaluated on data.val_split
+    (METHOD.md section 6; kazuto1011/deeplab-pytorch's VOC recipe)."""
+
+    backbone: BackboneConfig = field(default_factory=deeplab_backbone)
+    # imagenet: the ImageNet file of seg.backbone.pretrained (hub: torchvision's ResNet-101; the
+    # backbone then takes torchvision's block layout, which those weights were trained with),
+    # random weights if that is null; a path: a DeepLab-v2
+    # file (kazuto's layout, with or without "base.", e.g. the ImageNet- or COCO-init files);
+    # cam: the run's CAM classifier backbone (same depth/width; the demo); null: random.
+    init: str | None = "imagenet"
+    masks: str = "pseudo"  # pseudo (the run's pseudo masks) | gt | a folder of <stem>.png
+    iterations: int = 20000
+    batch_size: int = 5
+    accumulation: int = 2  # gradient accumulation: 5 x 2 = batch 10
+    lr: float = 2.5e-4
+    momentum: float = 0.9
+    weight_decay: float = 5e-4
+    poly_power: float = 0.9
+    lr_decay_every: int = 10  # the poly factor is updated every this many iterations
+    aspp_weight_lr_mult: float = 10.0
+    aspp_bias_lr_mult: float = 20.0  # ASPP biases also have no weight decay
+    crop_size: int = 321
+    rescale: list[float] = field(default_factory=lambda: [0.5, 0.75, 1.0, 1.25, 1.5])
+    flip: bool = True
+    msc_scales: list[float] = field(default_factory=lambda: [0.5, 0.75])  # besides 1.0
+    eval_images: int = 100  # per-epoch val check: MSC, no CRF, this many images (0 = off)
+    eval_flip: bool = False  # evaluation: also average the mirrored image's logits
+    eval_crf: bool = True  # evaluation: report with and without the CRF
+    crf: CrfConfig = field(default_factory=deeplab_crf)
+    crf_workers: int = 0  # CRF worker processes; 0 = one per CPU core
+    checkpoint: str | None = None  # a trained model (amnseg's or kazuto's file): no training
+    # Also train the same network on the ground-truth masks (stage seg_gt): the fully supervised
+    # upper bound the pseudo-mask network is measured against.
+    upper_bound: bool = False
+
+
 @dataclass
 class EvalConfig:
     """Threshold sweeps: thresholds = start, start + step, ... <= stop."""
@@ -177,7 +243,145 @@ class Config:
     seeds: SeedsConfig = field(default_factory=SeedsConfig)
     amn: AmnConfig = field(default_factory=AmnConfig)
     irn: IrnConfig = field(default_factory=IrnConfig)
+    seg: SegConfig = field(default_factory=SegConfig)
     eval: EvalConfig = field(default_factory=EvalConfig)
+
+
+# --- validation: every value checked once, at load time, with the key in the message ------
+
+
+def _require(ok: bool, key: str, value: Any, requirement: str) -> None:
+    if not ok:
+        raise AmnsegError(f"{key}={value!r}: {requirement}")
+
+
+def _number(value: Any) -> bool:
+    return isinstance(value, (int, float)) and not isinstance(value, bool) and math.isfinite(value)
+
+
+def _at_least(section: Any, prefix: str, minimum: float, *names: str) -> None:
+    for name in names:
+        value = getattr(section, name)
+        _require(_number(value) and value >= minimum, f"{prefix}.{name}", value,
+                 f"must be a number >= {minimum:g}")
+
+
+def _positive(section: Any, prefix: str, *names: str) -> None:
+    for name in names:
+        value = getattr(section, name)
+        _require(_number(value) and value > 0, f"{prefix}.{name}", value,
+                 "must be a number > 0")
+
+
+def _fraction(section: Any, prefix: str, *names: str, closed: bool = True) -> None:
+    for name in names:
+        value = getattr(section, name)
+        inside = _number(value) and (0 <= value <= 1 if closed else 0 <= value < 1)
+        _require(inside, f"{prefix}.{name}", value,
+                 "must lie in [0, 1]" if closed else "must lie in [0, 1)")
+
+
+def _positive_list(value: Any, key: str, length: int | None = None) -> None:
+    ok = isinstance(value, list) and len(value) > 0 and all(
+        _number(v) and v > 0 for v in value)
+    if length is not None:
+        ok = ok and len(value) == length
+    _require(ok, key, value, f"must be a list of {length or 'one or more'} numbers > 0")
+
+
+def _range(value: Any, key: str, strict: bool = True) -> None:
+    """[low, high] with 0 < low <= high (0 <= low when not ``strict``)."""
+    ok = isinstance(value, list) and len(value) == 2 and all(_number(v) for v in value)
+    ok = ok and (value[0] > 0 if strict else value[0] >= 0) and value[0] <= value[1]
+    _require(ok, key, value,
+             f"must be [low, high] with {'0 <' if strict else '0 <='} low <= high")
+
+
+def _choice(value: Any, key: str, choices: tuple[Any, ...]) -> None:
+    _require(value in choices, key, value, f"expected one of {', '.join(map(str, choices))}")
+
+
+def validate(config: Config) -> Config:
+    """Check every option's type and range; the first bad one is a one-line AmnsegError."""
+    _require(bool(str(config.run_dir).strip()), "run_dir", config.run_dir, "must not be empty")
+    data = config.data
+    _choice(data.kind, "data.kind", ("voc", "coco", "folder"))
+    for name in ("train_split", "infer_split"):
+        _require(bool(getattr(data, name)), f"data.{name}", getattr(data, name), "must be set")
+    _at_least(data, "data", 0, "num_workers")
+    _require(data.signature in ("stat", "content"), "data.signature", data.signature,
+             "expected stat or content")
+    _at_least(data, "data", 0, "max_pixels")
+    _choice(data.on_bad_image, "data.on_bad_image", ("error", "skip"))
+    for prefix, backbone in (("backbone", config.backbone), ("seg.backbone", config.seg.backbone)):
+        _choice(backbone.depth, f"{prefix}.depth", (18, 34, 50, 101))
+        _positive(backbone, prefix, "width")
+        _positive_list(backbone.strides, f"{prefix}.strides", 4)
+        _positive_list(backbone.dilations, f"{prefix}.dilations", 4)
+        _choice(backbone.norm, f"{prefix}.norm", ("frozen", "batch"))
+    cam = config.cam
+    _at_least(cam, "cam", 1, "epochs", "batch_size")
+    _positive(cam, "cam", "lr", "head_lr_mult")
+    _at_least(cam, "cam", 0, "weight_decay", "poly_power")
+    _fraction(cam, "cam", "momentum", closed=False)
+    _range(cam.resize_long, "cam.resize_long")
+    _at_least(cam, "cam", 8, "crop_size")
+    _positive_list(cam.scales, "cam.scales")
+    _fraction(cam, "cam", "eval_threshold")
+    seeds = config.seeds
+    _fraction(seeds, "seeds", "cam_fg_threshold", "cam_bg_threshold", "amn_fg_threshold",
+              "amn_bg_threshold")
+    for source in ("cam", "amn"):
+        fg, bg = (getattr(seeds, f"{source}_{kind}_threshold") for kind in ("fg", "bg"))
+        _require(bg <= fg, f"seeds.{source}_bg_threshold", bg,
+                 f"must not exceed seeds.{source}_fg_threshold={fg}")
+    _at_least(seeds, "seeds", 0, "workers")
+    for prefix, crf in (("seeds.crf", seeds.crf), ("seg.crf", config.seg.crf)):
+        _at_least(crf, prefix, 0, "iterations", "gaussian_compat", "bilateral_compat")
+        _positive(crf, prefix, "gaussian_sxy", "bilateral_sxy", "bilateral_srgb")
+        _require(_number(crf.gt_prob) and 0 < crf.gt_prob < 1, f"{prefix}.gt_prob", crf.gt_prob,
+                 "must lie in (0, 1)")
+    amn = config.amn
+    _at_least(amn, "amn", 1, "epochs", "batch_size")
+    _positive(amn, "amn", "backbone_lr", "head_lr")
+    _at_least(amn, "amn", 0, "weight_decay", "eval_images")
+    _fraction(amn, "amn", "label_smoothing", "dropout", closed=False)
+    _at_least(amn, "amn", 8, "crop_size")
+    _range(amn.rescale, "amn.rescale")
+    _positive_list(amn.scales, "amn.scales")
+    _fraction(amn, "amn", "eval_threshold")
+    _choice(amn.backbone_init, "amn.backbone_init", ("imagenet", "cam"))
+    irn = config.irn
+    _at_least(irn, "irn", 1, "epochs", "batch_size")
+    _at_least(irn, "irn", 2, "radius", "walk_radius")
+    _positive(irn, "irn", "lr", "beta", "cam_power")
+    _at_least(irn, "irn", 0, "weight_decay", "poly_power", "infer_pad_size", "exp_times")
+    _require(irn.exp_times <= 16, "irn.exp_times", irn.exp_times, "must be at most 16")
+    _fraction(irn, "irn", "momentum", closed=False)
+    _at_least(irn, "irn", 8, "crop_size")
+    _range(irn.rescale, "irn.rescale")
+    _choice(irn.backbone_init, "irn.backbone_init", ("imagenet", "cam"))
+    _fraction(irn, "irn", "bg_threshold")
+    seg = config.seg
+    _at_least(seg, "seg", 1, "iterations", "batch_size", "accumulation", "lr_decay_every")
+    _positive(seg, "seg", "lr", "aspp_weight_lr_mult", "aspp_bias_lr_mult")
+    _at_least(seg, "seg", 0, "weight_decay", "poly_power", "eval_images", "crf_workers")
+    _fraction(seg, "seg", "momentum", closed=False)
+    _at_least(seg, "seg", 16, "crop_size")
+    _positive_list(seg.rescale, "seg.rescale")
+    _require(isinstance(seg.msc_scales, list) and all(_number(v) and v > 0 for v in
+                                                      seg.msc_scales),
+             "seg.msc_scales", seg.msc_scales, "must be a list of numbers > 0")
+    _require(bool(seg.masks), "seg.masks", seg.masks, "expected pseudo, gt or a folder")
+    ev = config.eval
+    _positive(ev, "eval", "sweep_step")
+    _fraction(ev, "eval", "sweep_start", "sweep_stop")
+    _require(ev.sweep_start <= ev.sweep_stop, "eval.sweep_start", ev.sweep_start,
+             f"must not exceed eval.sweep_stop={ev.sweep_stop}")
+    _require((ev.sweep_stop - ev.sweep_start) / ev.sweep_step <= 10000, "eval.sweep_step",
+             ev.sweep_step, "gives more than 10000 thresholds")
+    _range(ev.robust_range, "eval.robust_range", strict=False)
+    return config
 
 
 def resolve_config_path(name_or_path: str | Path) -> Path:
@@ -211,15 +415,18 @@ def load_config(
         message = str(exc).strip().splitlines()[0]
         raise AmnsegError(f"config {name_or_path or '(defaults)'}: {message}") from None
     assert isinstance(config, Config)
-    return config
+    return validate(config)
 
 
 def config_from_dict(values: dict[str, Any]) -> Config:
     """Rebuild a Config from its dict form (e.g. a run folder's config.json)."""
-    merged = OmegaConf.merge(OmegaConf.structured(Config), OmegaConf.create(values))
-    config = OmegaConf.to_object(merged)
+    try:
+        merged = OmegaConf.merge(OmegaConf.structured(Config), OmegaConf.create(values))
+        config = OmegaConf.to_object(merged)
+    except OmegaConfBaseException as exc:
+        raise AmnsegError(f"config: {str(exc).strip().splitlines()[0]}") from None
     assert isinstance(config, Config)
-    return config
+    return validate(config)
 
 
 def config_to_dict(config: Any) -> dict[str, Any]:

@@ -44,6 +44,15 @@ def atomic_path(path: str | Path) -> Iterator[Path]:
             tmp.unlink()
 
 
+def output_file(folder: Path, stem: str, suffix: str) -> Path:
+    """``<folder>/<stem><suffix>``, refused unless it lies directly inside ``folder`` (a stem from
+    an input file must never write elsewhere)."""
+    path = Path(folder) / f"{stem}{suffix}"
+    if path.parent != Path(folder) or stem in ("", ".", "..") or "/" in stem or "\\" in stem:
+        raise AmnsegError(f"{folder}: refusing to write {stem!r}{suffix} (not a plain name)")
+    return path
+
+
 def save_json(path: str | Path, obj: Any) -> None:
     with atomic_path(path) as tmp:
         tmp.write_text(json.dumps(obj, indent=2, sort_keys=False, default=_json_default) + "\n")

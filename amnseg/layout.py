@@ -6,6 +6,7 @@
     <run_dir>/seeds/<source>/       seed labels (<stem>.png) from those maps
     <run_dir>/irn/masks/            the final pseudo masks (<stem>.png)
     <run_dir>/eval/                 evaluation JSONs and plots
+    <run_dir>/skipped_images.json   images left out (data.on_bad_image=skip) and why
 """
 
 from __future__ import annotations
@@ -61,6 +62,11 @@ def masks_dir(config: Any) -> Path:
 
 def eval_dir(config: Any) -> Path:
     return run_dir(config) / "eval"
+
+
+def skipped_images_path(config: Any) -> Path:
+    """``<run_dir>/skipped_images.json``: {stem: why} of the images the run leaves out."""
+    return run_dir(config) / "skipped_images.json"
 
 
 def _check_source(source: str) -> None:

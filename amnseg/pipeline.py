@@ -14,21 +14,33 @@ To add a stage: write its function ``(config) -> metrics`` and append a ``Stage`
 
 from __future__ import annotations
 
+import fcntl
 import hashlib
 import json
+import os
 import shutil
 import time
-from collections.abc import Callable
+from collections.abc import Callable, Iterator
+from contextlib import contextmanager
 from dataclasses import dataclass
 from pathlib import Path
 from typing import Any
 
 from amnseg.checkpoints import load_model_checkpoint
 from amnseg.config import Config, config_to_dict
-from amnseg.data import build_dataset
+from amnseg.data import build_dataset, build_splits, run_dataset
 from amnseg.data.base import SegDataset
+from amnseg.data.check import check_dataset
+from amnseg.data.signature import data_signature
 from amnseg.errors import AmnsegError
-from amnseg.io import load_json, save_checkpoint, save_json
+from amnseg.io import (
+    TEMP_SUFFIX,
+    atomic_path,
+    load_json,
+    output_file,
+    save_checkpoint,
+    save_json,
+)
 from amnseg.layout import (
     checkpoint_path,
     eval_dir,
@@ -36,6 +48,7 @@ from amnseg.layout import (
     maps_dir,
     masks_dir,
     seeds_dir,
+    skipped_images_path,
     training_state_path,
 )
 from amnseg.stages.amn import make_amn_maps, train_amn
@@ -44,8 +57,12 @@ from amnseg.stages.common import processed_images
 from amnseg.stages.evaluate import evaluate_label_maps, evaluate_maps
 from amnseg.stages.irn import make_masks, train_irn
 from amnseg.stages.seeds import make_seeds
+from amnseg.stages.seg import evaluate_seg, train_seg
 
 MANIFEST = "manifest.json"
+
+
+PREVIOUS = "<previous>"
 
 
 @dataclass(frozen=True)
@@ -56,6 +73,11 @@ class Stage:
     options: tuple[str, ...]  # dotted config keys (or whole sections) the outputs depend on
     outputs: Callable[[Config], tuple[Path, ...]]  # the files/folders this stage owns
     description: str
+    upstream: str | None = PREVIOUS  # the stage whose outputs it reads (None: only the data)
+    enabled: Callable[[Config], bool] = lambda config: True
+    data: tuple[str, ...] = ()  # the image sets it reads directly: "processed" and/or "val"
+    # The files that must exist for the stage to count as done (besides its record).
+    expected: Callable[[Config], list[Path]] = lambda config: []
 
 
 def _pick(config: Config, dotted: str) -> Any:
@@ -65,10 +87,61 @@ def _pick(config: Config, dotted: str) -> Any:
     return value
 
 
-def fingerprint(stage: Stage, config: Config, upstream: str) -> str:
+def fingerprint(
+    stage: Stage, config: Config, upstream: str, signatures: dict[str, str] | None = None
+) -> str:
+    """Hash of the stage's options, the signatures of the data it reads and its upstream's
+    fingerprint."""
     payload = {key: _pick(config, key) for key in stage.options}
-    text = json.dumps([upstream, stage.name, payload], sort_keys=True, default=str)
+    data = {name: (signatures or {}).get(name) for name in stage.data}
+    text = json.dumps([upstream, stage.name, payload, data], sort_keys=True, default=str)
     return hashlib.sha256(text.encode()).hexdigest()[:16]
+
+
+def data_signatures(config: Config) -> dict[str, str]:
+    """Signatures of the image sets the stages read: "processed" (train + infer split, their
+    images, labels and masks) and "val" (when the config has a val split that exists)."""
+    kind = config.data.signature
+    data = config.data
+    everything = build_splits(data, [data.train_split, data.infer_split])  # skipped ones too
+    signatures = {"processed": data_signature(everything, kind)}
+    if config.data.val_split:
+        try:
+            signatures["val"] = data_signature(
+                build_dataset(config.data, config.data.val_split), kind)
+        except AmnsegError:
+            signatures["val"] = "absent"  # the stages that need it say why when they run
+    return signatures
+
+
+def check_data(config: Config, signatures: dict[str, str], manifest: dict[str, Any],
+               progress: Callable[[str], None]) -> None:
+    """Check every image the run reads (``amnseg.data.check``) once per change of the data or
+    of the policy: with ``data.on_bad_image=error`` the first bad file stops the run, with
+    ``skip`` the bad ones are listed in ``skipped_images.json`` and left out of every stage."""
+    data = config.data
+    key = [signatures, data.on_bad_image, data.max_pixels]
+    if manifest.get("checked", {}).get("key") == key:
+        return
+    skip = data.on_bad_image == "skip"
+    problems: dict[str, str] = {}
+    sets = [build_splits(data, [data.train_split, data.infer_split])]
+    if signatures.get("val", "absent") != "absent":
+        sets.append(build_dataset(data, data.val_split))
+    for dataset in sets:
+        problems.update(check_dataset(dataset, data.max_pixels, decode=skip,
+                                      stop_at_first=not skip))
+    with atomic_path(skipped_images_path(config)) as tmp:
+        tmp.write_text(json.dumps(problems, indent=2) + "\n")
+    if problems:
+        progress(f"skipping {len(problems)} bad images (why: {skipped_images_path(config)})")
+    manifest["checked"] = {"key": key, "skipped": len(problems)}
+
+
+def _per_image(folder: Callable[[Config], Path], suffix: str) -> Callable[[Config], list[Path]]:
+    """Every processed image's file in ``folder``."""
+    return lambda config: [output_file(folder(config), stem, suffix)
+                           for stem in processed_images(config).stems]
 
 
 # --- the stages ---------------------------------------------------------------------------
@@ -77,7 +150,7 @@ def fingerprint(stage: Stage, config: Config, upstream: str) -> str:
 
 
 def _evaluated_images(config: Config) -> SegDataset | None:
-    dataset = build_dataset(config.data, config.data.infer_split)
+    dataset = run_dataset(config, config.data.infer_split)
     return dataset if dataset.has_masks else None
 
 
@@ -143,13 +216,44 @@ def _seed_stage(source: str, description: str) -> Stage:
 
     options = (f"seeds.{source}_fg_threshold", f"seeds.{source}_bg_threshold", "seeds.crf")
     return Stage(f"{source}_seeds", f"make-{source}-seeds", run, options,
-                 lambda config: (seeds_dir(config, source),), description)
+                 lambda config: (seeds_dir(config, source),), description,
+                 expected=_per_image(lambda config: seeds_dir(config, source), ".png"))
 
 
 def _masks(config: Config) -> dict[str, Any]:
     out_dir = make_masks(config)
     return {"images": len(processed_images(config)),
             **_evaluate_labels(config, "pseudo_masks", out_dir)}
+
+
+def _train_seg(stage: str, masks: str | None) -> Callable[[Config], dict[str, Any]]:
+    """Train the segmentation network (or take ``seg.checkpoint``), then evaluate it."""
+
+    def run(config: Config) -> dict[str, Any]:
+        dataset = build_dataset(config.data, config.data.train_split)
+        metrics: dict[str, Any]
+        if config.seg.checkpoint and stage == "seg":
+            checkpoint = load_model_checkpoint(Path(config.seg.checkpoint), "seg",
+                                               dataset.class_names)
+            save_checkpoint(checkpoint_path(config, stage), checkpoint)
+            metrics = {"checkpoint": config.seg.checkpoint}
+        else:
+            train_seg(config, stage, masks)
+            metrics = {"train_split": config.data.train_split, "train_images": len(dataset)}
+        return {**metrics, **_evaluate_seg(config, stage)}
+
+    return run
+
+
+def _evaluate_seg(config: Config, stage: str) -> dict[str, Any]:
+    if not config.data.val_split or not build_dataset(config.data,
+                                                       config.data.val_split).has_masks:
+        return {}
+    result = evaluate_seg(config, stage)
+    metrics = {f"{stage}_miou": result["no_crf"]["miou"]}
+    if result["crf"] is not None:
+        metrics[f"{stage}_crf_miou"] = result["crf"]["miou"]
+    return metrics
 
 
 def _training_outputs(stage: str) -> Callable[[Config], tuple[Path, ...]]:
@@ -170,25 +274,46 @@ _IRN_TRAIN = tuple(f"irn.{name}" for name in (
     "crop_size", "rescale", "flip", "backbone_init", "checkpoint"))
 _IRN_WALK = tuple(f"irn.{name}" for name in (
     "infer_pad_size", "walk_radius", "beta", "exp_times", "cam_power", "bg_threshold"))
+_SEG = ("data.val_split", *(f"seg.{name}" for name in (
+    "backbone", "init", "iterations", "batch_size", "accumulation", "lr", "momentum",
+    "weight_decay", "poly_power", "lr_decay_every", "aspp_weight_lr_mult", "aspp_bias_lr_mult",
+    "crop_size", "rescale", "flip", "msc_scales", "eval_flip", "eval_crf", "crf")))
 
 STAGES: tuple[Stage, ...] = (
     Stage("cam", "train-cam", _training("cam", train_cam), (*_DATA, "backbone", *_CAM_TRAIN),
-          _training_outputs("cam"), "train the CAM classifier on data.train_split"),
+          _training_outputs("cam"), "train the CAM classifier on data.train_split",
+          data=("processed",), expected=lambda config: [checkpoint_path(config, "cam")]),
     Stage("cam_maps", "make-cam", _maps("cam", make_cams), ("cam.scales", "cam.flip"),
-          lambda config: (maps_dir(config, "cam"),), "multi-scale CAMs"),
+          lambda config: (maps_dir(config, "cam"),), "multi-scale CAMs",
+          expected=_per_image(lambda config: maps_dir(config, "cam"), ".npz")),
     _seed_stage("cam", "CRF seeds from CAMs"),
     Stage("amn", "train-amn", _training("amn", lambda c: train_amn(c, seeds_dir(c, "cam"))),
           ("backbone", *_AMN_TRAIN), _training_outputs("amn"),
-          "train AMN on the CAM seeds of data.train_split"),
+          "train AMN on the CAM seeds of data.train_split",
+          expected=lambda config: [checkpoint_path(config, "amn")]),
     Stage("amn_maps", "make-amn-maps",
           _maps("amn", lambda c: make_amn_maps(c, seeds_dir(c, "cam"))), ("amn.scales",),
-          lambda config: (maps_dir(config, "amn"),), "AMN maps"),
+          lambda config: (maps_dir(config, "amn"),), "AMN maps",
+          expected=_per_image(lambda config: maps_dir(config, "amn"), ".npz")),
     _seed_stage("amn", "CRF seeds from AMN maps"),
     Stage("irn", "train-irn", _training("irn", lambda c: train_irn(c, seeds_dir(c, "amn"))),
           ("backbone", *_IRN_TRAIN), _training_outputs("irn"),
-          "train IRN on the AMN seeds of data.train_split"),
+          "train IRN on the AMN seeds of data.train_split",
+          expected=lambda config: [checkpoint_path(config, "irn")]),
     Stage("masks", "make-masks", _masks, _IRN_WALK, lambda config: (masks_dir(config),),
-          "random walk -> pseudo masks"),
+          "random walk -> pseudo masks", expected=_per_image(masks_dir, ".png")),
+    Stage("seg", "train-seg", _train_seg("seg", None), (*_SEG, "seg.masks", "seg.checkpoint"),
+          lambda config: (*_training_outputs("seg")(config), eval_dir(config) / "seg.json"),
+          "train DeepLab-v2 on the pseudo masks of data.train_split, evaluate on "
+          "data.val_split", data=("val",),
+          expected=lambda config: [checkpoint_path(config, "seg")]),
+    Stage("seg_gt", "train-seg-gt", _train_seg("seg_gt", "gt"), (*_DATA, *_SEG),
+          lambda config: (*_training_outputs("seg_gt")(config),
+                          eval_dir(config) / "seg_gt.json"),
+          "the same network on the ground-truth masks (upper bound; seg.upper_bound=true)",
+          upstream=None, enabled=lambda config: config.seg.upper_bound,
+          data=("processed", "val"),
+          expected=lambda config: [checkpoint_path(config, "seg_gt")]),
 )
 STAGE_NAMES = tuple(stage.name for stage in STAGES)
 
@@ -196,6 +321,45 @@ STAGE_NAMES = tuple(stage.name for stage in STAGES)
 def load_manifest(run_dir: Path) -> dict[str, Any]:
     path = run_dir / MANIFEST
     return load_json(path) if path.is_file() else {"stages": {}}
+
+
+LOCK = ".amnseg.lock"
+
+
+@contextmanager
+def run_folder_lock(run_dir: Path) -> Iterator[None]:
+    """Hold ``<run_dir>/.amnseg.lock`` (an advisory lock, released when the process ends in any
+    way): a second run on the same folder is refused with the first one's pid."""
+    run_dir.mkdir(parents=True, exist_ok=True)
+    handle = open(run_dir / LOCK, "a+")  # noqa: SIM115 (held for the whole run)
+    try:
+        try:
+            fcntl.flock(handle, fcntl.LOCK_EX | fcntl.LOCK_NB)
+        except BlockingIOError:
+            handle.seek(0)
+            owner = handle.read().strip() or "unknown"
+            raise AmnsegError(
+                f"{run_dir}: another amnseg run (pid {owner}) is using this run folder; wait "
+                "for it to finish or choose another run_dir"
+            ) from None
+        handle.seek(0)
+        handle.truncate()
+        handle.write(f"{os.getpid()}\n")
+        handle.flush()
+        yield
+    finally:
+        handle.close()
+
+
+def remove_leftover_temp_files(run_dir: Path) -> int:
+    """Delete the temporary files a killed run left (``.<name>.<id>.tmp``, never a final
+    output); returns how many. Only safe while holding the run folder's lock."""
+    count = 0
+    for path in run_dir.rglob(f".*{TEMP_SUFFIX}"):
+        if path.is_file():
+            path.unlink()
+            count += 1
+    return count
 
 
 def _clear_outputs(config: Config, stage: Stage) -> None:
@@ -225,16 +389,36 @@ def run_pipeline(
     first = STAGE_NAMES.index(start) if start else 0
     last = STAGE_NAMES.index(stop) if stop else len(STAGES) - 1
     run_dir = Path(config.run_dir)
-    run_dir.mkdir(parents=True, exist_ok=True)
+    with run_folder_lock(run_dir):
+        removed = remove_leftover_temp_files(run_dir)
+        if removed:
+            progress(f"removed {removed} temporary files of an interrupted run")
+        return _run_stages(config, run_dir, first, last, progress, require_upstream)
+
+
+def _run_stages(
+    config: Config, run_dir: Path, first: int, last: int, progress: Callable[[str], None],
+    require_upstream: bool,
+) -> dict[str, Any]:
     save_json(run_dir / "config.json", config_to_dict(config))
     manifest = load_manifest(run_dir)
     records = manifest.setdefault("stages", {})
-    upstream = ""
+    signatures = data_signatures(config)
+    manifest["data"] = signatures
+    check_data(config, signatures, manifest, progress)
+    hashes: dict[str | None, str] = {None: ""}
+    previous = None
     for index, stage in enumerate(STAGES):
-        stage_hash = fingerprint(stage, config, upstream)
-        upstream = stage_hash
+        upstream = previous if stage.upstream == PREVIOUS else stage.upstream
+        stage_hash = fingerprint(stage, config, hashes[upstream], signatures)
+        hashes[stage.name] = stage_hash
+        previous = stage.name
         record = records.get(stage.name, {})
         same = record.get("fingerprint") == stage_hash
+        if not stage.enabled(config):
+            if first <= index <= last:
+                progress(f"[skip] {stage.name}: not enabled by this config")
+            continue
         if index < first or index > last:
             done = same and record.get("status") == "done"
             if index < first and require_upstream and not done:
@@ -243,23 +427,36 @@ def run_pipeline(
                     f"run without --from (or --from {stage.name}) first"
                 )
             continue
-        if same and record.get("status") == "done":
+        missing = [path for path in stage.expected(config) if not path.is_file()]
+        if same and record.get("status") == "done" and not missing:
             progress(f"[skip] {stage.name}: up to date")
             continue
         if not same:
+            # Stages that read this one's outputs have changed fingerprints too and will rerun.
             _clear_outputs(config, stage)
-            # Everything downstream depended on the old outputs.
-            for later in STAGES[index + 1:]:
-                records.pop(later.name, None)
-        progress(f"[run] {stage.name}: {stage.description}"
-                 + (" (resuming)" if same else ""))
+            note = ""
+        elif record.get("status") == "done":
+            note = f" ({len(missing)} output files missing, first {missing[0]}; resuming)"
+        else:
+            note = " (resuming)"
+        progress(f"[run] {stage.name}: {stage.description}{note}")
         record = {"fingerprint": stage_hash, "status": "running",
                   "started": time.strftime("%Y-%m-%dT%H:%M:%S"),
                   "seconds": record.get("seconds", 0.0) if same else 0.0}
         records[stage.name] = record
         save_json(run_dir / MANIFEST, manifest)
         started = time.perf_counter()
-        metrics = stage.run(config)
+        try:
+            metrics = stage.run(config)
+        except BaseException as error:
+            # The manifest says what happened; the error itself goes on to the caller.
+            interrupted = isinstance(error, KeyboardInterrupt)
+            record.update(status="interrupted" if interrupted else "failed",
+                          error=str(error).strip().splitlines()[-1] if str(error) else
+                          type(error).__name__,
+                          seconds=record["seconds"] + time.perf_counter() - started)
+            save_json(run_dir / MANIFEST, manifest)
+            raise
         record.update(status="done", metrics=metrics,
                       seconds=record["seconds"] + time.perf_counter() - started,
                       finished=time.strftime("%Y-%m-%dT%H:%M:%S"))

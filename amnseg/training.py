@@ -3,9 +3,11 @@ augmentation randomness, the training step, epoch checkpoints with resume, and J
 
 from __future__ import annotations
 
+import json
 import random
 import time
 from collections.abc import Callable
+from dataclasses import dataclass
 from pathlib import Path
 from typing import Any
 
@@ -14,10 +16,10 @@ import torch
 from tqdm import tqdm
 
 from amnseg.config import config_to_dict
-from amnseg.data import build_dataset
+from amnseg.data import run_dataset
 from amnseg.data.base import SegDataset
 from amnseg.errors import AmnsegError
-from amnseg.io import append_jsonl, load_checkpoint, save_checkpoint, save_json
+from amnseg.io import append_jsonl, atomic_path, load_checkpoint, save_checkpoint, save_json
 from amnseg.layout import log_path, stage_dir, training_state_path
 
 
@@ -134,6 +136,19 @@ def log_metrics(path: Path, record: dict[str, Any]) -> None:
     append_jsonl(path, record)
 
 
+def keep_log_lines(path: Path, epochs_done: int) -> None:
+    """Drop log records of epochs after ``epochs_done`` (a run killed after logging an epoch but
+    before saving its state repeats it; its line must not appear twice)."""
+    if not path.is_file():
+        return
+    lines = path.read_text().splitlines()
+    kept = [line for line in lines if line.strip()
+            and json.loads(line).get("epoch", 0) <= epochs_done]
+    if len(kept) != len(lines):
+        with atomic_path(path) as tmp:
+            tmp.write_text("".join(f"{line}\n" for line in kept))
+
+
 def start_stage(config: Any, stage: str, split: str) -> tuple[Path, torch.device, SegDataset]:
     """Common start of a training stage: its folder (with the config as JSON), seeded RNGs,
     the device and the dataset of ``split``."""
@@ -141,7 +156,7 @@ def start_stage(config: Any, stage: str, split: str) -> tuple[Path, torch.device
     out_dir.mkdir(parents=True, exist_ok=True)
     save_json(out_dir / "config.json", config_to_dict(config))
     seed_everything(config.seed)
-    return out_dir, resolve_device(config.device), build_dataset(config.data, split)
+    return out_dir, resolve_device(config.device), run_dataset(config, split)
 
 
 def tensorboard_writer(folder: Path):
@@ -155,19 +170,36 @@ def tensorboard_writer(folder: Path):
 
 def train_step(
     model: torch.nn.Module,
-    batch: list[torch.Tensor],
+    micro_batches: list[list[torch.Tensor]],
     compute_loss: Callable[..., torch.Tensor],
     optimizer: torch.optim.Optimizer,
     scheduler: torch.optim.lr_scheduler.LRScheduler,
 ) -> float:
-    """One optimisation step on ``batch``; returns the loss. The scheduler steps after the
-    optimiser, so step k uses the learning rate of schedule step k (the reference's order)."""
-    loss = compute_loss(model, *batch)
+    """One optimisation step over ``micro_batches`` (gradient accumulation: each batch's loss is
+    divided by their number before its backward pass); returns the step's loss. The scheduler
+    steps after the optimiser, so step k uses the learning rate of schedule step k (the
+    reference's order)."""
     optimizer.zero_grad(set_to_none=True)
-    loss.backward()
+    total = 0.0
+    for batch in micro_batches:
+        loss = compute_loss(model, *batch) / len(micro_batches)
+        loss.backward()
+        total += loss.item()
     optimizer.step()
     scheduler.step()
-    return loss.item()
+    return total
+
+
+@dataclass(frozen=True)
+class Schedule:
+    """How long a stage trains: ``epochs`` passes over the data in shuffled batches of
+    ``batch_size`` (the last incomplete batch dropped, like the reference), ``accumulation``
+    batches per optimiser step, and at most ``max_steps`` steps in all when given."""
+
+    epochs: int
+    batch_size: int
+    accumulation: int = 1
+    max_steps: int | None = None
 
 
 def fit(
@@ -179,43 +211,53 @@ def fit(
     train_set: AugmentedSet,
     compute_loss: Callable[..., torch.Tensor],
     device: torch.device,
+    schedule: Schedule,
     after_epoch: Callable[[], dict[str, Any]] | None = None,
 ) -> None:
     """The one training loop of every stage.
 
-    Epochs and batch size come from the stage's config section (``config.<stage>``), loader
-    workers and the seed from ``config``; outputs go to ``<run_dir>/<stage>``. Each batch is a
-    tuple of tensors moved to ``device`` and passed to ``compute_loss(model, *batch)``.
-    After each epoch: optional extra metrics (``after_epoch()``), a JSON line in
-    ``<run_dir>/<stage>/log.jsonl``, a console line and a checkpoint (``last.pt``); a run
-    that finds ``last.pt`` resumes after its last epoch.
+    Loader workers and the seed come from ``config``; outputs go to ``<run_dir>/<stage>``.
+    Each batch is a tuple of tensors moved to ``device`` and passed to
+    ``compute_loss(model, *batch)``. After each epoch: optional extra metrics
+    (``after_epoch()``), a JSON line in ``<run_dir>/<stage>/log.jsonl``, a console line and a
+    checkpoint (``last.pt``); a run that finds ``last.pt`` resumes after its last epoch.
     """
-    stage_config = getattr(config, stage)
-    epochs, batch_size = stage_config.epochs, stage_config.batch_size
     out_dir = stage_dir(config, stage)
     state = TrainingState(training_state_path(config, stage))
     first_epoch = state.restore(model, optimizer, scheduler)
+    keep_log_lines(log_path(config, stage), first_epoch)
     board = tensorboard_writer(out_dir / "tensorboard")
+    epochs = schedule.epochs
     for epoch in range(first_epoch, epochs):
         torch.manual_seed(epoch_seed(config.seed, epoch))
         model.train()
         loader = epoch_loader(
-            train_set, epoch, batch_size, config.data.num_workers, config.seed
+            train_set, epoch, schedule.batch_size, config.data.num_workers, config.seed
         )
-        started, loss_sum, seen = time.perf_counter(), 0.0, 0
-        bar = tqdm(loader, desc=f"{stage} epoch {epoch + 1}/{epochs}", leave=False)
-        for batch in bar:
-            batch = [tensor.to(device, non_blocking=True) for tensor in batch]
-            loss = train_step(model, batch, compute_loss, optimizer, scheduler)
-            loss_sum += loss * len(batch[0])
-            seen += len(batch[0])
+        started, loss_sum, seen, steps = time.perf_counter(), 0.0, 0, 0
+        bar = tqdm(total=len(loader) // schedule.accumulation,
+                   desc=f"{stage} epoch {epoch + 1}/{epochs}", leave=False)
+        micro_batches: list[list[torch.Tensor]] = []
+        for batch in loader:
+            if schedule.max_steps is not None and scheduler.last_epoch >= schedule.max_steps:
+                break
+            micro_batches.append([tensor.to(device, non_blocking=True) for tensor in batch])
+            if len(micro_batches) < schedule.accumulation:
+                continue
+            loss = train_step(model, micro_batches, compute_loss, optimizer, scheduler)
+            images = sum(len(b[0]) for b in micro_batches)
+            loss_sum, seen, steps = loss_sum + loss * images, seen + images, steps + 1
+            micro_batches = []
+            bar.update()
             bar.set_postfix(loss=f"{loss:.4f}")
+        bar.close()
         elapsed = time.perf_counter() - started
         record: dict[str, Any] = {
             "stage": stage,
             "epoch": epoch + 1,
             "split": getattr(train_set.dataset, "split", None),
             "train_images": len(train_set),
+            "steps": steps,
             "loss": loss_sum / max(seen, 1),
             "lr": [group["lr"] for group in optimizer.param_groups],
             "images_per_s": seen / elapsed if elapsed > 0 else None,
@@ -231,7 +273,7 @@ def fit(
             board.flush()
         extras = "".join(
             f", {key} {value:.4f}" for key, value in record.items()
-            if key not in ("stage", "epoch", "split", "train_images", "loss", "lr",
+            if key not in ("stage", "epoch", "split", "train_images", "steps", "loss", "lr",
                            "images_per_s", "seconds")
             and isinstance(value, float)
         )

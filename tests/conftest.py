@@ -77,6 +77,11 @@ def tiny_dataset(tmp_path: Path) -> Path:
     return write_tiny_folder_dataset(tmp_path / "data")
 
 
+# One thread everywhere (module-scoped fixtures included): results that tests compare bit for
+# bit must come from the same arithmetic order, and 2-core CI machines are not oversubscribed.
+torch.set_num_threads(1)
+
+
 @pytest.fixture(autouse=True)
 def _few_threads():
     torch.set_num_threads(1)

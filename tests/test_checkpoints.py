@@ -205,8 +205,9 @@ def test_pipeline_with_published_checkpoints_trains_nothing(tmp_path):
         "irn.infer_pad_size=0", "cam.scales=[1.0]", "amn.scales=[1.0]", "irn.exp_times=3",
         *[f"{kind}.checkpoint={path}" for kind, path in paths.items()],
     ])
-    manifest = run_pipeline(config, progress=lambda message: None)
+    manifest = run_pipeline(config, stop="masks", progress=lambda message: None)
     assert all(record["status"] == "done" for record in manifest["stages"].values())
+    assert "seg" not in manifest["stages"]
     run = tmp_path / "run"
     assert not list(run.rglob("last.pt")) and not list(run.rglob("log.jsonl"))  # no training
     assert len(list((run / "irn" / "masks").glob("*.png"))) == 4

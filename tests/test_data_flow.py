@@ -19,6 +19,7 @@ from amnseg.pipeline import run_pipeline
 SIZE = 32
 TRAIN_AUG = [f"2008_{i:06d}" for i in range(10)]
 TRAIN = [TRAIN_AUG[1], TRAIN_AUG[4], TRAIN_AUG[7], "2011_000001"]  # the last is not in train_aug
+VAL = ["2012_000001", "2012_000002"]
 
 
 def write_voc_tree(root: Path) -> Path:
@@ -28,7 +29,7 @@ def write_voc_tree(root: Path) -> Path:
     for folder in ("JPEGImages", "SegmentationClass", "SegmentationClassAug",
                    "ImageSets/Segmentation"):
         (root / folder).mkdir(parents=True)
-    for index, stem in enumerate(dict.fromkeys(TRAIN_AUG + TRAIN)):
+    for index, stem in enumerate(dict.fromkeys(TRAIN_AUG + TRAIN + VAL)):
         image = rng.integers(0, 60, (SIZE, SIZE, 3)).astype(np.uint8)
         mask = np.zeros((SIZE, SIZE), np.uint8)
         classes = [(1, (220, 40, 40)), (12, (40, 40, 220))][: 1 + index % 2]
@@ -37,7 +38,7 @@ def write_voc_tree(root: Path) -> Path:
             image[top:top + 12, left:left + 12] = colour
             mask[top:top + 12, left:left + 12] = cls
         Image.fromarray(image).save(root / "JPEGImages" / f"{stem}.jpg", quality=95)
-        if stem in TRAIN:
+        if stem in TRAIN or stem in VAL:
             png = Image.fromarray(mask, mode="L").convert("P")
             png.putpalette(voc_palette())
             png.save(root / "SegmentationClass" / f"{stem}.png")
@@ -46,6 +47,7 @@ def write_voc_tree(root: Path) -> Path:
     sets = root / "ImageSets" / "Segmentation"
     (sets / "train_aug.txt").write_text("\n".join(TRAIN_AUG) + "\n")
     (sets / "train.txt").write_text("\n".join(TRAIN) + "\n")
+    (sets / "val.txt").write_text("\n".join(VAL) + "\n")
     return root
 
 
@@ -56,7 +58,8 @@ def voc_run(tmp_path_factory):
     config = load_config("voc12", [
         f"run_dir={root / 'run'}", "device=cpu", f"data.root={data}", "data.num_workers=0",
         "backbone.depth=18", "backbone.width=0.125", "backbone.strides=[2,2,1,1]",
-        "backbone.pretrained=null", "cam.batch_size=4", "cam.resize_long=[24,40]",
+        "backbone.pretrained=null", "backbone.norm=batch", "cam.batch_size=4",
+        "cam.resize_long=[24,40]",
         "cam.crop_size=32", *FAST,
     ])
     manifest = run_pipeline(config, progress=lambda line: None)
@@ -69,9 +72,9 @@ def stems_in(folder: Path, suffix: str) -> list[str]:
 
 def test_networks_train_on_train_aug(voc_run):
     run, manifest = voc_run
-    for stage in ("cam", "amn", "irn"):
-        assert manifest["stages"][stage]["metrics"] == {
-            "train_split": "train_aug", "train_images": len(TRAIN_AUG)}, stage
+    for stage in ("cam", "amn", "irn", "seg"):
+        metrics = manifest["stages"][stage]["metrics"]
+        assert (metrics["train_split"], metrics["train_images"]) == ("train_aug", len(TRAIN_AUG))
         epochs = [json.loads(line) for line in (run / stage / "log.jsonl").read_text().split("\n")
                   if line]
         assert epochs and all(e["split"] == "train_aug" and e["train_images"] == len(TRAIN_AUG)
@@ -96,6 +99,9 @@ def test_evaluation_uses_the_infer_split_only(voc_run):
         assert result["images"] == len(TRAIN), name
     per_image = json.loads((run / "eval" / "pseudo_masks.json").read_text())["per_image_miou"]
     assert set(per_image) <= set(TRAIN)
+    # The segmentation network is evaluated on val.
+    seg = json.loads((run / "eval" / "seg.json").read_text())
+    assert seg["split"] == "val" and seg["images"] == len(VAL) and seg["trained_on"] == "pseudo"
     # The AMN sweep's reported threshold is AMN's own (0.25), CAM's is 0.15.
     assert json.loads((run / "eval" / "amn_sweep.json").read_text())["threshold"] == 0.25
     assert json.loads((run / "eval" / "cam_sweep.json").read_text())["threshold"] == 0.15

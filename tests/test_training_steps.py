@@ -67,10 +67,10 @@ def test_cam_optimizer_groups_and_two_sgd_steps():
     images = torch.randn(2, 3, 48, 40, generator=torch.Generator().manual_seed(1))
     labels = torch.tensor([[1.0, 0.0, 1.0], [0.0, 1.0, 0.0]])
     start = snapshot(model)
-    loss = train_step(model, [images, labels], cam_loss, optimizer, scheduler)
+    loss = train_step(model, [[images, labels]], cam_loss, optimizer, scheduler)
     first_grads = grads(model)
     after_first = snapshot(model)
-    train_step(model, [images, labels], cam_loss, optimizer, scheduler)
+    train_step(model, [[images, labels]], cam_loss, optimizer, scheduler)
     second_grads = grads(model)
     after_second = snapshot(model)
     assert math.isfinite(loss)
@@ -131,9 +131,9 @@ def test_amn_optimizer_groups_and_two_adam_steps():
         return amn_loss(net(images, labels), targets, 0.4)
 
     start = snapshot(model)
-    train_step(model, [images, labels, targets], compute_loss, optimizer, scheduler)
+    train_step(model, [[images, labels, targets]], compute_loss, optimizer, scheduler)
     g0, p1_actual = grads(model), snapshot(model)
-    train_step(model, [images, labels, targets], compute_loss, optimizer, scheduler)
+    train_step(model, [[images, labels, targets]], compute_loss, optimizer, scheduler)
     g1, p2_actual = grads(model), snapshot(model)
 
     beta1, beta2, eps, decay = 0.9, 0.999, 1e-8, 1e-4
@@ -169,9 +169,9 @@ def test_irn_optimizer_trains_only_the_boundary_layers():
         return torch.sigmoid(net(images)).mean()
 
     start = snapshot(model)
-    train_step(model, [images], compute_loss, optimizer, scheduler)
+    train_step(model, [[images]], compute_loss, optimizer, scheduler)
     g0, p1_actual = grads(model), snapshot(model)
-    train_step(model, [images], compute_loss, optimizer, scheduler)
+    train_step(model, [[images]], compute_loss, optimizer, scheduler)
     g1, p2_actual = grads(model), snapshot(model)
     for name, p0 in start.items():
         if not name.startswith("fc_edge"):

@@ -2,13 +2,15 @@
 
 from __future__ import annotations
 
+import json
 from pathlib import Path
-from typing import TYPE_CHECKING
+from typing import TYPE_CHECKING, Any
 
 import numpy as np
 
 from amnseg.data.base import SegDataset
 from amnseg.errors import AmnsegError
+from amnseg.layout import skipped_images_path
 
 if TYPE_CHECKING:
     from amnseg.config import DataConfig
@@ -85,6 +87,12 @@ class SplitUnion(SegDataset):
     def has_masks(self) -> bool:
         return any(part.has_masks for part in self._parts)
 
+    def source_files(self, stem: str) -> list[Path]:
+        return self._owner[stem].source_files(stem)
+
+    def shared_files(self) -> list[Path]:
+        return [path for part in self._parts for path in part.shared_files()]
+
 
 def build_splits(data_config: DataConfig, splits: list[str]) -> SegDataset:
     """The images of ``splits`` (each image once, in split order) as one dataset."""
@@ -92,3 +100,21 @@ def build_splits(data_config: DataConfig, splits: list[str]) -> SegDataset:
     if len(unique) == 1:
         return build_dataset(data_config, unique[0])
     return SplitUnion([build_dataset(data_config, split) for split in unique])
+
+
+def skipped_images(config: Any) -> dict[str, str]:
+    """{stem: why} of the images the run in ``config.run_dir`` leaves out (none by default)."""
+    path = skipped_images_path(config)
+    if not path.is_file():
+        return {}
+    return json.loads(path.read_text())
+
+
+def run_dataset(config: Any, split: str) -> SegDataset:
+    """The dataset of ``split`` as a run sees it: without the images it skips."""
+    return build_dataset(config.data, split).without(skipped_images(config))
+
+
+def run_splits(config: Any, splits: list[str]) -> SegDataset:
+    """The images of ``splits`` (each once) as a run sees them: without the images it skips."""
+    return build_splits(config.data, splits).without(skipped_images(config))

@@ -7,7 +7,9 @@ optionally a ground-truth mask (uint8: 0 background, 1..C classes, 255 ignored).
 
 from __future__ import annotations
 
+import copy
 from abc import ABC, abstractmethod
+from collections.abc import Collection
 from dataclasses import dataclass
 from pathlib import Path
 
@@ -73,16 +75,55 @@ class SegDataset(ABC):
 
     def mask(self, stem: str) -> np.ndarray | None:
         path = self.mask_path(stem)
-        return None if path is None else read_index_png(path)
+        return None if path is None else check_mask_values(read_index_png(path), self.num_classes,
+                                                           str(path))
+
+    def without(self, stems: Collection[str]) -> SegDataset:
+        """The same dataset minus ``stems`` (e.g. images a run skips)."""
+        excluded = set(stems)
+        if not excluded & set(self.stems):
+            return self
+        reduced = copy.copy(self)
+        reduced.stems = [s for s in self.stems if s not in excluded]
+        reduced.__dict__.pop("_index", None)
+        return reduced
 
     @property
     def has_masks(self) -> bool:
         return bool(self.stems) and self.mask_path(self.stems[0]) is not None
 
+    def source_files(self, stem: str) -> list[Path]:
+        """The files that define sample ``stem`` (image, mask, annotation): what a run's data
+        signature covers."""
+        mask = self.mask_path(stem)
+        return [self.image_path(stem)] + ([mask] if mask is not None else [])
+
+    def shared_files(self) -> list[Path]:
+        """Files that define every sample at once (class list, label table, split list)."""
+        return []
+
     def index_of(self, stem: str) -> int:
         if not hasattr(self, "_index"):
             self._index = {s: i for i, s in enumerate(self.stems)}
         return self._index[stem]
+
+
+WIDE_INTEGER_MODES = ("I", "I;16", "I;16B", "I;16L", "I;16N")
+
+
+def rgb_array(image: Image.Image, source: str = "image") -> np.ndarray:
+    """Any PIL image as (H, W, 3) uint8 RGB: grayscale, palette, RGBA (alpha dropped), CMYK,
+    YCbCr, ... through PIL's conversions; 16-bit grayscale scaled to 8 bits (x / 257), where
+    PIL's own conversion would clip it to white. ``source`` names it in errors."""
+    if image.mode in WIDE_INTEGER_MODES:
+        values = np.asarray(image, dtype=np.int64)
+        if values.min(initial=0) < 0 or values.max(initial=0) > 65535:
+            raise AmnsegError(f"{source}: 32-bit image values outside 0..65535 (not a photo?)")
+        gray = np.round(values / 257.0).astype(np.uint8)
+        return np.repeat(gray[..., None], 3, axis=2)
+    if image.mode == "F":
+        raise AmnsegError(f"{source}: floating-point images are not supported (mode F)")
+    return np.array(image.convert("RGB"), dtype=np.uint8)
 
 
 def read_rgb(path: Path) -> np.ndarray:
@@ -91,24 +132,42 @@ def read_rgb(path: Path) -> np.ndarray:
         raise AmnsegError(f"{path}: image listed in the dataset but not found")
     try:
         with Image.open(path) as image:
-            return np.array(image.convert("RGB"), dtype=np.uint8)
-    except (UnidentifiedImageError, OSError, SyntaxError) as exc:
+            return rgb_array(image, str(path))
+    except (UnidentifiedImageError, OSError, SyntaxError, ValueError) as exc:
         raise AmnsegError(f"{path}: unreadable image ({exc.__class__.__name__})") from None
 
 
 def read_index_png(path: Path) -> np.ndarray:
-    """A label PNG as its indices: palette ("P") images give palette indices, never colours."""
+    """A label PNG as its indices: palette ("P") images give palette indices, never colours.
+    16-bit index images are accepted when every value fits in 0..255."""
     if not path.is_file():
         raise AmnsegError(f"{path}: mask not found")
     try:
         with Image.open(path) as image:
-            if image.mode not in ("P", "L", "I;16", "I"):
+            if image.mode not in ("P", "L", *WIDE_INTEGER_MODES):
                 raise AmnsegError(
                     f"{path}: mask must be an index PNG (mode P or L), found mode {image.mode}"
                 )
-            return np.array(image, dtype=np.uint8)
-    except (UnidentifiedImageError, OSError, SyntaxError) as exc:
+            values = np.asarray(image)
+    except (UnidentifiedImageError, OSError, SyntaxError, ValueError) as exc:
         raise AmnsegError(f"{path}: unreadable mask ({exc.__class__.__name__})") from None
+    if values.dtype != np.uint8 and (values.min(initial=0) < 0 or values.max(initial=0) > 255):
+        raise AmnsegError(
+            f"{path}: mask value {int(values.max())} does not fit a class index (0..255)"
+        )
+    return values.astype(np.uint8)
+
+
+def check_mask_values(mask: np.ndarray, num_classes: int, source: str) -> np.ndarray:
+    """``mask`` if every value is a class index (0..C) or 255 (ignored), else a one-line error
+    naming ``source``."""
+    values = np.unique(mask)
+    bad = values[(values > num_classes) & (values != IGNORE_INDEX)]
+    if bad.size:
+        raise AmnsegError(
+            f"{source}: mask value {int(bad[0])} is not a class (0..{num_classes}) or 255"
+        )
+    return mask
 
 
 def labels_from_mask(mask: np.ndarray, num_classes: int) -> np.ndarray:
@@ -126,7 +185,23 @@ def require_dir(path: Path, what: str) -> Path:
     return path
 
 
+def check_stem(stem: str, where: str) -> str:
+    """``stem`` if it is a plain file name (it names image and output files), else a one-line
+    error naming ``where`` it came from: no folder separators, no "." or "..", no control
+    characters."""
+    if (not stem or stem in (".", "..") or "/" in stem or "\\" in stem
+            or any(ord(ch) < 32 for ch in stem)):
+        raise AmnsegError(f"{where}: {stem!r} is not a plain image name (no folders allowed)")
+    return stem
+
+
 def read_split_file(path: Path) -> list[str]:
+    """The image ids of a split list (first word of each non-empty line), each checked."""
     if not path.is_file():
         raise AmnsegError(f"{path}: split list not found")
-    return [line.split()[0] for line in path.read_text().splitlines() if line.strip()]
+    try:
+        lines = path.read_text().splitlines()
+    except (UnicodeDecodeError, OSError) as exc:
+        raise AmnsegError(f"{path}: unreadable split list ({exc.__class__.__name__})") from None
+    return [check_stem(line.split()[0], f"{path}:{number}")
+            for number, line in enumerate(lines, start=1) if line.strip()]

@@ -27,7 +27,14 @@ from typing import Any
 
 import numpy as np
 
-from amnseg.data.base import IGNORE_INDEX, SegDataset, read_index_png, require_dir
+from amnseg.data.base import (
+    IGNORE_INDEX,
+    SegDataset,
+    check_mask_values,
+    check_stem,
+    read_index_png,
+    require_dir,
+)
 from amnseg.errors import AmnsegError
 
 # The 80 COCO categories in ascending category-id order (class 1 = person, ..., 80 = toothbrush).
@@ -76,7 +83,9 @@ class COCODataset(SegDataset):
         images = sorted(self.coco.imgs.values(), key=lambda info: info["file_name"])
         self._info: dict[str, dict[str, Any]] = {}
         for info in images:
-            stem = Path(info["file_name"]).stem
+            name = check_stem(str(info.get("file_name", "")),
+                              f"{self.annotation_file} (image id {info.get('id')})")
+            stem = Path(name).stem
             if stem in self._info:
                 raise AmnsegError(
                     f"{self.annotation_file}: two images share the name '{stem}' "
@@ -122,10 +131,14 @@ class COCODataset(SegDataset):
     def has_masks(self) -> bool:
         return bool(self.stems)  # always: built from the annotations when not given
 
+    def shared_files(self) -> list[Path]:
+        return [self.annotation_file]
+
     def mask(self, stem: str) -> np.ndarray:
         """(H, W) uint8: 0 background, 1..80 classes, 255 crowd (see the module docstring)."""
         if self.semantic_dir is not None:
-            return read_index_png(self.semantic_dir / f"{stem}.png")
+            path = self.semantic_dir / f"{stem}.png"
+            return check_mask_values(read_index_png(path), self.num_classes, str(path))
         info = self._info[stem]
         mask = np.zeros((info["height"], info["width"]), dtype=np.uint8)
         crowd = np.zeros(mask.shape, dtype=bool)

@@ -91,6 +91,11 @@ class FolderDataset(SegDataset):
     def has_masks(self) -> bool:
         return any(self.mask_path(stem) is not None for stem in self.stems)
 
+    def shared_files(self) -> list[Path]:
+        split = self.root / "splits" / f"{self.split}.txt"
+        return [self.root / "classes.txt", self.root / "labels.csv"] + (
+            [split] if split.is_file() else [])
+
 
 def _read_text(path: Path) -> str:
     # utf-8-sig: spreadsheet programs often save a byte-order mark at the start.

@@ -32,12 +32,12 @@ def rescale(image: np.ndarray, scale: float, resample: int = Image.BICUBIC) -> n
     return np.asarray(Image.fromarray(image).resize((width, height), resample))
 
 
-def shrink_labels(labels: np.ndarray, size: tuple[int, int]) -> np.ndarray:
-    """A label map resized to ``size`` = (h, w) with PIL's NEAREST, as the reference does for
-    its AMN targets and stride-4 seeds: output pixel i takes input pixel
-    floor((i + 0.5) * H / h) (PIL's float arithmetic may round down where that product is a
-    whole number), the centre of its cell: 16i + 8 for a 16x reduction, 4i + 2 for 4x, where
-    ``torch``'s ``nearest`` would take floor(i * H / h)."""
+def resize_labels(labels: np.ndarray, size: tuple[int, int]) -> np.ndarray:
+    """A uint8 label map resized to ``size`` = (h, w) with PIL's NEAREST, as the reference does
+    for its AMN targets and stride-4 seeds (and DeepLab's recipe for its labels): output pixel
+    i takes input pixel floor((i + 0.5) * H / h) (PIL's float arithmetic may round down where
+    that product is a whole number), the centre of its cell: 16i + 8 for a 16x reduction,
+    4i + 2 for 4x, where ``torch``'s ``nearest`` would take floor(i * H / h)."""
     height, width = size
     if (height, width) == labels.shape[:2]:
         return labels
@@ -132,3 +132,46 @@ class SegmentationTrainTransform:
         image_crop = paste_crop(chw, box, self.crop_size, 0.0)
         label_crop = paste_crop(np.ascontiguousarray(labels), box, self.crop_size, 255)
         return torch.from_numpy(image_crop), torch.from_numpy(label_crop.astype(np.int64))
+
+
+class DeepLabTrainTransform:
+    """The DeepLab-v2 recipe's augmentation of (image, label map) pairs (METHOD.md section 6).
+
+    A scale drawn from ``scales``; the image (BGR, float) resized bilinearly (align_corners
+    False, like OpenCV's linear resize) to (int(H s), int(W s)), the labels with PIL NEAREST;
+    both padded at the bottom/right to at least ``crop_size`` (the image with the mean colour,
+    the labels with 255), a random ``crop_size`` window, a random horizontal flip, and the mean
+    subtracted. Maps (uint8 RGB (H, W, 3), uint8 labels (H, W), rng) ->
+    (float32 (3, crop, crop) BGR minus mean, uint8 (crop, crop)).
+    """
+
+    def __init__(self, scales: list[float], crop_size: int, mean_bgr: tuple[float, ...],
+                 flip: bool = True):
+        self.scales = list(scales)
+        self.crop_size = crop_size
+        self.mean = torch.tensor(mean_bgr, dtype=torch.float32)[:, None, None]
+        self.flip = flip
+
+    def __call__(
+        self, image: np.ndarray, labels: np.ndarray, rng: np.random.Generator
+    ) -> tuple[torch.Tensor, np.ndarray]:
+        scale = float(self.scales[int(rng.integers(len(self.scales)))])
+        height, width = int(image.shape[0] * scale), int(image.shape[1] * scale)
+        bgr = torch.from_numpy(np.ascontiguousarray(image[..., ::-1].transpose(2, 0, 1)))
+        bgr = torch.nn.functional.interpolate(
+            bgr[None].float(), (height, width), mode="bilinear", align_corners=False
+        )[0]
+        labels = resize_labels(labels, (height, width)) if scale != 1 else labels
+        crop = self.crop_size
+        canvas_h, canvas_w = max(height, crop), max(width, crop)
+        canvas = self.mean.expand(3, canvas_h, canvas_w).clone()
+        canvas[:, :height, :width] = bgr
+        label_canvas = np.full((canvas_h, canvas_w), 255, dtype=np.uint8)
+        label_canvas[:height, :width] = labels
+        top = int(rng.integers(0, canvas_h - crop + 1))
+        left = int(rng.integers(0, canvas_w - crop + 1))
+        image_crop = canvas[:, top:top + crop, left:left + crop]
+        label_crop = label_canvas[top:top + crop, left:left + crop]
+        if self.flip and rng.random() < 0.5:
+            image_crop, label_crop = image_crop.flip(-1), label_crop[:, ::-1]
+        return (image_crop - self.mean).contiguous(), np.ascontiguousarray(label_crop)

@@ -94,6 +94,13 @@ class VOCDataset(SegDataset):
         # A sample rather than only the first image: test-like splits mix in maskless images.
         return bool(self.stems) and all(self.mask_path(s) is not None for s in self.stems[:50])
 
+    def source_files(self, stem: str) -> list[Path]:
+        mask = self.mask_path(stem)
+        return [self.image_path(stem), mask or self.root / "Annotations" / f"{stem}.xml"]
+
+    def shared_files(self) -> list[Path]:
+        return [self.root / "ImageSets" / "Segmentation" / f"{self.split}.txt"]
+
     def label(self, stem: str) -> np.ndarray:
         """(20,) float32 multi-hot."""
         if stem not in self._labels:

@@ -47,15 +47,21 @@ def make_norm(kind: str, channels: int) -> nn.BatchNorm2d:
 
 
 class BasicBlock(nn.Module):
-    """Two 3x3 convs (ResNet-18/34). (B, in, H, W) -> (B, planes, H/stride, W/stride)."""
+    """Two 3x3 convs (ResNet-18/34), both with ``dilation``.
+
+    (B, in, H, W) -> (B, planes, H/stride, W/stride).
+    """
 
     expansion = 1
 
-    def __init__(self, inplanes: int, planes: int, stride: int, norm: str):
+    def __init__(
+        self, inplanes: int, planes: int, stride: int, norm: str, dilation: int = 1,
+        stride_in_1x1: bool = False,  # no 1x1 conv here: accepted for a uniform signature
+    ):
         super().__init__()
-        self.conv1 = nn.Conv2d(inplanes, planes, 3, stride, 1, bias=False)
+        self.conv1 = nn.Conv2d(inplanes, planes, 3, stride, dilation, dilation, bias=False)
         self.bn1 = make_norm(norm, planes)
-        self.conv2 = nn.Conv2d(planes, planes, 3, 1, 1, bias=False)
+        self.conv2 = nn.Conv2d(planes, planes, 3, 1, dilation, dilation, bias=False)
         self.bn2 = make_norm(norm, planes)
         self.relu = nn.ReLU(inplace=True)
         self.downsample = _downsample(inplanes, planes * self.expansion, stride, norm)
@@ -68,18 +74,24 @@ class BasicBlock(nn.Module):
 
 
 class Bottleneck(nn.Module):
-    """1x1 -> 3x3 (carries the stride) -> 1x1 (ResNet-50/101).
+    """1x1 -> 3x3 (with ``dilation``) -> 1x1 (ResNet-50/101).
 
+    The stride sits on the 3x3 conv (torchvision), or on the first 1x1 conv with
+    ``stride_in_1x1`` (the original Caffe ResNet that DeepLab-v2 uses).
     (B, in, H, W) -> (B, 4 * planes, H/stride, W/stride).
     """
 
     expansion = 4
 
-    def __init__(self, inplanes: int, planes: int, stride: int, norm: str):
+    def __init__(
+        self, inplanes: int, planes: int, stride: int, norm: str, dilation: int = 1,
+        stride_in_1x1: bool = False,
+    ):
         super().__init__()
-        self.conv1 = nn.Conv2d(inplanes, planes, 1, bias=False)
+        stride_1x1, stride_3x3 = (stride, 1) if stride_in_1x1 else (1, stride)
+        self.conv1 = nn.Conv2d(inplanes, planes, 1, stride_1x1, bias=False)
         self.bn1 = make_norm(norm, planes)
-        self.conv2 = nn.Conv2d(planes, planes, 3, stride, 1, bias=False)
+        self.conv2 = nn.Conv2d(planes, planes, 3, stride_3x3, dilation, dilation, bias=False)
         self.bn2 = make_norm(norm, planes)
         self.conv3 = nn.Conv2d(planes, planes * self.expansion, 1, bias=False)
         self.bn3 = make_norm(norm, planes * self.expansion)
@@ -116,6 +128,11 @@ class ResNet(nn.Module):
     Input (B, 3, H, W) normalised RGB. ``forward`` returns layer4 features
     (B, ``out_channels``, H / ``output_stride``, W / ``output_stride``) (sizes rounded up);
     ``forward_levels`` returns the five levels [stem, layer1, ..., layer4] that IRN uses.
+
+    ``strides``: conv1's stride and the strides of layer2, layer3, layer4. ``dilations``: of the
+    3x3 convs of layer1..layer4 (every block of a layer; DeepLab-v2: 1, 1, 2, 4).
+    ``stride_in_1x1``: Caffe's block layout (stride on the first 1x1 conv).
+    ``stem_pool_ceil``: the stem's max-pool rounds its output size up (Caffe, DeepLab-v2).
     """
 
     def __init__(
@@ -125,12 +142,17 @@ class ResNet(nn.Module):
         strides: tuple[int, ...] | list[int] = (2, 2, 2, 1),
         norm: str = "frozen",
         freeze_stem: bool = True,
+        dilations: tuple[int, ...] | list[int] = (1, 1, 1, 1),
+        stride_in_1x1: bool = False,
+        stem_pool_ceil: bool = False,
     ):
         super().__init__()
         if depth not in ARCHITECTURES:
             raise AmnsegError(f"backbone.depth={depth}: expected one of {sorted(ARCHITECTURES)}")
         if len(strides) != 4:
             raise AmnsegError(f"backbone.strides={list(strides)}: expected four strides")
+        if len(dilations) != 4:
+            raise AmnsegError(f"backbone.dilations={list(dilations)}: expected four dilations")
         block, counts = ARCHITECTURES[depth]
         widths = [max(1, int(round(w * width))) for w in (64, 128, 256, 512)]
         self.depth = depth
@@ -138,12 +160,13 @@ class ResNet(nn.Module):
         self.conv1 = nn.Conv2d(3, widths[0], 7, strides[0], 3, bias=False)
         self.bn1 = make_norm(norm, widths[0])
         self.relu = nn.ReLU(inplace=True)
-        self.maxpool = nn.MaxPool2d(3, 2, 1)
+        self.maxpool = nn.MaxPool2d(3, 2, 1, ceil_mode=stem_pool_ceil)
         layer_strides = [1, strides[1], strides[2], strides[3]]
-        self.layer1 = self._make_layer(block, widths[0], counts[0], layer_strides[0], norm)
-        self.layer2 = self._make_layer(block, widths[1], counts[1], layer_strides[1], norm)
-        self.layer3 = self._make_layer(block, widths[2], counts[2], layer_strides[2], norm)
-        self.layer4 = self._make_layer(block, widths[3], counts[3], layer_strides[3], norm)
+        self.layer1, self.layer2, self.layer3, self.layer4 = (
+            self._make_layer(block, widths[i], counts[i], layer_strides[i], norm, dilations[i],
+                             stride_in_1x1)
+            for i in range(4)
+        )
         self.level_channels = [widths[0]] + [w * block.expansion for w in widths]
         self.out_channels = self.level_channels[-1]
         stem_stride = 2 * strides[0]  # conv1, then the stride-2 max-pool
@@ -160,10 +183,14 @@ class ResNet(nn.Module):
             for parameter in (*self.conv1.parameters(), *self.bn1.parameters()):
                 parameter.requires_grad_(False)
 
-    def _make_layer(self, block, planes: int, count: int, stride: int, norm: str) -> nn.Sequential:
-        blocks = [block(self.inplanes, planes, stride, norm)]
+    def _make_layer(
+        self, block, planes: int, count: int, stride: int, norm: str, dilation: int,
+        stride_in_1x1: bool,
+    ) -> nn.Sequential:
+        blocks = [block(self.inplanes, planes, stride, norm, dilation, stride_in_1x1)]
         self.inplanes = planes * block.expansion
-        blocks += [block(self.inplanes, planes, 1, norm) for _ in range(1, count)]
+        blocks += [block(self.inplanes, planes, 1, norm, dilation, stride_in_1x1)
+                   for _ in range(1, count)]
         return nn.Sequential(*blocks)
 
     def _init_weights(self) -> None:
@@ -186,17 +213,29 @@ class ResNet(nn.Module):
         return levels
 
 
-def build_backbone(config) -> ResNet:
-    """Build the backbone of a ``BackboneConfig`` and load its ImageNet weights if asked."""
-    model = ResNet(
-        depth=config.depth,
-        width=config.width,
-        strides=config.strides,
-        norm=config.norm,
-        freeze_stem=config.freeze_stem,
+def resnet_from_config(config) -> ResNet:
+    """The (untrained) ResNet of a ``BackboneConfig``, or of its dict form in a checkpoint."""
+    get = config.get if isinstance(config, dict) else lambda key, default: getattr(
+        config, key, default)
+    return ResNet(
+        depth=get("depth", 50),
+        width=get("width", 1.0),
+        strides=get("strides", (2, 2, 2, 1)),
+        norm=get("norm", "frozen"),
+        # checkpoints written before the option's rename call it freeze_conv1
+        freeze_stem=get("freeze_stem", get("freeze_conv1", True)),
+        dilations=get("dilations", (1, 1, 1, 1)),
+        stride_in_1x1=get("stride_in_1x1", False),
+        stem_pool_ceil=get("stem_pool_ceil", False),
     )
+
+
+def build_backbone(config, key: str = "backbone.pretrained") -> ResNet:
+    """Build the backbone of a ``BackboneConfig`` and load its ImageNet weights if asked
+    (``key`` names the option in errors)."""
+    model = resnet_from_config(config)
     if config.pretrained:
-        load_imagenet_weights(model, config.pretrained)
+        load_imagenet_weights(model, config.pretrained, key)
     return model
 
 
@@ -209,7 +248,7 @@ IMAGENET_URLS = {
 }
 
 
-def _download_weights(url: str) -> dict[str, torch.Tensor]:
+def _download_weights(url: str, key: str) -> dict[str, torch.Tensor]:
     """Weights from ``url`` via the torch hub cache (downloaded once, SHA-256 prefix checked)."""
     cache = Path(torch.hub.get_dir()) / "checkpoints" / Path(urllib.parse.urlparse(url).path).name
     try:
@@ -220,16 +259,15 @@ def _download_weights(url: str) -> dict[str, torch.Tensor]:
         reason = str(getattr(exc, "reason", exc)).strip().splitlines()[0]
         raise AmnsegError(
             f"{url}: ImageNet weights could not be downloaded ({reason}); put the file at "
-            f"{cache}, set backbone.pretrained=/path/to/weights.pth, or use "
-            "backbone.pretrained=null to start from random weights"
+            f"{cache}, set {key}=/path/to/weights.pth, or use {key}=null to start from random "
+            "weights"
         ) from None
 
 
-def _read_weights(path: Path) -> dict[str, torch.Tensor]:
+def _read_weights(path: Path, key: str) -> dict[str, torch.Tensor]:
     if not path.is_file():
         raise AmnsegError(
-            f"{path}: ImageNet weights not found (backbone.pretrained; "
-            "backbone.pretrained=null starts from random weights)"
+            f"{path}: ImageNet weights not found ({key}; {key}=null starts from random weights)"
         )
     try:
         return torch.load(path, map_location="cpu", weights_only=True)
@@ -237,21 +275,23 @@ def _read_weights(path: Path) -> dict[str, torch.Tensor]:
         raise AmnsegError(f"{path}: not a readable weights file ({type(exc).__name__})") from exc
 
 
-def load_imagenet_weights(model: ResNet, source: str | Path) -> None:
+def load_imagenet_weights(
+    model: ResNet, source: str | Path, key: str = "backbone.pretrained"
+) -> None:
     """Load torchvision-format ImageNet weights (``fc.*`` is ignored).
 
     ``source``: ``hub`` (torchvision's file for the model's depth, from the torch hub cache or
-    downloaded into it), a URL, or a file path.
+    downloaded into it), a URL, or a file path. ``key``: the option that gave it, for errors.
     """
     text = str(source)
     if text == "hub":
         if model.depth not in IMAGENET_URLS:
-            raise AmnsegError(f"backbone.pretrained=hub: no ImageNet file for depth {model.depth}")
+            raise AmnsegError(f"{key}=hub: no ImageNet file for depth {model.depth}")
         text = IMAGENET_URLS[model.depth]
     if "://" in text:
-        state, where = _download_weights(text), text
+        state, where = _download_weights(text, key), text
     else:
-        state, where = _read_weights(Path(text)), text
+        state, where = _read_weights(Path(text), key), text
     if isinstance(state, dict) and "state_dict" in state:
         state = state["state_dict"]
     if not isinstance(state, dict):

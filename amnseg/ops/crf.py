@@ -1,4 +1,5 @@
-"""Dense CRF refinement (pydensecrf2): of hard label maps for the seeds (METHOD.md section 3).
+"""Dense CRF refinement (pydensecrf2): of hard label maps for the seeds (METHOD.md section 3)
+and of the segmentation network's probabilities at test time (section 6).
 
 The kernel parameters are a ``CrfConfig`` (``amnseg.config``), whose defaults are the seed CRF's.
 """
@@ -49,3 +50,15 @@ def crf_refine_labels(
         return np.zeros((height, width), dtype=np.int64)
     unary = unary_from_labels(labels, num_labels, gt_prob=params.gt_prob, zero_unsure=False)
     return dense_crf(image, unary, params).argmax(axis=0).reshape(height, width)
+
+
+def crf_refine_probabilities(image: np.ndarray, probs: np.ndarray, params: CrfConfig) -> np.ndarray:
+    """DeepLab's test-time CRF: (C, H, W) softmax probabilities -> (C, H, W) marginals.
+
+    The unary is -log(probs) ("unary from softmax"); ``image`` (H, W, 3) uint8.
+    """
+    from pydensecrf.utils import unary_from_softmax
+
+    channels, height, width = probs.shape
+    unary = unary_from_softmax(np.ascontiguousarray(probs, dtype=np.float32))
+    return dense_crf(image, unary, params).reshape(channels, height, width)

@@ -15,29 +15,42 @@ from typing import Any
 
 import numpy as np
 
-from amnseg.config import config_from_dict
-from amnseg.data import build_dataset
+from amnseg.config import Config, config_from_dict
+from amnseg.data import run_dataset, skipped_images
 from amnseg.data.base import SegDataset, read_index_png
 from amnseg.errors import AmnsegError
 from amnseg.io import atomic_path, load_json, load_score_maps
+from amnseg.layout import eval_dir as layout_eval_dir
+from amnseg.layout import maps_dir, masks_dir, seeds_dir
 from amnseg.metrics import foreground_background_gap
 from amnseg.report.figures import activation_histograms, colorize_labels, heatmap, png_bytes
 from amnseg.report.plots import plot_optimal_threshold_histogram, plot_sweep
 
-# (label in the report, eval file stem, kind)
-STAGE_ROWS = (
-    ("CAM maps (best threshold)", "cam_sweep", "sweep"),
-    ("CAM seeds (CRF, 0.30/0.05)", "cam_seeds", "labels"),
-    ("AMN maps (best threshold)", "amn_sweep", "sweep"),
-    ("AMN seeds (CRF, 0.45/0.15)", "amn_seeds", "labels"),
-    ("Pseudo masks (IRN random walk)", "pseudo_masks", "labels"),
-)
-GALLERY_FOLDERS = (
-    ("CAM", "cam/maps", "maps"),
-    ("AMN", "amn/maps", "maps"),
-    ("AMN seed", "seeds/amn", "labels"),
-    ("pseudo mask", "irn/masks", "labels"),
-)
+# Evaluation files the report shows (eval file stem, kind), in pipeline order.
+EVAL_FILES = (("cam_sweep", "sweep"), ("cam_seeds", "labels"), ("amn_sweep", "sweep"),
+              ("amn_seeds", "labels"), ("pseudo_masks", "labels"))
+
+
+def _stage_labels(config: Config) -> dict[str, str]:
+    """Row titles of the stage table, with the run's own seed thresholds."""
+    s = config.seeds
+    return {
+        "cam_sweep": "CAM maps (best threshold)",
+        "cam_seeds": f"CAM seeds (CRF, {s.cam_fg_threshold:.2f}/{s.cam_bg_threshold:.2f})",
+        "amn_sweep": "AMN maps (best threshold)",
+        "amn_seeds": f"AMN seeds (CRF, {s.amn_fg_threshold:.2f}/{s.amn_bg_threshold:.2f})",
+        "pseudo_masks": "Pseudo masks (IRN random walk)",
+    }
+
+
+def _gallery_columns(config: Config) -> tuple[tuple[str, Path, str], ...]:
+    """(column title, folder, kind) of the gallery."""
+    return (
+        ("CAM", maps_dir(config, "cam"), "maps"),
+        ("AMN", maps_dir(config, "amn"), "maps"),
+        ("AMN seed", seeds_dir(config, "amn"), "labels"),
+        ("pseudo mask", masks_dir(config), "labels"),
+    )
 
 
 def _img_tag(data: bytes, alt: str, width: int | None = None, css: str | None = None) -> str:
@@ -55,17 +68,18 @@ def _pct(value: float | None) -> str:
 
 def _load_results(eval_dir: Path) -> dict[str, dict[str, Any]]:
     results = {}
-    for _, stem, _ in STAGE_ROWS:
+    for stem, _ in EVAL_FILES:
         path = eval_dir / f"{stem}.json"
         if path.is_file():
             results[stem] = load_json(path)
     return results
 
 
-def _stage_table(results: dict[str, dict], class_names: list[str]) -> str:
+def _stage_table(results: dict[str, dict], class_names: list[str], labels: dict[str, str]) -> str:
     header = "".join(f"<th>{html.escape(n)}</th>" for n in ["background", *class_names])
     rows = []
-    for label, stem, kind in STAGE_ROWS:
+    for stem, kind in EVAL_FILES:
+        label = labels[stem]
         result = results.get(stem)
         if result is None:
             continue
@@ -90,8 +104,12 @@ def _robustness_table(results: dict[str, dict]) -> str:
         r = results.get(stem)
         if r is None:
             continue
+        best = f"{r['best_threshold']:.2f}"
+        if r["best_threshold"] <= min(r["thresholds"]):
+            # Nothing above background beats "everything is foreground": suspicious maps.
+            best += " <span class='warn'>⚠ lowest threshold of the sweep</span>"
         rows.append(
-            f"<tr><th>{name}</th><td>{r['best_threshold']:.2f}</td><td>{_pct(r['best_miou'])}</td>"
+            f"<tr><th>{name}</th><td>{best}</td><td>{_pct(r['best_miou'])}</td>"
             f"<td>{_pct(r['oracle_miou'])}</td><td>{_pct(r['miou_range'])}</td>"
             f"<td>{r['optimal_threshold_mean']:.2f} ± {r['optimal_threshold_std']:.2f}</td>"
             f"<td>{r['fg_bg_gap']:.3f}</td></tr>"
@@ -105,15 +123,51 @@ def _robustness_table(results: dict[str, dict]) -> str:
             f"<th>FG−BG gap</th></tr>{''.join(rows)}</table>")
 
 
-def _activation_samples(run_dir: Path, dataset: SegDataset, limit: int = 150):
+def _segmentation_table(eval_dir: Path) -> str:
+    """The segmentation networks on the val split: what they learnt from, their init (it moves
+    VOC results by 2-3 points), mIoU without and with the CRF, and pseudo vs ground truth."""
+    rows, found = [], {}
+    for stem, title in (("seg", "trained on the pseudo masks"),
+                        ("seg_gt", "trained on the ground truth (upper bound)")):
+        path = eval_dir / f"{stem}.json"
+        if not path.is_file():
+            continue
+        r = found[stem] = load_json(path)
+        crf = r["crf"]["miou"] if r.get("crf") else None
+        rows.append(
+            f"<tr><th>{html.escape(title)}</th><td>{html.escape(str(r.get('init')))}</td>"
+            f"<td>{r['images']} {html.escape(str(r['split']))}</td>"
+            f"<td class='key'>{_pct(r['no_crf']['miou'])}</td><td>{_pct(crf)}</td></tr>"
+        )
+    if not rows:
+        return "<p>No segmentation network evaluated yet.</p>"
+    ratio = ""
+    if len(found) == 2:
+        value = found["seg"]["no_crf"]["miou"] / max(found["seg_gt"]["no_crf"]["miou"], 1e-9)
+        ratio = f"<p>Pseudo-mask network / ground-truth network: {100 * value:.1f} %.</p>"
+    return ("<table><tr><th>network</th><th>init</th><th>evaluated on</th><th>mIoU</th>"
+            f"<th>mIoU with CRF</th></tr>{''.join(rows)}</table>{ratio}")
+
+
+def _skipped_table(config: Config) -> str:
+    skipped = skipped_images(config)
+    if not skipped:
+        return ""
+    rows = "".join(f"<tr><th>{html.escape(stem)}</th><td>{html.escape(why)}</td></tr>"
+                   for stem, why in sorted(skipped.items()))
+    return (f"<h2>Skipped images ({len(skipped)})</h2><p>Left out of every stage "
+            f"(data.on_bad_image=skip):</p><table><tr><th>image</th><th>why</th></tr>{rows}"
+            "</table>")
+
+
+def _activation_samples(config: Config, dataset: SegDataset, limit: int = 150):
     samples = {}
-    for name, folder, _ in GALLERY_FOLDERS[:2]:
-        maps_dir = run_dir / folder
-        if not maps_dir.is_dir():
+    for name, folder, kind in _gallery_columns(config):
+        if kind != "maps" or not folder.is_dir():
             continue
         fg_parts, bg_parts = [], []
         for stem in dataset.stems[:limit]:
-            path = maps_dir / f"{stem}.npz"
+            path = folder / f"{stem}.npz"
             gt = dataset.mask(stem)
             if not path.is_file() or gt is None:
                 continue
@@ -125,7 +179,7 @@ def _activation_samples(run_dir: Path, dataset: SegDataset, limit: int = 150):
     return samples
 
 
-def _gallery(run_dir: Path, dataset: SegDataset, results: dict[str, dict], count: int) -> str:
+def _gallery(config: Config, dataset: SegDataset, results: dict[str, dict], count: int) -> str:
     ranking_source = next(
         (results[s] for s in ("pseudo_masks", "amn_seeds", "cam_seeds") if s in results), None
     )
@@ -135,8 +189,9 @@ def _gallery(run_dir: Path, dataset: SegDataset, results: dict[str, dict], count
     ordered = sorted(scores, key=scores.get)
     picks = [("best", s) for s in reversed(ordered[-count:])] + [("worst", s)
                                                                  for s in ordered[:count]]
+    columns = _gallery_columns(config)
     header = "".join(f"<th>{h}</th>" for h in
-                     ["", "image", "ground truth", *[n for n, _, _ in GALLERY_FOLDERS]])
+                     ["", "image", "ground truth", *[n for n, _, _ in columns]])
     rows = []
     for group, stem in picks:
         image = dataset.image(stem)
@@ -144,8 +199,8 @@ def _gallery(run_dir: Path, dataset: SegDataset, results: dict[str, dict], count
         cells = [_img_tag(png_bytes(image), stem, 160),
                  _img_tag(png_bytes(colorize_labels(gt)), "ground truth", 160)
                  if gt is not None else "–"]
-        for name, folder, kind in GALLERY_FOLDERS:
-            path = run_dir / folder / (f"{stem}.npz" if kind == "maps" else f"{stem}.png")
+        for name, folder, kind in columns:
+            path = folder / (f"{stem}.npz" if kind == "maps" else f"{stem}.png")
             if not path.is_file():
                 cells.append("–")
             elif kind == "maps":
@@ -167,17 +222,20 @@ table { border-collapse: collapse; font-size: 0.85em; margin: 0.6em 0; }
 td, th { border: 1px solid #ddd; padding: 4px 7px; text-align: right; }
 th { background: #f6f6f6; } td.key { font-weight: bold; background: #fff8e1; }
 .gallery td { padding: 2px; } .gallery img { display: block; image-rendering: pixelated; }
+.warn { color: #b00; }
 .figures { display: flex; flex-wrap: wrap; gap: 1%; align-items: flex-start; }
 .figures img { width: 49%; } .figures img.wide { width: 80%; } .muted { color: #777; }
 pre { background: #f6f6f6; padding: 1em; overflow-x: auto; font-size: 0.8em; }
 """
 
 
-# Records on <body> how many pictures failed to load (read by tests and `--check`).
+# Records on <body> how many pictures failed to load and how tall the page is (read by
+# `amnseg report --png` and the tests, through amnseg.report.screenshot).
 CHECK_IMAGES = """<script>
 window.addEventListener("load", () => {
   const broken = [...document.images].filter(i => !i.complete || i.naturalWidth === 0);
   document.body.setAttribute("data-broken-images", broken.length);
+  document.body.setAttribute("data-page-height", document.documentElement.scrollHeight);
 });
 </script>"""
 
@@ -190,8 +248,9 @@ def build_report(run_dir: Path, gallery_count: int = 4) -> Path:
         raise AmnsegError(f"{run_dir}: no config.json (not an amnseg run folder)")
     config_dict = load_json(config_path)
     config = config_from_dict(config_dict)
-    dataset = build_dataset(config.data, config.data.infer_split)
-    eval_dir = run_dir / "eval"
+    config.run_dir = str(run_dir)  # the folder may have moved since the run
+    dataset = run_dataset(config, config.data.infer_split)
+    eval_dir = layout_eval_dir(config)
     results = _load_results(eval_dir)
     sweeps = {name: results[stem] for name, stem in (("CAM", "cam_sweep"), ("AMN", "amn_sweep"))
               if stem in results}
@@ -200,7 +259,7 @@ def build_report(run_dir: Path, gallery_count: int = 4) -> Path:
         figures.append(plot_sweep(sweeps, eval_dir / "sweep.png"))
         histogram = eval_dir / "optimal_thresholds.png"
         figures.append(plot_optimal_threshold_histogram(sweeps, histogram))
-    samples = _activation_samples(run_dir, dataset)
+    samples = _activation_samples(config, dataset)
     if samples:
         figures.append(activation_histograms(samples, eval_dir / "activations.png"))
     figure_tags = "".join(
@@ -219,14 +278,17 @@ def build_report(run_dir: Path, gallery_count: int = 4) -> Path:
 <p class="muted">{html.escape(str(run_dir))} · dataset {html.escape(config.data.kind)}
  {html.escape(config.data.root)} ({html.escape(config.data.infer_split)}, {len(dataset)} images)</p>
 <h2>mIoU per stage and class (%)</h2>
-{_stage_table(results, dataset.class_names)}
+{_stage_table(results, dataset.class_names, _stage_labels(config))}
+<h2>Segmentation network (DeepLab-v2)</h2>
+{_segmentation_table(eval_dir)}
 <h2>Robustness to the threshold</h2>
 {_robustness_table(results)}
 <div class="figures">{figure_tags}</div>
 <h2>Best and worst images</h2>
-{_gallery(run_dir, dataset, results, gallery_count)}
+{_gallery(config, dataset, results, gallery_count)}
 <h2>Stages</h2>
 {timings}
+{_skipped_table(config)}
 <h2>Config</h2>
 <pre>{html.escape(json.dumps(config_dict, indent=2))}</pre>
 """

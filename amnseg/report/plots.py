@@ -80,7 +80,7 @@ def plot_sweep(results: dict[str, dict[str, Any]], path: str | Path) -> Path:
         axis.set_ylim(max(0.0, lowest - 5), None)
     axis.set_xlabel("global background threshold t")
     axis.set_ylabel("mIoU (%)")
-    axis.set_title("Seed mIoU against the background threshold")
+    axis.set_title("Map mIoU against the background threshold")
     axis.grid(alpha=0.35)
     # Below the axes: inside, it would hide the low ends of the curves.
     axis.legend(fontsize=8, loc="upper center", bbox_to_anchor=(0.5, -0.14), frameon=False)

@@ -32,22 +32,29 @@ def _run(browser: str, args: list[str], page: Path) -> subprocess.CompletedProce
         )
 
 
-def broken_images(page: Path) -> int:
-    """How many <img> of the page failed to load (the page records it after its load event)."""
+def _page_fact(page: Path, name: str, width: int = 1300) -> int:
+    """A number the page records on <body> after its load event (data-<name>)."""
     browser = find_browser()
     if browser is None:
         raise AmnsegError("no Chromium found (install the Debian package 'chromium')")
-    dom = _run(browser, ["--dump-dom"], page).stdout
-    found = re.search(r'data-broken-images="(\d+)"', dom)
+    dom = _run(browser, [f"--window-size={width},900", "--dump-dom"], page).stdout
+    found = re.search(rf'data-{name}="(\d+)"', dom)
     if found is None:
         raise AmnsegError(f"{page}: the page did not finish loading in Chromium")
     return int(found.group(1))
 
 
-def screenshot(page: Path, png: Path, width: int = 1300, height: int = 2600) -> Path:
+def broken_images(page: Path) -> int:
+    """How many <img> of the page failed to load."""
+    return _page_fact(page, "broken-images")
+
+
+def screenshot(page: Path, png: Path, width: int = 1300, height: int | None = None) -> Path:
+    """Render ``page`` to ``png``: the whole page (its measured height) unless ``height``."""
     browser = find_browser()
     if browser is None:
         raise AmnsegError("no Chromium found (install the Debian package 'chromium')")
+    height = height or _page_fact(page, "page-height", width)
     png.parent.mkdir(parents=True, exist_ok=True)
     result = _run(browser, [f"--window-size={width},{height}", f"--screenshot={png.resolve()}"],
                   page)

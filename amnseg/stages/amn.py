@@ -18,18 +18,18 @@ from tqdm import tqdm
 
 from amnseg.checkpoints import initial_backbone, save_model
 from amnseg.config import AmnConfig, Config
-from amnseg.data import build_dataset
+from amnseg.data import run_dataset
 from amnseg.data.base import Sample, SegDataset, read_index_png
-from amnseg.data.transforms import SegmentationTrainTransform, shrink_labels
+from amnseg.data.transforms import SegmentationTrainTransform, resize_labels
 from amnseg.errors import AmnsegError
-from amnseg.io import ScoreMaps, save_score_maps
+from amnseg.io import ScoreMaps, output_file, save_score_maps
 from amnseg.layout import checkpoint_path, maps_dir
 from amnseg.losses import amn_loss
 from amnseg.metrics import confusion_matrix, miou, scores_to_labels
 from amnseg.models.amn import AMN
 from amnseg.ops.multiscale import merge_flip, multiscale_inputs, strided_size
 from amnseg.stages.common import MultiscaleInputs, start_inference
-from amnseg.training import AugmentedSet, fit, start_stage, steps_per_epoch
+from amnseg.training import AugmentedSet, Schedule, fit, start_stage, steps_per_epoch
 
 
 def read_seed(seeds_dir: Path, stem: str, size: tuple[int, int]) -> np.ndarray:
@@ -78,7 +78,7 @@ class AmnTrainingItems:
     def __call__(self, sample: Sample, rng: np.random.Generator):
         seed = read_seed(self.seeds_dir, sample.stem, sample.image.shape[:2])
         image, seed_crop = self.transform(sample.image, seed, rng)
-        target = shrink_labels(seed_crop.numpy().astype(np.uint8), self.logit_size)
+        target = resize_labels(seed_crop.numpy().astype(np.uint8), self.logit_size)
         return image, torch.from_numpy(sample.label), torch.from_numpy(target.astype(np.int64))
 
 
@@ -98,7 +98,7 @@ def train_amn(config: Config, cam_seeds_dir: Path) -> Path:
     def compute_loss(model: AMN, images, labels, targets) -> torch.Tensor:
         return amn_loss(model(images, labels), targets, amn_cfg.label_smoothing)
 
-    check_set = build_dataset(config.data, config.data.infer_split)
+    check_set = run_dataset(config, config.data.infer_split)
 
     def after_epoch() -> dict[str, float]:
         if not (amn_cfg.eval_images and check_set.has_masks):
@@ -107,7 +107,7 @@ def train_amn(config: Config, cam_seeds_dir: Path) -> Path:
 
     train_set = AugmentedSet(dataset, make_item, config.seed)
     fit("amn", config, model, optimizer, scheduler, train_set, compute_loss, device,
-        after_epoch=after_epoch)
+        Schedule(amn_cfg.epochs, amn_cfg.batch_size), after_epoch=after_epoch)
     return save_model(
         checkpoint_path(config, "amn"), "amn", model, dataset.class_names, config.backbone
     )
@@ -169,7 +169,7 @@ def amn_maps_for_image(model, batches, label, seed: np.ndarray, device) -> Score
     strided_logits, full_logits = amn_logits(model, batches, label, size, device)
     class_ids = np.flatnonzero(np.asarray(label)) + 1
     # The stride-4 maps mask with the seed shrunk by PIL NEAREST, like the reference.
-    strided_seed = shrink_labels(seed, strided_size(*size, 4))
+    strided_seed = resize_labels(seed, strided_size(*size, 4))
     return ScoreMaps(
         class_ids=class_ids,
         strided=amn_scores(strided_logits, class_ids, torch.as_tensor(strided_seed)).cpu().numpy(),
@@ -189,7 +189,7 @@ def make_amn_maps(config: Config, cam_seeds_dir: Path, checkpoint: Path | None =
     ):
         seed = read_seed(cam_seeds_dir, stem, tuple(size))
         maps = amn_maps_for_image(job.model, batches, label, seed, job.device)
-        save_score_maps(out_dir / f"{stem}.npz", maps)
+        save_score_maps(output_file(out_dir, stem, ".npz"), maps)
     return out_dir
 
 

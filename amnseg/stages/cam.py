@@ -18,12 +18,19 @@ from amnseg.checkpoints import save_model
 from amnseg.config import CamConfig, Config
 from amnseg.data.base import Sample
 from amnseg.data.transforms import ClassificationTrainTransform
-from amnseg.io import ScoreMaps, save_score_maps
+from amnseg.io import ScoreMaps, output_file, save_score_maps
 from amnseg.layout import checkpoint_path, maps_dir
 from amnseg.models import CAMNet, build_backbone
 from amnseg.ops.multiscale import max_normalize, multiscale_cam
 from amnseg.stages.common import MultiscaleInputs, start_inference
-from amnseg.training import AugmentedSet, fit, poly_lr_lambda, start_stage, steps_per_epoch
+from amnseg.training import (
+    AugmentedSet,
+    Schedule,
+    fit,
+    poly_lr_lambda,
+    start_stage,
+    steps_per_epoch,
+)
 
 
 def cam_optimizer(
@@ -72,7 +79,8 @@ def train_cam(config: Config) -> Path:
         return transform(sample.image, rng), torch.from_numpy(sample.label)
 
     train_set = AugmentedSet(dataset, make_item, config.seed)
-    fit("cam", config, model, optimizer, scheduler, train_set, cam_loss, device)
+    fit("cam", config, model, optimizer, scheduler, train_set, cam_loss, device,
+        Schedule(cam_cfg.epochs, cam_cfg.batch_size))
     return save_model(
         checkpoint_path(config, "cam"), "cam", model, dataset.class_names, config.backbone
     )
@@ -107,5 +115,5 @@ def make_cams(config: Config, checkpoint: Path | None = None) -> Path:
         inputs.loader(config.data.num_workers), desc="cam maps", total=len(job.todo)
     ):
         maps = cam_score_maps(job.model, batches, label, tuple(size), job.device)
-        save_score_maps(out_dir / f"{stem}.npz", maps)
+        save_score_maps(output_file(out_dir, stem, ".npz"), maps)
     return out_dir

@@ -11,8 +11,9 @@ import torch
 from torch import nn
 
 from amnseg.checkpoints import load_model
-from amnseg.data import build_splits
+from amnseg.data import run_splits
 from amnseg.data.base import SegDataset
+from amnseg.io import output_file
 from amnseg.ops.multiscale import multiscale_inputs
 from amnseg.training import resolve_device
 
@@ -21,7 +22,7 @@ def processed_images(config: Any) -> SegDataset:
     """The images the map, seed and mask stages process: every image of ``data.train_split``
     (the networks train on their seeds; the segmentation stage on their masks), then those of
     ``data.infer_split`` that are not among them (the images that are evaluated)."""
-    return build_splits(config.data, [config.data.train_split, config.data.infer_split])
+    return run_splits(config, [config.data.train_split, config.data.infer_split])
 
 
 @dataclass
@@ -44,7 +45,7 @@ def start_inference(
     device = resolve_device(config.device)
     dataset = processed_images(config)
     model = load_model(checkpoint, stage, dataset.class_names).to(device).eval()
-    todo = [stem for stem in dataset.stems if not (out_dir / f"{stem}{suffix}").is_file()]
+    todo = [s for s in dataset.stems if not output_file(out_dir, s, suffix).is_file()]
     return InferenceJob(model, device, dataset, todo)
 
 

@@ -23,7 +23,7 @@ from amnseg.data.base import Sample
 from amnseg.data.transforms import SegmentationTrainTransform, normalize, rescale
 from amnseg.data.voc import voc_palette
 from amnseg.errors import AmnsegError
-from amnseg.io import load_score_maps, save_label_png
+from amnseg.io import load_score_maps, output_file, save_label_png
 from amnseg.layout import checkpoint_path, maps_dir, masks_dir
 from amnseg.losses import irn_affinity_loss
 from amnseg.models.irn import BoundaryNet
@@ -32,7 +32,14 @@ from amnseg.ops.multiscale import merge_flip, strided_size
 from amnseg.ops.random_walk import random_walk
 from amnseg.stages.amn import read_seed
 from amnseg.stages.common import start_inference
-from amnseg.training import AugmentedSet, fit, poly_lr_lambda, start_stage, steps_per_epoch
+from amnseg.training import (
+    AugmentedSet,
+    Schedule,
+    fit,
+    poly_lr_lambda,
+    start_stage,
+    steps_per_epoch,
+)
 
 
 def irn_optimizer(
@@ -100,7 +107,8 @@ def train_irn(config: Config, amn_seeds_dir: Path) -> Path:
         return irn_affinity_loss(affinity, bg_pos, fg_pos, neg)
 
     train_set = AugmentedSet(dataset, make_item, config.seed)
-    fit("irn", config, model, optimizer, scheduler, train_set, compute_loss, device)
+    fit("irn", config, model, optimizer, scheduler, train_set, compute_loss, device,
+        Schedule(irn_cfg.epochs, irn_cfg.batch_size))
     return save_model(
         checkpoint_path(config, "irn"), "irn", model, dataset.class_names, config.backbone
     )
@@ -197,5 +205,5 @@ def make_masks(
             )
         except AmnsegError as error:
             raise AmnsegError(f"{amn_maps_dir / (stem + '.npz')}: {error}") from None
-        save_label_png(out_dir / f"{stem}.png", mask, palette)
+        save_label_png(output_file(out_dir, stem, ".png"), mask, palette)
     return out_dir

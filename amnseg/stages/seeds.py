@@ -23,7 +23,7 @@ from amnseg.config import Config, CrfConfig
 from amnseg.data.base import SegDataset
 from amnseg.data.voc import voc_palette
 from amnseg.errors import AmnsegError
-from amnseg.io import load_score_maps, save_label_png
+from amnseg.io import load_score_maps, output_file, save_label_png
 from amnseg.layout import maps_dir, seeds_dir
 from amnseg.ops.crf import crf_refine_labels
 from amnseg.stages.common import processed_images
@@ -80,7 +80,7 @@ def _seed_one(job: SeedJob, stem: str) -> str:
     seed = make_seed(
         image, maps.full, maps.class_ids, job.fg_threshold, job.bg_threshold, job.crf
     )
-    save_label_png(job.out_dir / f"{stem}.png", seed, voc_palette())
+    save_label_png(output_file(job.out_dir, stem, ".png"), seed, voc_palette())
     return stem
 
 
@@ -118,7 +118,7 @@ def make_seeds(
             f"(first: {missing[0]}.npz); run the map stage first"
         )
     out_dir.mkdir(parents=True, exist_ok=True)
-    todo = [s for s in dataset.stems if not (out_dir / f"{s}.png").is_file()]
+    todo = [s for s in dataset.stems if not output_file(out_dir, s, ".png").is_file()]
     job = SeedJob(dataset, source_maps, out_dir, fg_threshold, bg_threshold, config.seeds.crf)
     workers = config.seeds.workers if workers is None else workers
     workers = min(workers or os.cpu_count() or 1, max(len(todo), 1))

@@ -1,0 +1,60 @@
+"""The check a run makes of its images before any stage reads them: a bad file found after
+hours of training, or a traceback on image 57,312, is what it prevents.
+
+Every image's header is read (its size must be known and at most ``max_pixels``); with
+``decode`` the whole image is decoded too (finds truncated files; slower). Every mask file is
+read: its size must be the image's and its values classes or 255.
+"""
+
+from __future__ import annotations
+
+from PIL import Image, UnidentifiedImageError
+from tqdm import tqdm
+
+from amnseg.data.base import SegDataset
+from amnseg.errors import AmnsegError
+
+
+def check_sample(dataset: SegDataset, stem: str, max_pixels: int, decode: bool) -> None:
+    """Raise a one-line AmnsegError naming the file if sample ``stem`` cannot be used."""
+    path = dataset.image_path(stem)
+    if not path.is_file():
+        raise AmnsegError(f"{path}: image listed in the dataset but not found")
+    try:
+        with Image.open(path) as image:
+            width, height = image.size
+            if decode:
+                image.load()
+    except (UnidentifiedImageError, OSError, SyntaxError, ValueError) as exc:
+        raise AmnsegError(f"{path}: unreadable image ({exc.__class__.__name__})") from None
+    if max_pixels and width * height > max_pixels:
+        raise AmnsegError(
+            f"{path}: image is {width}x{height} ({width * height / 1e6:.1f} MP), above "
+            f"data.max_pixels={max_pixels} (the CRF of such an image takes minutes and many GB; "
+            "downscale it or raise data.max_pixels)"
+        )
+    if dataset.mask_path(stem) is None:
+        return
+    mask = dataset.mask(stem)  # reads and checks the values
+    if mask is not None and mask.shape != (height, width):
+        raise AmnsegError(
+            f"{dataset.mask_source(stem)}: mask size {mask.shape[1]}x{mask.shape[0]} differs "
+            f"from image size {width}x{height}"
+        )
+
+
+def check_dataset(
+    dataset: SegDataset, max_pixels: int, decode: bool = False, stop_at_first: bool = True
+) -> dict[str, str]:
+    """{stem: problem} of the unusable samples; with ``stop_at_first`` the first problem is
+    raised instead."""
+    problems: dict[str, str] = {}
+    for stem in tqdm(dataset.stems, desc="checking images", unit="img", leave=False,
+                     disable=len(dataset.stems) < 500):
+        try:
+            check_sample(dataset, stem, max_pixels, decode)
+        except AmnsegError as error:
+            if stop_at_first:
+                raise
+            problems[stem] = str(error)
+    return problems

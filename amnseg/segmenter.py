@@ -1,0 +1,153 @@
+"""The trained segmentation network as a Python object and as ``amnseg predict``.
+
+    from amnseg import Segmenter
+    segmenter = Segmenter.from_checkpoint("runs/voc12/seg/seg.pt", device="cuda")
+    mask = segmenter(image)   # (H, W) uint8 class indices, 0 = background
+
+``image``: a PIL image of any mode (grayscale, RGBA, CMYK, 16-bit, ...) or a numpy array
+(H, W) / (H, W, 3) / (H, W, 4), uint8 or uint16.
+"""
+
+from __future__ import annotations
+
+from collections.abc import Iterable
+from pathlib import Path
+
+import numpy as np
+import torch
+from PIL import Image, UnidentifiedImageError
+
+from amnseg.checkpoints import build_model, load_model_checkpoint
+from amnseg.config import CrfConfig, deeplab_crf
+from amnseg.data.base import rgb_array
+from amnseg.data.folder import IMAGE_SUFFIXES
+from amnseg.data.voc import voc_palette
+from amnseg.errors import AmnsegError
+from amnseg.io import atomic_path, load_checkpoint, output_file, save_label_png
+from amnseg.models.deeplab import MSC
+from amnseg.stages.seg import predict_labels, predict_probabilities
+from amnseg.training import resolve_device
+
+VOC_SUBMISSION_DIR = Path("results/VOC2012/Segmentation/comp6_test_cls")
+
+
+def as_rgb(image: Image.Image | np.ndarray) -> np.ndarray:
+    """A PIL image or numpy array as (H, W, 3) uint8 RGB."""
+    if isinstance(image, Image.Image):
+        return rgb_array(image)
+    array = np.asarray(image)
+    if array.ndim == 3 and array.shape[2] == 4:
+        array = array[..., :3]  # alpha dropped
+    if array.ndim == 3 and array.shape[2] == 1:
+        array = array[..., 0]
+    if array.dtype == np.uint16:
+        array = np.round(array / 257.0).astype(np.uint8)
+    if array.dtype != np.uint8 or array.ndim not in (2, 3) or (
+            array.ndim == 3 and array.shape[2] != 3):
+        raise AmnsegError(
+            f"image array of shape {array.shape} and type {array.dtype}: expected (H, W), "
+            "(H, W, 3) or (H, W, 4) of uint8 or uint16"
+        )
+    return np.repeat(array[..., None], 3, axis=2) if array.ndim == 2 else array
+
+
+class Segmenter:
+    """A trained segmentation network (MSC DeepLab-v2) that labels images.
+
+    ``flip`` also averages the mirrored image's logits; ``crf`` refines the probabilities with
+    the dense CRF (True: DeepLab's test-time parameters, or a ``CrfConfig``).
+    """
+
+    def __init__(self, model: MSC, class_names: list[str], device: str | torch.device = "cpu",
+                 flip: bool = False, crf: bool | CrfConfig = False):
+        self.device = resolve_device(str(device))
+        self.model = model.to(self.device).eval()
+        self.class_names = list(class_names)
+        self.flip = flip
+        self.crf = deeplab_crf() if crf is True else (crf or None)
+
+    @classmethod
+    def from_checkpoint(cls, path: str | Path, device: str | torch.device = "cpu",
+                        flip: bool = False, crf: bool | CrfConfig = False) -> Segmenter:
+        """A segmenter from an amnseg ``seg`` checkpoint (``amnseg train-seg`` or
+        ``amnseg import-checkpoint seg``)."""
+        path = Path(path)
+        raw = load_checkpoint(path)
+        if raw.get("format") != "amnseg" or raw.get("stage") != "seg":
+            raise AmnsegError(
+                f"{path}: not an amnseg segmentation checkpoint (import a DeepLab-v2 file "
+                "first: amnseg import-checkpoint seg FILE OUT --classes voc)"
+            )
+        checkpoint = load_model_checkpoint(path, "seg", raw["class_names"])
+        return cls(build_model(checkpoint), checkpoint["class_names"], device, flip, crf)
+
+    def probabilities(self, image: Image.Image | np.ndarray) -> np.ndarray:
+        """(C + 1, H, W) float32 class probabilities (before any CRF)."""
+        rgb = as_rgb(image)
+        return predict_probabilities(self.model, rgb, self.device, self.flip).cpu().numpy()
+
+    def __call__(self, image: Image.Image | np.ndarray) -> np.ndarray:
+        """(H, W) uint8 class indices: 0 background, i = ``class_names[i - 1]``."""
+        return predict_labels(self.model, as_rgb(image), self.device, self.flip, self.crf)
+
+
+def image_files(inputs: Iterable[str | Path]) -> list[Path]:
+    """Files as given, folders as the image files inside (sorted); one-line errors."""
+    files: list[Path] = []
+    for item in map(Path, inputs):
+        if item.is_dir():
+            found = sorted(p for p in item.iterdir()
+                           if p.is_file() and p.suffix.lower() in (*IMAGE_SUFFIXES, ".tif",
+                                                                    ".tiff"))
+            if not found:
+                raise AmnsegError(f"{item}: no image files in this folder")
+            files += found
+        elif item.is_file():
+            files.append(item)
+        else:
+            raise AmnsegError(f"{item}: no such image file or folder")
+    stems: dict[str, Path] = {}
+    for path in files:
+        if path.stem in stems and stems[path.stem] != path:
+            raise AmnsegError(f"{path}: same name as {stems[path.stem]} (outputs would collide)")
+        stems[path.stem] = path
+    return files
+
+
+def overlay(image: np.ndarray, labels: np.ndarray, alpha: float = 0.5) -> np.ndarray:
+    """The image with each labelled pixel blended with its class's VOC colour."""
+    colours = np.array(voc_palette(), dtype=np.float32).reshape(256, 3)[labels]
+    blended = np.where(labels[..., None] > 0, (1 - alpha) * image + alpha * colours, image)
+    return blended.round().astype(np.uint8)
+
+
+def predict_files(segmenter: Segmenter, inputs: Iterable[str | Path], out_dir: Path,
+                  with_overlay: bool = False, voc_submission: bool = False) -> list[Path]:
+    """Label every image of ``inputs``; returns the written mask files.
+
+    Default: ``<out>/<stem>.png`` palette PNGs (pixel value = class index, VOC colours).
+    ``voc_submission``: ``<out>/results/VOC2012/Segmentation/comp6_test_cls/<stem>.png`` raw
+    class indices, the layout the VOC evaluation server takes (tar the ``results`` folder).
+    ``with_overlay``: also ``<out>/overlay/<stem>.png`` blends.
+    """
+    from tqdm import tqdm
+
+    written = []
+    for path in tqdm(image_files(inputs), desc="predict", unit="img"):
+        try:
+            with Image.open(path) as opened:
+                image = rgb_array(opened, str(path))
+        except (UnidentifiedImageError, OSError, SyntaxError, ValueError) as exc:
+            raise AmnsegError(f"{path}: unreadable image ({exc.__class__.__name__})") from None
+        labels = segmenter(image)
+        if voc_submission:
+            target = output_file(out_dir / VOC_SUBMISSION_DIR, path.stem, ".png")
+            save_label_png(target, labels)
+        else:
+            target = output_file(out_dir, path.stem, ".png")
+            save_label_png(target, labels, voc_palette())
+        if with_overlay:
+            with atomic_path(output_file(out_dir / "overlay", path.stem, ".png")) as tmp:
+                Image.fromarray(overlay(image, labels)).save(tmp, format="PNG")
+        written.append(target)
+    return written

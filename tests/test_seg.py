@@ -1,0 +1,469 @@
+"""The segmentation stage (METHOD.md section 6): DeepLab-v2 shapes and layout, MSC against a
+per-scale loop, the recipe's augmentation, loss, optimiser and schedule by hand, the test-time
+CRF against pydensecrf, DeepLab-v2 files, a tiny net that learns, predict and the Python API."""
+
+from __future__ import annotations
+
+import math
+from pathlib import Path
+
+import numpy as np
+import pydensecrf.densecrf as dcrf
+import pytest
+import torch
+import torch.nn.functional as F
+from PIL import Image
+from pydensecrf.utils import unary_from_softmax
+
+from amnseg.checkpoints import export_reference, import_deeplab, load_model_checkpoint
+from amnseg.config import SegConfig, deeplab_backbone, deeplab_crf, load_config
+from amnseg.data.transforms import DeepLabTrainTransform
+from amnseg.errors import AmnsegError
+from amnseg.models.deeplab import DEEPLAB_MEAN_BGR, MSC, DeepLabV2, deeplab_input
+from amnseg.models.resnet import ResNet, resnet_from_config
+from amnseg.ops.crf import crf_refine_probabilities
+from amnseg.stages import seg as seg_stage
+
+KEYS = Path(__file__).resolve().parent / "data" / "deeplabv2_msc_keys.tsv"
+
+
+def tiny_deeplab_backbone(**changes) -> ResNet:
+    options = {"depth": 50, "width": 0.125, "strides": [2, 2, 1, 1], "dilations": [1, 1, 2, 4],
+               "stride_in_1x1": True, "stem_pool_ceil": True, "freeze_stem": False, **changes}
+    return ResNet(**options)
+
+
+def tiny_msc(num_outputs: int = 3, seed: int = 0) -> MSC:
+    torch.manual_seed(seed)
+    model = MSC(DeepLabV2(tiny_deeplab_backbone(), num_outputs))
+    for conv in model.base.aspp.children():
+        torch.nn.init.normal_(conv.weight, std=0.1)
+    return model.eval()
+
+
+# --- the network --------------------------------------------------------------------------
+
+
+def test_deeplab_layout_matches_the_published_key_list():
+    rows = [line.split("\t") for line in KEYS.read_text().splitlines()]
+    published = {key.removeprefix("base."): eval(shape) for key, shape, _ in rows}  # noqa: S307
+    model = MSC(DeepLabV2(resnet_from_config(deeplab_backbone()), 21))
+    ours = {seg_key: tuple(v.shape) for seg_key, v in model.state_dict().items()}
+    exported = export_reference({"format": "amnseg", "stage": "seg",
+                                 "model": model.state_dict()})
+    assert {k.removeprefix("base."): tuple(v.shape) for k, v in exported.items()} == published
+    assert len(ours) == len(published) == 632
+
+
+def test_output_stride_8_and_caffe_block_layout():
+    backbone = tiny_deeplab_backbone()
+    block = backbone.layer2[0]
+    assert block.conv1.stride == (2, 2) and block.conv2.stride == (1, 1)  # stride on the 1x1
+    assert backbone.layer3[0].conv2.dilation == (2, 2) and backbone.layer3[5].conv2.dilation == (
+        2, 2)
+    assert backbone.layer4[2].conv2.dilation == (4, 4) and backbone.layer4[2].conv2.padding == (
+        4, 4)
+    model = DeepLabV2(backbone, 5).eval()
+    with torch.no_grad():
+        assert model(torch.zeros(1, 3, 321, 321)).shape == (1, 5, 41, 41)
+        # The stem's max-pool rounds up (Caffe): 500 x 375 -> 63 x 48, not 63 x 47.
+        assert model(torch.zeros(1, 3, 375, 500)).shape == (1, 5, 48, 63)
+    torchvision_layout = tiny_deeplab_backbone(stride_in_1x1=False)
+    assert torchvision_layout.layer2[0].conv2.stride == (2, 2)
+
+
+def test_msc_equals_a_per_scale_loop():
+    model = tiny_msc()
+    images = torch.randn(2, 3, 65, 49, generator=torch.Generator().manual_seed(1))
+    with torch.no_grad():
+        fused = model(images)
+        base = model.base
+        logits = base(images)
+        maxed = logits
+        for scale in (0.5, 0.75):
+            small = F.interpolate(images, scale_factor=scale, mode="bilinear",
+                                  align_corners=False)
+            other = F.interpolate(base(small), size=logits.shape[-2:], mode="bilinear",
+                                  align_corners=False)
+            maxed = torch.maximum(maxed, other)
+    torch.testing.assert_close(fused, maxed)
+    model.train()
+    outputs = model(images)
+    assert len(outputs) == 4
+    torch.testing.assert_close(outputs[0], logits, rtol=1e-4, atol=1e-5)
+    assert outputs[1].shape[-2:] != outputs[0].shape[-2:]  # each scale at its own size
+    torch.testing.assert_close(outputs[3], fused, rtol=1e-4, atol=1e-5)
+
+
+def test_deeplab_input_is_bgr_minus_mean():
+    image = np.zeros((2, 3, 3), np.uint8)
+    image[..., 0], image[..., 1], image[..., 2] = 10, 20, 200  # R, G, B
+    x = deeplab_input(image)
+    assert x.shape == (3, 2, 3)
+    np.testing.assert_allclose(x[:, 0, 0].numpy(), [200 - 104.008, 20 - 116.669, 10 - 122.675],
+                               rtol=1e-6)
+
+
+# --- training arithmetic --------------------------------------------------------------------
+
+
+def test_train_transform_scales_pads_crops_flips_and_subtracts_the_mean():
+    rng = np.random.default_rng(0)
+    image = rng.integers(0, 256, (20, 30, 3)).astype(np.uint8)
+    labels = rng.integers(0, 4, (20, 30)).astype(np.uint8)
+    transform = DeepLabTrainTransform([0.5], 24, DEEPLAB_MEAN_BGR, flip=False)
+    crop, label_crop = transform(image, labels, np.random.default_rng(3))
+    # 0.5: 10 x 15, padded to 24 x 24 (mean colour / 255), the whole canvas is the crop.
+    bgr = torch.tensor(image[..., ::-1].transpose(2, 0, 1).copy(), dtype=torch.float32)
+    small = F.interpolate(bgr[None], (10, 15), mode="bilinear", align_corners=False)[0]
+    mean = torch.tensor(DEEPLAB_MEAN_BGR)[:, None, None]
+    torch.testing.assert_close(crop[:, :10, :15], small - mean)
+    assert torch.count_nonzero(crop[:, 10:, :]) == 0 and torch.count_nonzero(crop[:, :, 15:]) == 0
+    rows = np.floor((np.arange(10) + 0.5) * 2).astype(int)
+    cols = np.floor((np.arange(15) + 0.5) * 2).astype(int)
+    np.testing.assert_array_equal(label_crop[:10, :15], labels[np.ix_(rows, cols)])
+    assert (label_crop[10:] == 255).all() and (label_crop[:, 15:] == 255).all()
+
+    flipping = DeepLabTrainTransform([1.0], 16, DEEPLAB_MEAN_BGR, flip=True)
+    seen_flip = False
+    for seed in range(8):
+        crop, label_crop = flipping(image, labels, np.random.default_rng(seed))
+        window = None
+        for top in range(20 - 16 + 1):
+            for left in range(30 - 16 + 1):
+                part = labels[top:top + 16, left:left + 16]
+                if np.array_equal(part, label_crop):
+                    window = (top, left, False)
+                elif np.array_equal(part[:, ::-1], label_crop):
+                    window = (top, left, True)
+        assert window is not None
+        top, left, flipped = window
+        expected = bgr[:, top:top + 16, left:left + 16] - mean
+        torch.testing.assert_close(crop, expected.flip(-1) if flipped else expected)
+        seen_flip |= flipped
+    assert seen_flip
+
+
+def test_msc_loss_is_the_sum_of_per_scale_cross_entropies():
+    generator = torch.Generator().manual_seed(2)
+    outputs = [torch.randn(2, 3, 5, 5, generator=generator),
+               torch.randn(2, 3, 3, 3, generator=generator),
+               torch.randn(2, 3, 4, 4, generator=generator),
+               torch.randn(2, 3, 5, 5, generator=generator)]
+    targets = [torch.randint(0, 3, (2, s, s), generator=generator) for s in (5, 3, 4)]
+    targets[0][0, 0, :3] = 255
+
+    def ce(logits, target):
+        log_probs = torch.log_softmax(logits.double(), dim=1)
+        valid = target != 255
+        picked = log_probs.gather(1, target.clamp(max=2)[:, None])[:, 0]
+        return -(picked * valid).sum() / valid.sum()
+
+    expected = (ce(outputs[0], targets[0]) + ce(outputs[1], targets[1])
+                + ce(outputs[2], targets[2]) + ce(outputs[3], targets[0]))
+    assert seg_stage.msc_loss(outputs, *targets).item() == pytest.approx(expected.item(),
+                                                                          rel=1e-6)
+
+
+def test_seg_optimizer_groups_rates_and_stepwise_poly():
+    model = tiny_msc(num_outputs=4)
+    seg_stage.freeze_batchnorm(model)
+    config = SegConfig(iterations=100)
+    optimizer, scheduler = seg_stage.seg_optimizer(model, config)
+    names = {id(p): n for n, p in model.named_parameters()}
+    groups = [{names[id(p)] for p in g["params"]} for g in optimizer.param_groups]
+    convs = {n for n, m in model.named_modules() if isinstance(m, torch.nn.Conv2d)}
+    assert groups[0] == {f"{n}.weight" for n in convs if ".aspp." not in f".{n}."}
+    assert "base.backbone.conv1.weight" in groups[0]  # the stem trains too
+    assert not any("bn" in n or "downsample.1" in n for n in groups[0])
+    assert groups[1] == {f"base.aspp.c{i}.weight" for i in range(4)}
+    assert groups[2] == {f"base.aspp.c{i}.bias" for i in range(4)}
+    assert [g["lr"] for g in optimizer.param_groups] == [2.5e-4, 2.5e-3, 5e-3]
+    assert [g["weight_decay"] for g in optimizer.param_groups] == [5e-4, 5e-4, 0.0]
+    assert all(g["momentum"] == 0.9 for g in optimizer.param_groups)
+    rates = []
+    for _ in range(25):
+        rates.append(optimizer.param_groups[0]["lr"])
+        optimizer.step()
+        scheduler.step()
+    expected = [2.5e-4 * (1 - (k // 10 * 10) / 100) ** 0.9 for k in range(25)]
+    np.testing.assert_allclose(rates, expected, rtol=1e-12)
+    assert rates[9] == rates[0] and rates[10] < rates[9]  # updated every 10 iterations
+
+
+def test_one_sgd_step_with_accumulation_by_hand():
+    from amnseg.training import train_step
+
+    model = tiny_msc(num_outputs=3).train()
+    seg_stage.freeze_batchnorm(model)
+    optimizer, scheduler = seg_stage.seg_optimizer(model, SegConfig(iterations=50))
+    generator = torch.Generator().manual_seed(5)
+    batches = []
+    for _ in range(2):
+        images = torch.randn(2, 3, 33, 33, generator=generator)
+        sizes = [tuple(o.shape[-2:]) for o in model(images)[:-1]]
+        batches.append([images, *[torch.randint(0, 3, (2, *s), generator=generator)
+                                  for s in sizes]])
+    before = {n: p.detach().clone() for n, p in model.named_parameters()}
+
+    def loss_fn(net, images, *targets):
+        return seg_stage.msc_loss(net(images), *targets)
+
+    # The accumulated gradient is the mean of the two batches' gradients.
+    reference = {}
+    for batch in batches:
+        model.zero_grad()
+        loss_fn(model, *batch).backward()
+        for n, p in model.named_parameters():
+            if p.grad is not None:
+                reference[n] = reference.get(n, 0) + p.grad / 2
+    train_step(model, batches, loss_fn, optimizer, scheduler)
+    lr = {0: 2.5e-4, 1: 2.5e-3, 2: 5e-3}
+    decay = {0: 5e-4, 1: 5e-4, 2: 0.0}
+    group_of = {id(p): i for i, g in enumerate(optimizer.param_groups) for p in g["params"]}
+    for name, p in model.named_parameters():
+        if id(p) not in group_of:
+            assert torch.equal(p.detach(), before[name]), name  # BatchNorm stays
+            continue
+        g = group_of[id(p)]
+        expected = before[name] - lr[g] * (reference[name] + decay[g] * before[name])
+        torch.testing.assert_close(p.detach(), expected, rtol=1e-5, atol=1e-8)
+
+
+# --- test-time CRF --------------------------------------------------------------------------
+
+
+def test_test_time_crf_equals_direct_pydensecrf():
+    rng = np.random.default_rng(3)
+    image = rng.integers(0, 256, (19, 27, 3)).astype(np.uint8)
+    image[:, 13:] = (200, 40, 40)
+    logits = rng.normal(size=(3, 19, 27)).astype(np.float32)
+    probs = np.exp(logits) / np.exp(logits).sum(0, keepdims=True)
+    got = crf_refine_probabilities(image, probs, deeplab_crf())
+    crf = dcrf.DenseCRF2D(27, 19, 3)
+    crf.setUnaryEnergy(np.ascontiguousarray(unary_from_softmax(probs)))
+    crf.addPairwiseGaussian(sxy=1, compat=3)
+    crf.addPairwiseBilateral(sxy=67, srgb=3, rgbim=np.ascontiguousarray(image), compat=4)
+    expected = np.array(crf.inference(10)).reshape(3, 19, 27)
+    np.testing.assert_allclose(got, expected, rtol=1e-6)
+    assert (got.argmax(0) != probs.argmax(0)).any()  # the CRF changes the labels here
+
+
+# --- DeepLab-v2 files ---------------------------------------------------------------------
+
+
+def synthetic_deeplab(prefix: str = "base.", classes: int = 21) -> dict[str, torch.Tensor]:
+    generator = torch.Generator().manual_seed(9)
+    state = {}
+    for line in KEYS.read_text().splitlines():
+        key, shape, dtype = line.split("\t")
+        shape = tuple(int(v) for v in shape.strip("()").split(",") if v.strip())
+        key = key.removeprefix("base.")
+        if key.startswith("aspp."):
+            shape = (classes, *shape[1:])
+        if dtype == "torch.int64":
+            state[prefix + key] = torch.randint(0, 100, shape, generator=generator)
+        else:
+            state[prefix + key] = torch.randn(shape, generator=generator)
+    return state
+
+
+def test_deeplab_file_imports_and_exports_bit_exactly(tmp_path):
+    state = synthetic_deeplab()
+    source = tmp_path / "deeplab_voc.pth"
+    torch.save(state, source)
+    classes = [f"c{i}" for i in range(20)]
+    checkpoint = import_deeplab(source, classes, tmp_path / "seg.pt")
+    assert checkpoint["backbone"]["stride_in_1x1"] and checkpoint["backbone"]["depth"] == 101
+    exported = export_reference(load_model_checkpoint(tmp_path / "seg.pt", "seg", classes))
+    assert exported.keys() == state.keys()
+    for key, value in state.items():
+        assert torch.equal(exported[key], value), key
+    # The DeepLab file itself is accepted wherever a seg checkpoint is.
+    direct = load_model_checkpoint(source, "seg", classes)
+    assert torch.equal(direct["model"]["base.aspp.c2.bias"], state["base.aspp.c2.bias"])
+
+
+def test_deeplab_file_errors(tmp_path):
+    classes = [f"c{i}" for i in range(20)]
+    state = synthetic_deeplab()
+    missing = dict(state)
+    del missing["base.layer4.block7.conv3x3.conv.weight"]
+    torch.save(missing, tmp_path / "missing.pth")
+    with pytest.raises(AmnsegError, match=r"missing\.pth: layer4\.block7\.conv3x3\.conv\.weight "
+                                          r"is missing"):
+        import_deeplab(tmp_path / "missing.pth", classes)
+    extra = {**state, "base.layer9.block1.reduce.conv.weight": torch.zeros(1)}
+    torch.save(extra, tmp_path / "extra.pth")
+    with pytest.raises(AmnsegError, match="unexpected key"):
+        import_deeplab(tmp_path / "extra.pth", classes)
+    wrong = dict(state)
+    wrong["base.layer2.block1.reduce.conv.weight"] = torch.zeros(64, 64, 3, 3)
+    torch.save(wrong, tmp_path / "wrong.pth")
+    with pytest.raises(AmnsegError, match=r"has shape \(64, 64, 3, 3\), expected \(64, 64, 1, 1\)"):
+        import_deeplab(tmp_path / "wrong.pth", classes)
+    torch.save(state, tmp_path / "voc.pth")
+    with pytest.raises(AmnsegError, match="checkpoint is for 20 classes, 80 class names given"):
+        import_deeplab(tmp_path / "voc.pth", [f"c{i}" for i in range(80)])
+    init = synthetic_deeplab(prefix="")
+    init = {k: v for k, v in init.items() if not k.startswith("aspp.")}
+    torch.save(init, tmp_path / "init.pth")
+    with pytest.raises(AmnsegError, match="no ASPP head.*seg.init"):
+        import_deeplab(tmp_path / "init.pth", classes)
+
+
+def test_init_files_without_prefix_or_with_another_head_load_their_backbone(tmp_path):
+    init = synthetic_deeplab(prefix="", classes=91)  # a COCO-init file: another-sized ASPP
+    torch.save(init, tmp_path / "coco_init.pth")
+    config = load_config("voc12", [f"run_dir={tmp_path}", f"seg.init={tmp_path / 'coco_init.pth'}"])
+    model, backbone_cfg, description = seg_stage.initial_seg_model(config, 20)
+    assert backbone_cfg.stride_in_1x1 and "backbone only" in description
+    assert torch.equal(model.base.backbone.layer3[4].conv2.weight,
+                       init["layer4.block5.conv3x3.conv.weight"])
+    assert model.base.aspp.c0.weight.shape[0] == 21
+    assert abs(model.base.aspp.c0.weight.std().item() - 0.01) < 0.002  # fresh N(0, 0.01)
+
+
+def test_pickled_payload_is_refused(tmp_path):
+    import pickle
+
+    class Payload:
+        def __reduce__(self):
+            return (print, ("executed",))
+
+    path = tmp_path / "evil.pth"
+    with open(path, "wb") as f:
+        pickle.dump({"base.layer1.conv1.conv.weight": Payload()}, f)
+    with pytest.raises(AmnsegError, match="not a readable checkpoint"):
+        import_deeplab(path, ["a"])
+
+
+# --- a tiny network learns ------------------------------------------------------------------
+
+
+def test_tiny_network_overfits_a_few_demo_images(tmp_path):
+    from amnseg.data.demo import DemoParams, render_sample
+    from amnseg.metrics import confusion_matrix, miou
+
+    params = DemoParams(size=64, num_classes=3, max_objects=1, body_range=(0.5, 0.8))
+    samples = [render_sample(params, "train", i) for i in range(4)]
+    torch.manual_seed(0)
+    backbone = ResNet(depth=18, width=0.25, strides=[2, 2, 1, 1], dilations=[1, 1, 2, 4],
+                      norm="batch", freeze_stem=False)
+    model = MSC(DeepLabV2(backbone, 4))
+    config = SegConfig(lr=0.01, iterations=60, lr_decay_every=1)
+    optimizer, scheduler = seg_stage.seg_optimizer(model, config)
+    transform = DeepLabTrainTransform([1.0], 64, DEEPLAB_MEAN_BGR, flip=False)
+    sizes = seg_stage.pyramid_sizes(model, 64)
+    batch = [transform(s.image, s.mask, np.random.default_rng(0)) for s in samples]
+    images = torch.stack([b[0] for b in batch])
+    targets = [torch.stack([torch.from_numpy(seg_stage.resize_labels(b[1], size).astype(np.int64))
+                            for b in batch]) for size in sizes]
+    from amnseg.training import train_step
+
+    model.train()
+    losses = [train_step(model, [[images, *targets]],
+                         lambda net, x, *t: seg_stage.msc_loss(net(x), *t),
+                         optimizer, scheduler) for _ in range(60)]
+    assert losses[-1] < 0.3 * losses[0]
+    confusion = sum(confusion_matrix(seg_stage.predict_labels(model, s.image), s.mask, 4)
+                    for s in samples)
+    assert miou(confusion) > 0.6  # chance is ~0.1
+
+
+# --- prediction and the Python API ----------------------------------------------------------
+
+
+@pytest.fixture(scope="module")
+def seg_checkpoint(tmp_path_factory) -> Path:
+    from amnseg.io import save_checkpoint
+
+    folder = tmp_path_factory.mktemp("seg")
+    model = tiny_msc(num_outputs=3, seed=4)
+    path = folder / "seg.pt"
+    backbone = {"depth": 50, "width": 0.125, "strides": [2, 2, 1, 1], "dilations": [1, 1, 2, 4],
+                "stride_in_1x1": True, "stem_pool_ceil": True, "freeze_stem": False,
+                "norm": "frozen"}
+    save_checkpoint(path, {"format": "amnseg", "stage": "seg", "class_names": ["cat", "dog"],
+                           "backbone": backbone, "model": model.state_dict(),
+                           "msc_scales": [0.5, 0.75], "init": "test"})
+    return path
+
+
+def test_python_api_readme_example(seg_checkpoint):
+    # The README's example, with this test's checkpoint and image.
+    from amnseg import Segmenter
+
+    image = np.random.default_rng(0).integers(0, 256, (45, 61, 3), dtype=np.uint8)
+    segmenter = Segmenter.from_checkpoint(seg_checkpoint, device="cpu")
+    mask = segmenter(image)
+    assert mask.shape == (45, 61) and mask.dtype == np.uint8 and mask.max() <= 2
+    model = tiny_msc(num_outputs=3, seed=4)
+    expected = seg_stage.predict_labels(model, image)
+    np.testing.assert_array_equal(mask, expected)
+    np.testing.assert_array_equal(segmenter(Image.fromarray(image)), expected)
+    assert segmenter.class_names == ["cat", "dog"]
+
+
+def test_predict_reads_any_image_mode(seg_checkpoint, tmp_path):
+    from typer.testing import CliRunner
+
+    from amnseg.cli import app
+
+    rng = np.random.default_rng(1)
+    rgb = rng.integers(0, 256, (30, 41, 3), dtype=np.uint8)
+    inputs = tmp_path / "in"
+    inputs.mkdir()
+    Image.fromarray(rgb).convert("L").save(inputs / "gray.png")
+    Image.fromarray(rgb).convert("RGBA").save(inputs / "rgba.png")
+    Image.fromarray(rgb).convert("CMYK").save(inputs / "cmyk.jpg")
+    sixteen = (rgb[..., 0].astype(np.uint16) * 257)
+    Image.fromarray(sixteen).save(inputs / "deep.png")  # 16-bit grayscale
+    result = CliRunner().invoke(app, ["predict", str(seg_checkpoint), str(inputs),
+                                      "--out", str(tmp_path / "out"), "--overlay", "--no-crf"])
+    assert result.exit_code == 0, result.output
+    from amnseg.segmenter import Segmenter
+
+    segmenter = Segmenter.from_checkpoint(seg_checkpoint)
+    for stem in ("gray", "rgba", "cmyk", "deep"):
+        with Image.open(tmp_path / "out" / f"{stem}.png") as written:
+            assert written.mode == "P" and written.size == (41, 30)
+            labels = np.asarray(written)
+        with Image.open(next(inputs.glob(f"{stem}.*"))) as source:
+            np.testing.assert_array_equal(labels, segmenter(source))
+        assert (tmp_path / "out" / "overlay" / f"{stem}.png").is_file()
+    # 16-bit: read by its 16-bit values (not clipped to white): the same as the 8-bit gray.
+    with Image.open(inputs / "deep.png") as deep, Image.open(inputs / "gray.png") as gray:
+        assert deep.mode.startswith("I")
+        np.testing.assert_array_equal(segmenter(deep),
+                                      segmenter(np.repeat(rgb[..., :1], 3, axis=2)))
+        assert gray.mode == "L"
+
+
+def test_voc_submission_layout(seg_checkpoint, tmp_path):
+    from amnseg.segmenter import Segmenter, predict_files
+
+    image = np.random.default_rng(2).integers(0, 256, (20, 24, 3), dtype=np.uint8)
+    Image.fromarray(image).save(tmp_path / "2008_000001.jpg")
+    segmenter = Segmenter.from_checkpoint(seg_checkpoint, crf=True)
+    written = predict_files(segmenter, [tmp_path / "2008_000001.jpg"], tmp_path / "sub",
+                            voc_submission=True)
+    target = tmp_path / "sub" / "results/VOC2012/Segmentation/comp6_test_cls/2008_000001.png"
+    assert written == [target]
+    with Image.open(target) as png:
+        assert png.mode == "L"  # raw class indices
+        with Image.open(tmp_path / "2008_000001.jpg") as source:
+            np.testing.assert_array_equal(np.asarray(png), segmenter(source))
+
+
+def test_segmenter_rejects_non_seg_checkpoints_and_bad_arrays(seg_checkpoint, tmp_path):
+    from amnseg.io import save_checkpoint
+    from amnseg.segmenter import Segmenter, as_rgb
+
+    save_checkpoint(tmp_path / "cam.pt", {"format": "amnseg", "stage": "cam"})
+    with pytest.raises(AmnsegError, match="not an amnseg segmentation checkpoint"):
+        Segmenter.from_checkpoint(tmp_path / "cam.pt")
+    with pytest.raises(AmnsegError, match="image array of shape"):
+        as_rgb(np.zeros((4, 4, 2), np.uint8))
+    assert as_rgb(np.zeros((4, 5), np.uint16)).shape == (4, 5, 3)
+    assert math.isclose(float(as_rgb(np.full((1, 1), 65535, np.uint16))[0, 0, 0]), 255)
