@@ -438,19 +438,24 @@ def one_line(error: BaseException) -> str:
     return text
 
 
+def _fail(message: str) -> None:
+    # A progress bar may hold the current line (redrawn with carriage returns): on a terminal
+    # start a fresh line, in a log return to the line's start.
+    start = "\n" if sys.stderr.isatty() else "\r"
+    print(f"{start}amnseg: error: {message}", file=sys.stderr)
+    sys.exit(2)
+
+
 def main() -> None:
     """Console entry point: user errors become one line on stderr and exit status 2."""
     try:
         app()
     except AmnsegError as error:
-        print(f"amnseg: error: {one_line(error)}", file=sys.stderr)
-        sys.exit(2)
+        _fail(one_line(error))
     except OSError as error:
         if error.errno not in USER_OS_ERRORS:
             raise
-        where = f"{error.filename}: " if error.filename else ""
-        print(f"amnseg: error: {where}{error.strerror}", file=sys.stderr)
-        sys.exit(2)
+        _fail((f"{error.filename}: " if error.filename else "") + str(error.strerror))
 
 
 if __name__ == "__main__":

@@ -235,22 +235,21 @@ def fit(
             train_set, epoch, schedule.batch_size, config.data.num_workers, config.seed
         )
         started, loss_sum, seen, steps = time.perf_counter(), 0.0, 0, 0
-        bar = tqdm(total=len(loader) // schedule.accumulation,
-                   desc=f"{stage} epoch {epoch + 1}/{epochs}", leave=False)
         micro_batches: list[list[torch.Tensor]] = []
-        for batch in loader:
-            if schedule.max_steps is not None and scheduler.last_epoch >= schedule.max_steps:
-                break
-            micro_batches.append([tensor.to(device, non_blocking=True) for tensor in batch])
-            if len(micro_batches) < schedule.accumulation:
-                continue
-            loss = train_step(model, micro_batches, compute_loss, optimizer, scheduler)
-            images = sum(len(b[0]) for b in micro_batches)
-            loss_sum, seen, steps = loss_sum + loss * images, seen + images, steps + 1
-            micro_batches = []
-            bar.update()
-            bar.set_postfix(loss=f"{loss:.4f}")
-        bar.close()
+        with tqdm(total=len(loader) // schedule.accumulation,
+                  desc=f"{stage} epoch {epoch + 1}/{epochs}", leave=False) as bar:
+            for batch in loader:
+                if schedule.max_steps is not None and scheduler.last_epoch >= schedule.max_steps:
+                    break
+                micro_batches.append([tensor.to(device, non_blocking=True) for tensor in batch])
+                if len(micro_batches) < schedule.accumulation:
+                    continue
+                loss = train_step(model, micro_batches, compute_loss, optimizer, scheduler)
+                images = sum(len(b[0]) for b in micro_batches)
+                loss_sum, seen, steps = loss_sum + loss * images, seen + images, steps + 1
+                micro_batches = []
+                bar.update()
+                bar.set_postfix(loss=f"{loss:.4f}")
         elapsed = time.perf_counter() - started
         record: dict[str, Any] = {
             "stage": stage,

@@ -1,0 +1,416 @@
+"""Bad inputs and faults, as a demanding new user meets them: every one ends in one clear line
+naming the file or option (exit status 2) or in a correct result; nothing is written outside
+the run folder and no partial output is left.
+
+Classes: paths, images, labels, masks, configs, checkpoints, the run folder, the skip policy,
+and a property-based test feeding random bytes and label rows.
+"""
+
+from __future__ import annotations
+
+import errno
+import json
+import os
+import pickle
+import sys
+from pathlib import Path
+
+import numpy as np
+import pytest
+import torch
+from conftest import CLASSES, write_tiny_folder_dataset
+from hypothesis import HealthCheck, given, settings
+from hypothesis import strategies as st
+from PIL import Image
+from test_pipeline import FAST
+
+from amnseg.cli import main
+from amnseg.data.base import read_index_png, read_rgb
+from amnseg.errors import AmnsegError
+from amnseg.io import output_file
+
+TINY = ["device=cpu", "data.num_workers=0", "backbone.depth=18", "backbone.width=0.125",
+        "backbone.strides=[2,2,1,1]", "backbone.pretrained=null", "backbone.norm=batch",
+        "cam.epochs=1", "cam.batch_size=4", "cam.resize_long=[24,40]", "cam.crop_size=32",
+        *FAST]
+
+
+def folder_args(data: Path, run: Path) -> list[str]:
+    return [f"run_dir={run}", "data.kind=folder", f"data.root={data}", "data.train_split=train",
+            "data.infer_split=train", "data.val_split=val", *TINY]
+
+
+def amnseg(capsys, *args: str) -> tuple[int, str, str]:
+    """Run the console entry point in this process: (exit status, stdout, stderr)."""
+    old = sys.argv
+    sys.argv = ["amnseg", *map(str, args)]
+    try:
+        main()
+        status = 0
+    except SystemExit as stop:
+        status = stop.code if isinstance(stop.code, int) else 1
+    finally:
+        sys.argv = old
+    out, err = capsys.readouterr()
+    return status, out, err
+
+
+def one_error_line(capsys, *args: str) -> str:
+    """The single error line of a command that must fail with status 2."""
+    status, _, err = amnseg(capsys, *args)
+    # Progress bars redraw their line with carriage returns; the error is a line of its own.
+    lines = [line for line in err.replace("\r", "\n").splitlines() if line.strip()
+             and "it/s" not in line and "img/s" not in line and "%|" not in line]
+    assert status == 2, err
+    assert len(lines) == 1 and lines[0].startswith("amnseg: error: "), err
+    return lines[0]
+
+
+@pytest.fixture
+def data(tmp_path: Path) -> Path:
+    return write_tiny_folder_dataset(tmp_path / "data", count=8)
+
+
+def no_outputs(run: Path) -> bool:
+    """True when the run wrote no stage output (maps, seeds, masks, checkpoints)."""
+    return not [p for p in run.rglob("*") if p.suffix in (".npz", ".png", ".pt")]
+
+
+# --- paths ----------------------------------------------------------------------------------
+
+
+def write_voc_with_split(root: Path, lines: list[str]) -> Path:
+    voc = root / "VOCdevkit" / "VOC2012"
+    (voc / "JPEGImages").mkdir(parents=True)
+    (voc / "ImageSets" / "Segmentation").mkdir(parents=True)
+    Image.fromarray(np.zeros((16, 16, 3), np.uint8)).save(voc / "JPEGImages" / "a.jpg")
+    (voc / "ImageSets" / "Segmentation" / "train.txt").write_text("\n".join(lines) + "\n")
+    return voc
+
+
+def test_split_id_that_climbs_out_is_refused(tmp_path, capsys):
+    outside = tmp_path / "x.jpg"
+    Image.fromarray(np.zeros((16, 16, 3), np.uint8)).save(outside)
+    voc = write_voc_with_split(tmp_path, ["a", "../../../x"])
+    run = tmp_path / "run"
+    line = one_error_line(capsys, "run", "voc12", f"data.root={voc}", "data.train_split=train",
+                          f"run_dir={run}", *TINY)
+    assert "train.txt:2" in line and "'../../../x' is not a plain image name" in line
+    assert not (tmp_path / "x.npz").exists() and not (tmp_path / "x.png").exists()
+    assert no_outputs(run)
+
+
+@pytest.mark.parametrize("name", ["/etc/passwd", "..", "a/b", "a\\b", ""])
+def test_coco_file_names_with_folders_are_refused(tmp_path, name):
+    from amnseg.data.coco import COCODataset
+
+    root = tmp_path / "coco"
+    (root / "train2014").mkdir(parents=True)
+    (root / "annotations").mkdir()
+    (root / "annotations" / "instances_train2014.json").write_text(json.dumps(
+        {"images": [{"id": 1, "file_name": name, "width": 4, "height": 4}],
+         "categories": [{"id": 1, "name": "person"}], "annotations": []}))
+    with pytest.raises(AmnsegError, match=r"instances_train2014.json \(image id 1\): .* is not a "
+                                          "plain image name"):
+        COCODataset(root, "train")
+
+
+@pytest.mark.parametrize("stem", ["../x", "a/b", "..", "."])
+def test_outputs_never_leave_their_folder(tmp_path, stem):
+    with pytest.raises(AmnsegError, match="refusing to write"):
+        output_file(tmp_path, stem, ".png")
+    assert output_file(tmp_path, "img 01", ".png") == tmp_path / "img 01.png"
+
+
+# --- images ---------------------------------------------------------------------------------
+
+
+def test_unreadable_image_stops_the_run_before_any_stage(data, tmp_path, capsys):
+    (data / "images" / "img 03.png").write_bytes(b"this is not a png")
+    run = tmp_path / "run"
+    line = one_error_line(capsys, "run", "voc12", *folder_args(data, run))
+    assert "img 03.png: unreadable image" in line
+    assert no_outputs(run)
+
+
+def test_truncated_image_is_named(data, tmp_path, capsys):
+    path = data / "images" / "img 02.png"
+    path.write_bytes(path.read_bytes()[:200])  # the header survives, the pixels do not
+    line = one_error_line(capsys, "run", "voc12", *folder_args(data, tmp_path / "run"),
+                          "--to", "cam")
+    assert "img 02.png: unreadable image" in line
+
+
+def test_very_large_image_is_refused_with_the_option_to_change(data, tmp_path, capsys):
+    line = one_error_line(capsys, "run", "voc12", *folder_args(data, tmp_path / "run"),
+                          "data.max_pixels=1000")
+    assert "(0.0 MP), above data.max_pixels=1000" in line and ".png: image is 32x32" in line
+
+
+def test_sixteen_bit_images_are_read_by_value(tmp_path):
+    gradient = (np.arange(64 * 8, dtype=np.uint16).reshape(8, 64) * 128)
+    Image.fromarray(gradient).save(tmp_path / "deep.png")
+    rgb = read_rgb(tmp_path / "deep.png")
+    expected = np.round(gradient / 257.0).astype(np.uint8)
+    np.testing.assert_array_equal(rgb[..., 0], expected)
+    assert rgb.min() == 0 and (rgb < 255).mean() > 0.99  # not the white of PIL's conversion
+
+
+def test_missing_image_of_a_split_is_named(tmp_path, capsys):
+    voc = write_voc_with_split(tmp_path, ["a", "b"])
+    line = one_error_line(capsys, "run", "voc12", f"data.root={voc}", "data.train_split=train",
+                          f"run_dir={tmp_path / 'run'}", *TINY)
+    assert "JPEGImages/b.jpg: image listed in the dataset but not found" in line
+
+
+# --- labels ---------------------------------------------------------------------------------
+
+
+@pytest.mark.parametrize("row, words", [
+    ("img 00,square;triangle", "unknown class 'triangle'"),
+    ("img 00,square,disc", "expected 2 columns"),
+    ("ghost,square", "image 'ghost' not found"),
+    (",square", "empty image stem"),
+])
+def test_bad_label_rows_are_named_with_their_line(data, tmp_path, capsys, row, words):
+    labels = data / "labels.csv"
+    rows = labels.read_text().splitlines()
+    rows[1] = row
+    labels.write_text("\n".join(rows) + "\n")
+    line = one_error_line(capsys, "run", "voc12", *folder_args(data, tmp_path / "run"))
+    assert "labels.csv:2" in line and words in line
+
+
+# --- masks ----------------------------------------------------------------------------------
+
+
+def test_out_of_range_mask_value_is_found_before_training(data, tmp_path, capsys):
+    mask = read_index_png(data / "masks" / "img 05.png")
+    mask[3, 3] = 7  # two classes: 7 is no class
+    Image.fromarray(mask).save(data / "masks" / "img 05.png")
+    run = tmp_path / "run"
+    line = one_error_line(capsys, "run", "voc12", *folder_args(data, run))
+    assert "masks/img 05.png: mask value 7 is not a class (0..2) or 255" in line
+    assert not (run / "cam" / "cam.pt").exists() and no_outputs(run)
+
+
+def test_sixteen_bit_masks(tmp_path):
+    small = np.array([[0, 1], [2, 255]], dtype=np.uint16)
+    Image.fromarray(small).save(tmp_path / "ok.png")
+    np.testing.assert_array_equal(read_index_png(tmp_path / "ok.png"), small)
+    Image.fromarray(np.array([[0, 257]], dtype=np.uint16)).save(tmp_path / "wide.png")
+    with pytest.raises(AmnsegError, match="wide.png: mask value 257 does not fit"):
+        read_index_png(tmp_path / "wide.png")
+
+
+def test_mask_of_another_size_and_rgb_mask(data, tmp_path, capsys):
+    Image.fromarray(np.zeros((30, 32), np.uint8)).save(data / "masks" / "img 01.png")
+    line = one_error_line(capsys, "run", "voc12", *folder_args(data, tmp_path / "a"))
+    assert "masks/img 01.png: mask size 32x30 differs from image size 32x32" in line
+    Image.fromarray(np.zeros((32, 32, 3), np.uint8)).save(data / "masks" / "img 01.png")
+    line = one_error_line(capsys, "run", "voc12", *folder_args(data, tmp_path / "b"))
+    assert "img 01.png: mask must be an index PNG (mode P or L), found mode RGB" in line
+
+
+# --- configs --------------------------------------------------------------------------------
+
+
+@pytest.mark.parametrize("override, words", [
+    ("cam.epochs=0", "cam.epochs=0: must be a number >= 1"),
+    ("amn.epochs=-1", "amn.epochs=-1: must be a number >= 1"),
+    ("irn.batch_size=0", "irn.batch_size=0: must be a number >= 1"),
+    ("amn.crop_size=0", "amn.crop_size=0: must be a number >= 8"),
+    ("cam.lr=0", "cam.lr=0.0: must be a number > 0"),
+    ("amn.head_lr=-0.1", "amn.head_lr=-0.1: must be a number > 0"),
+    ("seeds.amn_fg_threshold=1.5", "seeds.amn_fg_threshold=1.5: must lie in [0, 1]"),
+    ("seeds.cam_bg_threshold=0.5", "seeds.cam_bg_threshold=0.5: must not exceed"),
+    ("eval.sweep_step=0", "eval.sweep_step=0.0: must be a number > 0"),
+    ("cam.scales=[]", "cam.scales=[]: must be a list of one or more numbers > 0"),
+    ("seg.iterations=0", "seg.iterations=0: must be a number >= 1"),
+    ("amn.label_smoothing=1.0", "amn.label_smoothing=1.0: must lie in [0, 1)"),
+    ("data.on_bad_image=maybe", "data.on_bad_image='maybe': expected one of error, skip"),
+    ("cam.epochs=three", "Value 'three' of type 'str' could not be converted to Integer"),
+    ("cam.epochz=3", "Key 'epochz' not in 'CamConfig'"),
+])
+def test_bad_config_values_are_refused_at_load_time(tmp_path, capsys, override, words):
+    run = tmp_path / "run"
+    line = one_error_line(capsys, "run", "voc12", f"run_dir={run}", override)
+    assert words in line
+    assert not run.exists()  # nothing written
+
+
+# --- checkpoints ----------------------------------------------------------------------------
+
+
+@pytest.fixture
+def cam_checkpoint(data, tmp_path, capsys) -> Path:
+    status, _, err = amnseg(capsys, "train-cam", "voc12", *folder_args(data, tmp_path / "ref"))
+    assert status == 0, err
+    return tmp_path / "ref" / "cam" / "cam.pt"
+
+
+def test_checkpoint_for_other_classes_is_refused(data, tmp_path, capsys, cam_checkpoint):
+    (data / "classes.txt").write_text("disc\nsquare\n")  # same count, other order
+    line = one_error_line(capsys, "run", "voc12", *folder_args(data, tmp_path / "run"),
+                          f"cam.checkpoint={cam_checkpoint}", "--to", "cam_maps")
+    assert "cam.pt: checkpoint class 1 is 'square', the dataset's is 'disc'" in line
+    (data / "classes.txt").write_text("square\ndisc\ntriangle\n")
+    line = one_error_line(capsys, "run", "voc12", *folder_args(data, tmp_path / "run2"),
+                          f"cam.checkpoint={cam_checkpoint}")
+    assert "checkpoint is for 2 classes, the dataset has 3" in line
+
+
+class Payload:
+    def __reduce__(self):
+        return (os.system, ("touch /tmp/amnseg_pwned",))
+
+
+@pytest.mark.parametrize("entry", ["import", "run", "predict", "eval-seg"])
+def test_pickle_payloads_are_never_executed(data, tmp_path, capsys, entry):
+    evil = tmp_path / "evil.pth"
+    with open(evil, "wb") as f:
+        pickle.dump({"resnet50.conv1.weight": Payload(), "format": Payload()}, f)
+    args = {
+        "import": ["import-checkpoint", "cam", evil, tmp_path / "out.pt"],
+        "run": ["run", "voc12", *folder_args(data, tmp_path / "run"), f"cam.checkpoint={evil}"],
+        "predict": ["predict", evil, data / "images", "--out", tmp_path / "pred"],
+        "eval-seg": ["eval-seg", "voc12", *folder_args(data, tmp_path / "run"),
+                     "--checkpoint", evil],
+    }[entry]
+    line = one_error_line(capsys, *args)
+    assert "evil.pth: not a readable checkpoint" in line
+    assert not Path("/tmp/amnseg_pwned").exists()
+
+
+def test_garbage_and_wrong_kind_of_checkpoint(data, tmp_path, capsys, cam_checkpoint):
+    garbage = tmp_path / "garbage.pt"
+    garbage.write_bytes(os.urandom(300))
+    line = one_error_line(capsys, "predict", garbage, data / "images", "--out", tmp_path / "o")
+    assert "garbage.pt: not a readable checkpoint" in line
+    line = one_error_line(capsys, "predict", cam_checkpoint, data / "images", "--out",
+                          tmp_path / "o")
+    assert "cam.pt: not an amnseg segmentation checkpoint" in line
+    line = one_error_line(capsys, "run", "voc12", *folder_args(data, tmp_path / "run"),
+                          f"amn.checkpoint={cam_checkpoint}", "--to", "amn")
+    assert "expected an amnseg amn checkpoint, found an amnseg cam checkpoint" in line
+
+
+def test_missing_imagenet_weights_name_both_ways_out(tmp_path, capsys, monkeypatch, data):
+    monkeypatch.setenv("TORCH_HOME", str(tmp_path / "no_cache"))
+    monkeypatch.setattr(torch.hub, "_hub_dir", None)
+    from amnseg.models import resnet
+
+    monkeypatch.setitem(resnet.IMAGENET_URLS, 18, (tmp_path / "resnet18-00000000.pth").as_uri())
+    line = one_error_line(capsys, "train-cam", "voc12", *folder_args(data, tmp_path / "run"),
+                          "backbone.pretrained=hub")
+    assert "could not be downloaded" in line and "backbone.pretrained=null" in line
+
+
+# --- the run folder -------------------------------------------------------------------------
+
+
+def fail_writes_under(folder: Path, code: int, monkeypatch) -> None:
+    real_open = os.open
+
+    def failing_open(path, flags, *args, **kwargs):
+        if str(path).startswith(str(folder)) and flags & os.O_CREAT:
+            raise OSError(code, os.strerror(code), str(path))
+        return real_open(path, flags, *args, **kwargs)
+
+    monkeypatch.setattr(os, "open", failing_open)
+
+
+@pytest.mark.parametrize("code", [errno.EROFS, errno.ENOSPC])
+def test_read_only_folder_and_full_disk_are_one_line(data, tmp_path, capsys, monkeypatch, code):
+    run = tmp_path / "run"
+    run.mkdir()
+    fail_writes_under(run, code, monkeypatch)
+    line = one_error_line(capsys, "run", "voc12", *folder_args(data, run))
+    assert str(run) in line and os.strerror(code) in line
+    assert not list(run.rglob("*.tmp"))
+
+
+def test_failed_stage_is_marked_failed(data, tmp_path, capsys, monkeypatch):
+    from amnseg.stages import seeds
+
+    def broken(*args, **kwargs):
+        raise AmnsegError("the CRF fell over")
+
+    monkeypatch.setattr(seeds, "make_seed", broken)
+    run = tmp_path / "run"
+    line = one_error_line(capsys, "run", "voc12", *folder_args(data, run), "--to", "cam_seeds")
+    assert "the CRF fell over" in line
+    record = json.loads((run / "manifest.json").read_text())["stages"]["cam_seeds"]
+    assert record["status"] == "failed" and record["error"] == "the CRF fell over"
+
+
+def test_concurrent_run_is_refused(data, tmp_path, capsys):
+    from amnseg.pipeline import run_folder_lock
+
+    run = tmp_path / "run"
+    with run_folder_lock(run):
+        line = one_error_line(capsys, "run", "voc12", *folder_args(data, run))
+    assert "another amnseg run" in line and str(os.getpid()) in line
+
+
+# --- the skip policy ------------------------------------------------------------------------
+
+
+def test_skip_policy_finishes_and_lists_every_skipped_file(data, tmp_path, capsys):
+    (data / "images" / "img 03.png").write_bytes(b"not an image")
+    broken = data / "images" / "img 06.png"
+    broken.write_bytes(broken.read_bytes()[:150])  # truncated: found by decoding
+    run = tmp_path / "run"
+    status, out, err = amnseg(capsys, "run", "voc12", *folder_args(data, run),
+                              "--on-bad-image", "skip", "--to", "cam_seeds")
+    assert status == 0, err
+    skipped = json.loads((run / "skipped_images.json").read_text())
+    assert set(skipped) == {"img 03", "img 06"}
+    assert "unreadable image" in skipped["img 03"] and "img 03.png" in skipped["img 03"]
+    assert "skipped img 03:" in out and "skipped img 06:" in out
+    assert len(list((run / "seeds" / "cam").glob("*.png"))) == 6
+    from amnseg.report.html import build_report
+
+    page = build_report(run).read_text()
+    assert "Skipped images (2)" in page and "img 06" in page
+
+
+# --- random bytes and rows ------------------------------------------------------------------
+
+VALID_IMAGE = None
+
+
+def png_bytes(array: np.ndarray) -> bytes:
+    import io
+
+    buffer = io.BytesIO()
+    Image.fromarray(array).save(buffer, format="PNG")
+    return buffer.getvalue()
+
+
+@settings(max_examples=40, deadline=None,
+          suppress_health_check=[HealthCheck.function_scoped_fixture])
+@given(
+    image=st.one_of(st.binary(max_size=300), st.just(png_bytes(np.zeros((12, 10, 3), np.uint8)))),
+    mask=st.one_of(st.binary(max_size=200), st.just(png_bytes(np.zeros((12, 10), np.uint8))),
+                   st.just(png_bytes(np.full((12, 10), 9, np.uint8)))),
+    row=st.text(alphabet=st.characters(blacklist_categories=("Cs",)), max_size=30),
+)
+def test_random_files_and_rows_give_a_clear_error_or_work(tmp_path_factory, image, mask, row):
+    from amnseg.data.check import check_dataset
+    from amnseg.data.folder import FolderDataset
+
+    root = tmp_path_factory.mktemp("random")
+    (root / "images").mkdir()
+    (root / "masks").mkdir()
+    (root / "images" / "a.png").write_bytes(image)
+    (root / "masks" / "a.png").write_bytes(mask)
+    (root / "classes.txt").write_text("\n".join(CLASSES) + "\n")
+    (root / "labels.csv").write_text("stem,classes\na,square\n" + row + "\n", encoding="utf-8")
+    try:
+        dataset = FolderDataset(root, "train")
+        check_dataset(dataset, 4_000_000, decode=True)
+        for stem in dataset.stems:
+            dataset[dataset.index_of(stem)]
+    except AmnsegError as error:
+        assert "\n" not in str(error) and str(error)
