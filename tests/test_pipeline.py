@@ -206,3 +206,24 @@ def test_cli_errors_are_one_line(args, message, tmp_path):
     assert result.returncode == 2
     lines = result.stderr.strip().splitlines()
     assert len(lines) == 1 and lines[0].startswith("amnseg: error:") and message in lines[0]
+
+
+def test_report_flags_a_best_threshold_at_the_bottom_of_the_sweep():
+    from amnseg.report.html import _robustness_table
+
+    result = {"best_threshold": 0.0, "thresholds": [0.0, 0.05, 0.1], "best_miou": 0.4,
+              "oracle_miou": 0.5, "miou_range": 0.1, "optimal_threshold_mean": 0.0,
+              "optimal_threshold_std": 0.0, "fg_bg_gap": 0.1, "robust_range": [0.1, 0.6]}
+    flagged = _robustness_table({"cam_sweep": result})
+    assert "lowest threshold of the sweep" in flagged
+    fine = _robustness_table({"cam_sweep": dict(result, best_threshold=0.05)})
+    assert "lowest threshold" not in fine
+
+
+def test_sweep_plot_is_titled_for_maps(tmp_path):
+    import inspect
+
+    from amnseg.report import plots
+
+    source = inspect.getsource(plots.plot_sweep)
+    assert "Map mIoU against the background threshold" in source and "Seed mIoU" not in source

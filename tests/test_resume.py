@@ -60,17 +60,19 @@ def upstream_copy(finished, stage: str, name: str) -> Path:
     return target
 
 
+@pytest.mark.parametrize("kill_at_step", [1, 3])
 @pytest.mark.parametrize("stage", ["cam", "amn", "irn", "seg"])
-def test_training_stage_killed_mid_epoch_resumes_bit_identically(finished, stage, monkeypatch):
+def test_training_stage_killed_mid_epoch_resumes_bit_identically(finished, stage, kill_at_step,
+                                                                 monkeypatch):
     data, root = finished
-    run = upstream_copy(finished, stage, f"killed_{stage}")
+    run = upstream_copy(finished, stage, f"killed_{stage}_{kill_at_step}")
     original = training.train_step
     steps = {"count": 0}
 
     def dies_in_second_epoch(*args, **kwargs):
         loss = original(*args, **kwargs)
         steps["count"] += 1
-        if steps["count"] == 3:  # epoch 1 has 2 steps: this is the middle of epoch 2
+        if steps["count"] == kill_at_step:  # epochs have 2 steps: mid-epoch 1 or 2
             raise KeyboardInterrupt
         return loss
 
@@ -78,7 +80,8 @@ def test_training_stage_killed_mid_epoch_resumes_bit_identically(finished, stage
     with pytest.raises(KeyboardInterrupt):
         run_pipeline(config_for(data, run), stage, stage, progress=lambda line: None)
     assert load_manifest(run)["stages"][stage]["status"] == "interrupted"
-    assert (run / stage / "last.pt").is_file() and not (run / stage / f"{stage}.pt").exists()
+    assert (run / stage / "last.pt").is_file() == (kill_at_step > 2)
+    assert not (run / stage / f"{stage}.pt").exists()
     monkeypatch.setattr(training, "train_step", original)
     run_pipeline(config_for(data, run), stage, stage, progress=lambda line: None)
     expected = (root / "straight" / stage / f"{stage}.pt").read_bytes()
@@ -200,3 +203,27 @@ def test_stale_inputs_and_missing_outputs_rerun_what_they_must(tmp_path):
     messages.clear()
     run_pipeline(config, progress=messages.append)
     assert "cam" in ran(messages)  # img 00 is also a training image here: everything reruns
+
+
+def test_an_epoch_logged_twice_by_a_killed_run_is_logged_once(finished, monkeypatch):
+    data, root = finished
+    run = upstream_copy(finished, "irn", "killed_after_log")
+    original = training.TrainingState.save
+    saves = {"count": 0}
+
+    def dies_before_second_save(self, *args, **kwargs):
+        saves["count"] += 1
+        if saves["count"] == 2:  # epoch 2 is logged, its state not saved
+            raise KeyboardInterrupt
+        original(self, *args, **kwargs)
+
+    monkeypatch.setattr(training.TrainingState, "save", dies_before_second_save)
+    with pytest.raises(KeyboardInterrupt):
+        run_pipeline(config_for(data, run), "irn", "irn", progress=lambda line: None)
+    assert len((run / "irn" / "log.jsonl").read_text().splitlines()) == 2
+    monkeypatch.setattr(training.TrainingState, "save", original)
+    run_pipeline(config_for(data, run), "irn", "irn", progress=lambda line: None)
+    epochs = [line for line in (run / "irn" / "log.jsonl").read_text().splitlines()]
+    assert [__import__("json").loads(e)["epoch"] for e in epochs] == [1, 2]
+    assert (run / "irn" / "irn.pt").read_bytes() == (root / "straight" / "irn" / "irn.pt"
+                                                      ).read_bytes()
