@@ -14,6 +14,7 @@ from typing import Any
 
 from torch import nn
 
+from amnseg import distributed
 from amnseg.config import BackboneConfig, deeplab_backbone
 from amnseg.errors import AmnsegError
 from amnseg.io import load_checkpoint, save_checkpoint
@@ -34,7 +35,7 @@ def save_model(
 ) -> Path:
     backbone_dict = dataclasses.asdict(backbone)
     backbone_dict["pretrained"] = None  # the weights are in the checkpoint now
-    save_checkpoint(
+    return save_once(
         path,
         {
             "format": "amnseg",
@@ -45,6 +46,14 @@ def save_model(
             **extra,
         },
     )
+
+
+def save_once(path: Path, checkpoint: dict[str, Any]) -> Path:
+    """Write ``checkpoint`` from rank 0 only (under torchrun every rank holds the same weights);
+    every rank returns once it is there."""
+    if distributed.is_main():
+        save_checkpoint(path, checkpoint)
+    distributed.barrier()
     return path
 
 

@@ -16,6 +16,7 @@ import typer
 from rich.console import Console
 from rich.table import Table
 
+from amnseg import distributed
 from amnseg.config import Config, config_to_dict, load_config
 from amnseg.errors import AmnsegError
 from amnseg.io import save_json
@@ -39,10 +40,23 @@ def _print_plain(line: str) -> None:
     console.print(line, markup=False, highlight=False)
 
 
+def _print_main(line: str) -> None:
+    """Print from rank 0 only (under torchrun every rank runs the command)."""
+
+    if distributed.is_main():
+        _print_plain(line)
+
+
 def _load(config: str, overrides: list[str] | None) -> Config:
+    """The config, with the run folder and its config.json written (by rank 0 under torchrun,
+    whose process group this joins)."""
+
     loaded = load_config(config, overrides or [])
-    Path(loaded.run_dir).mkdir(parents=True, exist_ok=True)
-    save_json(Path(loaded.run_dir) / "config.json", config_to_dict(loaded))
+    distributed.setup(loaded.device)
+    if distributed.is_main():
+        Path(loaded.run_dir).mkdir(parents=True, exist_ok=True)
+        save_json(Path(loaded.run_dir) / "config.json", config_to_dict(loaded))
+    distributed.barrier()
     return loaded
 
 
@@ -58,10 +72,14 @@ def demo_command(
     from amnseg.pipeline import run_pipeline
     from amnseg.report.html import build_report
 
+
     started = time.perf_counter()
     loaded = _load("demo", overrides)
-    console.print(f"demo data: {ensure_demo(Path(loaded.data.root), seed=loaded.seed)}")
+    root = distributed.run_on_main(ensure_demo, Path(loaded.data.root), seed=loaded.seed)
+    _print_main(f"demo data: {root}")
     manifest = run_pipeline(loaded, progress=_print_plain)
+    if not distributed.is_main():
+        return
     report = build_report(Path(loaded.run_dir))
     console.print(manifest_table(manifest))
     _print_skipped(loaded)
@@ -90,8 +108,10 @@ def run_command(
     extra = [f"data.on_bad_image={on_bad_image}"] if on_bad_image else []
     loaded = _load(config, [*(overrides or []), *extra])
     manifest = run_pipeline(loaded, start, stop, progress=_print_plain)
-    console.print(manifest_table(manifest))
-    _print_skipped(loaded)
+
+    if distributed.is_main():
+        console.print(manifest_table(manifest))
+        _print_skipped(loaded)
 
 
 def _print_skipped(config: Config) -> None:
@@ -156,11 +176,13 @@ def _stage_command(stage_name: str):
     ) -> None:
         from amnseg.pipeline import run_pipeline
 
+
         manifest = run_pipeline(
             _load(config, overrides), stage_name, stage_name, progress=_print_plain,
             require_upstream=False,
         )
-        console.print(manifest_table(manifest))
+        if distributed.is_main():
+            console.print(manifest_table(manifest))
 
     return command
 

@@ -236,7 +236,10 @@ class EvalConfig:
 class Config:
     run_dir: str = "runs/voc12"
     seed: int = 0
-    device: str = "auto"  # auto | cpu | cuda | cuda:N
+    device: str = "auto"  # auto | cpu | cuda | cuda:N (under torchrun: each rank's own GPU)
+    # Under torchrun: synchronise the statistics of BatchNorm layers that train (backbone.norm:
+    # batch, e.g. the demo) across ranks. Fixed-statistics BatchNorm (the reference) needs none.
+    sync_batchnorm: bool = False
     data: DataConfig = field(default_factory=DataConfig)
     backbone: BackboneConfig = field(default_factory=BackboneConfig)
     cam: CamConfig = field(default_factory=CamConfig)

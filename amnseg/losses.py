@@ -5,6 +5,8 @@ from __future__ import annotations
 import torch
 import torch.nn.functional as F
 
+from amnseg import distributed
+
 IGNORE_INDEX = 255
 
 
@@ -39,9 +41,16 @@ def amn_loss(logits: torch.Tensor, seeds: torch.Tensor, eps: float = 0.4) -> tor
     per_pixel = -(targets * F.log_softmax(logits, dim=1)).sum(dim=1)
     background = seeds == 0
     foreground = (seeds != 0) & (seeds != IGNORE_INDEX)
-    loss_bg = (per_pixel * background).sum() / background.sum().clamp(min=1)
-    loss_fg = (per_pixel * foreground).sum() / foreground.sum().clamp(min=1)
+    loss_bg = _mean_over(per_pixel, background)
+    loss_fg = _mean_over(per_pixel, foreground)
     return (loss_bg + loss_fg) / 2
+
+
+def _mean_over(values: torch.Tensor, pixels: torch.Tensor) -> torch.Tensor:
+    """Mean of ``values`` over ``pixels`` of the global batch (all ranks' under torchrun; see
+    ``distributed.loss_scale``); 0 when there are none."""
+    count = distributed.global_count(pixels.sum()).to(values.dtype)
+    return (values * pixels).sum() * distributed.loss_scale() / count.clamp(min=1)
 
 
 def irn_affinity_loss(
@@ -53,13 +62,15 @@ def irn_affinity_loss(
     """IRN's class-boundary loss (METHOD.md section 5), all inputs (B, D, h, w).
 
     pos = -log(aff + 1e-5), neg = -log(1 + 1e-5 - aff); each term averaged over its pairs in the
-    batch (sum / (count + 1e-5), as the reference); L = ((L_pos_bg + L_pos_fg) / 2 + L_neg) / 2.
+    batch (sum / (count + 1e-5), as the reference; all ranks' batch under torchrun);
+    L = ((L_pos_bg + L_pos_fg) / 2 + L_neg) / 2.
     """
     positive_loss = -torch.log(affinity + 1e-5)
     negative_loss = -torch.log(1.0 + 1e-5 - affinity)
 
     def mean_over(pairs: torch.Tensor, loss: torch.Tensor) -> torch.Tensor:
-        return (pairs * loss).sum() / (pairs.sum() + 1e-5)
+        count = distributed.global_count(pairs.sum()).to(loss.dtype)
+        return (pairs * loss).sum() * distributed.loss_scale() / (count + 1e-5)
 
     positive = (mean_over(bg_positive, positive_loss) + mean_over(fg_positive, positive_loss)) / 2
     return (positive + mean_over(negative, negative_loss)) / 2

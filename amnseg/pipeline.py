@@ -21,12 +21,13 @@ import os
 import shutil
 import time
 from collections.abc import Callable, Iterator
-from contextlib import contextmanager
+from contextlib import contextmanager, nullcontext
 from dataclasses import dataclass
 from pathlib import Path
 from typing import Any
 
-from amnseg.checkpoints import load_model_checkpoint
+from amnseg import distributed
+from amnseg.checkpoints import load_model_checkpoint, save_once
 from amnseg.config import Config, config_to_dict
 from amnseg.data import build_dataset, build_splits, run_dataset
 from amnseg.data.base import SegDataset
@@ -38,7 +39,6 @@ from amnseg.io import (
     atomic_path,
     load_json,
     output_file,
-    save_checkpoint,
     save_json,
 )
 from amnseg.layout import (
@@ -191,7 +191,7 @@ def _training(stage: str, train: Callable[[Config], Path]) -> Callable[[Config],
         dataset = build_dataset(config.data, config.data.train_split)
         if given:
             checkpoint = load_model_checkpoint(Path(given), stage, dataset.class_names)
-            save_checkpoint(checkpoint_path(config, stage), checkpoint)
+            save_once(checkpoint_path(config, stage), checkpoint)
             return {"checkpoint": given}
         train(config)
         return {"train_split": config.data.train_split, "train_images": len(dataset)}
@@ -202,7 +202,8 @@ def _training(stage: str, train: Callable[[Config], Path]) -> Callable[[Config],
 def _maps(source: str, make: Callable[[Config], Path]) -> Callable[[Config], dict]:
     def run(config: Config) -> dict[str, Any]:
         make(config)
-        return {"images": len(processed_images(config)), **_evaluate_maps(config, source)}
+        metrics = distributed.run_on_main(_evaluate_maps, config, source)
+        return {"images": len(processed_images(config)), **metrics}
 
     return run
 
@@ -212,7 +213,7 @@ def _seed_stage(source: str, description: str) -> Stage:
 
     def run(config: Config) -> dict[str, Any]:
         out_dir = make_seeds(config, source)
-        return _evaluate_labels(config, f"{source}_seeds", out_dir)
+        return distributed.run_on_main(_evaluate_labels, config, f"{source}_seeds", out_dir)
 
     options = (f"seeds.{source}_fg_threshold", f"seeds.{source}_bg_threshold", "seeds.crf")
     return Stage(f"{source}_seeds", f"make-{source}-seeds", run, options,
@@ -222,8 +223,8 @@ def _seed_stage(source: str, description: str) -> Stage:
 
 def _masks(config: Config) -> dict[str, Any]:
     out_dir = make_masks(config)
-    return {"images": len(processed_images(config)),
-            **_evaluate_labels(config, "pseudo_masks", out_dir)}
+    metrics = distributed.run_on_main(_evaluate_labels, config, "pseudo_masks", out_dir)
+    return {"images": len(processed_images(config)), **metrics}
 
 
 def _train_seg(stage: str, masks: str | None) -> Callable[[Config], dict[str, Any]]:
@@ -235,12 +236,12 @@ def _train_seg(stage: str, masks: str | None) -> Callable[[Config], dict[str, An
         if config.seg.checkpoint and stage == "seg":
             checkpoint = load_model_checkpoint(Path(config.seg.checkpoint), "seg",
                                                dataset.class_names)
-            save_checkpoint(checkpoint_path(config, stage), checkpoint)
+            save_once(checkpoint_path(config, stage), checkpoint)
             metrics = {"checkpoint": config.seg.checkpoint}
         else:
             train_seg(config, stage, masks)
             metrics = {"train_split": config.data.train_split, "train_images": len(dataset)}
-        return {**metrics, **_evaluate_seg(config, stage)}
+        return {**metrics, **distributed.run_on_main(_evaluate_seg, config, stage)}
 
     return run
 
@@ -381,31 +382,67 @@ def run_pipeline(
 
     With ``require_upstream`` (``amnseg run --from``), the stages before ``start`` must be done
     with this config; without it (a single stage's own command), a stage whose inputs are
-    missing says so when it reads them.
+    missing says so when it reads them. Under torchrun every rank calls this: rank 0 holds the
+    run folder, decides what runs and writes the manifest, every rank takes part in each stage.
     """
+    distributed.setup(config.device)
     for name in (start, stop):
         if name is not None and name not in STAGE_NAMES:
             raise AmnsegError(f"unknown stage {name!r}; stages: {', '.join(STAGE_NAMES)}")
     first = STAGE_NAMES.index(start) if start else 0
     last = STAGE_NAMES.index(stop) if stop else len(STAGES) - 1
     run_dir = Path(config.run_dir)
-    with run_folder_lock(run_dir):
-        removed = remove_leftover_temp_files(run_dir)
-        if removed:
-            progress(f"removed {removed} temporary files of an interrupted run")
+    main = distributed.is_main()
+    if not main:
+        progress = _silent
+    with run_folder_lock(run_dir) if main else nullcontext():
+        if main:
+            removed = remove_leftover_temp_files(run_dir)
+            if removed:
+                progress(f"removed {removed} temporary files of an interrupted run")
+        distributed.barrier()
         return _run_stages(config, run_dir, first, last, progress, require_upstream)
+
+
+def _silent(line: str) -> None:
+    """Ranks other than 0 print nothing."""
+
+
+def _plan(stage: Stage, index: int, first: int, last: int, config: Config, record: dict,
+          stage_hash: str, require_upstream: bool, run_dir: Path) -> tuple[str, str]:
+    """(what to do, why): "skip", "run", "resume" or "error" (the why is the message)."""
+    same = record.get("fingerprint") == stage_hash
+    if not stage.enabled(config):
+        return "skip", "not enabled by this config" if first <= index <= last else ""
+    if index < first or index > last:
+        done = same and record.get("status") == "done"
+        if index < first and require_upstream and not done:
+            return "error", (f"{run_dir}: stage {stage.name} is not done with this config; "
+                             f"run without --from (or --from {stage.name}) first")
+        return "skip", ""
+    missing = [path for path in stage.expected(config) if not path.is_file()]
+    if same and record.get("status") == "done" and not missing:
+        return "skip", "up to date"
+    if not same:
+        return "run", ""
+    if record.get("status") == "done":
+        return "resume", f" ({len(missing)} output files missing, first {missing[0]}; resuming)"
+    return "resume", " (resuming)"
 
 
 def _run_stages(
     config: Config, run_dir: Path, first: int, last: int, progress: Callable[[str], None],
     require_upstream: bool,
 ) -> dict[str, Any]:
-    save_json(run_dir / "config.json", config_to_dict(config))
+    main = distributed.is_main()
     manifest = load_manifest(run_dir)
     records = manifest.setdefault("stages", {})
-    signatures = data_signatures(config)
-    manifest["data"] = signatures
-    check_data(config, signatures, manifest, progress)
+    signatures = distributed.run_on_main(data_signatures, config)
+    if main:
+        save_json(run_dir / "config.json", config_to_dict(config))
+        manifest["data"] = signatures
+        check_data(config, signatures, manifest, progress)
+    distributed.barrier()
     hashes: dict[str | None, str] = {None: ""}
     previous = None
     for index, stage in enumerate(STAGES):
@@ -414,51 +451,43 @@ def _run_stages(
         hashes[stage.name] = stage_hash
         previous = stage.name
         record = records.get(stage.name, {})
-        same = record.get("fingerprint") == stage_hash
-        if not stage.enabled(config):
-            if first <= index <= last:
-                progress(f"[skip] {stage.name}: not enabled by this config")
+        action, why = distributed.run_on_main(
+            _plan, stage, index, first, last, config, record, stage_hash, require_upstream,
+            run_dir)
+        if action == "error":
+            raise AmnsegError(why)
+        if action == "skip":
+            if why:
+                progress(f"[skip] {stage.name}: {why}")
             continue
-        if index < first or index > last:
-            done = same and record.get("status") == "done"
-            if index < first and require_upstream and not done:
-                raise AmnsegError(
-                    f"{run_dir}: stage {stage.name} is not done with this config; "
-                    f"run without --from (or --from {stage.name}) first"
-                )
-            continue
-        missing = [path for path in stage.expected(config) if not path.is_file()]
-        if same and record.get("status") == "done" and not missing:
-            progress(f"[skip] {stage.name}: up to date")
-            continue
-        if not same:
-            # Stages that read this one's outputs have changed fingerprints too and will rerun.
-            _clear_outputs(config, stage)
-            note = ""
-        elif record.get("status") == "done":
-            note = f" ({len(missing)} output files missing, first {missing[0]}; resuming)"
-        else:
-            note = " (resuming)"
-        progress(f"[run] {stage.name}: {stage.description}{note}")
-        record = {"fingerprint": stage_hash, "status": "running",
-                  "started": time.strftime("%Y-%m-%dT%H:%M:%S"),
-                  "seconds": record.get("seconds", 0.0) if same else 0.0}
-        records[stage.name] = record
-        save_json(run_dir / MANIFEST, manifest)
+        if main:
+            if action == "run":
+                # Stages that read this one's outputs have changed fingerprints too and rerun.
+                _clear_outputs(config, stage)
+            progress(f"[run] {stage.name}: {stage.description}{why}")
+            record = {"fingerprint": stage_hash, "status": "running",
+                      "started": time.strftime("%Y-%m-%dT%H:%M:%S"),
+                      "seconds": record.get("seconds", 0.0) if action == "resume" else 0.0}
+            records[stage.name] = record
+            save_json(run_dir / MANIFEST, manifest)
+        distributed.barrier()
         started = time.perf_counter()
         try:
             metrics = stage.run(config)
         except BaseException as error:
             # The manifest says what happened; the error itself goes on to the caller.
-            interrupted = isinstance(error, KeyboardInterrupt)
-            record.update(status="interrupted" if interrupted else "failed",
-                          error=str(error).strip().splitlines()[-1] if str(error) else
-                          type(error).__name__,
-                          seconds=record["seconds"] + time.perf_counter() - started)
-            save_json(run_dir / MANIFEST, manifest)
+            if main:
+                interrupted = isinstance(error, KeyboardInterrupt)
+                record.update(status="interrupted" if interrupted else "failed",
+                              error=str(error).strip().splitlines()[-1] if str(error) else
+                              type(error).__name__,
+                              seconds=record["seconds"] + time.perf_counter() - started)
+                save_json(run_dir / MANIFEST, manifest)
             raise
-        record.update(status="done", metrics=metrics,
-                      seconds=record["seconds"] + time.perf_counter() - started,
-                      finished=time.strftime("%Y-%m-%dT%H:%M:%S"))
-        save_json(run_dir / MANIFEST, manifest)
+        if main:
+            record.update(status="done", metrics=metrics,
+                          seconds=record["seconds"] + time.perf_counter() - started,
+                          finished=time.strftime("%Y-%m-%dT%H:%M:%S"))
+            save_json(run_dir / MANIFEST, manifest)
+        distributed.barrier()
     return manifest

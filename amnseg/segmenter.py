@@ -25,6 +25,7 @@ from amnseg.data.voc import voc_palette
 from amnseg.errors import AmnsegError
 from amnseg.io import atomic_path, load_checkpoint, output_file, save_label_png
 from amnseg.models.deeplab import MSC
+from amnseg.progress import progress_bar
 from amnseg.stages.seg import predict_labels, predict_probabilities
 from amnseg.training import resolve_device
 
@@ -130,10 +131,8 @@ def predict_files(segmenter: Segmenter, inputs: Iterable[str | Path], out_dir: P
     class indices, the layout the VOC evaluation server takes (tar the ``results`` folder).
     ``with_overlay``: also ``<out>/overlay/<stem>.png`` blends.
     """
-    from tqdm import tqdm
-
     written = []
-    for path in tqdm(image_files(inputs), desc="predict", unit="img"):
+    for path in progress_bar(image_files(inputs), desc="predict", unit="img"):
         try:
             with Image.open(path) as opened:
                 image = rgb_array(opened, str(path))

@@ -13,23 +13,27 @@ from typing import Any
 
 import numpy as np
 import torch
-from tqdm import tqdm
 
+from amnseg import distributed
 from amnseg.config import config_to_dict
 from amnseg.data import run_dataset
 from amnseg.data.base import SegDataset
 from amnseg.errors import AmnsegError
 from amnseg.io import append_jsonl, atomic_path, load_checkpoint, save_checkpoint, save_json
 from amnseg.layout import log_path, stage_dir, training_state_path
+from amnseg.progress import progress_bar, say
 
 
 def resolve_device(spec: str) -> torch.device:
-    """``auto`` -> the first CUDA device when there is one, else the CPU."""
+    """``auto`` -> a CUDA device when there is one, else the CPU. Under torchrun, ``auto`` and
+    ``cuda`` mean this process's GPU (``LOCAL_RANK``)."""
     if spec == "auto":
-        return torch.device("cuda" if torch.cuda.is_available() else "cpu")
+        spec = "cuda" if torch.cuda.is_available() else "cpu"
     device = torch.device(spec)
     if device.type == "cuda" and not torch.cuda.is_available():
         raise AmnsegError(f"device={spec}: CUDA is not available on this machine")
+    if device.type == "cuda" and device.index is None and distributed.launched_by_torchrun():
+        device = torch.device("cuda", distributed.local_rank())
     return device
 
 
@@ -74,19 +78,45 @@ class AugmentedSet(torch.utils.data.Dataset):
         return self.make_item(self.dataset[index], rng)
 
 
+class EpochSampler(torch.utils.data.Sampler):
+    """This rank's sample indices of one epoch, in global batches that do not depend on the
+    number of processes.
+
+    The epoch's order is a permutation drawn from (seed, epoch); its first full global batches
+    are kept (the last incomplete one is dropped, like the reference). Rank r takes positions
+    r, r + W, r + 2W, ... of it, so its k-th batch of B / W images and the other ranks' k-th
+    batches make up exactly the k-th global batch of B images a single process takes.
+    """
+
+    def __init__(self, size: int, global_batch: int, seed: int, epoch: int, rank: int = 0,
+                 world_size: int = 1):
+        generator = torch.Generator().manual_seed(seed * 1000 + epoch)
+        order = torch.randperm(size, generator=generator).tolist()
+        order = order[: size // global_batch * global_batch]
+        self.indices = order[rank::world_size]
+
+    def __iter__(self):
+        return iter(self.indices)
+
+    def __len__(self) -> int:
+        return len(self.indices)
+
+
 def epoch_loader(
     dataset: AugmentedSet, epoch: int, batch_size: int, num_workers: int, seed: int
 ) -> torch.utils.data.DataLoader:
-    """A shuffled loader (drop_last, like the reference) whose order depends on seed + epoch."""
+    """This rank's shuffled batches of ``epoch`` (global batch ``batch_size``; see
+    ``EpochSampler``)."""
     dataset.set_epoch(epoch)
-    generator = torch.Generator().manual_seed(seed * 1000 + epoch)
+    local = distributed.per_rank_batch(batch_size, "batch size")
+    sampler = EpochSampler(len(dataset), batch_size, seed, epoch, distributed.rank(),
+                           distributed.world_size())
     return torch.utils.data.DataLoader(
         dataset,
-        batch_size=batch_size,
-        shuffle=True,
+        batch_size=local,
+        sampler=sampler,
         drop_last=True,
         num_workers=num_workers,
-        generator=generator,
         pin_memory=torch.cuda.is_available(),
     )
 
@@ -154,7 +184,8 @@ def start_stage(config: Any, stage: str, split: str) -> tuple[Path, torch.device
     the device and the dataset of ``split``."""
     out_dir = stage_dir(config, stage)
     out_dir.mkdir(parents=True, exist_ok=True)
-    save_json(out_dir / "config.json", config_to_dict(config))
+    if distributed.is_main():
+        save_json(out_dir / "config.json", config_to_dict(config))
     seed_everything(config.seed)
     return out_dir, resolve_device(config.device), run_dataset(config, split)
 
@@ -202,6 +233,37 @@ class Schedule:
     max_steps: int | None = None
 
 
+def for_training(model: torch.nn.Module, device: torch.device, sync_batchnorm: bool = False
+                 ) -> torch.nn.Module:
+    """``model`` as the training step calls it: as is in one process, wrapped in
+    DistributedDataParallel under torchrun (its ordinary BatchNorm layers synchronised across
+    ranks with ``sync_batchnorm``; fixed-statistics BatchNorm needs nothing)."""
+    if not distributed.active():
+        return model
+    if sync_batchnorm:
+        _synchronise_batchnorm(model)
+    return torch.nn.parallel.DistributedDataParallel(
+        model,
+        device_ids=[device.index] if device.type == "cuda" else None,
+        # CAMNet's layer1-2 sit behind a detach: trainable but without gradients.
+        find_unused_parameters=getattr(model, "has_unused_parameters", False),
+    )
+
+
+def _synchronise_batchnorm(model: torch.nn.Module) -> None:
+    """Replace every plain BatchNorm2d (not the fixed-statistics kind) by a SyncBatchNorm that
+    shares its parameters and buffers, so optimisers and checkpoints are unaffected."""
+    for parent in list(model.modules()):
+        for name, child in list(parent.named_children()):
+            if type(child) is torch.nn.BatchNorm2d:
+                synced = torch.nn.SyncBatchNorm(child.num_features, child.eps, child.momentum,
+                                                child.affine, child.track_running_stats)
+                synced.weight, synced.bias = child.weight, child.bias
+                synced.running_mean, synced.running_var = child.running_mean, child.running_var
+                synced.num_batches_tracked = child.num_batches_tracked
+                setattr(parent, name, synced)
+
+
 def fit(
     stage: str,
     config: Any,
@@ -219,38 +281,45 @@ def fit(
     Loader workers and the seed come from ``config``; outputs go to ``<run_dir>/<stage>``.
     Each batch is a tuple of tensors moved to ``device`` and passed to
     ``compute_loss(model, *batch)``. After each epoch: optional extra metrics
-    (``after_epoch()``), a JSON line in ``<run_dir>/<stage>/log.jsonl``, a console line and a
-    checkpoint (``last.pt``); a run that finds ``last.pt`` resumes after its last epoch.
+    (``after_epoch()``, run by rank 0), a JSON line in ``<run_dir>/<stage>/log.jsonl``, a
+    console line and a checkpoint (``last.pt``); a run that finds ``last.pt`` resumes after its
+    last epoch. Under torchrun every rank trains on its share of each global batch (see
+    ``EpochSampler``) and rank 0 writes the files.
     """
     out_dir = stage_dir(config, stage)
     state = TrainingState(training_state_path(config, stage))
     first_epoch = state.restore(model, optimizer, scheduler)
-    keep_log_lines(log_path(config, stage), first_epoch)
-    board = tensorboard_writer(out_dir / "tensorboard")
+    net = for_training(model, device, config.sync_batchnorm)
+    if distributed.is_main():
+        keep_log_lines(log_path(config, stage), first_epoch)
+    board = tensorboard_writer(out_dir / "tensorboard") if distributed.is_main() else None
     epochs = schedule.epochs
     for epoch in range(first_epoch, epochs):
-        torch.manual_seed(epoch_seed(config.seed, epoch))
+        # Dropout and other global randomness: seeded per epoch (and rank), so a resumed run
+        # draws what an uninterrupted one drew.
+        torch.manual_seed(epoch_seed(config.seed, epoch) + distributed.rank())
         model.train()
         loader = epoch_loader(
             train_set, epoch, schedule.batch_size, config.data.num_workers, config.seed
         )
         started, loss_sum, seen, steps = time.perf_counter(), 0.0, 0, 0
         micro_batches: list[list[torch.Tensor]] = []
-        with tqdm(total=len(loader) // schedule.accumulation,
-                  desc=f"{stage} epoch {epoch + 1}/{epochs}", leave=False) as bar:
+        with progress_bar(total=len(loader) // schedule.accumulation,
+                          desc=f"{stage} epoch {epoch + 1}/{epochs}", leave=False) as bar:
             for batch in loader:
                 if schedule.max_steps is not None and scheduler.last_epoch >= schedule.max_steps:
                     break
                 micro_batches.append([tensor.to(device, non_blocking=True) for tensor in batch])
                 if len(micro_batches) < schedule.accumulation:
                     continue
-                loss = train_step(model, micro_batches, compute_loss, optimizer, scheduler)
+                loss = train_step(net, micro_batches, compute_loss, optimizer, scheduler)
                 images = sum(len(b[0]) for b in micro_batches)
                 loss_sum, seen, steps = loss_sum + loss * images, seen + images, steps + 1
                 micro_batches = []
                 bar.update()
                 bar.set_postfix(loss=f"{loss:.4f}")
         elapsed = time.perf_counter() - started
+        loss_sum, seen = distributed.sum_across([loss_sum, seen])
         record: dict[str, Any] = {
             "stage": stage,
             "epoch": epoch + 1,
@@ -261,23 +330,25 @@ def fit(
             "lr": [group["lr"] for group in optimizer.param_groups],
             "images_per_s": seen / elapsed if elapsed > 0 else None,
             "seconds": elapsed,
+            "processes": distributed.world_size(),
         }
         if after_epoch is not None:
-            record.update(after_epoch())
-        log_metrics(log_path(config, stage), record)
-        if board is not None:
-            for key, value in record.items():
-                if isinstance(value, float):
-                    board.add_scalar(f"{stage}/{key}", value, epoch + 1)
-            board.flush()
-        extras = "".join(
-            f", {key} {value:.4f}" for key, value in record.items()
-            if key not in ("stage", "epoch", "split", "train_images", "steps", "loss", "lr",
-                           "images_per_s", "seconds")
-            and isinstance(value, float)
-        )
-        tqdm.write(
-            f"{stage} epoch {epoch + 1}/{epochs}: loss {record['loss']:.4f}, "
-            f"{seen / max(elapsed, 1e-9):.1f} img/s{extras}"
-        )
-        state.save(model, optimizer, scheduler, epoch + 1)
+            record.update(distributed.run_on_main(after_epoch))
+            model.train()
+        if distributed.is_main():
+            log_metrics(log_path(config, stage), record)
+            if board is not None:
+                for key, value in record.items():
+                    if isinstance(value, float):
+                        board.add_scalar(f"{stage}/{key}", value, epoch + 1)
+                board.flush()
+            extras = "".join(
+                f", {key} {value:.4f}" for key, value in record.items()
+                if key not in ("stage", "epoch", "split", "train_images", "steps", "loss", "lr",
+                               "images_per_s", "seconds", "processes")
+                and isinstance(value, float)
+            )
+            say(f"{stage} epoch {epoch + 1}/{epochs}: loss {record['loss']:.4f}, "
+                f"{seen / max(elapsed, 1e-9):.1f} img/s{extras}")
+            state.save(model, optimizer, scheduler, epoch + 1)
+        distributed.barrier()

@@ -9,10 +9,10 @@ read: its size must be the image's and its values classes or 255.
 from __future__ import annotations
 
 from PIL import Image, UnidentifiedImageError
-from tqdm import tqdm
 
 from amnseg.data.base import SegDataset
 from amnseg.errors import AmnsegError
+from amnseg.progress import progress_bar
 
 
 def check_sample(dataset: SegDataset, stem: str, max_pixels: int, decode: bool) -> None:
@@ -49,7 +49,7 @@ def check_dataset(
     """{stem: problem} of the unusable samples; with ``stop_at_first`` the first problem is
     raised instead."""
     problems: dict[str, str] = {}
-    for stem in tqdm(dataset.stems, desc="checking images", unit="img", leave=False,
+    for stem in progress_bar(dataset.stems, desc="checking images", unit="img", leave=False,
                      disable=len(dataset.stems) < 500):
         try:
             check_sample(dataset, stem, max_pixels, decode)

@@ -11,10 +11,9 @@ import hashlib
 import json
 from pathlib import Path
 
-from tqdm import tqdm
-
 from amnseg.data.base import SegDataset
 from amnseg.errors import AmnsegError
+from amnseg.progress import progress_bar
 
 SIGNATURE_KINDS = ("stat", "content")
 
@@ -43,7 +42,7 @@ def data_signature(dataset: SegDataset, kind: str = "stat") -> str:
     digest = hashlib.sha256(json.dumps(list(dataset.class_names)).encode())
     for path in dataset.shared_files():
         digest.update(f"{path}\0{_file_token(path, kind)}\n".encode())
-    for stem in tqdm(dataset.stems, desc="checking the data", unit="img", leave=False,
+    for stem in progress_bar(dataset.stems, desc="checking the data", unit="img", leave=False,
                      disable=len(dataset.stems) < 2000):
         image, *others = dataset.source_files(stem)
         token = _file_token(image, kind)

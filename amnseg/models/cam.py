@@ -18,6 +18,10 @@ class CAMNet(nn.Module):
     backbone's output stride.
     """
 
+    # Its stem, layer1 and layer2 are trainable but sit behind the detach (see
+    # training.for_training).
+    has_unused_parameters = True
+
     def __init__(self, backbone: ResNet, num_classes: int):
         super().__init__()
         self.backbone = backbone

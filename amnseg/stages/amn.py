@@ -14,8 +14,8 @@ from pathlib import Path
 import numpy as np
 import torch
 import torch.nn.functional as F
-from tqdm import tqdm
 
+from amnseg import distributed
 from amnseg.checkpoints import initial_backbone, save_model
 from amnseg.config import AmnConfig, Config
 from amnseg.data import run_dataset
@@ -28,6 +28,7 @@ from amnseg.losses import amn_loss
 from amnseg.metrics import confusion_matrix, miou, scores_to_labels
 from amnseg.models.amn import AMN
 from amnseg.ops.multiscale import merge_flip, multiscale_inputs, strided_size
+from amnseg.progress import progress_bar
 from amnseg.stages.common import MultiscaleInputs, start_inference
 from amnseg.training import AugmentedSet, Schedule, fit, start_stage, steps_per_epoch
 
@@ -184,12 +185,13 @@ def make_amn_maps(config: Config, cam_seeds_dir: Path, checkpoint: Path | None =
         config, "amn", checkpoint or checkpoint_path(config, "amn"), out_dir, ".npz"
     )
     inputs = MultiscaleInputs(job.dataset, job.todo, list(config.amn.scales), flip=True)
-    for stem, batches, label, size in tqdm(
+    for stem, batches, label, size in progress_bar(
         inputs.loader(config.data.num_workers), desc="amn maps", total=len(job.todo)
     ):
         seed = read_seed(cam_seeds_dir, stem, tuple(size))
         maps = amn_maps_for_image(job.model, batches, label, seed, job.device)
         save_score_maps(output_file(out_dir, stem, ".npz"), maps)
+    distributed.barrier()  # every rank's share is written
     return out_dir
 
 

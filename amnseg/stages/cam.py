@@ -12,8 +12,8 @@ from pathlib import Path
 import numpy as np
 import torch
 import torch.nn.functional as F
-from tqdm import tqdm
 
+from amnseg import distributed
 from amnseg.checkpoints import save_model
 from amnseg.config import CamConfig, Config
 from amnseg.data.base import Sample
@@ -22,6 +22,7 @@ from amnseg.io import ScoreMaps, output_file, save_score_maps
 from amnseg.layout import checkpoint_path, maps_dir
 from amnseg.models import CAMNet, build_backbone
 from amnseg.ops.multiscale import max_normalize, multiscale_cam
+from amnseg.progress import progress_bar
 from amnseg.stages.common import MultiscaleInputs, start_inference
 from amnseg.training import (
     AugmentedSet,
@@ -111,9 +112,10 @@ def make_cams(config: Config, checkpoint: Path | None = None) -> Path:
         config, "cam", checkpoint or checkpoint_path(config, "cam"), out_dir, ".npz"
     )
     inputs = MultiscaleInputs(job.dataset, job.todo, list(config.cam.scales), config.cam.flip)
-    for stem, batches, label, size in tqdm(
+    for stem, batches, label, size in progress_bar(
         inputs.loader(config.data.num_workers), desc="cam maps", total=len(job.todo)
     ):
         maps = cam_score_maps(job.model, batches, label, tuple(size), job.device)
         save_score_maps(output_file(out_dir, stem, ".npz"), maps)
+    distributed.barrier()  # every rank's share is written
     return out_dir

@@ -10,6 +10,7 @@ from typing import Any
 import torch
 from torch import nn
 
+from amnseg import distributed
 from amnseg.checkpoints import load_model
 from amnseg.data import run_splits
 from amnseg.data.base import SegDataset
@@ -28,7 +29,8 @@ def processed_images(config: Any) -> SegDataset:
 @dataclass
 class InferenceJob:
     """An inference stage, ready to run: the model in eval mode on its device, the dataset and
-    the stems whose output file does not exist yet (a rerun resumes where it stopped)."""
+    the stems whose output file does not exist yet (a rerun resumes where it stopped), this
+    rank's share of them under torchrun."""
 
     model: nn.Module
     device: torch.device
@@ -46,7 +48,8 @@ def start_inference(
     dataset = processed_images(config)
     model = load_model(checkpoint, stage, dataset.class_names).to(device).eval()
     todo = [s for s in dataset.stems if not output_file(out_dir, s, suffix).is_file()]
-    return InferenceJob(model, device, dataset, todo)
+    # Under torchrun each rank takes its share; an image's output depends on it alone.
+    return InferenceJob(model, device, dataset, distributed.shard(todo))
 
 
 class MultiscaleInputs(torch.utils.data.Dataset):

@@ -13,7 +13,6 @@ from pathlib import Path
 from typing import Any
 
 import numpy as np
-from tqdm import tqdm
 
 from amnseg.config import EvalConfig
 from amnseg.data.base import SegDataset, read_index_png
@@ -28,6 +27,7 @@ from amnseg.metrics import (
     scores_to_labels,
     sweep_confusions,
 )
+from amnseg.progress import progress_bar
 
 MAP_KINDS = ("full", "strided")
 STRIDE = 4  # of the "strided" maps (ScoreMaps.strided)
@@ -93,7 +93,7 @@ def _iterate_maps(
         raise AmnsegError(f"use={use!r}: expected one of {', '.join(MAP_KINDS)}")
     maps_dir = Path(maps_dir)
     stems = _stems_with(maps_dir, dataset, ".npz")
-    for stem in tqdm(stems, desc=desc, unit="img", leave=False):
+    for stem in progress_bar(stems, desc=desc, unit="img", leave=False):
         path = maps_dir / f"{stem}.npz"
         maps = load_score_maps(path)
         scores = maps.full if use == "full" else maps.strided
@@ -260,7 +260,7 @@ def evaluate_label_maps(
     per_image: dict[str, float] = {}
     unsure = 0
     pixels = 0
-    for stem in tqdm(stems, desc=f"eval {name}", unit="img", leave=False):
+    for stem in progress_bar(stems, desc=f"eval {name}", unit="img", leave=False):
         path = folder / f"{stem}.png"
         labels = read_index_png(path)
         gt = _gt(dataset, stem, labels.shape, path)

@@ -15,8 +15,8 @@ import numpy as np
 import torch
 import torch.nn.functional as F
 from PIL import Image
-from tqdm import tqdm
 
+from amnseg import distributed
 from amnseg.checkpoints import initial_backbone, save_model
 from amnseg.config import Config, IrnConfig
 from amnseg.data.base import Sample
@@ -30,6 +30,7 @@ from amnseg.models.irn import BoundaryNet
 from amnseg.ops.affinity import affinity_labels, pair_region, path_affinities
 from amnseg.ops.multiscale import merge_flip, strided_size
 from amnseg.ops.random_walk import random_walk
+from amnseg.progress import progress_bar
 from amnseg.stages.amn import read_seed
 from amnseg.stages.common import start_inference
 from amnseg.training import (
@@ -196,7 +197,7 @@ def make_masks(
         config, "irn", checkpoint or checkpoint_path(config, "irn"), out_dir, ".png"
     )
     palette = voc_palette()
-    for stem in tqdm(job.todo, desc="pseudo masks"):
+    for stem in progress_bar(job.todo, desc="pseudo masks"):
         maps = load_score_maps(amn_maps_dir / f"{stem}.npz")
         try:
             mask = pseudo_mask(
@@ -206,4 +207,5 @@ def make_masks(
         except AmnsegError as error:
             raise AmnsegError(f"{amn_maps_dir / (stem + '.npz')}: {error}") from None
         save_label_png(output_file(out_dir, stem, ".png"), mask, palette)
+    distributed.barrier()  # every rank's share is written
     return out_dir

@@ -11,14 +11,13 @@ output does not depend on the number of workers. Seeds are made for every image 
 from __future__ import annotations
 
 import multiprocessing
-import os
 from dataclasses import dataclass
 from functools import partial
 from pathlib import Path
 
 import numpy as np
-from tqdm import tqdm
 
+from amnseg import distributed
 from amnseg.config import Config, CrfConfig
 from amnseg.data.base import SegDataset
 from amnseg.data.voc import voc_palette
@@ -26,6 +25,7 @@ from amnseg.errors import AmnsegError
 from amnseg.io import load_score_maps, output_file, save_label_png
 from amnseg.layout import maps_dir, seeds_dir
 from amnseg.ops.crf import crf_refine_labels
+from amnseg.progress import progress_bar
 from amnseg.stages.common import processed_images
 
 UNSURE = 255
@@ -118,12 +118,13 @@ def make_seeds(
             f"(first: {missing[0]}.npz); run the map stage first"
         )
     out_dir.mkdir(parents=True, exist_ok=True)
-    todo = [s for s in dataset.stems if not output_file(out_dir, s, ".png").is_file()]
+    todo = distributed.shard(
+        [s for s in dataset.stems if not output_file(out_dir, s, ".png").is_file()])
     job = SeedJob(dataset, source_maps, out_dir, fg_threshold, bg_threshold, config.seeds.crf)
     workers = config.seeds.workers if workers is None else workers
-    workers = min(workers or os.cpu_count() or 1, max(len(todo), 1))
+    workers = min(workers or distributed.cores_per_process(), max(len(todo), 1))
     run_one = partial(_seed_one, job)
-    bar = tqdm(total=len(todo), desc=f"seeds ({workers} workers)")
+    bar = progress_bar(total=len(todo), desc=f"seeds ({workers} workers)")
     if workers == 1:
         for stem in todo:
             run_one(stem)
@@ -133,4 +134,5 @@ def make_seeds(
             for _ in pool.imap_unordered(run_one, todo, chunksize=4):
                 bar.update()
     bar.close()
+    distributed.barrier()  # every rank's share is written
     return out_dir

@@ -13,7 +13,6 @@ from __future__ import annotations
 import dataclasses
 import math
 import multiprocessing
-import os
 from collections.abc import Callable, Iterator
 from pathlib import Path
 from typing import Any
@@ -21,20 +20,27 @@ from typing import Any
 import numpy as np
 import torch
 import torch.nn.functional as F
-from tqdm import tqdm
 
-from amnseg.checkpoints import load_model, load_model_checkpoint, new_model, read_deeplab_state
+from amnseg import distributed
+from amnseg.checkpoints import (
+    load_model,
+    load_model_checkpoint,
+    new_model,
+    read_deeplab_state,
+    save_once,
+)
 from amnseg.config import BackboneConfig, Config, CrfConfig, SegConfig
 from amnseg.data import build_dataset, run_dataset
 from amnseg.data.base import IGNORE_INDEX, Sample, SegDataset, read_index_png
 from amnseg.data.transforms import DeepLabTrainTransform, resize_labels
 from amnseg.errors import AmnsegError
-from amnseg.io import save_checkpoint, save_json
+from amnseg.io import save_json
 from amnseg.layout import checkpoint_path, eval_dir, masks_dir
 from amnseg.metrics import confusion_matrix, iou_from_confusion, miou
 from amnseg.models.deeplab import DEEPLAB_MEAN_BGR, MSC, deeplab_input
 from amnseg.models.resnet import build_backbone, resnet_from_config
 from amnseg.ops.crf import crf_refine_probabilities
+from amnseg.progress import progress_bar
 from amnseg.training import AugmentedSet, Schedule, fit, resolve_device, start_stage
 
 # --- the network and where it starts from ---------------------------------------------------
@@ -115,8 +121,15 @@ def msc_loss(outputs: list[torch.Tensor], *targets: torch.Tensor) -> torch.Tenso
     each other scale, fused max], ``targets`` = the labels at the first ones' sizes (the fused
     logits have the scale-1 size)."""
     pairs = [*zip(outputs[:-1], targets, strict=True), (outputs[-1], targets[0])]
-    return sum(F.cross_entropy(logits, target, ignore_index=IGNORE_INDEX)
-               for logits, target in pairs)
+    return sum(cross_entropy(logits, target) for logits, target in pairs)
+
+
+def cross_entropy(logits: torch.Tensor, target: torch.Tensor) -> torch.Tensor:
+    """Cross-entropy averaged over the non-ignored pixels of the global batch (all ranks'
+    under torchrun, like one process with the whole batch)."""
+    total = F.cross_entropy(logits, target, ignore_index=IGNORE_INDEX, reduction="sum")
+    count = distributed.global_count((target != IGNORE_INDEX).sum()).to(total.dtype)
+    return total * distributed.loss_scale() / count.clamp(min=1)
 
 
 # --- training -----------------------------------------------------------------------------
@@ -222,9 +235,7 @@ def train_seg(config: Config, stage: str = "seg", masks: str | None = None) -> P
         "init": init,
         "masks": masks or seg_cfg.masks,
     }
-    path = checkpoint_path(config, stage)
-    save_checkpoint(path, checkpoint)
-    return path
+    return save_once(checkpoint_path(config, stage), checkpoint)
 
 
 # --- inference and evaluation --------------------------------------------------------------
@@ -312,14 +323,14 @@ def evaluate_seg(config: Config, stage: str = "seg", checkpoint: Path | None = N
 
     def jobs() -> Iterator:
         nonlocal plain
-        for stem in tqdm(dataset.stems, desc=f"eval {stage}", unit="img"):
+        for stem in progress_bar(dataset.stems, desc=f"eval {stage}", unit="img"):
             image, gt = dataset.image(stem), _gt(dataset, stem)
             probs = predict_probabilities(model, image, device, seg_cfg.eval_flip).cpu().numpy()
             plain += confusion_matrix(probs.argmax(axis=0), gt, count)
             if seg_cfg.eval_crf:
                 yield image, probs, gt, seg_cfg.crf, count
 
-    workers = seg_cfg.crf_workers or os.cpu_count() or 1
+    workers = seg_cfg.crf_workers or distributed.cores_per_process()
     refined = np.zeros((count, count), dtype=np.int64)
     for confusion in _in_workers(jobs(), _crf_confusion, workers if seg_cfg.eval_crf else 1):
         refined += confusion

@@ -1,0 +1,127 @@
+"""Running under ``torchrun``: the process group, this process's rank and device, and the few
+collective steps the stages need (barrier, broadcast from rank 0, sums across ranks).
+
+Launched by torchrun (``WORLD_SIZE`` > 1 in the environment), ``setup`` joins the process group
+(NCCL on CUDA, gloo on the CPU); every rank then runs the same code. Without torchrun every
+helper here is a no-op for a world of one process, so the stages need no second code path.
+"""
+
+from __future__ import annotations
+
+import os
+from collections.abc import Sequence
+from typing import Any, TypeVar
+
+import torch
+import torch.distributed as dist
+
+from amnseg.errors import AmnsegError
+
+T = TypeVar("T")
+
+
+def launched_by_torchrun() -> bool:
+    return int(os.environ.get("WORLD_SIZE", "1")) > 1
+
+
+def setup(device_spec: str = "auto") -> None:
+    """Join torchrun's process group (once); a no-op outside torchrun."""
+    if not launched_by_torchrun() or dist.is_initialized():
+        return
+    wants_cuda = device_spec.startswith("cuda") or (
+        device_spec == "auto" and torch.cuda.is_available())
+    if wants_cuda:
+        torch.cuda.set_device(local_rank())
+    dist.init_process_group("nccl" if wants_cuda else "gloo")
+
+
+def active() -> bool:
+    return dist.is_available() and dist.is_initialized() and dist.get_world_size() > 1
+
+
+def rank() -> int:
+    return dist.get_rank() if active() else 0
+
+
+def world_size() -> int:
+    return dist.get_world_size() if active() else 1
+
+
+def local_rank() -> int:
+    return int(os.environ.get("LOCAL_RANK", "0"))
+
+
+def cores_per_process() -> int:
+    """CPU cores for this process's worker pools: the machine's, split between the processes
+    torchrun started on it."""
+    return max(1, (os.cpu_count() or 1) // int(os.environ.get("LOCAL_WORLD_SIZE", "1")))
+
+
+def is_main() -> bool:
+    """Whether this process writes shared files, logs and progress bars (rank 0)."""
+    return rank() == 0
+
+
+def barrier() -> None:
+    if active():
+        dist.barrier()
+
+
+def broadcast(value: T) -> T:
+    """Rank 0's ``value`` on every rank (any picklable object)."""
+    if not active():
+        return value
+    holder = [value]
+    dist.broadcast_object_list(holder, src=0)
+    return holder[0]
+
+
+def sum_across(values: Sequence[float]) -> list[float]:
+    """Element-wise sums of ``values`` over all ranks."""
+    if not active():
+        return list(values)
+    tensor = torch.tensor(list(values), dtype=torch.float64)
+    if dist.get_backend() == "nccl":
+        tensor = tensor.cuda()
+    dist.all_reduce(tensor)
+    return tensor.cpu().tolist()
+
+
+def global_count(count: torch.Tensor) -> torch.Tensor:
+    """``count`` summed over every rank's batch (no gradient flows through it)."""
+    if not active():
+        return count
+    count = count.detach().clone().to(torch.float64)
+    dist.all_reduce(count)
+    return count
+
+
+def loss_scale() -> int:
+    """What a rank multiplies its share of a global-batch loss by: DistributedDataParallel
+    averages the ranks' gradients, so sum_rank(own total) / global count needs world_size."""
+    return world_size()
+
+
+def shard(items: Sequence[T]) -> list[T]:
+    """This rank's share of rank 0's ``items`` (every world_size-th, from its rank on).
+
+    Rank 0's list is the one shared out: lists of work still to do, made by each rank from the
+    files present, would differ as soon as one rank starts writing.
+    """
+    return list(broadcast(list(items))[rank()::world_size()])
+
+
+def per_rank_batch(global_batch: int, what: str) -> int:
+    """The batch each rank takes so that the global batch is the configured one."""
+    if global_batch % world_size():
+        raise AmnsegError(
+            f"{what}={global_batch}: not divisible by the {world_size()} processes; the global "
+            "batch must split evenly"
+        )
+    return global_batch // world_size()
+
+
+def run_on_main(function: Any, *args: Any, **kwargs: Any) -> Any:
+    """``function(*args)`` on rank 0 only; every rank gets its result (after a barrier)."""
+    result = function(*args, **kwargs) if is_main() else None
+    return broadcast(result)

@@ -1,0 +1,163 @@
+"""torchrun with 2 processes on the CPU (gloo): a training stage ends with the same weights on
+both ranks, equal to one process with the same global batch and data order; sharded inference
+writes byte-identical files; a killed 2-rank run resumes."""
+
+from __future__ import annotations
+
+import contextlib
+import hashlib
+import os
+import shutil
+import signal
+import socket
+import subprocess
+import sys
+import time
+from pathlib import Path
+
+import pytest
+import torch
+from conftest import write_tiny_folder_dataset
+from test_pipeline import FAST
+
+from amnseg.io import load_checkpoint
+
+DRIVER = '''
+import os, sys, time
+from amnseg import checkpoints, distributed
+from amnseg.io import save_checkpoint
+
+original_save_once = checkpoints.save_once
+
+
+def every_rank_saves_too(path, checkpoint):
+    # The test compares the weights each rank ends with.
+    save_checkpoint(path.with_name(f"rank{distributed.rank()}.pt"), checkpoint)
+    return original_save_once(path, checkpoint)
+
+
+checkpoints.save_once = every_rank_saves_too
+if os.environ.get("AMNSEG_TEST_HANG_AFTER"):
+    import amnseg.stages.cam as cam
+
+    original_maps = cam.save_score_maps
+    written = []
+
+    def save_then_hang(*args, **kwargs):
+        original_maps(*args, **kwargs)
+        written.append(1)
+        if len(written) == int(os.environ["AMNSEG_TEST_HANG_AFTER"]):
+            time.sleep(600)  # waits here to be killed
+
+    cam.save_score_maps = save_then_hang
+from amnseg.cli import main
+
+main()
+'''
+
+OVERRIDES = ["data.kind=folder", "data.train_split=train", "data.infer_split=train",
+             "data.val_split=val", "data.num_workers=0", "device=cpu", "backbone.depth=18",
+             "backbone.width=0.125", "backbone.strides=[2,2,1,1]", "backbone.pretrained=null",
+             "cam.epochs=2", "cam.batch_size=4", "cam.resize_long=[24,40]", "cam.crop_size=32",
+             *FAST, "cam.epochs=2"]
+
+
+def free_port() -> int:
+    with socket.socket() as s:
+        s.bind(("127.0.0.1", 0))
+        return s.getsockname()[1]
+
+
+def command(driver: Path, processes: int, *args: str) -> list[str]:
+    if processes == 1:
+        return [sys.executable, str(driver), *args]
+    return [sys.executable, "-m", "torch.distributed.run", f"--nproc_per_node={processes}",
+            "--nnodes=1", f"--master_port={free_port()}", str(driver), *args]
+
+
+def environment() -> dict[str, str]:
+    tests = str(Path(__file__).parent)
+    return {**os.environ, "OMP_NUM_THREADS": "1", "PYTHONPATH": tests, "PYTHONUNBUFFERED": "1"}
+
+
+def amnseg(driver: Path, processes: int, *args: str, timeout: int = 300) -> None:
+    result = subprocess.run(command(driver, processes, *args), capture_output=True, text=True,
+                            env=environment(), timeout=timeout, check=False)
+    assert result.returncode == 0, result.stdout[-3000:] + result.stderr[-6000:]
+
+
+def kill_every_process_running(script: Path) -> None:
+    """SIGKILL every process whose command line names ``script`` (like kill -9 on a node)."""
+    for entry in Path("/proc").iterdir():
+        if not entry.name.isdigit():
+            continue
+        try:
+            cmdline = (entry / "cmdline").read_bytes().replace(b"\0", b" ").decode()
+        except OSError:
+            continue
+        if str(script) in cmdline:
+            with contextlib.suppress(ProcessLookupError):
+                os.kill(int(entry.name), signal.SIGKILL)
+
+
+def digest(folder: Path) -> dict[str, str]:
+    return {p.name: hashlib.sha256(p.read_bytes()).hexdigest() for p in sorted(folder.iterdir())}
+
+
+@pytest.fixture(scope="module")
+def setup(tmp_path_factory):
+    root = tmp_path_factory.mktemp("ddp")
+    data = write_tiny_folder_dataset(root / "data", count=8)
+    driver = root / "driver.py"
+    driver.write_text(DRIVER)
+    return root, data, driver
+
+
+def test_training_under_torchrun_matches_one_process(setup):
+    root, data, driver = setup
+    runs = {}
+    for processes in (1, 2):
+        run = root / f"train_{processes}"
+        amnseg(driver, processes, "train-cam", "voc12", f"run_dir={run}", f"data.root={data}",
+               *OVERRIDES)
+        runs[processes] = run
+    one = load_checkpoint(runs[1] / "cam" / "rank0.pt")["model"]
+    rank0 = load_checkpoint(runs[2] / "cam" / "rank0.pt")["model"]
+    rank1 = load_checkpoint(runs[2] / "cam" / "rank1.pt")["model"]
+    for key, value in one.items():
+        assert torch.equal(rank0[key], rank1[key]), key  # the ranks agree exactly
+        torch.testing.assert_close(rank0[key].double(), value.double(), rtol=1e-4, atol=1e-6,
+                                   msg=key)
+    log = (runs[2] / "cam" / "log.jsonl").read_text().splitlines()
+    assert len(log) == 2 and '"processes": 2' in log[0]  # one line per epoch, from rank 0
+    assert not (runs[2] / "cam" / "rank2.pt").exists()
+
+
+def test_sharded_inference_is_byte_identical_and_a_killed_run_resumes(setup):
+    root, data, driver = setup
+    base = root / "maps_base"
+    amnseg(driver, 1, "train-cam", "voc12", f"run_dir={base}", f"data.root={data}", *OVERRIDES)
+    outputs = {}
+    for processes in (1, 2):
+        run = root / f"maps_{processes}"
+        shutil.copytree(base, run)
+        amnseg(driver, processes, "make-cam", "voc12", f"run_dir={run}", f"data.root={data}",
+               *OVERRIDES)
+        outputs[processes] = digest(run / "cam" / "maps")
+    assert len(outputs[1]) == 8 and outputs[1] == outputs[2]
+
+    run = root / "maps_killed"
+    shutil.copytree(base, run)
+    args = ["make-cam", "voc12", f"run_dir={run}", f"data.root={data}", *OVERRIDES]
+    victim = subprocess.Popen(command(driver, 2, *args), env={
+        **environment(), "AMNSEG_TEST_HANG_AFTER": "2"}, stdout=subprocess.DEVNULL,
+        stderr=subprocess.DEVNULL, start_new_session=True)
+    maps = run / "cam" / "maps"
+    deadline = time.time() + 240
+    while time.time() < deadline and len(list(maps.glob("*.npz"))) < 4:
+        time.sleep(0.5)
+    kill_every_process_running(driver)  # torchrun and both ranks (in sessions of their own)
+    victim.wait(timeout=60)
+    assert len(list(maps.glob("*.npz"))) == 4  # both ranks wrote 2, then hung
+    amnseg(driver, 2, *args)
+    assert digest(maps) == outputs[1]
