@@ -280,27 +280,32 @@ _SEG = ("data.val_split", *(f"seg.{name}" for name in (
     "weight_decay", "poly_power", "lr_decay_every", "aspp_weight_lr_mult", "aspp_bias_lr_mult",
     "crop_size", "rescale", "flip", "msc_scales", "eval_flip", "eval_crf", "crf")))
 
+def _training_stage(name: str, train: Callable[[Config], Path], options: tuple[str, ...],
+                    description: str, **extra: Any) -> Stage:
+    return Stage(name, f"train-{name}", _training(name, train), options,
+                 _training_outputs(name), description,
+                 expected=lambda config: [checkpoint_path(config, name)], **extra)
+
+
+def _map_stage(source: str, command: str, make: Callable[[Config], Path],
+               options: tuple[str, ...], description: str) -> Stage:
+    return Stage(f"{source}_maps", command, _maps(source, make), options,
+                 lambda config: (maps_dir(config, source),), description,
+                 expected=_per_image(lambda config: maps_dir(config, source), ".npz"))
+
+
 STAGES: tuple[Stage, ...] = (
-    Stage("cam", "train-cam", _training("cam", train_cam), (*_DATA, "backbone", *_CAM_TRAIN),
-          _training_outputs("cam"), "train the CAM classifier on data.train_split",
-          data=("processed",), expected=lambda config: [checkpoint_path(config, "cam")]),
-    Stage("cam_maps", "make-cam", _maps("cam", make_cams), ("cam.scales", "cam.flip"),
-          lambda config: (maps_dir(config, "cam"),), "multi-scale CAMs",
-          expected=_per_image(lambda config: maps_dir(config, "cam"), ".npz")),
+    _training_stage("cam", train_cam, (*_DATA, "backbone", *_CAM_TRAIN),
+                    "train the CAM classifier on data.train_split", data=("processed",)),
+    _map_stage("cam", "make-cam", make_cams, ("cam.scales", "cam.flip"), "multi-scale CAMs"),
     _seed_stage("cam", "CRF seeds from CAMs"),
-    Stage("amn", "train-amn", _training("amn", lambda c: train_amn(c, seeds_dir(c, "cam"))),
-          ("backbone", *_AMN_TRAIN), _training_outputs("amn"),
-          "train AMN on the CAM seeds of data.train_split",
-          expected=lambda config: [checkpoint_path(config, "amn")]),
-    Stage("amn_maps", "make-amn-maps",
-          _maps("amn", lambda c: make_amn_maps(c, seeds_dir(c, "cam"))), ("amn.scales",),
-          lambda config: (maps_dir(config, "amn"),), "AMN maps",
-          expected=_per_image(lambda config: maps_dir(config, "amn"), ".npz")),
+    _training_stage("amn", lambda c: train_amn(c, seeds_dir(c, "cam")),
+                    ("backbone", *_AMN_TRAIN), "train AMN on the CAM seeds of data.train_split"),
+    _map_stage("amn", "make-amn-maps", lambda c: make_amn_maps(c, seeds_dir(c, "cam")),
+               ("amn.scales",), "AMN maps"),
     _seed_stage("amn", "CRF seeds from AMN maps"),
-    Stage("irn", "train-irn", _training("irn", lambda c: train_irn(c, seeds_dir(c, "amn"))),
-          ("backbone", *_IRN_TRAIN), _training_outputs("irn"),
-          "train IRN on the AMN seeds of data.train_split",
-          expected=lambda config: [checkpoint_path(config, "irn")]),
+    _training_stage("irn", lambda c: train_irn(c, seeds_dir(c, "amn")),
+                    ("backbone", *_IRN_TRAIN), "train IRN on the AMN seeds of data.train_split"),
     Stage("masks", "make-masks", _masks, _IRN_WALK, lambda config: (masks_dir(config),),
           "random walk -> pseudo masks", expected=_per_image(masks_dir, ".png")),
     Stage("seg", "train-seg", _train_seg("seg", None), (*_SEG, "seg.masks", "seg.checkpoint"),

@@ -26,18 +26,9 @@ def test_readme_quick_start_has_the_two_commands():
 
 
 def test_readme_python_example_runs(tmp_path, capsys):
-    from test_seg import tiny_msc
+    from test_seg import save_tiny_seg_checkpoint
 
-    from amnseg.io import save_checkpoint
-
-    model = tiny_msc(num_outputs=3, seed=4)
-    checkpoint = tmp_path / "seg.pt"
-    backbone = {"depth": 50, "width": 0.125, "strides": [2, 2, 1, 1], "dilations": [1, 1, 2, 4],
-                "stride_in_1x1": True, "stem_pool_ceil": True, "freeze_stem": False,
-                "norm": "frozen"}
-    save_checkpoint(checkpoint, {"format": "amnseg", "stage": "seg", "class_names": ["cat", "dog"],
-                                 "backbone": backbone, "model": model.state_dict(),
-                                 "msc_scales": [0.5, 0.75], "init": "test"})
+    checkpoint = save_tiny_seg_checkpoint(tmp_path / "seg.pt")
     photo = tmp_path / "photo.jpg"
     Image.fromarray(np.random.default_rng(0).integers(0, 256, (40, 52, 3), dtype=np.uint8)).save(
         photo)

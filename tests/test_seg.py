@@ -374,20 +374,23 @@ def test_tiny_network_overfits_a_few_demo_images(tmp_path):
 # --- prediction and the Python API ----------------------------------------------------------
 
 
-@pytest.fixture(scope="module")
-def seg_checkpoint(tmp_path_factory) -> Path:
+def save_tiny_seg_checkpoint(path: Path) -> Path:
+    """An amnseg seg checkpoint of ``tiny_msc(3, seed=4)`` for classes cat and dog."""
     from amnseg.io import save_checkpoint
 
-    folder = tmp_path_factory.mktemp("seg")
-    model = tiny_msc(num_outputs=3, seed=4)
-    path = folder / "seg.pt"
     backbone = {"depth": 50, "width": 0.125, "strides": [2, 2, 1, 1], "dilations": [1, 1, 2, 4],
                 "stride_in_1x1": True, "stem_pool_ceil": True, "freeze_stem": False,
                 "norm": "frozen"}
     save_checkpoint(path, {"format": "amnseg", "stage": "seg", "class_names": ["cat", "dog"],
-                           "backbone": backbone, "model": model.state_dict(),
+                           "backbone": backbone,
+                           "model": tiny_msc(num_outputs=3, seed=4).state_dict(),
                            "msc_scales": [0.5, 0.75], "init": "test"})
     return path
+
+
+@pytest.fixture(scope="module")
+def seg_checkpoint(tmp_path_factory) -> Path:
+    return save_tiny_seg_checkpoint(tmp_path_factory.mktemp("seg") / "seg.pt")
 
 
 def test_python_api_readme_example(seg_checkpoint):
