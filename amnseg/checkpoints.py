@@ -95,7 +95,7 @@ def new_model(stage: str, backbone: ResNet, num_classes: int, **options: Any) ->
     """An untrained network of ``stage`` on ``backbone``; ``num_classes`` foreground classes.
 
     cam: CAMNet; amn: AMN (option ``dropout``); irn: BoundaryNet; seg: MSC(DeepLabV2) with
-    ``num_classes + 1`` outputs (option ``msc_scales``).
+    ``num_classes + 1`` outputs (options ``msc_scales``, ``input_kind``).
     """
     if stage == "cam":
         return CAMNet(backbone, num_classes)
@@ -104,7 +104,8 @@ def new_model(stage: str, backbone: ResNet, num_classes: int, **options: Any) ->
     if stage == "irn":
         return BoundaryNet(backbone)
     if stage == "seg":
-        return MSC(DeepLabV2(backbone, num_classes + 1), options.get("msc_scales", MSC_SCALES))
+        return MSC(DeepLabV2(backbone, num_classes + 1), options.get("msc_scales", MSC_SCALES),
+                   options.get("input_kind", "caffe"))
     raise AmnsegError(
         f"unknown checkpoint kind {stage!r}: expected one of {', '.join(STAGES_WITH_MODELS)}"
     )
@@ -113,6 +114,8 @@ def new_model(stage: str, backbone: ResNet, num_classes: int, **options: Any) ->
 def build_model(checkpoint: dict[str, Any]) -> nn.Module:
     """The model of an amnseg checkpoint, with its weights loaded."""
     options = {"msc_scales": checkpoint["msc_scales"]} if "msc_scales" in checkpoint else {}
+    if "input" in checkpoint:
+        options["input_kind"] = checkpoint["input"]
     model = new_model(
         checkpoint["stage"], backbone_from_checkpoint(checkpoint), len(checkpoint["class_names"]),
         **options,
@@ -364,6 +367,7 @@ def import_deeplab(
         "backbone": dataclasses.asdict(backbone),
         "model": model.state_dict(),
         "msc_scales": list(MSC_SCALES),
+        "input": "caffe",  # kazuto's files take BGR minus the mean
         "init": f"imported from {source}",
         "imported_from": str(source),
     }

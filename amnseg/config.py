@@ -190,7 +190,8 @@ class SegConfig:
     # backbone then takes torchvision's block layout, which those weights were trained with),
     # random weights if that is null; a path: a DeepLab-v2
     # file (kazuto's layout, with or without "base.", e.g. the ImageNet- or COCO-init files);
-    # cam: the run's CAM classifier backbone (same depth/width; the demo); null: random.
+    # cam / amn: the run's CAM classifier / AMN backbone (same depth and width; for data
+    # without ImageNet weights, like the demo); null: random.
     init: str | None = "imagenet"
     masks: str = "pseudo"  # pseudo (the run's pseudo masks) | gt | a folder of <stem>.png
     iterations: int = 20000

@@ -75,6 +75,35 @@ METHOD = {
     "irn.exp_times": 8,
     "irn.cam_power": 1.3,
     "irn.bg_threshold": 0.25,
+    # 6. seg (DeepLab-v2, kazuto1011/deeplab-pytorch's VOC recipe)
+    "seg.backbone.depth": 101,
+    "seg.backbone.strides": [2, 2, 1, 1],
+    "seg.backbone.dilations": [1, 1, 2, 4],
+    "seg.backbone.stride_in_1x1": True,
+    "seg.backbone.stem_pool_ceil": True,
+    "seg.backbone.norm": "frozen",
+    "seg.init": "imagenet",
+    "seg.masks": "pseudo",
+    "seg.iterations": 20000,
+    "seg.batch_size": 5,
+    "seg.accumulation": 2,
+    "seg.lr": 2.5e-4,
+    "seg.momentum": 0.9,
+    "seg.weight_decay": 5e-4,
+    "seg.poly_power": 0.9,
+    "seg.lr_decay_every": 10,
+    "seg.aspp_weight_lr_mult": 10.0,
+    "seg.aspp_bias_lr_mult": 20.0,
+    "seg.crop_size": 321,
+    "seg.rescale": [0.5, 0.75, 1.0, 1.25, 1.5],
+    "seg.flip": True,
+    "seg.msc_scales": [0.5, 0.75],
+    "seg.crf.iterations": 10,
+    "seg.crf.gaussian_sxy": 1,
+    "seg.crf.gaussian_compat": 3,
+    "seg.crf.bilateral_sxy": 67,
+    "seg.crf.bilateral_srgb": 3,
+    "seg.crf.bilateral_compat": 4,
 }
 
 
@@ -100,9 +129,10 @@ def test_voc12_config_loads_imagenet_weights_and_coco_keeps_the_method():
     coco = load_config("coco14", [])
     assert coco.data.kind == "coco" and coco.backbone.pretrained == "hub"
     assert len(coco.data.train_split) and coco.cam.eval_threshold == 0.15
+    coco_recipe = {"seg.iterations": 100000, "seg.lr": 2e-4}
     for key, expected in METHOD.items():
         if not key.startswith("data."):
-            assert lookup(coco, key) == expected, key
+            assert lookup(coco, key) == coco_recipe.get(key, expected), key
 
 
 def test_eval_thresholds_grid():

@@ -17,9 +17,14 @@ from pydensecrf.utils import unary_from_softmax
 
 from amnseg.checkpoints import export_reference, import_deeplab, load_model_checkpoint
 from amnseg.config import SegConfig, deeplab_backbone, deeplab_crf, load_config
-from amnseg.data.transforms import DeepLabTrainTransform
+from amnseg.data.transforms import (
+    DEEPLAB_MEAN_BGR,
+    DeepLabTrainTransform,
+    deeplab_input,
+    normalize,
+)
 from amnseg.errors import AmnsegError
-from amnseg.models.deeplab import DEEPLAB_MEAN_BGR, MSC, DeepLabV2, deeplab_input
+from amnseg.models.deeplab import MSC, DeepLabV2
 from amnseg.models.resnet import ResNet, resnet_from_config
 from amnseg.ops.crf import crf_refine_probabilities
 from amnseg.stages import seg as seg_stage
@@ -98,10 +103,12 @@ def test_msc_equals_a_per_scale_loop():
 def test_deeplab_input_is_bgr_minus_mean():
     image = np.zeros((2, 3, 3), np.uint8)
     image[..., 0], image[..., 1], image[..., 2] = 10, 20, 200  # R, G, B
-    x = deeplab_input(image)
+    x = deeplab_input(image, "caffe")
     assert x.shape == (3, 2, 3)
     np.testing.assert_allclose(x[:, 0, 0].numpy(), [200 - 104.008, 20 - 116.669, 10 - 122.675],
                                rtol=1e-6)
+    # torchvision's weights (and the package's backbones) take ImageNet-normalised RGB.
+    torch.testing.assert_close(deeplab_input(image, "imagenet"), torch.from_numpy(normalize(image)))
 
 
 # --- training arithmetic --------------------------------------------------------------------
@@ -111,7 +118,7 @@ def test_train_transform_scales_pads_crops_flips_and_subtracts_the_mean():
     rng = np.random.default_rng(0)
     image = rng.integers(0, 256, (20, 30, 3)).astype(np.uint8)
     labels = rng.integers(0, 4, (20, 30)).astype(np.uint8)
-    transform = DeepLabTrainTransform([0.5], 24, DEEPLAB_MEAN_BGR, flip=False)
+    transform = DeepLabTrainTransform([0.5], 24, "caffe", flip=False)
     crop, label_crop = transform(image, labels, np.random.default_rng(3))
     # 0.5: 10 x 15, padded to 24 x 24 (mean colour / 255), the whole canvas is the crop.
     bgr = torch.tensor(image[..., ::-1].transpose(2, 0, 1).copy(), dtype=torch.float32)
@@ -124,7 +131,7 @@ def test_train_transform_scales_pads_crops_flips_and_subtracts_the_mean():
     np.testing.assert_array_equal(label_crop[:10, :15], labels[np.ix_(rows, cols)])
     assert (label_crop[10:] == 255).all() and (label_crop[:, 15:] == 255).all()
 
-    flipping = DeepLabTrainTransform([1.0], 16, DEEPLAB_MEAN_BGR, flip=True)
+    flipping = DeepLabTrainTransform([1.0], 16, "caffe", flip=True)
     seen_flip = False
     for seed in range(8):
         crop, label_crop = flipping(image, labels, np.random.default_rng(seed))
@@ -142,6 +149,14 @@ def test_train_transform_scales_pads_crops_flips_and_subtracts_the_mean():
         torch.testing.assert_close(crop, expected.flip(-1) if flipped else expected)
         seen_flip |= flipped
     assert seen_flip
+
+    # ImageNet input: padded with the ImageNet mean, which normalises to 0.
+    imagenet = DeepLabTrainTransform([1.0], 24, "imagenet", flip=False)
+    crop, label_crop = imagenet(image, labels, np.random.default_rng(1))
+    top, left = next((t, c) for t in range(5) for c in range(7)
+                     if np.array_equal(label_crop[:20 - t, :24], labels[t:, c:c + 24]))
+    window = torch.from_numpy(normalize(image))[:, top:top + 24, left:left + 24]
+    torch.testing.assert_close(crop[:, :window.shape[1]], window, rtol=1e-5, atol=1e-5)
 
 
 def test_msc_loss_is_the_sum_of_per_scale_cross_entropies():
@@ -350,10 +365,10 @@ def test_tiny_network_overfits_a_few_demo_images(tmp_path):
     torch.manual_seed(0)
     backbone = ResNet(depth=18, width=0.25, strides=[2, 2, 1, 1], dilations=[1, 1, 2, 4],
                       norm="batch", freeze_stem=False)
-    model = MSC(DeepLabV2(backbone, 4))
+    model = MSC(DeepLabV2(backbone, 4), input_kind="imagenet")
     config = SegConfig(lr=0.01, iterations=60, lr_decay_every=1)
     optimizer, scheduler = seg_stage.seg_optimizer(model, config)
-    transform = DeepLabTrainTransform([1.0], 64, DEEPLAB_MEAN_BGR, flip=False)
+    transform = DeepLabTrainTransform([1.0], 64, "imagenet", flip=False)
     sizes = seg_stage.pyramid_sizes(model, 64)
     batch = [transform(s.image, s.mask, np.random.default_rng(0)) for s in samples]
     images = torch.stack([b[0] for b in batch])

@@ -14,6 +14,38 @@ IMAGENET_MEAN = np.array([0.485, 0.456, 0.406], dtype=np.float32)
 IMAGENET_STD = np.array([0.229, 0.224, 0.225], dtype=np.float32)
 
 
+# DeepLab-v2's inputs (METHOD.md section 6): "caffe" for the recipe's Caffe-converted weights,
+# "imagenet" for torchvision's weights and the package's own backbones.
+DEEPLAB_MEAN_BGR = (104.008, 116.669, 122.675)
+INPUT_KINDS = ("caffe", "imagenet")
+
+
+def input_mean_rgb(kind: str) -> tuple[float, float, float]:
+    """The colour (RGB, 0-255) that the input normalisation of ``kind`` maps to zero."""
+    if kind == "caffe":
+        blue, green, red = DEEPLAB_MEAN_BGR
+        return red, green, blue
+    red, green, blue = (float(v) * 255 for v in IMAGENET_MEAN)
+    return red, green, blue
+
+
+def normalize_input(rgb: torch.Tensor, kind: str) -> torch.Tensor:
+    """(3, H, W) float RGB in 0-255 -> the network's input of ``kind`` (see the docstring)."""
+    if kind == "caffe":
+        return rgb.flip(0) - torch.tensor(DEEPLAB_MEAN_BGR, dtype=rgb.dtype)[:, None, None]
+    if kind == "imagenet":  # the same arithmetic as ``normalize``
+        mean = torch.from_numpy(IMAGENET_MEAN).to(rgb.dtype)[:, None, None]
+        std = torch.from_numpy(IMAGENET_STD).to(rgb.dtype)[:, None, None]
+        return (rgb / 255.0 - mean) / std
+    raise ValueError(f"input kind {kind!r}: expected one of {', '.join(INPUT_KINDS)}")
+
+
+def deeplab_input(image: np.ndarray, kind: str = "caffe") -> torch.Tensor:
+    """(H, W, 3) uint8 RGB -> (3, H, W) float32 input of ``kind``."""
+    rgb = torch.from_numpy(np.ascontiguousarray(image.transpose(2, 0, 1))).float()
+    return normalize_input(rgb, kind)
+
+
 def normalize(image: np.ndarray) -> np.ndarray:
     """(H, W, 3) uint8 RGB -> (3, H, W) float32, (x / 255 - mean) / std."""
     scaled = (image.astype(np.float32) / 255.0 - IMAGENET_MEAN) / IMAGENET_STD
@@ -137,19 +169,21 @@ class SegmentationTrainTransform:
 class DeepLabTrainTransform:
     """The DeepLab-v2 recipe's augmentation of (image, label map) pairs (METHOD.md section 6).
 
-    A scale drawn from ``scales``; the image (BGR, float) resized bilinearly (align_corners
-    False, like OpenCV's linear resize) to (int(H s), int(W s)), the labels with PIL NEAREST;
-    both padded at the bottom/right to at least ``crop_size`` (the image with the mean colour,
-    the labels with 255), a random ``crop_size`` window, a random horizontal flip, and the mean
-    subtracted. Maps (uint8 RGB (H, W, 3), uint8 labels (H, W), rng) ->
-    (float32 (3, crop, crop) BGR minus mean, uint8 (crop, crop)).
+    A scale drawn from ``scales``; the image (float) resized bilinearly (align_corners False,
+    like OpenCV's linear resize) to (int(H s), int(W s)), the labels with PIL NEAREST; both
+    padded at the bottom/right to at least ``crop_size`` (the image with the colour its input
+    normalisation maps to zero, the labels with 255), a random ``crop_size`` window, a random
+    horizontal flip, and the input normalisation of ``input_kind`` (``caffe``: BGR minus the
+    mean, as the recipe; ``imagenet``: see ``amnseg.models.deeplab``). Maps (uint8 RGB
+    (H, W, 3), uint8 labels (H, W), rng) -> (float32 (3, crop, crop), uint8 (crop, crop)).
     """
 
-    def __init__(self, scales: list[float], crop_size: int, mean_bgr: tuple[float, ...],
+    def __init__(self, scales: list[float], crop_size: int, input_kind: str = "caffe",
                  flip: bool = True):
         self.scales = list(scales)
         self.crop_size = crop_size
-        self.mean = torch.tensor(mean_bgr, dtype=torch.float32)[:, None, None]
+        self.input_kind = input_kind
+        self.pad = torch.tensor(input_mean_rgb(input_kind), dtype=torch.float32)[:, None, None]
         self.flip = flip
 
     def __call__(
@@ -157,15 +191,15 @@ class DeepLabTrainTransform:
     ) -> tuple[torch.Tensor, np.ndarray]:
         scale = float(self.scales[int(rng.integers(len(self.scales)))])
         height, width = int(image.shape[0] * scale), int(image.shape[1] * scale)
-        bgr = torch.from_numpy(np.ascontiguousarray(image[..., ::-1].transpose(2, 0, 1)))
-        bgr = torch.nn.functional.interpolate(
-            bgr[None].float(), (height, width), mode="bilinear", align_corners=False
+        rgb = torch.from_numpy(np.ascontiguousarray(image.transpose(2, 0, 1)))
+        rgb = torch.nn.functional.interpolate(
+            rgb[None].float(), (height, width), mode="bilinear", align_corners=False
         )[0]
         labels = resize_labels(labels, (height, width)) if scale != 1 else labels
         crop = self.crop_size
         canvas_h, canvas_w = max(height, crop), max(width, crop)
-        canvas = self.mean.expand(3, canvas_h, canvas_w).clone()
-        canvas[:, :height, :width] = bgr
+        canvas = self.pad.expand(3, canvas_h, canvas_w).clone()
+        canvas[:, :height, :width] = rgb
         label_canvas = np.full((canvas_h, canvas_w), 255, dtype=np.uint8)
         label_canvas[:height, :width] = labels
         top = int(rng.integers(0, canvas_h - crop + 1))
@@ -174,4 +208,5 @@ class DeepLabTrainTransform:
         label_crop = label_canvas[top:top + crop, left:left + crop]
         if self.flip and rng.random() < 0.5:
             image_crop, label_crop = image_crop.flip(-1), label_crop[:, ::-1]
-        return (image_crop - self.mean).contiguous(), np.ascontiguousarray(label_crop)
+        return (normalize_input(image_crop, self.input_kind).contiguous(),
+                np.ascontiguousarray(label_crop))

@@ -3,15 +3,18 @@ it (METHOD.md section 6, the recipe of kazuto1011/deeplab-pytorch that the WSSS 
 
 The backbone is the package's ``ResNet`` with DeepLab's options: output stride 8 (layer3 and
 layer4 keep stride 1 with dilations 2 and 4), Caffe's block layout (stride on the first 1x1
-conv) and Caffe's rounding-up stem max-pool. Inputs are BGR, 0-255, minus ``DEEPLAB_MEAN_BGR``
-(no division by a standard deviation); ``deeplab_input`` makes them from RGB uint8 images.
+conv) and Caffe's rounding-up stem max-pool.
+
+Inputs follow the weights the network starts from: ``caffe`` (the recipe's, for its
+Caffe-converted files): BGR, 0-255, minus ``DEEPLAB_MEAN_BGR``, no division by a standard
+deviation; ``imagenet`` (torchvision's weights, and the package's own backbones): RGB / 255
+minus ImageNet's mean, divided by its std (``amnseg.data.transforms.deeplab_input``).
 """
 
 from __future__ import annotations
 
 from collections.abc import Sequence
 
-import numpy as np
 import torch
 import torch.nn.functional as F
 from torch import nn
@@ -19,14 +22,7 @@ from torch import nn
 from amnseg.models.aspp import ASPP
 from amnseg.models.resnet import ResNet
 
-DEEPLAB_MEAN_BGR = (104.008, 116.669, 122.675)
 MSC_SCALES = (0.5, 0.75)  # besides 1.0
-
-
-def deeplab_input(image: np.ndarray) -> torch.Tensor:
-    """(H, W, 3) uint8 RGB -> (3, H, W) float32 BGR minus the mean."""
-    bgr = image[..., ::-1].astype(np.float32) - np.array(DEEPLAB_MEAN_BGR, dtype=np.float32)
-    return torch.from_numpy(np.ascontiguousarray(bgr.transpose(2, 0, 1)))
 
 
 class DeepLabV2(nn.Module):
@@ -52,10 +48,12 @@ class MSC(nn.Module):
     scale at their own size, fused max] (every one gets a loss); in eval the fused logits.
     """
 
-    def __init__(self, base: DeepLabV2, scales: Sequence[float] = MSC_SCALES):
+    def __init__(self, base: DeepLabV2, scales: Sequence[float] = MSC_SCALES,
+                 input_kind: str = "caffe"):
         super().__init__()
         self.base = base
         self.scales = tuple(scales)
+        self.input_kind = input_kind  # how images are normalised for it (deeplab_input)
 
     def pyramid(self, images: torch.Tensor) -> tuple[torch.Tensor, list[torch.Tensor]]:
         """(scale-1 logits, [logits of each scale at their own size])."""

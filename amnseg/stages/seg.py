@@ -32,12 +32,12 @@ from amnseg.checkpoints import (
 from amnseg.config import BackboneConfig, Config, CrfConfig, SegConfig
 from amnseg.data import build_dataset, run_dataset
 from amnseg.data.base import IGNORE_INDEX, Sample, SegDataset, read_index_png
-from amnseg.data.transforms import DeepLabTrainTransform, resize_labels
+from amnseg.data.transforms import DeepLabTrainTransform, deeplab_input, resize_labels
 from amnseg.errors import AmnsegError
 from amnseg.io import save_json
 from amnseg.layout import checkpoint_path, eval_dir, masks_dir
 from amnseg.metrics import confusion_matrix, iou_from_confusion, miou
-from amnseg.models.deeplab import DEEPLAB_MEAN_BGR, MSC, deeplab_input
+from amnseg.models.deeplab import MSC
 from amnseg.models.resnet import build_backbone, resnet_from_config
 from amnseg.ops.crf import crf_refine_probabilities
 from amnseg.progress import progress_bar
@@ -50,10 +50,14 @@ def initial_seg_model(
     config: Config, num_classes: int
 ) -> tuple[MSC, BackboneConfig, str]:
     """The untrained MSC(DeepLab-v2) of ``seg``, initialised as ``seg.init`` says; returns
-    (model, the backbone config it was built with, a description of the init)."""
+    (model, the backbone config it was built with, a description of the init). Its input
+    normalisation follows the init: ``caffe`` for DeepLab-v2 files (Caffe-converted weights),
+    ``imagenet`` for torchvision's weights and the package's own backbones."""
     seg_cfg = config.seg
     init = seg_cfg.init
-    options = {"msc_scales": list(seg_cfg.msc_scales)}
+    caffe_file = init not in (None, "", "none", "imagenet", "cam", "amn")
+    options = {"msc_scales": list(seg_cfg.msc_scales),
+               "input_kind": "caffe" if caffe_file else "imagenet"}
     if init in (None, "", "none"):
         backbone_cfg = dataclasses.replace(seg_cfg.backbone, pretrained=None)
         model = new_model("seg", build_backbone(backbone_cfg), num_classes, **options)
@@ -67,10 +71,10 @@ def initial_seg_model(
         return model, backbone_cfg, f"ImageNet ({where})" if where else "none (random weights)"
     backbone_cfg = dataclasses.replace(seg_cfg.backbone, pretrained=None)
     model = new_model("seg", resnet_from_config(backbone_cfg), num_classes, **options)
-    if init == "cam":
-        cam = load_model(checkpoint_path(config, "cam"), "cam", _class_names(config))
-        model.base.backbone.load_state_dict(cam.backbone.state_dict())
-        return model, backbone_cfg, "the run's CAM classifier backbone"
+    if init in ("cam", "amn"):
+        trained = load_model(checkpoint_path(config, init), init, _class_names(config))
+        model.base.backbone.load_state_dict(trained.backbone.state_dict())
+        return model, backbone_cfg, f"the run's {init.upper()} backbone"
     state, has_head = read_deeplab_state(Path(init), backbone_cfg, num_classes + 1)
     model.load_state_dict(state, strict=False)
     head = "with its ASPP head" if has_head else "backbone only"
@@ -157,10 +161,10 @@ class SegTrainingItems:
     the recipe's augmentation, then the label crop resized with PIL NEAREST to every size."""
 
     def __init__(self, masks: Callable[[str], np.ndarray], seg_cfg: SegConfig,
-                 logit_sizes: list[tuple[int, int]]):
+                 logit_sizes: list[tuple[int, int]], input_kind: str):
         self.masks = masks
         self.transform = DeepLabTrainTransform(
-            seg_cfg.rescale, seg_cfg.crop_size, DEEPLAB_MEAN_BGR, seg_cfg.flip
+            seg_cfg.rescale, seg_cfg.crop_size, input_kind, seg_cfg.flip
         )
         self.logit_sizes = logit_sizes
 
@@ -198,7 +202,7 @@ def train_seg(config: Config, stage: str = "seg", masks: str | None = None) -> P
     model.to(device)
     optimizer, scheduler = seg_optimizer(model, seg_cfg)
     items = SegTrainingItems(mask_source(config, masks or seg_cfg.masks, dataset), seg_cfg,
-                             pyramid_sizes(model, seg_cfg.crop_size))
+                             pyramid_sizes(model, seg_cfg.crop_size), model.input_kind)
     per_step = seg_cfg.batch_size * seg_cfg.accumulation
     steps_per_epoch = len(dataset) // per_step
     if steps_per_epoch == 0:
@@ -232,6 +236,7 @@ def train_seg(config: Config, stage: str = "seg", masks: str | None = None) -> P
         "backbone": dataclasses.asdict(dataclasses.replace(backbone_cfg, pretrained=None)),
         "model": model.state_dict(),
         "msc_scales": list(seg_cfg.msc_scales),
+        "input": model.input_kind,
         "init": init,
         "masks": masks or seg_cfg.masks,
     }
@@ -249,7 +254,7 @@ def predict_probabilities(
     (logits resized bilinearly to the image); with ``flip``, the mean of the image's and the
     mirrored image's logits."""
     model.eval()
-    batch = deeplab_input(image)[None].to(device)
+    batch = deeplab_input(image, model.input_kind)[None].to(device)
     logits = model(batch)
     if flip:
         logits = (logits + model(batch.flip(-1)).flip(-1)) / 2
