@@ -227,3 +227,18 @@ def test_sweep_plot_is_titled_for_maps(tmp_path):
 
     source = inspect.getsource(plots.plot_sweep)
     assert "Map mIoU against the background threshold" in source and "Seed mIoU" not in source
+
+
+def test_eval_threshold_defaults_to_the_map_kinds_own(tmp_path):
+    from amnseg.cli import _threshold, map_kind
+    from amnseg.config import load_config
+    from amnseg.errors import AmnsegError
+
+    config = load_config(None, [])
+    assert map_kind(tmp_path / "run" / "amn" / "maps", None) == "amn"
+    assert map_kind(tmp_path / "run" / "cam" / "maps", None) == "cam"
+    assert map_kind(tmp_path / "elsewhere", "amn") == "amn"
+    assert _threshold(config, "amn", None) == 0.25 and _threshold(config, "cam", None) == 0.15
+    assert _threshold(config, "amn", 0.4) == 0.4
+    with pytest.raises(AmnsegError, match="--kind irn"):
+        map_kind(tmp_path, "irn")

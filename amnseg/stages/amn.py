@@ -19,9 +19,8 @@ from amnseg import distributed
 from amnseg.checkpoints import initial_backbone, save_model
 from amnseg.config import AmnConfig, Config
 from amnseg.data import run_dataset
-from amnseg.data.base import Sample, SegDataset, read_index_png
+from amnseg.data.base import Sample, SegDataset
 from amnseg.data.transforms import SegmentationTrainTransform, resize_labels
-from amnseg.errors import AmnsegError
 from amnseg.io import ScoreMaps, output_file, save_score_maps
 from amnseg.layout import checkpoint_path, maps_dir
 from amnseg.losses import amn_loss
@@ -29,21 +28,8 @@ from amnseg.metrics import confusion_matrix, miou, scores_to_labels
 from amnseg.models.amn import AMN
 from amnseg.ops.multiscale import merge_flip, multiscale_inputs, strided_size
 from amnseg.progress import progress_bar
-from amnseg.stages.common import MultiscaleInputs, start_inference
+from amnseg.stages.common import MultiscaleInputs, read_seed, start_inference
 from amnseg.training import AugmentedSet, Schedule, fit, start_stage, steps_per_epoch
-
-
-def read_seed(seeds_dir: Path, stem: str, size: tuple[int, int]) -> np.ndarray:
-    """The (H, W) uint8 seed of ``stem``, checked against the image size."""
-    path = seeds_dir / f"{stem}.png"
-    if not path.is_file():
-        raise AmnsegError(f"{path}: seed not found; run the seed stage first")
-    seed = read_index_png(path)
-    if seed.shape != tuple(size):
-        raise AmnsegError(
-            f"{path}: seed is {seed.shape[1]}x{seed.shape[0]}, the image is {size[1]}x{size[0]}"
-        )
-    return seed
 
 
 def amn_optimizer(

@@ -1,5 +1,6 @@
-"""What the stage modules share: the images a run processes and the start of an inference
-stage. (Model building lives in ``amnseg.checkpoints``, paths in ``amnseg.layout``.)"""
+"""What the stage modules share: the images a run processes, the start of an inference stage,
+and reading the seeds that AMN and IRN train on. (Model building lives in
+``amnseg.checkpoints``, paths in ``amnseg.layout``.)"""
 
 from __future__ import annotations
 
@@ -7,13 +8,15 @@ from dataclasses import dataclass
 from pathlib import Path
 from typing import Any
 
+import numpy as np
 import torch
 from torch import nn
 
 from amnseg import distributed
 from amnseg.checkpoints import load_model
 from amnseg.data import run_splits
-from amnseg.data.base import SegDataset
+from amnseg.data.base import SegDataset, read_index_png
+from amnseg.errors import AmnsegError
 from amnseg.io import output_file
 from amnseg.ops.multiscale import multiscale_inputs
 from amnseg.training import resolve_device
@@ -71,3 +74,16 @@ class MultiscaleInputs(torch.utils.data.Dataset):
     def loader(self, num_workers: int) -> torch.utils.data.DataLoader:
         """One image per step, in order."""
         return torch.utils.data.DataLoader(self, batch_size=None, num_workers=num_workers)
+
+
+def read_seed(seeds_dir: Path, stem: str, size: tuple[int, int]) -> np.ndarray:
+    """The (H, W) uint8 seed of ``stem``, checked against the image size."""
+    path = seeds_dir / f"{stem}.png"
+    if not path.is_file():
+        raise AmnsegError(f"{path}: seed not found; run the seed stage first")
+    seed = read_index_png(path)
+    if seed.shape != tuple(size):
+        raise AmnsegError(
+            f"{path}: seed is {seed.shape[1]}x{seed.shape[0]}, the image is {size[1]}x{size[0]}"
+        )
+    return seed

@@ -31,8 +31,7 @@ from amnseg.ops.affinity import affinity_labels, pair_region, path_affinities
 from amnseg.ops.multiscale import merge_flip, strided_size
 from amnseg.ops.random_walk import random_walk
 from amnseg.progress import progress_bar
-from amnseg.stages.amn import read_seed
-from amnseg.stages.common import start_inference
+from amnseg.stages.common import read_seed, start_inference
 from amnseg.training import (
     AugmentedSet,
     Schedule,
