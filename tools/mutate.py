@@ -47,8 +47,9 @@ DEFAULT_EXCLUDED_TESTS = (
     "tests/test_demo_phenomenon.py",
     "tests/test_cli*",
 )
-COPY_IGNORE = (".git", "runs", "data", "__pycache__", ".pytest_cache", ".ruff_cache",
-               "*.egg-info", ".benchmarks", ".venv", "build")
+COPY_IGNORE = ("__pycache__", ".pytest_cache", ".ruff_cache", "*.egg-info", ".benchmarks")
+# Only at the top of the repository: a run's outputs and data (tests/data must be copied).
+TOP_LEVEL_IGNORE = (".git", "runs", "data", ".venv", "build")
 
 # --- what gets mutated ------------------------------------------------------------------------
 
@@ -721,7 +722,15 @@ def copy_repo(repo: Path, workdir: Path, shared: Path | None) -> Path:
     """Copy the repository into ``workdir/<name>``; link ``shared`` beside it, because tests
     find the reference files at ``<repo>/../shared``."""
     copy = workdir / repo.name
-    shutil.copytree(repo, copy, ignore=shutil.ignore_patterns(*COPY_IGNORE), symlinks=True)
+    patterns = shutil.ignore_patterns(*COPY_IGNORE)
+
+    def ignore(folder: str, names: list[str]) -> set[str]:
+        skipped = set(patterns(folder, names))
+        if Path(folder).resolve() == repo.resolve():
+            skipped |= {name for name in names if name in TOP_LEVEL_IGNORE}
+        return skipped
+
+    shutil.copytree(repo, copy, ignore=ignore, symlinks=True)
     if shared is not None and shared.is_dir():
         (workdir / "shared").symlink_to(shared.resolve(), target_is_directory=True)
     plugin_dir = workdir / "plugin"
