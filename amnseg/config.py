@@ -363,6 +363,11 @@ def validate(config: Config) -> Config:
     _require(irn.exp_times <= 16, "irn.exp_times", irn.exp_times, "must be at most 16")
     _fraction(irn, "irn", "momentum", closed=False)
     _at_least(irn, "irn", 8, "crop_size")
+    # Training pairs reach radius - 1 cells left, right and down from each source cell of the
+    # stride-4 crop, so the crop must hold at least one source cell with all its pairs.
+    _require(irn.crop_size // 4 >= 2 * irn.radius - 1, "irn.crop_size", irn.crop_size,
+             f"must be at least {4 * (2 * irn.radius - 1)} for irn.radius={irn.radius} "
+             "(pairs reach radius - 1 stride-4 cells on each side)")
     _range(irn.rescale, "irn.rescale")
     _choice(irn.backbone_init, "irn.backbone_init", ("imagenet", "cam"))
     _fraction(irn, "irn", "bg_threshold")

@@ -228,6 +228,8 @@ def test_mask_of_another_size_and_rgb_mask(data, tmp_path, capsys):
     ("cam.scales=[]", "cam.scales=[]: must be a list of one or more numbers > 0"),
     ("seg.iterations=0", "seg.iterations=0: must be a number >= 1"),
     ("amn.label_smoothing=1.0", "amn.label_smoothing=1.0: must lie in [0, 1)"),
+    # A 16-cell stride-4 crop holds no source cell whose radius-10 pairs all fit.
+    ("irn.crop_size=64", "irn.crop_size=64: must be at least 76 for irn.radius=10"),
     ("data.on_bad_image=maybe", "data.on_bad_image='maybe': expected one of error, skip"),
     ("cam.epochs=three", "Value 'three' of type 'str' could not be converted to Integer"),
     ("cam.epochz=3", "Key 'epochz' not in 'CamConfig'"),

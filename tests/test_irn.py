@@ -93,6 +93,15 @@ def test_affinity_labels_brute_force():
                 assert neg[k, i, j] == (not ignored and a != b)
 
 
+def test_smallest_crop_that_config_validation_allows_holds_pairs():
+    # irn.crop_size >= 4 * (2 * radius - 1): a 19-cell map at radius 10 has exactly one column
+    # of source cells with all their pairs; 18 cells have none (the config refuses them).
+    labels = affinity_labels(np.zeros((19, 19), np.uint8), 10)
+    assert labels[0].shape == (len(search_directions(10)), 10, 1)
+    assert labels[0].all()
+    assert affinity_labels(np.zeros((19, 18), np.uint8), 10)[0].size == 0
+
+
 def test_irn_loss_matches_formula():
     rng = np.random.default_rng(2)
     aff = torch.tensor(rng.random((2, 3, 4, 5)))
