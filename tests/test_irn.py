@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import inspect
 import itertools
 import math
 from pathlib import Path
@@ -21,7 +22,7 @@ from amnseg.ops.affinity import (
     path_offsets,
     search_directions,
 )
-from amnseg.ops.random_walk import random_walk
+from amnseg.ops.random_walk import random_walk, transition_weights
 
 # The key lists of the authors' files (copied from ../shared/reference/).
 REFERENCE = Path(__file__).resolve().parent / "data"
@@ -47,7 +48,7 @@ def test_radius_ten_matches_reference_displacement_count():
     assert f", {len(search_directions(10))}," in shape
 
 
-@pytest.mark.parametrize("radius", [3, 5])
+@pytest.mark.parametrize("radius", [3, 5, 10])
 def test_path_offsets_brute_force(radius):
     for dy, dx in search_directions(radius):
         expected = []
@@ -176,6 +177,32 @@ def test_random_walk_constants_reach_the_product(beta, exp_times, radius):
     dense = dense_random_walk(maps, boundary, radius, beta, exp_times)
     ours = random_walk(maps, boundary, radius, beta, exp_times)
     assert ((ours - dense).abs().max() / dense.abs().max()).item() <= 1e-9
+
+
+def test_transition_weights_are_the_dense_transition_matrix():
+    # Rebuild T from the stencil (offsets, weights) and compare with the dense reference T.
+    generator = torch.Generator().manual_seed(3)
+    height, width, radius, beta = 6, 7, 3, 10.0
+    boundary = torch.rand((height, width), generator=generator, dtype=torch.float64) ** 2
+    offsets, weights = transition_weights(boundary, radius, beta)
+    n = height * width
+    from_stencil = torch.zeros(n, n, dtype=torch.float64)
+    for k, (dy, dx) in enumerate(offsets):
+        for y, x in itertools.product(range(height), range(width)):
+            if 0 <= y + dy < height and 0 <= x + dx < width:
+                # x'[j] = sum_k w[k, j] x[j + offset_k]  <=>  T[j + offset_k, j] = w[k, j]
+                from_stencil[(y + dy) * width + x + dx, y * width + x] += weights[k, y, x]
+    identity = torch.eye(n, dtype=torch.float64).reshape(n, height, width)
+    dense = dense_random_walk(identity, boundary, radius, beta, 0).reshape(n, n)
+    assert torch.allclose(from_stencil, dense, rtol=0, atol=1e-12)
+
+
+def test_random_walk_defaults_are_the_reference_constants():
+    # METHOD.md section 5: radius 5, beta 10, 2^8 steps.
+    defaults = {name: p.default for name, p in inspect.signature(random_walk).parameters.items()
+                if p.default is not inspect.Parameter.empty}
+    assert defaults["radius"] == 5 and defaults["beta"] == 10.0 and defaults["exp_times"] == 8
+    assert defaults["precision"] == torch.float64
 
 
 def test_random_walk_handles_zero_maps_and_full_boundaries():

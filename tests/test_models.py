@@ -10,7 +10,13 @@ from PIL import Image
 
 from amnseg.errors import AmnsegError
 from amnseg.models import CAMNet, FixedStatsBatchNorm2d, ResNet, load_imagenet_weights
-from amnseg.ops.multiscale import max_normalize, multiscale_cam, multiscale_inputs
+from amnseg.ops.multiscale import (
+    max_normalize,
+    multiscale_cam,
+    multiscale_inputs,
+    strided_size,
+    strided_up_size,
+)
 
 # The key lists of the authors' files (copied from ../shared/reference/).
 REFERENCE = Path(__file__).resolve().parent / "data"
@@ -147,6 +153,30 @@ def test_multiscale_cam_equals_per_scale_loop():
     assert torch.all(normalized <= 1.0)
     torch.testing.assert_close(normalized.amax(dim=(1, 2)), full.amax(dim=(1, 2)) / (
         full.amax(dim=(1, 2)) + 1e-5))
+
+
+@torch.no_grad()
+def test_multiscale_cam_without_flip_and_sizes_one_past_the_stride():
+    # 33 x 49 is one pixel past a multiple of 4 and 16: the maps are ceil(size / stride).
+    assert strided_size(33, 49, 4) == (9, 13) and strided_size(33, 49, 16) == (3, 4)
+    assert strided_up_size(33, 49, 16) == (48, 64)
+    torch.manual_seed(2)
+    model = CAMNet(ResNet(depth=18, width=0.25, strides=[2, 2, 2, 1]), 3).eval()
+    torch.nn.init.normal_(model.classifier.weight)
+    image = np.random.default_rng(5).integers(0, 256, (33, 49, 3), dtype=np.uint8)
+    scales = [1.0, 0.5]
+
+    def cams(picture, flip):
+        return multiscale_cam(model.cam, multiscale_inputs(picture, scales, flip), (33, 49), 16)
+
+    plain, both = cams(image, False), cams(image, True)
+    mirrored = cams(image[:, ::-1].copy(), False)
+    assert plain[0].shape == (3, 9, 13) and plain[1].shape == (3, 33, 49)
+    # The mirrored image's stride-4 maps, flipped back, are what flip=True adds. (The full-size
+    # maps are upsampled to a multiple of the stride and cropped on the right, which does not
+    # commute with a flip, so the identity holds at stride 4 only.)
+    assert not torch.allclose(plain[0], mirrored[0].flip(-1))  # the image is not symmetric
+    torch.testing.assert_close(plain[0] + mirrored[0].flip(-1), both[0], rtol=1e-4, atol=1e-5)
 
 
 def test_cam_score_maps_keep_gt_classes_and_divide_by_max_plus_epsilon():

@@ -139,6 +139,18 @@ def test_crf_parameters_reach_pydensecrf(monkeypatch):
     assert calls["inference"] == {"iterations": 4}
 
 
+def test_crf_accepts_read_only_images():
+    # Images decoded by PIL and memory-mapped arrays can be read-only; pydensecrf needs a
+    # writable buffer, so the CRF works on its own copy.
+    image = np.zeros((30, 30, 3), np.uint8)
+    image[:, 15:] = 200
+    labels = np.zeros((30, 30), np.int64)
+    labels[:, 12:] = 1
+    expected = crf_refine_labels(image, labels, 2, CrfConfig())
+    image.setflags(write=False)
+    np.testing.assert_array_equal(crf_refine_labels(image, labels, 2, CrfConfig()), expected)
+
+
 def test_crf_follows_image_edges():
     image = np.zeros((30, 30, 3), np.uint8)
     image[:, 15:] = 200
