@@ -236,3 +236,29 @@ def test_amn_training_targets_sample_cell_centres(tmp_path):
     np.testing.assert_allclose(crop.numpy(), normalized(image, 1.0).numpy(), atol=1e-5)
     assert target.dtype == torch.int64 and target.shape == (4, 4)
     np.testing.assert_array_equal(target.numpy(), seed[8::16, 8::16])  # 16i + 8, not 16i
+
+
+def test_train_amn_runs_its_epochs_of_its_batches(tiny_dataset, tmp_path):
+    import json
+
+    from conftest import tiny_config
+
+    from amnseg.data import build_dataset
+    from amnseg.io import save_label_png
+    from amnseg.stages.amn import train_amn
+
+    config = tiny_config(tiny_dataset, tmp_path / "run", "amn.epochs=3", "amn.batch_size=4",
+                         "amn.crop_size=32", "amn.eval_images=0")
+    seeds = tmp_path / "seeds"
+    seeds.mkdir()
+    rng = np.random.default_rng(0)
+    dataset = build_dataset(config.data, "train")
+    for stem in dataset.stems:
+        save_label_png(seeds / f"{stem}.png", rng.choice([0, 1, 2, 255], (32, 32)).astype(np.uint8))
+    train_amn(config, seeds)
+    log = [json.loads(line) for line in (tmp_path / "run" / "amn" / "log.jsonl").open()]
+    assert [record["epoch"] for record in log] == [1, 2, 3]
+    state = torch.load(tmp_path / "run" / "amn" / "last.pt", weights_only=True)
+    # 8 images in batches of 4: 2 steps per epoch, 6 in all (Adam counts them).
+    steps = {int(v["step"]) for v in state["optimizer"]["state"].values()}
+    assert steps == {len(dataset) // 4 * 3}
