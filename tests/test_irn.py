@@ -341,3 +341,64 @@ def test_pseudo_mask_composes_boundary_walk_and_scores():
     clear = (margin[-1] - margin[-2]).numpy() > 1e-4  # pixels not decided by rounding
     np.testing.assert_array_equal(got[clear], expected[clear])
     assert clear.mean() > 0.99 and len(np.unique(got)) == 3
+
+
+def test_irn_training_loss_is_the_pair_loss_of_path_affinities():
+    from amnseg.stages.irn import irn_training_loss
+
+    torch.manual_seed(4)
+    model = BoundaryNet(ResNet(depth=18, width=0.125, strides=[2, 2, 1, 1])).eval()
+    images = torch.randn(2, 3, 40, 48)
+    radius = 3
+    with torch.no_grad():
+        boundary = torch.sigmoid(model(images))[:, 0].double()  # (2, 10, 12)
+    rng = np.random.default_rng(8)
+    seeds = rng.choice([0, 1, 2, 255], size=(2, 10, 12)).astype(np.uint8)
+    labels = [torch.from_numpy(np.stack(group)) for group in
+              zip(*(affinity_labels(seed, radius) for seed in seeds), strict=True)]
+    with torch.no_grad():
+        got = irn_training_loss(model, images, *labels, radius=radius).item()
+    # Brute force: affinity of source (y, x) and direction d = 1 - max boundary on the path.
+    rows, cols = pair_region(10, 12, radius)
+    affinity = np.zeros(labels[0].shape)
+    for b in range(2):
+        for k, (dy, dx) in enumerate(search_directions(radius)):
+            for i, y in enumerate(range(rows.start, rows.stop)):
+                for j, x in enumerate(range(cols.start, cols.stop)):
+                    affinity[b, k, i, j] = 1 - max(
+                        boundary[b, y + py, x + px].item() for py, px in path_offsets((dy, dx)))
+    bg, fg, neg = (label.numpy() for label in labels)
+    pos_loss, neg_loss = -np.log(affinity + 1e-5), -np.log(1 + 1e-5 - affinity)
+    mean = lambda m, loss: (m * loss).sum() / (m.sum() + 1e-5)  # noqa: E731
+    expected = ((mean(bg, pos_loss) + mean(fg, pos_loss)) / 2 + mean(neg, neg_loss)) / 2
+    assert got == pytest.approx(expected, rel=1e-5)
+
+
+def test_train_irn_runs_its_epochs_of_its_batches_down_to_lr_zero(tiny_dataset, tmp_path):
+    import json
+
+    from conftest import tiny_config
+
+    from amnseg.data import build_dataset
+    from amnseg.io import save_label_png
+    from amnseg.stages.irn import train_irn
+
+    config = tiny_config(tiny_dataset, tmp_path / "run", "irn.epochs=3", "irn.batch_size=4",
+                         "irn.crop_size=32", "irn.radius=3")
+    seeds = tmp_path / "seeds"
+    seeds.mkdir()
+    rng = np.random.default_rng(0)
+    dataset = build_dataset(config.data, "train")
+    for stem in dataset.stems:
+        save_label_png(seeds / f"{stem}.png", rng.choice([0, 1, 2, 255], (32, 32)).astype(np.uint8))
+    train_irn(config, seeds)
+    log = [json.loads(line) for line in (tmp_path / "run" / "irn" / "log.jsonl").open()]
+    assert [record["epoch"] for record in log] == [1, 2, 3]
+    state = torch.load(tmp_path / "run" / "irn" / "last.pt", weights_only=True)
+    # 8 images in batches of 4: 2 steps per epoch; the poly schedule spans exactly those 6.
+    assert state["scheduler"]["last_epoch"] == len(dataset) // 4 * 3
+    assert all(lr == 0.0 for lr in state["scheduler"]["_last_lr"])
+    # After epochs 1 and 2 (steps 2 and 4 of 6): lr0 (1 - 2/6)^0.9 and lr0 (1 - 4/6)^0.9.
+    first, second = np.array(log[0]["lr"]), np.array(log[1]["lr"])
+    assert (first > 0).all()
+    np.testing.assert_allclose(first / second, 2.0**0.9, rtol=1e-9)

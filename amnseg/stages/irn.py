@@ -9,6 +9,7 @@ palette PNGs) for every image of the run, resuming per image.
 
 from __future__ import annotations
 
+from functools import partial
 from pathlib import Path
 
 import numpy as np
@@ -86,6 +87,19 @@ class IrnTrainingItems:
         return image, torch.from_numpy(bg_pos), torch.from_numpy(fg_pos), torch.from_numpy(neg)
 
 
+def irn_training_loss(
+    model: BoundaryNet, images: torch.Tensor, bg_pos: torch.Tensor, fg_pos: torch.Tensor,
+    neg: torch.Tensor, radius: int,
+) -> torch.Tensor:
+    """The IRN loss of a batch: boundary = sigmoid(model(images)) (B, h, w); the affinity of
+    each pair of ``pair_region`` x ``search_directions(radius)`` is 1 - the max boundary on its
+    path; pair labels (B, D, h', w') as from ``affinity_labels``."""
+    boundary = torch.sigmoid(model(images))[:, 0]
+    rows, cols = pair_region(*boundary.shape[-2:], radius)
+    affinity = path_affinities(boundary, radius)[..., rows, cols]
+    return irn_affinity_loss(affinity, bg_pos, fg_pos, neg)
+
+
 def train_irn(config: Config, amn_seeds_dir: Path) -> Path:
     """Train the boundary branch on pair labels from the AMN seeds of ``data.train_split``;
     write ``irn.pt``."""
@@ -99,15 +113,9 @@ def train_irn(config: Config, amn_seeds_dir: Path) -> Path:
     steps = steps_per_epoch(len(dataset), irn_cfg.batch_size, f"{config.data.root} (irn)")
     optimizer, scheduler = irn_optimizer(model, irn_cfg, steps * irn_cfg.epochs)
     make_item = IrnTrainingItems(amn_seeds_dir, irn_cfg)
-
-    def compute_loss(model: BoundaryNet, images, bg_pos, fg_pos, neg) -> torch.Tensor:
-        boundary = torch.sigmoid(model(images))[:, 0]
-        rows, cols = pair_region(*boundary.shape[-2:], irn_cfg.radius)
-        affinity = path_affinities(boundary, irn_cfg.radius)[..., rows, cols]
-        return irn_affinity_loss(affinity, bg_pos, fg_pos, neg)
-
     train_set = AugmentedSet(dataset, make_item, config.seed)
-    fit("irn", config, model, optimizer, scheduler, train_set, compute_loss, device,
+    fit("irn", config, model, optimizer, scheduler, train_set,
+        partial(irn_training_loss, radius=irn_cfg.radius), device,
         Schedule(irn_cfg.epochs, irn_cfg.batch_size))
     return save_model(
         checkpoint_path(config, "irn"), "irn", model, dataset.class_names, config.backbone
