@@ -2,6 +2,8 @@
 
 from __future__ import annotations
 
+import json
+
 import numpy as np
 import pytest
 import torch
@@ -43,6 +45,12 @@ def test_train_and_make_cams(tiny_dataset, tmp_path):
     assert checkpoint["class_names"] == ["square", "disc"]
     log = (tmp_path / "run" / "cam" / "log.jsonl").read_text().splitlines()
     assert len(log) == 2
+    # 8 images in batches of 4, 2 epochs: the poly decay spans 4 steps, so after epoch 1
+    # (step 2) the lr is lr (1 - 2/4)^0.9 (head: 10x), and 0 at the end.
+    first, last = json.loads(log[0])["lr"], json.loads(log[1])["lr"]
+    lr = config.cam.lr * 0.5**config.cam.poly_power
+    assert first == pytest.approx([lr, lr * config.cam.head_lr_mult], rel=1e-9)
+    assert last == [0.0, 0.0]
 
     maps_dir = cam_stage.make_cams(config)
     files = sorted(maps_dir.glob("*.npz"))

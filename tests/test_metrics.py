@@ -13,7 +13,7 @@ from torchmetrics.classification import MulticlassJaccardIndex
 
 from amnseg.data.base import SegDataset
 from amnseg.errors import AmnsegError
-from amnseg.io import ScoreMaps, load_json, save_score_maps
+from amnseg.io import ScoreMaps, load_json, load_score_maps, save_score_maps
 from amnseg.metrics import (
     IGNORE_INDEX,
     confusion_matrix,
@@ -329,6 +329,8 @@ def test_evaluate_maps_end_to_end(tmp_path, maps_set):
     assert result["optimal_threshold_mean"] == pytest.approx(optima.mean())
     assert result["optimal_threshold_std"] == pytest.approx(optima.std())
     assert list(result["optimal_threshold_quantiles"]) == ["p10", "p25", "p50", "p75", "p90"]
+    np.testing.assert_allclose(list(result["optimal_threshold_quantiles"].values()),
+                               np.quantile(optima, [0.10, 0.25, 0.50, 0.75, 0.90]))
     fg = np.concatenate([foreground_background_gap(s, g, i).fg for s, i, g in images.values()])
     bg = np.concatenate([foreground_background_gap(s, g, i).bg for s, i, g in images.values()])
     assert result["fg_mean_activation"] == pytest.approx(fg.mean())
@@ -359,6 +361,16 @@ def test_evaluate_maps_errors(tmp_path, maps_set):
         evaluate_maps(maps_dir, no_gt, GRID, out)
     with pytest.raises(AmnsegError, match="use="):
         evaluate_maps(maps_dir, dataset, GRID, out, use="half")
+    # Class ids must lie in 1..C (0 is the background, which maps files do not hold).
+    path = maps_dir / "c.3.npz"
+    good = load_score_maps(path)
+    for bad_id in (0, 4):
+        ids = good.class_ids.copy()
+        ids[0] = bad_id
+        save_score_maps(path, ScoreMaps(ids, good.strided, good.full))
+        with pytest.raises(AmnsegError, match=rf"c\.3\.npz: class ids .*{bad_id}.* outside 1\.\.3"):
+            evaluate_maps(maps_dir, dataset, GRID, out)
+    save_score_maps(path, good)
     dataset.masks["b_2"] = dataset.masks["b_2"][:-1]
     with pytest.raises(AmnsegError, match=r"b_2\.npz.*differ|b_2\.npz: maps are") as error:
         evaluate_maps(maps_dir, dataset, GRID, out)
