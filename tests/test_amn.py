@@ -8,6 +8,7 @@ import numpy as np
 import pytest
 import torch
 import torch.nn.functional as F
+from PIL import Image
 
 from amnseg.losses import amn_loss
 from amnseg.models import ResNet
@@ -262,3 +263,52 @@ def test_train_amn_runs_its_epochs_of_its_batches(tiny_dataset, tmp_path):
     # 8 images in batches of 4: 2 steps per epoch, 6 in all (Adam counts them).
     steps = {int(v["step"]) for v in state["optimizer"]["state"].values()}
     assert steps == {len(dataset) // 4 * 3}
+
+
+def test_amn_map_files_and_training_check_equal_direct_computation(tiny_dataset, tmp_path):
+    from conftest import tiny_config
+
+    from amnseg.checkpoints import load_model, save_model
+    from amnseg.data import build_dataset
+    from amnseg.io import load_score_maps, save_label_png
+    from amnseg.layout import checkpoint_path
+    from amnseg.metrics import confusion_matrix, miou, scores_to_labels
+    from amnseg.models import build_backbone
+    from amnseg.ops.multiscale import multiscale_inputs
+    from amnseg.stages.amn import amn_maps_for_image, make_amn_maps, quick_amn_miou
+
+    config = tiny_config(tiny_dataset, tmp_path / "run", "amn.scales=[1.0,0.5]",
+                         "amn.eval_images=3", "amn.eval_threshold=0.3")
+    dataset = build_dataset(config.data, "train")
+    torch.manual_seed(0)
+    model = AMN(build_backbone(config.backbone), dataset.num_classes)
+    torch.nn.init.normal_(model.label_enc.weight)
+    for conv in model.classifier[1].children():
+        torch.nn.init.normal_(conv.weight, std=0.05)
+    save_model(checkpoint_path(config, "amn"), "amn", model, dataset.class_names,
+               config.backbone)
+    seeds = tmp_path / "seeds"
+    seeds.mkdir()
+    rng = np.random.default_rng(1)
+    for stem in dataset.stems:
+        save_label_png(seeds / f"{stem}.png", rng.choice([0, 1, 2, 255], (32, 32)).astype(np.uint8))
+
+    out_dir = make_amn_maps(config, seeds)
+    model = load_model(checkpoint_path(config, "amn"), "amn", dataset.class_names).eval()
+    confusion = 0
+    for index, stem in enumerate(dataset.stems):
+        image = dataset.image(stem)
+        label = torch.from_numpy(dataset.label(stem))
+        seed = np.array(Image.open(seeds / f"{stem}.png"))
+        # The files: every scale with its mirror image (the reference's AMN maps use flips).
+        expected = amn_maps_for_image(model, multiscale_inputs(image, [1.0, 0.5], flip=True),
+                                      label, seed, "cpu")
+        got = load_score_maps(out_dir / f"{stem}.npz")
+        np.testing.assert_array_equal(got.class_ids, expected.class_ids)
+        np.testing.assert_allclose(got.full, expected.full, rtol=1e-5, atol=1e-6)
+        np.testing.assert_allclose(got.strided, expected.strided, rtol=1e-5, atol=1e-6)
+        if index < 3:  # the training check: scale 1 + flip, first amn.eval_images images
+            single = amn_maps_for_image(model, multiscale_inputs(image, [1.0]), label, seed, "cpu")
+            prediction = scores_to_labels(single.full, single.class_ids, 0.3)
+            confusion = confusion + confusion_matrix(prediction, dataset.mask(stem), 3)
+    assert quick_amn_miou(model, dataset, seeds, config, "cpu") == pytest.approx(miou(confusion))
