@@ -1,0 +1,159 @@
+"""The whole pipeline on a synthetic VOC-size dataset: each stage's images/s and the projected
+time of a full VOC / COCO run at the reference epochs.
+
+Makes ``--images`` images of 500x375 with 1-3 of the 20 VOC classes drawn as textured ellipses
+(folder format, with masks, so every stage also evaluates), runs ``amnseg run voc12`` on them
+with random weights (speed does not depend on them) and reads each stage's time from the run's
+manifest. Training stages run one epoch (``seg``: ``--seg-steps`` iterations); the projection
+scales each stage's per-image cost to the reference schedule:
+
+    cam, amn: 5 epochs; irn: 3 epochs; seg: 20k (VOC) / 100k (COCO) iterations of 10 crops;
+    maps, seeds, masks: once per training image (VOC train_aug 10,582; COCO train 82,783).
+
+Fixed costs (model building, worker start-up, evaluation of a few images) are counted in the
+per-image rate, so small ``--images`` overstate the projection a little.
+
+    python -m benchmarks.bench_pipeline [--images 32] [--device auto] [--seg-steps 2]
+        [--workers 4] [KEY=VALUE ...]
+"""
+
+from __future__ import annotations
+
+import argparse
+import shutil
+import tempfile
+import time
+from pathlib import Path
+
+import numpy as np
+from PIL import Image
+
+from amnseg.config import load_config
+from amnseg.data.voc import VOC_CLASSES
+from amnseg.pipeline import STAGE_NAMES, run_pipeline
+from amnseg.training import resolve_device
+from benchmarks.common import write_section
+
+WIDTH, HEIGHT = 500, 375
+VOC_TRAIN_AUG, COCO_TRAIN = 10_582, 82_783
+SCHEDULE = {"cam": 5, "amn": 5, "irn": 3}  # reference epochs of the training stages
+VAL_IMAGES = 2
+SEG_CROPS = {"voc": 20_000 * 10, "coco": 100_000 * 10}
+
+
+def make_dataset(root: Path, count: int, seed: int = 0) -> None:
+    """``count`` VOC-size images in the folder format, each with 1-3 classes and its mask."""
+    rng = np.random.default_rng(seed)
+    for name in ("images", "masks"):
+        (root / name).mkdir(parents=True, exist_ok=True)
+    (root / "classes.txt").write_text("\n".join(VOC_CLASSES) + "\n")
+    yy, xx = np.mgrid[0:HEIGHT, 0:WIDTH]
+    rows = []
+    for index in range(count):
+        stem = f"img{index:05d}"
+        image = rng.integers(60, 120, (HEIGHT, WIDTH, 3)).astype(np.float32)
+        mask = np.zeros((HEIGHT, WIDTH), np.uint8)
+        classes = sorted(rng.choice(20, size=int(rng.integers(1, 4)), replace=False) + 1)
+        for class_index in classes:
+            cy, cx = rng.uniform(0.2, 0.8) * HEIGHT, rng.uniform(0.2, 0.8) * WIDTH
+            ry, rx = rng.uniform(0.1, 0.3) * HEIGHT, rng.uniform(0.1, 0.3) * WIDTH
+            inside = ((yy - cy) / ry) ** 2 + ((xx - cx) / rx) ** 2 <= 1.0
+            colour = 40.0 + 10.0 * np.array([class_index % 5, class_index % 7, class_index % 3])
+            image[inside] = colour + rng.normal(0.0, 20.0, (int(inside.sum()), 3))
+            mask[inside] = class_index
+        Image.fromarray(np.clip(image, 0, 255).astype(np.uint8)).save(
+            root / "images" / f"{stem}.jpg", quality=90)
+        Image.fromarray(mask).save(root / "masks" / f"{stem}.png")
+        rows.append(f"{stem},{';'.join(VOC_CLASSES[c - 1] for c in classes)}")
+    (root / "labels.csv").write_text("\n".join(rows) + "\n")
+    # The segmentation net's evaluation (MSC + CRF per image) is timed on a few images only.
+    stems = [row.split(",")[0] for row in rows]
+    (root / "splits").mkdir(exist_ok=True)
+    (root / "splits" / "train.txt").write_text("\n".join(stems) + "\n")
+    (root / "splits" / "val.txt").write_text("\n".join(stems[:VAL_IMAGES]) + "\n")
+
+
+def images_per_stage(config, count: int) -> dict[str, int]:
+    """How many images (training: samples seen) each stage handles in this run."""
+    def seen(batch_size: int, epochs: int) -> int:
+        return count // batch_size * batch_size * epochs
+
+    return {
+        "cam": seen(config.cam.batch_size, config.cam.epochs),
+        "amn": seen(config.amn.batch_size, config.amn.epochs),
+        "irn": seen(config.irn.batch_size, config.irn.epochs),
+        "seg": config.seg.iterations * config.seg.batch_size * config.seg.accumulation,
+        **{stage: count for stage in ("cam_maps", "cam_seeds", "amn_maps", "amn_seeds",
+                                      "masks")},
+    }
+
+
+def projected_images(stage: str, dataset: str) -> int:
+    """Images (training: samples seen) of ``stage`` in a full run on VOC or COCO."""
+    train = VOC_TRAIN_AUG if dataset == "voc" else COCO_TRAIN
+    if stage == "seg":
+        return SEG_CROPS[dataset]
+    return train * SCHEDULE.get(stage, 1)
+
+
+def main() -> None:
+    parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
+    parser.add_argument("--images", type=int, default=32)
+    parser.add_argument("--device", default="auto")
+    parser.add_argument("--seg-steps", type=int, default=2)
+    parser.add_argument("--workers", type=int, default=4, help="loader and CRF workers")
+    parser.add_argument("--keep", help="keep the data and run folder here")
+    parser.add_argument("overrides", nargs="*", help="extra KEY=VALUE config overrides")
+    args = parser.parse_args()
+
+    work = Path(args.keep) if args.keep else Path(tempfile.mkdtemp(prefix="amnseg-bench-"))
+    data_root, run_dir = work / "data", work / "run"
+    shutil.rmtree(work / "run", ignore_errors=True)
+    if not (data_root / "labels.csv").is_file():
+        make_dataset(data_root, args.images)
+    overrides = [
+        "data.kind=folder", f"data.root={data_root}", "data.train_split=train",
+        "data.infer_split=train", "data.val_split=val", f"data.num_workers={args.workers}",
+        f"run_dir={run_dir}", f"device={args.device}", "backbone.pretrained=null",
+        "cam.epochs=1", "amn.epochs=1", "amn.eval_images=0", "irn.epochs=1", "seg.init=null",
+        f"seg.iterations={args.seg_steps}", "seg.eval_images=1", f"seeds.workers={args.workers}",
+        f"seg.crf_workers={args.workers}", *args.overrides,
+    ]
+    config = load_config("voc12", overrides)
+    started = time.perf_counter()
+    manifest = run_pipeline(config)
+    wall = time.perf_counter() - started
+    handled = images_per_stage(config, args.images)
+
+    lines = [
+        f"{args.images} synthetic 500x375 images, 20 classes, `voc12` settings with random "
+        f"weights, {args.workers} loader/CRF workers; training stages 1 epoch (seg "
+        f"{args.seg_steps} iterations of {config.seg.batch_size}x{config.seg.accumulation} "
+        f"crops, evaluated on {VAL_IMAGES} images); each stage's time includes its "
+        f"evaluation. Whole run {wall:.0f} s.",
+        "",
+        "| stage | images | seconds | images/s | projected VOC (10,582) h | "
+        "projected COCO (82,783) h |",
+        "|---|---|---|---|---|---|",
+    ]
+    totals = {"voc": 0.0, "coco": 0.0}
+    for stage in STAGE_NAMES:
+        record = manifest["stages"].get(stage, {})
+        if stage not in handled or record.get("status") != "done":
+            continue
+        seconds = float(record["seconds"])
+        per_image = seconds / handled[stage]
+        projection = {name: per_image * projected_images(stage, name) / 3600 for name in totals}
+        for name in totals:
+            totals[name] += projection[name]
+        lines.append(f"| {stage} | {handled[stage]} | {seconds:.1f} | {1 / per_image:.2f} | "
+                     f"{projection['voc']:.2f} | {projection['coco']:.2f} |")
+    lines.append(f"| **whole pipeline** | | | | **{totals['voc']:.1f}** | "
+                 f"**{totals['coco']:.1f}** |")
+    write_section(f"Whole pipeline, {resolve_device(config.device).type}", "\n".join(lines))
+    if not args.keep:
+        shutil.rmtree(work, ignore_errors=True)
+
+
+if __name__ == "__main__":
+    main()
