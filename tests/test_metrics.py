@@ -348,6 +348,23 @@ def test_evaluate_maps_end_to_end(tmp_path, maps_set):
     assert strided["best_miou"] == pytest.approx(max(direct_strided))
 
 
+def test_oracle_counts_images_whose_optimum_is_the_lowest_threshold(tmp_path, maps_set):
+    maps_dir, dataset, images = maps_set
+    # A faint object: only at threshold 0.00 does it beat the background fill.
+    gt = np.zeros((24, 24), np.uint8)
+    gt[5:15, 6:18] = 2
+    faint = np.where(gt == 2, 0.01, 0.0).astype(np.float32)[None]
+    save_score_maps(maps_dir / "faint.npz", ScoreMaps(np.array([2]), faint[:, ::4, ::4], faint))
+    dataset = ArrayDataset({**dataset.masks, "faint": gt})
+    images = {**images, "faint": (faint, np.array([2]), gt)}
+    result = evaluate_maps(maps_dir, dataset, GRID, tmp_path / "eval", name="cam")
+    assert result["optimal_thresholds"]["faint"] == 0.0
+    # The oracle: every image's confusion at its own optimal threshold, summed.
+    oracle = sum(confusion_matrix(scores_to_labels(s, ids, result["optimal_thresholds"][stem]),
+                                  gt_, 4) for stem, (s, ids, gt_) in images.items())
+    assert result["oracle_miou"] == pytest.approx(miou(oracle))
+
+
 def test_evaluate_maps_errors(tmp_path, maps_set):
     maps_dir, dataset, _ = maps_set
     out = tmp_path / "eval"
