@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import json
 from pathlib import Path
 
 import numpy as np
@@ -70,6 +71,28 @@ def tiny_config(data_root: Path, run_dir: Path, *overrides: str) -> Config:
             *overrides,
         ],
     )
+
+
+def write_random_seeds(config: Config, folder: Path, seed: int = 0) -> list[str]:
+    """Seed PNGs (0 / 1 / 2 / 255 at random) for every image of the config's train split, as a
+    seed stage would write them; returns the stems."""
+    from amnseg.data import build_dataset
+    from amnseg.io import save_label_png
+
+    folder.mkdir(parents=True, exist_ok=True)
+    rng = np.random.default_rng(seed)
+    dataset = build_dataset(config.data, config.data.train_split)
+    for stem in dataset.stems:
+        height, width = dataset.image(stem).shape[:2]
+        labels = rng.choice([0, 1, 2, 255], (height, width)).astype(np.uint8)
+        save_label_png(folder / f"{stem}.png", labels)
+    return list(dataset.stems)
+
+
+def training_log(config: Config, stage: str) -> list[dict]:
+    """The records of ``<run_dir>/<stage>/log.jsonl``."""
+    path = Path(config.run_dir) / stage / "log.jsonl"
+    return [json.loads(line) for line in path.read_text().splitlines()]
 
 
 @pytest.fixture

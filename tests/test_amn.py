@@ -240,37 +240,27 @@ def test_amn_training_targets_sample_cell_centres(tmp_path):
 
 
 def test_train_amn_runs_its_epochs_of_its_batches(tiny_dataset, tmp_path):
-    import json
+    from conftest import tiny_config, training_log, write_random_seeds
 
-    from conftest import tiny_config
-
-    from amnseg.data import build_dataset
-    from amnseg.io import save_label_png
     from amnseg.stages.amn import train_amn
 
     config = tiny_config(tiny_dataset, tmp_path / "run", "amn.epochs=3", "amn.batch_size=4",
                          "amn.crop_size=32", "amn.eval_images=0")
-    seeds = tmp_path / "seeds"
-    seeds.mkdir()
-    rng = np.random.default_rng(0)
-    dataset = build_dataset(config.data, "train")
-    for stem in dataset.stems:
-        save_label_png(seeds / f"{stem}.png", rng.choice([0, 1, 2, 255], (32, 32)).astype(np.uint8))
-    train_amn(config, seeds)
-    log = [json.loads(line) for line in (tmp_path / "run" / "amn" / "log.jsonl").open()]
-    assert [record["epoch"] for record in log] == [1, 2, 3]
+    stems = write_random_seeds(config, tmp_path / "seeds")
+    train_amn(config, tmp_path / "seeds")
+    assert [record["epoch"] for record in training_log(config, "amn")] == [1, 2, 3]
     state = torch.load(tmp_path / "run" / "amn" / "last.pt", weights_only=True)
     # 8 images in batches of 4: 2 steps per epoch, 6 in all (Adam counts them).
     steps = {int(v["step"]) for v in state["optimizer"]["state"].values()}
-    assert steps == {len(dataset) // 4 * 3}
+    assert steps == {len(stems) // 4 * 3}
 
 
 def test_amn_map_files_and_training_check_equal_direct_computation(tiny_dataset, tmp_path):
-    from conftest import tiny_config
+    from conftest import tiny_config, write_random_seeds
 
     from amnseg.checkpoints import load_model, save_model
     from amnseg.data import build_dataset
-    from amnseg.io import load_score_maps, save_label_png
+    from amnseg.io import load_score_maps
     from amnseg.layout import checkpoint_path
     from amnseg.metrics import confusion_matrix, miou, scores_to_labels
     from amnseg.models import build_backbone
@@ -288,10 +278,7 @@ def test_amn_map_files_and_training_check_equal_direct_computation(tiny_dataset,
     save_model(checkpoint_path(config, "amn"), "amn", model, dataset.class_names,
                config.backbone)
     seeds = tmp_path / "seeds"
-    seeds.mkdir()
-    rng = np.random.default_rng(1)
-    for stem in dataset.stems:
-        save_label_png(seeds / f"{stem}.png", rng.choice([0, 1, 2, 255], (32, 32)).astype(np.uint8))
+    write_random_seeds(config, seeds, seed=1)
 
     out_dir = make_amn_maps(config, seeds)
     model = load_model(checkpoint_path(config, "amn"), "amn", dataset.class_names).eval()

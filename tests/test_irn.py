@@ -375,28 +375,19 @@ def test_irn_training_loss_is_the_pair_loss_of_path_affinities():
 
 
 def test_train_irn_runs_its_epochs_of_its_batches_down_to_lr_zero(tiny_dataset, tmp_path):
-    import json
+    from conftest import tiny_config, training_log, write_random_seeds
 
-    from conftest import tiny_config
-
-    from amnseg.data import build_dataset
-    from amnseg.io import save_label_png
     from amnseg.stages.irn import train_irn
 
     config = tiny_config(tiny_dataset, tmp_path / "run", "irn.epochs=3", "irn.batch_size=4",
                          "irn.crop_size=32", "irn.radius=3")
-    seeds = tmp_path / "seeds"
-    seeds.mkdir()
-    rng = np.random.default_rng(0)
-    dataset = build_dataset(config.data, "train")
-    for stem in dataset.stems:
-        save_label_png(seeds / f"{stem}.png", rng.choice([0, 1, 2, 255], (32, 32)).astype(np.uint8))
-    train_irn(config, seeds)
-    log = [json.loads(line) for line in (tmp_path / "run" / "irn" / "log.jsonl").open()]
+    stems = write_random_seeds(config, tmp_path / "seeds")
+    train_irn(config, tmp_path / "seeds")
+    log = training_log(config, "irn")
     assert [record["epoch"] for record in log] == [1, 2, 3]
     state = torch.load(tmp_path / "run" / "irn" / "last.pt", weights_only=True)
     # 8 images in batches of 4: 2 steps per epoch; the poly schedule spans exactly those 6.
-    assert state["scheduler"]["last_epoch"] == len(dataset) // 4 * 3
+    assert state["scheduler"]["last_epoch"] == len(stems) // 4 * 3
     assert all(lr == 0.0 for lr in state["scheduler"]["_last_lr"])
     # After epochs 1 and 2 (steps 2 and 4 of 6): lr0 (1 - 2/6)^0.9 and lr0 (1 - 4/6)^0.9.
     first, second = np.array(log[0]["lr"]), np.array(log[1]["lr"])
