@@ -241,6 +241,9 @@ class Config:
     # Under torchrun: synchronise the statistics of BatchNorm layers that train (backbone.norm:
     # batch, e.g. the demo) across ranks. Fixed-statistics BatchNorm (the reference) needs none.
     sync_batchnorm: bool = False
+    # Map files (.npz) zip-compressed: ~25 % smaller, but writing one VOC-size file takes ~20x
+    # longer (benchmarks/RESULTS.md). false stores the same values uncompressed.
+    compress_maps: bool = True
     data: DataConfig = field(default_factory=DataConfig)
     backbone: BackboneConfig = field(default_factory=BackboneConfig)
     cam: CamConfig = field(default_factory=CamConfig)
@@ -308,6 +311,9 @@ def _choice(value: Any, key: str, choices: tuple[Any, ...]) -> None:
 def validate(config: Config) -> Config:
     """Check every option's type and range; the first bad one is a one-line AmnsegError."""
     _require(bool(str(config.run_dir).strip()), "run_dir", config.run_dir, "must not be empty")
+    for key in ("compress_maps", "sync_batchnorm"):
+        _require(isinstance(getattr(config, key), bool), key, getattr(config, key),
+                 "must be true or false")
     data = config.data
     _choice(data.kind, "data.kind", ("voc", "coco", "folder"))
     for name in ("train_split", "infer_split"):

@@ -115,10 +115,12 @@ class ScoreMaps:
     full: np.ndarray
 
 
-def save_score_maps(path: str | Path, maps: ScoreMaps) -> None:
-    """Write maps as a compressed ``.npz`` (plain arrays, readable without pickle)."""
+def save_score_maps(path: str | Path, maps: ScoreMaps, compress: bool = True) -> None:
+    """Write maps as an ``.npz`` (plain arrays, readable without pickle), zip-compressed or
+    not (the same values either way; ``load_score_maps`` reads both)."""
+    save = np.savez_compressed if compress else np.savez
     with atomic_path(path) as tmp, open(tmp, "wb") as f:
-        np.savez_compressed(
+        save(
             f,
             class_ids=np.asarray(maps.class_ids, dtype=np.int64),
             strided=np.asarray(maps.strided, dtype=np.float32),

@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import math
+import zipfile
 
 import numpy as np
 import pytest
@@ -268,7 +269,7 @@ def test_amn_map_files_and_training_check_equal_direct_computation(tiny_dataset,
     from amnseg.stages.amn import amn_maps_for_image, make_amn_maps, quick_amn_miou
 
     config = tiny_config(tiny_dataset, tmp_path / "run", "amn.scales=[1.0,0.5]",
-                         "amn.eval_images=3", "amn.eval_threshold=0.3")
+                         "amn.eval_images=3", "amn.eval_threshold=0.3", "compress_maps=false")
     dataset = build_dataset(config.data, "train")
     torch.manual_seed(0)
     model = AMN(build_backbone(config.backbone), dataset.num_classes)
@@ -291,6 +292,8 @@ def test_amn_map_files_and_training_check_equal_direct_computation(tiny_dataset,
         expected = amn_maps_for_image(model, multiscale_inputs(image, [1.0, 0.5], flip=True),
                                       label, seed, "cpu")
         got = load_score_maps(out_dir / f"{stem}.npz")
+        with zipfile.ZipFile(out_dir / f"{stem}.npz") as stored:  # compress_maps=false
+            assert {i.compress_type for i in stored.infolist()} == {zipfile.ZIP_STORED}
         np.testing.assert_array_equal(got.class_ids, expected.class_ids)
         np.testing.assert_allclose(got.full, expected.full, rtol=1e-5, atol=1e-6)
         np.testing.assert_allclose(got.strided, expected.strided, rtol=1e-5, atol=1e-6)

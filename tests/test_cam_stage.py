@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import json
+import zipfile
 
 import numpy as np
 import pytest
@@ -74,6 +75,17 @@ def test_train_and_make_cams(tiny_dataset, tmp_path):
         np.testing.assert_allclose(maps.full, max_normalize(full[keep]).numpy(), atol=1e-6)
         np.testing.assert_allclose(maps.strided, max_normalize(strided[keep]).numpy(), atol=1e-6)
         assert maps.strided.shape[1:] == (8, 8) and maps.full.shape[1:] == (32, 32)
+
+    # compress_maps=false: the same arrays, stored without zip compression.
+    plain_config = tiny_config(tiny_dataset, tmp_path / "plain", "compress_maps=false")
+    plain_dir = cam_stage.make_cams(plain_config, checkpoint_path)
+    for path in files:
+        with zipfile.ZipFile(path) as packed, zipfile.ZipFile(plain_dir / path.name) as plain:
+            assert {i.compress_type for i in packed.infolist()} == {zipfile.ZIP_DEFLATED}
+            assert {i.compress_type for i in plain.infolist()} == {zipfile.ZIP_STORED}
+        for key in ("class_ids", "strided", "full"):
+            with np.load(path) as packed, np.load(plain_dir / path.name) as plain:
+                np.testing.assert_array_equal(packed[key], plain[key])
 
     # Resume per image: a deleted map is recomputed identically, the others are kept.
     victim = files[3]

@@ -176,7 +176,7 @@ def make_amn_maps(config: Config, cam_seeds_dir: Path, checkpoint: Path | None =
     ):
         seed = read_seed(cam_seeds_dir, stem, tuple(size))
         maps = amn_maps_for_image(job.model, batches, label, seed, job.device)
-        save_score_maps(output_file(out_dir, stem, ".npz"), maps)
+        save_score_maps(output_file(out_dir, stem, ".npz"), maps, config.compress_maps)
     distributed.barrier()  # every rank's share is written
     return out_dir
 

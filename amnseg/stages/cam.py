@@ -116,6 +116,6 @@ def make_cams(config: Config, checkpoint: Path | None = None) -> Path:
         inputs.loader(config.data.num_workers), desc="cam maps", total=len(job.todo)
     ):
         maps = cam_score_maps(job.model, batches, label, tuple(size), job.device)
-        save_score_maps(output_file(out_dir, stem, ".npz"), maps)
+        save_score_maps(output_file(out_dir, stem, ".npz"), maps, config.compress_maps)
     distributed.barrier()  # every rank's share is written
     return out_dir
