@@ -339,6 +339,42 @@ def test_init_files_without_prefix_or_with_another_head_load_their_backbone(tmp_
     assert abs(model.base.aspp.c0.weight.std().item() - 0.01) < 0.002  # fresh N(0, 0.01)
 
 
+def test_init_file_for_the_same_classes_keeps_its_head(tmp_path):
+    init = synthetic_deeplab(prefix="")  # 21 outputs: VOC's 20 classes + background
+    torch.save(init, tmp_path / "voc_init.pth")
+    config = load_config("voc12", [f"run_dir={tmp_path}", f"seg.init={tmp_path / 'voc_init.pth'}"])
+    model, _, description = seg_stage.initial_seg_model(config, 20)
+    assert "with its ASPP head" in description
+    for branch in range(4):
+        assert torch.equal(getattr(model.base.aspp, f"c{branch}").weight,
+                           init[f"aspp.c{branch}.weight"])
+    # The same file for 19 classes (20 outputs) keeps only the backbone.
+    _, _, description = seg_stage.initial_seg_model(config, 19)
+    assert "backbone only" in description
+
+
+@pytest.mark.parametrize("stage", ["cam", "amn"])
+def test_init_from_the_runs_classifier_or_amn_takes_its_backbone(tiny_dataset, tmp_path, stage):
+    from conftest import tiny_config
+
+    from amnseg.checkpoints import new_model, save_model
+    from amnseg.layout import checkpoint_path
+    from amnseg.models import build_backbone
+
+    config = tiny_config(tiny_dataset, tmp_path / "run", f"seg.init={stage}",
+                         "seg.backbone.depth=18", "seg.backbone.width=0.125",
+                         "seg.backbone.pretrained=null")
+    torch.manual_seed(3)
+    trained = new_model(stage, build_backbone(config.backbone), 2)
+    save_model(checkpoint_path(config, stage), stage, trained, ["square", "disc"],
+               config.backbone)
+    model, _, description = seg_stage.initial_seg_model(config, 2)
+    assert description == f"the run's {stage.upper()} backbone"
+    ours, theirs = model.base.backbone.state_dict(), trained.backbone.state_dict()
+    assert ours.keys() == theirs.keys()
+    assert all(torch.equal(ours[key], theirs[key]) for key in ours)
+
+
 def test_pickled_payload_is_refused(tmp_path):
     import pickle
 
