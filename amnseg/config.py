@@ -7,6 +7,7 @@ then ``key=value`` overrides from the command line, e.g. ``cam.epochs=3 data.roo
 from __future__ import annotations
 
 import dataclasses
+import difflib
 import hashlib
 import json
 import math
@@ -15,7 +16,7 @@ from pathlib import Path
 from typing import Any
 
 from omegaconf import OmegaConf
-from omegaconf.errors import OmegaConfBaseException
+from omegaconf.errors import ConfigKeyError, OmegaConfBaseException
 
 from amnseg.errors import AmnsegError
 
@@ -411,6 +412,25 @@ def resolve_config_path(name_or_path: str | Path) -> Path:
     raise AmnsegError(f"{name_or_path}: no such config file (built-in configs: {known})")
 
 
+def _option_error(exc: OmegaConfBaseException) -> str:
+    """OmegaConf's message, led by the option it is about (and, for an unknown option, the
+    closest known one)."""
+    message = str(exc).strip().splitlines()[0]
+    key = getattr(exc, "full_key", None)
+    if not key:
+        return message
+    if isinstance(exc, ConfigKeyError):
+        section, _, name = str(key).rpartition(".")
+        node: Any = Config()
+        for part in filter(None, section.split(".")):
+            node = getattr(node, part, None)
+        known = [f.name for f in dataclasses.fields(node)] if dataclasses.is_dataclass(node) else []
+        close = difflib.get_close_matches(name, known, n=1)
+        hint = f" (did you mean {section + '.' if section else ''}{close[0]}?)" if close else ""
+        return f"{key}: unknown option{hint}; `amnseg config show` lists them all"
+    return f"{key}: {message}"
+
+
 def load_config(
     name_or_path: str | Path | None = None, overrides: list[str] | None = None
 ) -> Config:
@@ -427,8 +447,8 @@ def load_config(
             merged = OmegaConf.merge(merged, OmegaConf.from_dotlist(list(overrides)))
         config = OmegaConf.to_object(merged)
     except OmegaConfBaseException as exc:
-        message = str(exc).strip().splitlines()[0]
-        raise AmnsegError(f"config {name_or_path or '(defaults)'}: {message}") from None
+        raise AmnsegError(
+            f"config {name_or_path or '(defaults)'}: {_option_error(exc)}") from None
     assert isinstance(config, Config)
     return validate(config)
 

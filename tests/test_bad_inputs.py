@@ -231,8 +231,11 @@ def test_mask_of_another_size_and_rgb_mask(data, tmp_path, capsys):
     # A 16-cell stride-4 crop holds no source cell whose radius-10 pairs all fit.
     ("irn.crop_size=64", "irn.crop_size=64: must be at least 76 for irn.radius=10"),
     ("data.on_bad_image=maybe", "data.on_bad_image='maybe': expected one of error, skip"),
-    ("cam.epochs=three", "Value 'three' of type 'str' could not be converted to Integer"),
-    ("cam.epochz=3", "Key 'epochz' not in 'CamConfig'"),
+    ("cam.epochs=three", "cam.epochs: Value 'three' of type 'str' could not be converted to "
+     "Integer"),
+    ("cam.epochz=3", "cam.epochz: unknown option (did you mean cam.epochs?)"),
+    ("cam.flip=maybe", "cam.flip: Value 'maybe' is not a valid bool"),
+    ("runn_dir=x", "runn_dir: unknown option (did you mean run_dir?)"),
 ])
 def test_bad_config_values_are_refused_at_load_time(tmp_path, capsys, override, words):
     run = tmp_path / "run"

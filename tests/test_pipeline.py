@@ -194,7 +194,7 @@ def test_cli_sweep_and_status(finished_run):
     "args, message",
     [
         (["train-cam", "voc12", "data.root=/nonexistent/voc"], "/nonexistent/voc: VOC2012 folder"),
-        (["train-cam", "voc12", "cam.epochz=3"], "Key 'epochz' not in 'CamConfig'"),
+        (["train-cam", "voc12", "cam.epochz=3"], "cam.epochz: unknown option (did you mean"),
         (["run", "voc12", "--from", "nope"], "unknown stage 'nope'"),
         (["status", "/nonexistent/run"], "/nonexistent/run: no manifest.json"),
     ],
