@@ -521,3 +521,29 @@ def test_segmenter_rejects_non_seg_checkpoints_and_bad_arrays(seg_checkpoint, tm
         as_rgb(np.zeros((4, 4, 2), np.uint8))
     assert as_rgb(np.zeros((4, 5), np.uint16)).shape == (4, 5, 3)
     assert math.isclose(float(as_rgb(np.full((1, 1), 65535, np.uint16))[0, 0, 0]), 255)
+
+
+def test_train_seg_on_ground_truth_runs_its_iterations_and_val_check(tiny_dataset, tmp_path):
+    from conftest import tiny_config, training_log
+
+    from amnseg.checkpoints import load_model
+    from amnseg.data import build_dataset
+    from amnseg.metrics import confusion_matrix, miou
+
+    # 8 images, steps of 2 x 2: 2 steps per epoch, so 3 iterations take 2 epochs (3 steps).
+    config = tiny_config(tiny_dataset, tmp_path / "run", "seg.init=null", "seg.iterations=3",
+                         "seg.batch_size=2", "seg.accumulation=2", "seg.crop_size=32",
+                         "seg.msc_scales=[]", "seg.eval_images=2", "seg.backbone.depth=18",
+                         "seg.backbone.width=0.125", "seg.backbone.pretrained=null")
+    path = seg_stage.train_seg(config, "seg_gt", "gt")
+    log = training_log(config, "seg_gt")
+    assert [record["epoch"] for record in log] == [1, 2]
+    assert [record["steps"] for record in log] == [2, 1]
+    state = torch.load(tmp_path / "run" / "seg_gt" / "last.pt", weights_only=True)
+    assert state["scheduler"]["last_epoch"] == 3
+    # The last epoch's val check: the trained net's mIoU on the first 2 val images.
+    val = build_dataset(config.data, "val")
+    model = load_model(path, "seg", val.class_names).eval()
+    confusion = sum(confusion_matrix(seg_stage.predict_labels(model, val.image(stem)),
+                                     val.mask(stem), 3) for stem in val.stems[:2])
+    assert log[-1]["val_miou"] == pytest.approx(float(miou(confusion)))
