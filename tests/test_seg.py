@@ -523,7 +523,7 @@ def test_segmenter_rejects_non_seg_checkpoints_and_bad_arrays(seg_checkpoint, tm
     assert math.isclose(float(as_rgb(np.full((1, 1), 65535, np.uint16))[0, 0, 0]), 255)
 
 
-def test_train_seg_on_ground_truth_runs_its_iterations_and_val_check(tiny_dataset, tmp_path):
+def test_train_seg_on_ground_truth_then_evaluate(tiny_dataset, tmp_path):
     from conftest import tiny_config, training_log
 
     from amnseg.checkpoints import load_model
@@ -547,3 +547,21 @@ def test_train_seg_on_ground_truth_runs_its_iterations_and_val_check(tiny_datase
     confusion = sum(confusion_matrix(seg_stage.predict_labels(model, val.image(stem)),
                                      val.mask(stem), 3) for stem in val.stems[:2])
     assert log[-1]["val_miou"] == pytest.approx(float(miou(confusion)))
+
+    # Evaluation on the whole val split, without and with the CRF, in 1 or 2 CRF workers.
+    results = []
+    for workers in (1, 2):
+        overrides = [f"seg.crf_workers={workers}", "seg.crf.iterations=3"]
+        results.append(seg_stage.evaluate_seg(
+            tiny_config(tiny_dataset, tmp_path / "run", *overrides), "seg_gt"))
+    assert results[0] == results[1]
+    plain = refined = 0
+    crf = tiny_config(tiny_dataset, tmp_path / "run", "seg.crf.iterations=3").seg.crf
+    for stem in val.stems:
+        image, gt = val.image(stem), val.mask(stem)
+        plain = plain + confusion_matrix(seg_stage.predict_labels(model, image), gt, 3)
+        refined = refined + confusion_matrix(seg_stage.predict_labels(model, image, crf=crf),
+                                             gt, 3)
+    assert results[0]["no_crf"]["miou"] == pytest.approx(float(miou(plain)))
+    assert results[0]["crf"]["miou"] == pytest.approx(float(miou(refined)))
+    assert list(results[0]["crf"]["per_class_iou"]) == ["background", "square", "disc"]
