@@ -245,6 +245,10 @@ class Config:
     # Map files (.npz) zip-compressed: ~25 % smaller, but writing one VOC-size file takes ~20x
     # longer (benchmarks/RESULTS.md). false stores the same values uncompressed.
     compress_maps: bool = True
+    # CUDA only (amnseg/precision.py): bf16 autocast in every network's forward pass (off | bf16)
+    # and NHWC weights and batches. Off by default: results then are the reference's.
+    amp: str = "off"
+    channels_last: bool = False
     data: DataConfig = field(default_factory=DataConfig)
     backbone: BackboneConfig = field(default_factory=BackboneConfig)
     cam: CamConfig = field(default_factory=CamConfig)
@@ -312,7 +316,8 @@ def _choice(value: Any, key: str, choices: tuple[Any, ...]) -> None:
 def validate(config: Config) -> Config:
     """Check every option's type and range; the first bad one is a one-line AmnsegError."""
     _require(bool(str(config.run_dir).strip()), "run_dir", config.run_dir, "must not be empty")
-    for key in ("compress_maps", "sync_batchnorm"):
+    _choice(config.amp, "amp", ("off", "bf16"))
+    for key in ("compress_maps", "sync_batchnorm", "channels_last"):
         _require(isinstance(getattr(config, key), bool), key, getattr(config, key),
                  "must be true or false")
     data = config.data

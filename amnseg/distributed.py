@@ -21,7 +21,9 @@ T = TypeVar("T")
 
 
 def launched_by_torchrun() -> bool:
-    return int(os.environ.get("WORLD_SIZE", "1")) > 1
+    """Whether torchrun (or a launcher setting the same variables) started this process; a
+    world of one process counts too, so that ``--nproc_per_node=1`` runs the DDP code path."""
+    return all(name in os.environ for name in ("RANK", "WORLD_SIZE", "MASTER_ADDR"))
 
 
 def setup(device_spec: str = "auto") -> None:
@@ -36,7 +38,8 @@ def setup(device_spec: str = "auto") -> None:
 
 
 def active() -> bool:
-    return dist.is_available() and dist.is_initialized() and dist.get_world_size() > 1
+    """Whether this process is in torchrun's process group (of one process or more)."""
+    return dist.is_available() and dist.is_initialized()
 
 
 def rank() -> int:

@@ -262,6 +262,8 @@ def _training_outputs(stage: str) -> Callable[[Config], tuple[Path, ...]]:
                            log_path(config, stage))
 
 
+# Options of every stage that runs a network.
+_PRECISION = ("amp", "channels_last")
 _DATA = ("seed", "data.kind", "data.root", "data.train_split", "data.infer_split",
          "data.aug_mask_dir", "data.semantic_dir")
 _CAM_TRAIN = tuple(f"cam.{name}" for name in (
@@ -275,7 +277,7 @@ _IRN_TRAIN = tuple(f"irn.{name}" for name in (
     "crop_size", "rescale", "flip", "backbone_init", "checkpoint"))
 _IRN_WALK = tuple(f"irn.{name}" for name in (
     "infer_pad_size", "walk_radius", "beta", "exp_times", "cam_power", "bg_threshold"))
-_SEG = ("data.val_split", *(f"seg.{name}" for name in (
+_SEG = ("data.val_split", *_PRECISION, *(f"seg.{name}" for name in (
     "backbone", "init", "iterations", "batch_size", "accumulation", "lr", "momentum",
     "weight_decay", "poly_power", "lr_decay_every", "aspp_weight_lr_mult", "aspp_bias_lr_mult",
     "crop_size", "rescale", "flip", "msc_scales", "eval_flip", "eval_crf", "crf")))
@@ -295,18 +297,22 @@ def _map_stage(source: str, command: str, make: Callable[[Config], Path],
 
 
 STAGES: tuple[Stage, ...] = (
-    _training_stage("cam", train_cam, (*_DATA, "backbone", *_CAM_TRAIN),
+    _training_stage("cam", train_cam, (*_DATA, *_PRECISION, "backbone", *_CAM_TRAIN),
                     "train the CAM classifier on data.train_split", data=("processed",)),
-    _map_stage("cam", "make-cam", make_cams, ("cam.scales", "cam.flip"), "multi-scale CAMs"),
+    _map_stage("cam", "make-cam", make_cams, (*_PRECISION, "cam.scales", "cam.flip"),
+               "multi-scale CAMs"),
     _seed_stage("cam", "CRF seeds from CAMs"),
     _training_stage("amn", lambda c: train_amn(c, seeds_dir(c, "cam")),
-                    ("backbone", *_AMN_TRAIN), "train AMN on the CAM seeds of data.train_split"),
+                    (*_PRECISION, "backbone", *_AMN_TRAIN),
+                    "train AMN on the CAM seeds of data.train_split"),
     _map_stage("amn", "make-amn-maps", lambda c: make_amn_maps(c, seeds_dir(c, "cam")),
-               ("amn.scales",), "AMN maps"),
+               (*_PRECISION, "amn.scales"), "AMN maps"),
     _seed_stage("amn", "CRF seeds from AMN maps"),
     _training_stage("irn", lambda c: train_irn(c, seeds_dir(c, "amn")),
-                    ("backbone", *_IRN_TRAIN), "train IRN on the AMN seeds of data.train_split"),
-    Stage("masks", "make-masks", _masks, _IRN_WALK, lambda config: (masks_dir(config),),
+                    (*_PRECISION, "backbone", *_IRN_TRAIN),
+                    "train IRN on the AMN seeds of data.train_split"),
+    Stage("masks", "make-masks", _masks, (*_PRECISION, *_IRN_WALK),
+          lambda config: (masks_dir(config),),
           "random walk -> pseudo masks", expected=_per_image(masks_dir, ".png")),
     Stage("seg", "train-seg", _train_seg("seg", None), (*_SEG, "seg.masks", "seg.checkpoint"),
           lambda config: (*_training_outputs("seg")(config), eval_dir(config) / "seg.json"),

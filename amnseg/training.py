@@ -21,6 +21,7 @@ from amnseg.data.base import SegDataset
 from amnseg.errors import AmnsegError
 from amnseg.io import append_jsonl, atomic_path, load_checkpoint, save_checkpoint, save_json
 from amnseg.layout import log_path, stage_dir, training_state_path
+from amnseg.precision import with_precision
 from amnseg.progress import progress_bar, say
 
 
@@ -289,7 +290,7 @@ def fit(
     out_dir = stage_dir(config, stage)
     state = TrainingState(training_state_path(config, stage))
     first_epoch = state.restore(model, optimizer, scheduler)
-    net = for_training(model, device, config.sync_batchnorm)
+    net = for_training(with_precision(model, config, device), device, config.sync_batchnorm)
     if distributed.is_main():
         keep_log_lines(log_path(config, stage), first_epoch)
     board = tensorboard_writer(out_dir / "tensorboard") if distributed.is_main() else None

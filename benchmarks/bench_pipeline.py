@@ -150,7 +150,10 @@ def main() -> None:
                      f"{projection['voc']:.2f} | {projection['coco']:.2f} |")
     lines.append(f"| **whole pipeline** | | | | **{totals['voc']:.1f}** | "
                  f"**{totals['coco']:.1f}** |")
-    write_section(f"Whole pipeline, {resolve_device(config.device).type}", "\n".join(lines))
+    mode = ", ".join(([f"amp {config.amp}"] if config.amp != "off" else [])
+                     + (["channels_last"] if config.channels_last else []))
+    write_section(f"Whole pipeline, {resolve_device(config.device).type}"
+                  + (f", {mode}" if mode else ""), "\n".join(lines))
     if not args.keep:
         shutil.rmtree(work, ignore_errors=True)
 

@@ -32,8 +32,8 @@ def dense_random_walk(maps: torch.Tensor, boundary: torch.Tensor, radius: int = 
     height, width = boundary.shape
     n = height * width
     forward = path_affinities(boundary, radius)  # (D, H, W): A[p, p + d]
-    index = torch.arange(n).reshape(height, width)
-    affinity = torch.eye(n)
+    index = torch.arange(n, device=boundary.device).reshape(height, width)
+    affinity = torch.eye(n, device=boundary.device)
     for k, (dy, dx) in enumerate(search_directions(radius)):
         rows = slice(0, height - dy)
         cols = slice(max(0, -dx), width - max(0, dx))

@@ -68,8 +68,11 @@ def free_port() -> int:
         return s.getsockname()[1]
 
 
-def command(driver: Path, processes: int, *args: str) -> list[str]:
-    if processes == 1:
+def command(driver: Path, processes: int, *args: str, torchrun: bool | None = None
+            ) -> list[str]:
+    """The command line of ``driver``: under torchrun with ``processes`` processes, or as a
+    plain process (the default for one process)."""
+    if not (processes > 1 if torchrun is None else torchrun):
         return [sys.executable, str(driver), *args]
     return [sys.executable, "-m", "torch.distributed.run", f"--nproc_per_node={processes}",
             "--nnodes=1", f"--master_port={free_port()}", str(driver), *args]
@@ -80,9 +83,11 @@ def environment() -> dict[str, str]:
     return {**os.environ, "OMP_NUM_THREADS": "1", "PYTHONPATH": tests, "PYTHONUNBUFFERED": "1"}
 
 
-def amnseg(driver: Path, processes: int, *args: str, timeout: int = 300) -> None:
-    result = subprocess.run(command(driver, processes, *args), capture_output=True, text=True,
-                            env=environment(), timeout=timeout, check=False)
+def amnseg(driver: Path, processes: int, *args: str, timeout: int = 300,
+           torchrun: bool | None = None) -> None:
+    result = subprocess.run(command(driver, processes, *args, torchrun=torchrun),
+                            capture_output=True, text=True, env=environment(), timeout=timeout,
+                            check=False)
     assert result.returncode == 0, result.stdout[-3000:] + result.stderr[-6000:]
 
 
@@ -116,12 +121,17 @@ def setup(tmp_path_factory):
 def test_training_under_torchrun_matches_one_process(setup):
     root, data, driver = setup
     runs = {}
-    for processes in (1, 2):
-        run = root / f"train_{processes}"
-        amnseg(driver, processes, "train-cam", "voc12", f"run_dir={run}", f"data.root={data}",
-               *OVERRIDES)
+    # 1: a plain process; "torchrun 1": one process under torchrun (process group, DDP).
+    for processes in (1, "torchrun 1", 2):
+        run = root / f"train_{processes}".replace(" ", "_")
+        amnseg(driver, 2 if processes == 2 else 1, "train-cam", "voc12", f"run_dir={run}",
+               f"data.root={data}", *OVERRIDES, torchrun=processes != 1)
         runs[processes] = run
     one = load_checkpoint(runs[1] / "cam" / "rank0.pt")["model"]
+    under_torchrun = load_checkpoint(runs["torchrun 1"] / "cam" / "rank0.pt")["model"]
+    for key, value in one.items():
+        assert torch.equal(under_torchrun[key], value), key  # DDP on one rank changes nothing
+    assert '"processes": 1' in (runs["torchrun 1"] / "cam" / "log.jsonl").read_text()
     rank0 = load_checkpoint(runs[2] / "cam" / "rank0.pt")["model"]
     rank1 = load_checkpoint(runs[2] / "cam" / "rank1.pt")["model"]
     for key, value in one.items():

@@ -19,19 +19,20 @@ def transition_weights(
 ) -> tuple[list[tuple[int, int]], torch.Tensor]:
     """The column-normalised transition matrix in stencil form.
 
-    ``boundary`` (H, W). Returns (offsets, weights (N, H, W)) with N = 2 D + 1 such that one
-    step x -> x T is ``x'[j] = sum_k weights[k, j] * x[j + offsets[k]]``: T[i, j] =
+    ``boundary`` (..., H, W). Returns (offsets, weights (..., N, H, W)) with N = 2 D + 1 such
+    that one step x -> x T is ``x'[j] = sum_k weights[k, j] * x[j + offsets[k]]``: T[i, j] =
     A[i, j] / sum_i A[i, j] with A = affinity ** beta (self-affinity 1), symmetric.
     """
     forward = path_affinities(boundary, radius).pow(beta)  # A[p, p + d]
     directions = search_directions(radius)
     # A[p, p - d] is A[p - d, p], the forward affinity stored at p - d.
     backward = torch.stack(
-        [shifted(forward[k], -dy, -dx, 0.0) for k, (dy, dx) in enumerate(directions)]
+        [shifted(forward[..., k, :, :], -dy, -dx, 0.0) for k, (dy, dx) in enumerate(directions)],
+        dim=-3,
     )
     offsets = [(0, 0), *directions, *[(-dy, -dx) for dy, dx in directions]]
-    affinity = torch.cat([torch.ones_like(boundary)[None], forward, backward])
-    degree = affinity.sum(dim=0, keepdim=True)  # column sums of A (A is symmetric)
+    affinity = torch.cat([torch.ones_like(boundary)[..., None, :, :], forward, backward], dim=-3)
+    degree = affinity.sum(dim=-3, keepdim=True)  # column sums of A (A is symmetric)
     return offsets, affinity / degree
 
 

@@ -19,6 +19,7 @@ from amnseg.data.base import SegDataset, read_index_png
 from amnseg.errors import AmnsegError
 from amnseg.io import output_file
 from amnseg.ops.multiscale import multiscale_inputs
+from amnseg.precision import with_precision
 from amnseg.training import resolve_device
 
 
@@ -50,6 +51,7 @@ def start_inference(
     device = resolve_device(config.device)
     dataset = processed_images(config)
     model = load_model(checkpoint, stage, dataset.class_names).to(device).eval()
+    model = with_precision(model, config, device)
     todo = [s for s in dataset.stems if not output_file(out_dir, s, suffix).is_file()]
     # Under torchrun each rank takes its share; an image's output depends on it alone.
     return InferenceJob(model, device, dataset, distributed.shard(todo))

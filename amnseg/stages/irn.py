@@ -167,15 +167,60 @@ def masks_from_walk(
     return keys[scores.argmax(dim=0).cpu().numpy()]
 
 
+def walk_inputs(strided_maps: torch.Tensor, boundary: torch.Tensor, irn_cfg: IrnConfig):
+    """What the walk of METHOD.md section 5 starts from: maps ** cam_power * (1 - boundary)."""
+    return strided_maps.clamp(min=0).pow(irn_cfg.cam_power) * (1 - boundary)
+
+
 def walk(
     strided_maps: torch.Tensor, boundary: torch.Tensor, irn_cfg: IrnConfig
 ) -> torch.Tensor:
     """The random walk of METHOD.md section 5 on (K, h4, w4) AMN maps: x = maps ** cam_power *
     (1 - boundary), propagated by the transition matrix of ``boundary`` (h4, w4)."""
-    maps = strided_maps.clamp(min=0).pow(irn_cfg.cam_power)
     return random_walk(
-        maps * (1 - boundary), boundary, irn_cfg.walk_radius, irn_cfg.beta, irn_cfg.exp_times
+        walk_inputs(strided_maps, boundary, irn_cfg), boundary, irn_cfg.walk_radius,
+        irn_cfg.beta, irn_cfg.exp_times,
     )
+
+
+def gpu_walk_available(device: torch.device) -> bool:
+    """Whether the Triton walk kernel can run on ``device`` (a CUDA device with Triton)."""
+    if device.type != "cuda":
+        return False
+    try:
+        import triton  # noqa: F401
+    except ImportError:
+        return False
+    return True
+
+
+def walk_many(
+    maps: list[torch.Tensor], boundaries: list[torch.Tensor], irn_cfg: IrnConfig
+) -> list[torch.Tensor]:
+    """:func:`walk` of each (maps, boundary) pair: one batched Triton kernel on a CUDA device
+    with Triton, else one after the other."""
+    if maps and gpu_walk_available(boundaries[0].device):
+        from amnseg.ops.random_walk_triton import random_walk_batch
+
+        starts = [walk_inputs(m, b, irn_cfg) for m, b in zip(maps, boundaries, strict=True)]
+        return random_walk_batch(
+            starts, boundaries, irn_cfg.walk_radius, irn_cfg.beta, irn_cfg.exp_times
+        )
+    return [walk(m, b, irn_cfg) for m, b in zip(maps, boundaries, strict=True)]
+
+
+def checked_boundary(
+    model: BoundaryNet, image: np.ndarray, strided_maps: np.ndarray, irn_cfg: IrnConfig,
+    device: torch.device | str,
+) -> torch.Tensor:
+    """The boundary map of ``image``, checked to be the size of its stride-4 maps."""
+    boundary = infer_boundary(model, image, irn_cfg.infer_pad_size, device)
+    if strided_maps.shape[1:] != tuple(boundary.shape):
+        raise AmnsegError(
+            f"stride-4 maps are {strided_maps.shape[2]}x{strided_maps.shape[1]}, the boundary "
+            f"map is {boundary.shape[1]}x{boundary.shape[0]}"
+        )
+    return boundary
 
 
 def pseudo_mask(
@@ -184,35 +229,50 @@ def pseudo_mask(
 ) -> np.ndarray:
     """The final pseudo mask (H, W) uint8 of one image from its AMN maps at stride 4."""
     irn_cfg = config.irn
-    boundary = infer_boundary(model, image, irn_cfg.infer_pad_size, device)
-    if strided_maps.shape[1:] != tuple(boundary.shape):
-        raise AmnsegError(
-            f"stride-4 maps are {strided_maps.shape[2]}x{strided_maps.shape[1]}, the boundary "
-            f"map is {boundary.shape[1]}x{boundary.shape[0]}"
-        )
+    boundary = checked_boundary(model, image, strided_maps, irn_cfg, device)
     walked = walk(torch.from_numpy(strided_maps).to(device), boundary, irn_cfg)
     return masks_from_walk(walked, class_ids, image.shape[:2], irn_cfg.bg_threshold)
+
+
+# Images walked at once by the GPU kernel: enough programs to fill the GPU's multiprocessors
+# (one program per image), ~0.4 GB of float64 weights at VOC sizes.
+GPU_WALK_BATCH = 128
 
 
 def make_masks(
     config: Config, amn_maps_dir: Path | None = None, checkpoint: Path | None = None
 ) -> Path:
-    """Write the pseudo mask of every image of the run (resumes per image)."""
+    """Write the pseudo mask of every image of the run (resumes per image). On a CUDA device
+    with Triton the walks of GPU_WALK_BATCH images run as one kernel."""
     amn_maps_dir = amn_maps_dir or maps_dir(config, "amn")
     out_dir = masks_dir(config)
     job = start_inference(
         config, "irn", checkpoint or checkpoint_path(config, "irn"), out_dir, ".png"
     )
     palette = voc_palette()
-    for stem in progress_bar(job.todo, desc="pseudo masks"):
-        maps = load_score_maps(amn_maps_dir / f"{stem}.npz")
-        try:
-            mask = pseudo_mask(
-                job.model, job.dataset.image(stem), maps.strided, maps.class_ids, config,
-                job.device,
-            )
-        except AmnsegError as error:
-            raise AmnsegError(f"{amn_maps_dir / (stem + '.npz')}: {error}") from None
-        save_label_png(output_file(out_dir, stem, ".png"), mask, palette)
+    batch_size = GPU_WALK_BATCH if gpu_walk_available(job.device) else 1
+    bar = progress_bar(total=len(job.todo), desc="pseudo masks")
+    for first in range(0, len(job.todo), batch_size):
+        stems = job.todo[first : first + batch_size]
+        maps, boundaries, class_ids, sizes = [], [], [], []
+        for stem in stems:
+            score_maps = load_score_maps(amn_maps_dir / f"{stem}.npz")
+            image = job.dataset.image(stem)
+            try:
+                boundary = checked_boundary(
+                    job.model, image, score_maps.strided, config.irn, job.device
+                )
+            except AmnsegError as error:
+                raise AmnsegError(f"{amn_maps_dir / (stem + '.npz')}: {error}") from None
+            maps.append(torch.from_numpy(score_maps.strided).to(job.device))
+            boundaries.append(boundary)
+            class_ids.append(score_maps.class_ids)
+            sizes.append(image.shape[:2])
+        walked = walk_many(maps, boundaries, config.irn)
+        for stem, image_walk, ids, size in zip(stems, walked, class_ids, sizes, strict=True):
+            mask = masks_from_walk(image_walk, ids, size, config.irn.bg_threshold)
+            save_label_png(output_file(out_dir, stem, ".png"), mask, palette)
+            bar.update()
+    bar.close()
     distributed.barrier()  # every rank's share is written
     return out_dir

@@ -40,6 +40,7 @@ from amnseg.metrics import confusion_matrix, iou_from_confusion, miou
 from amnseg.models.deeplab import MSC
 from amnseg.models.resnet import build_backbone, resnet_from_config
 from amnseg.ops.crf import crf_refine_probabilities
+from amnseg.precision import with_precision
 from amnseg.progress import progress_bar
 from amnseg.training import AugmentedSet, Schedule, fit, resolve_device, start_stage
 
@@ -323,6 +324,7 @@ def evaluate_seg(config: Config, stage: str = "seg", checkpoint: Path | None = N
     saved = load_model_checkpoint(path, "seg", dataset.class_names)
     device = resolve_device(config.device)
     model = load_model(path, "seg", dataset.class_names).to(device).eval()
+    model = with_precision(model, config, device)
     count = dataset.num_classes + 1
     plain = np.zeros((count, count), dtype=np.int64)
 

@@ -1,0 +1,33 @@
+#!/usr/bin/env bash
+# The GPU checks and benchmarks in one go (under 10 minutes on one H100 or H200), for a lent
+# machine where every minute counts: the `gpu`-marked tests, then each GPU benchmark, each
+# step under its own time limit. The log (steps.log) and benchmarks/RESULTS.md are copied to
+# OUT_DIR after every step.
+#
+#   bash benchmarks/run_gpu.sh OUT_DIR
+set -u -o pipefail
+out=${1:-/tmp/amnseg-gpu}
+mkdir -p "$out"
+export PYTHONUNBUFFERED=1
+
+step() {  # step NAME SECONDS COMMAND...
+    local name=$1 limit=$2 started=$SECONDS
+    shift 2
+    echo "=== $name: $*" | tee -a "$out/steps.log"
+    timeout "$limit" "$@" >> "$out/steps.log" 2>&1
+    echo "=== $name: exit $? after $((SECONDS - started)) s" | tee -a "$out/steps.log"
+    cp benchmarks/RESULTS.md "$out/RESULTS.md"
+}
+
+nvidia-smi -L | tee -a "$out/steps.log"
+python3 -c "import torch, triton; print('torch', torch.__version__, 'triton', triton.__version__)" \
+    | tee -a "$out/steps.log"
+step gpu_tests 90 python3 -m pytest -q -p no:cacheprovider -m gpu \
+    tests/test_walk_kernel.py tests/test_precision.py
+step walk 90 python3 -m benchmarks.bench_random_walk_gpu --batches 132 264
+step seg_fp32 50 python3 -m benchmarks.bench_seg --steps 10
+step seg_bf16 50 python3 -m benchmarks.bench_seg --steps 10 --amp --channels-last
+step ddp 80 python3 -m benchmarks.bench_ddp --images 128
+step cam_fp32 30 python3 -m benchmarks.bench_cam_inference --device cuda
+step cam_bf16 30 python3 -m benchmarks.bench_cam_inference --device cuda --amp --channels-last
+step pipeline 150 python3 -m benchmarks.bench_pipeline --images 160 --workers 8

@@ -1,0 +1,141 @@
+"""The Triton random walk (amnseg.ops.random_walk_triton) against the CPU stencil walk.
+
+On the CPU the kernel runs in Triton's interpreter (TRITON_INTERPRET=1, which must be set
+before Triton is imported, hence a subprocess); on CUDA (``gpu`` marker) it runs compiled.
+"""
+
+from __future__ import annotations
+
+import os
+import subprocess
+import sys
+import textwrap
+from pathlib import Path
+
+import pytest
+import torch
+
+pytest.importorskip("triton")
+
+ROOT = Path(__file__).resolve().parents[1]
+
+
+def run_interpreted(code: str, tmp_path: Path) -> str:
+    """Run ``code`` in a fresh Python with the Triton interpreter on; returns its stdout."""
+    script = tmp_path / "check.py"
+    script.write_text(textwrap.dedent(code))
+    env = {**os.environ, "TRITON_INTERPRET": "1", "OMP_NUM_THREADS": "1"}
+    result = subprocess.run([sys.executable, str(script)], cwd=ROOT, env=env,
+                            capture_output=True, text=True, timeout=600)
+    assert result.returncode == 0, result.stderr[-3000:]
+    return result.stdout
+
+
+WALK_CHECK = """
+    import torch
+    from amnseg.ops.random_walk import random_walk
+    from amnseg.ops.random_walk_triton import random_walk_batch
+
+    generator = torch.Generator().manual_seed(0)
+    # (height, width, classes): sizes and class counts differ, one image has no class, one
+    # has 3 classes (padded to 4 in the kernel), one is a single row.
+    shapes = [(9, 13, 2), (12, 7, 3), (5, 6, 0), (1, 11, 1)]
+    maps = [torch.rand((k, h, w), generator=generator, dtype=torch.float64) for h, w, k in shapes]
+    boundaries = [torch.rand((h, w), generator=generator, dtype=torch.float64) ** 3
+                  for h, w, k in shapes]
+    for persistent in (True, False):
+        walked = random_walk_batch(maps, boundaries, radius=4, beta=7.0, exp_times=3,
+                                   persistent=persistent)
+        for m, b, w in zip(maps, boundaries, walked):
+            # Each image walks as it would alone: the padded neighbours took nothing.
+            expected = random_walk(m, b, 4, 7.0, 3)
+            assert w.shape == m.shape and w.dtype == torch.float64, (w.shape, w.dtype)
+            if m.numel():
+                error = ((w - expected).abs().max() / expected.abs().max()).item()
+                assert error < 1e-12, (persistent, m.shape, error)
+    # float32 in, float32 out, the float64 walk rounded once.
+    single = random_walk_batch([m.float() for m in maps], [b.float() for b in boundaries],
+                               radius=4, beta=7.0, exp_times=3)
+    for m, b, w in zip(maps, boundaries, single):
+        assert w.dtype == torch.float32
+        assert torch.allclose(w, random_walk(m.float(), b.float(), 4, 7.0, 3), rtol=1e-6, atol=0)
+    print("ok")
+"""
+
+
+def test_kernel_equals_the_cpu_walk_for_a_batch_of_mixed_sizes(tmp_path):
+    assert run_interpreted(WALK_CHECK, tmp_path).strip() == "ok"
+
+
+def test_kernel_input_padding_marks_outside_as_walls():
+    from amnseg.ops.random_walk_triton import pad_batch
+
+    maps = [torch.ones(2, 3, 4), torch.full((1, 5, 2), 2.0)]
+    boundaries = [torch.full((3, 4), 0.5), torch.full((5, 2), 0.25)]
+    state, walls = pad_batch(maps, boundaries, classes=4)
+    assert state.shape == (2, 4, 5, 4) and walls.shape == (2, 5, 4)
+    assert state.dtype == walls.dtype == torch.float64
+    assert state[0, :2, :3, :4].eq(1).all() and state[0, 2:].eq(0).all()
+    assert state[0, :, 3:].eq(0).all() and state[1, 0, :, :2].eq(2).all()
+    assert state[1, 1:].eq(0).all() and state[1, :, :, 2:].eq(0).all()
+    assert walls[0, :3, :4].eq(0.5).all() and walls[0, 3:].eq(1).all()
+    assert walls[1, :, :2].eq(0.25).all() and walls[1, :, 2:].eq(1).all()
+
+
+MASKS_CHECK = """
+    import shutil, sys
+    import numpy as np
+    sys.path.insert(0, "tests")
+    from conftest import tiny_config, write_tiny_folder_dataset
+    from amnseg.data.base import read_index_png
+    from amnseg.pipeline import run_pipeline
+    import amnseg.stages.irn as irn
+    from pathlib import Path
+
+    tmp = Path(sys.argv[0]).parent
+    data = write_tiny_folder_dataset(tmp / "data", count=7)
+    config = tiny_config(data, tmp / "run", "irn.exp_times=2", "irn.epochs=1",
+                         "amn.epochs=1", "cam.epochs=1", "amn.batch_size=4", "irn.batch_size=4")
+    run_pipeline(config, stop="masks", progress=lambda message: None)
+    masks = tmp / "run" / "irn" / "masks"
+    one_by_one = {p.name: read_index_png(p) for p in masks.glob("*.png")}
+    shutil.rmtree(masks)
+    # The GPU path's batching (chunks of 3, 3 and 1 images through the kernel), on the CPU.
+    irn.gpu_walk_available = lambda device: True
+    irn.GPU_WALK_BATCH = 3
+    irn.make_masks(config)
+    batched = {p.name: read_index_png(p) for p in masks.glob("*.png")}
+    assert sorted(batched) == sorted(one_by_one) and len(batched) == 7, sorted(batched)
+    differing = [name for name in batched if not np.array_equal(batched[name], one_by_one[name])]
+    assert not differing, differing
+    print("ok")
+"""
+
+
+def test_masks_stage_batches_walks_through_the_kernel_with_the_same_masks(tmp_path):
+    assert run_interpreted(MASKS_CHECK, tmp_path).strip().endswith("ok")
+
+
+def voc_size_inputs(count: int, classes: int, device: str):
+    generator = torch.Generator().manual_seed(1)
+    maps, boundaries = [], []
+    for index in range(count):
+        height, width = (94, 125) if index % 2 == 0 else (125, 94)
+        maps.append(torch.rand((classes, height, width), generator=generator).to(device))
+        boundaries.append((torch.rand((height, width), generator=generator) ** 4).to(device))
+    return maps, boundaries
+
+
+@pytest.mark.gpu
+@pytest.mark.parametrize("persistent", [True, False])
+def test_gpu_kernel_equals_the_float64_walk_at_voc_size(persistent):
+    from amnseg.ops.random_walk import random_walk
+    from amnseg.ops.random_walk_triton import random_walk_batch
+
+    maps, boundaries = voc_size_inputs(6, 3, "cuda")
+    walked = random_walk_batch(maps, boundaries, persistent=persistent)
+    for m, b, w in zip(maps, boundaries, walked, strict=True):
+        expected = random_walk(m.double().cpu(), b.double().cpu())
+        error = (w.double().cpu() - expected).abs().max() / expected.abs().max()
+        assert error < 1e-6, error
+        assert (w.cpu().argmax(0) == expected.argmax(0)).float().mean() >= 0.9999
