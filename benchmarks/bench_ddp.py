@@ -41,11 +41,15 @@ def train(run_dir: Path, data_root: Path, device: str, torchrun: bool, overrides
 
 
 def max_difference(first: Path, second: Path) -> float:
+    """Largest absolute difference between the two runs' final weights (NaN if any weight is
+    not finite: a diverged run compares nothing)."""
     a = load_checkpoint(first / "cam" / "cam.pt")["model"]
     b = load_checkpoint(second / "cam" / "cam.pt")["model"]
     assert a.keys() == b.keys()
-    return max((a[k].double() - b[k].double()).abs().max().item() for k in a
-               if a[k].is_floating_point())
+    floats = [k for k in a if a[k].is_floating_point()]
+    if not all(torch.isfinite(a[k]).all() and torch.isfinite(b[k]).all() for k in floats):
+        return float("nan")
+    return max((a[k].double() - b[k].double()).abs().max().item() for k in floats)
 
 
 def main() -> None:

@@ -22,7 +22,7 @@ from amnseg.ops.affinity import (
     path_offsets,
     search_directions,
 )
-from amnseg.ops.random_walk import random_walk, transition_weights
+from amnseg.ops.random_walk import affinity_stencil, random_walk, transition_weights
 
 # The key lists of the authors' files (copied from ../shared/reference/).
 REFERENCE = Path(__file__).resolve().parent / "data"
@@ -195,6 +195,28 @@ def test_transition_weights_are_the_dense_transition_matrix():
     identity = torch.eye(n, dtype=torch.float64).reshape(n, height, width)
     dense = dense_random_walk(identity, boundary, radius, beta, 0).reshape(n, n)
     assert torch.allclose(from_stencil, dense, rtol=0, atol=1e-12)
+
+
+def test_affinity_stencil_is_the_dense_affinity_matrix_and_its_degrees():
+    # The half stencil of the GPU kernel: A[p, p + d] at p (and A[p - d, p] read at p - d),
+    # rebuilt into the dense symmetric A; degrees = its column sums; A / degree = T.
+    generator = torch.Generator().manual_seed(4)
+    height, width, radius, beta = 5, 8, 3, 7.0
+    boundary = torch.rand((height, width), generator=generator, dtype=torch.float64) ** 2
+    directions, forward, degree = affinity_stencil(boundary, radius, beta)
+    n = height * width
+    dense = torch.eye(n, dtype=torch.float64)
+    for k, (dy, dx) in enumerate(directions):
+        for y, x in itertools.product(range(height), range(width)):
+            if 0 <= y + dy < height and 0 <= x + dx < width:
+                p, q = y * width + x, (y + dy) * width + x + dx
+                dense[p, q] = dense[q, p] = forward[k, y, x]
+            else:
+                assert forward[k, y, x] == 0  # no affinity across the border
+    assert torch.allclose(degree.reshape(-1), dense.sum(dim=0), rtol=1e-14, atol=0)
+    identity = torch.eye(n, dtype=torch.float64).reshape(n, height, width)
+    transition = dense_random_walk(identity, boundary, radius, beta, 0).reshape(n, n)
+    assert torch.allclose(dense / degree.reshape(1, -1), transition, rtol=0, atol=1e-12)
 
 
 def test_random_walk_defaults_are_the_reference_constants():

@@ -14,6 +14,34 @@ import torch.nn.functional as F
 from amnseg.ops.affinity import path_affinities, search_directions, shifted
 
 
+def _affinities(
+    boundary: torch.Tensor, radius: int, beta: float
+) -> tuple[tuple[tuple[int, int], ...], torch.Tensor, torch.Tensor]:
+    """(directions d, A[p, p + d] (..., D, H, W), A[p, p - d] (..., D, H, W)) for the
+    symmetric A = affinity ** beta; A[p, p - d] is A[p - d, p], the forward affinity at p - d."""
+    forward = path_affinities(boundary, radius).pow(beta)
+    directions = search_directions(radius)
+    backward = torch.stack(
+        [shifted(forward[..., k, :, :], -dy, -dx, 0.0) for k, (dy, dx) in enumerate(directions)],
+        dim=-3,
+    )
+    return directions, forward, backward
+
+
+def affinity_stencil(
+    boundary: torch.Tensor, radius: int, beta: float
+) -> tuple[tuple[tuple[int, int], ...], torch.Tensor, torch.Tensor]:
+    """The symmetric affinity matrix A = affinity ** beta (self-affinity 1) in half-stencil
+    form: half the memory of :func:`transition_weights`.
+
+    ``boundary`` (..., H, W). Returns (directions, forward (..., D, H, W), degree (..., H, W)):
+    forward[d, p] = A[p, p + d] for the D search directions d (A[p, p - d] is forward[d, p - d]),
+    degree[p] = sum_q A[p, q], so that T[i, j] = A[i, j] / degree[j].
+    """
+    directions, forward, backward = _affinities(boundary, radius, beta)
+    return directions, forward, 1 + forward.sum(dim=-3) + backward.sum(dim=-3)
+
+
 def transition_weights(
     boundary: torch.Tensor, radius: int, beta: float
 ) -> tuple[list[tuple[int, int]], torch.Tensor]:
@@ -23,13 +51,7 @@ def transition_weights(
     that one step x -> x T is ``x'[j] = sum_k weights[k, j] * x[j + offsets[k]]``: T[i, j] =
     A[i, j] / sum_i A[i, j] with A = affinity ** beta (self-affinity 1), symmetric.
     """
-    forward = path_affinities(boundary, radius).pow(beta)  # A[p, p + d]
-    directions = search_directions(radius)
-    # A[p, p - d] is A[p - d, p], the forward affinity stored at p - d.
-    backward = torch.stack(
-        [shifted(forward[..., k, :, :], -dy, -dx, 0.0) for k, (dy, dx) in enumerate(directions)],
-        dim=-3,
-    )
+    directions, forward, backward = _affinities(boundary, radius, beta)
     offsets = [(0, 0), *directions, *[(-dy, -dx) for dy, dx in directions]]
     affinity = torch.cat([torch.ones_like(boundary)[..., None, :, :], forward, backward], dim=-3)
     degree = affinity.sum(dim=-3, keepdim=True)  # column sums of A (A is symmetric)
