@@ -13,7 +13,7 @@ from amnseg.config import CrfConfig, load_config
 from amnseg.data import build_dataset
 from amnseg.data.base import read_index_png
 from amnseg.io import ScoreMaps, save_score_maps
-from amnseg.ops.crf import crf_refine_labels
+from amnseg.ops.crf import crf_refine_labels, crf_refine_labels_many
 from amnseg.stages import seeds as seeds_stage
 
 
@@ -137,6 +137,27 @@ def test_crf_parameters_reach_pydensecrf(monkeypatch):
     calls["bilateral"].pop("rgbim")
     assert calls["bilateral"] == {"sxy": 30, "srgb": 11, "compat": 6}
     assert calls["inference"] == {"iterations": 4}
+
+
+def test_seed_crfs_share_one_lattice_and_equal_separate_crfs(monkeypatch):
+    image, scores, class_ids = scene()
+    labels = [np.random.default_rng(k).integers(0, 3, scores.shape[1:]) for k in range(3)]
+    shared = crf_refine_labels_many(image, labels, 3, CrfConfig())
+    for got, alone in zip(shared, labels, strict=True):
+        np.testing.assert_array_equal(got, crf_refine_labels(image, alone, 3, CrfConfig()))
+        np.testing.assert_array_equal(got, direct_crf(image, alone, 3))
+    assert not np.array_equal(shared[0], shared[1])  # each map got its own unary
+    # make_seed builds the kernels once: one CRF, the fg unary, then the bg unary, in order.
+    monkeypatch.setattr(dcrf, "DenseCRF2D", RecordingCRF)
+    RecordingCRF.calls = []
+    seeds_stage.make_seed(image, scores, class_ids, 0.30, 0.05, CrfConfig())
+    assert [name for name, _ in RecordingCRF.calls] == [
+        "init", "unary", "gaussian", "bilateral", "inference", "unary", "inference"]
+    unaries = [args["unary"] for name, args in RecordingCRF.calls if name == "unary"]
+    for unary, threshold in zip(unaries, (0.30, 0.05), strict=True):
+        labels = seeds_stage.threshold_argmax(scores, threshold)
+        np.testing.assert_array_equal(
+            unary, unary_from_labels(labels, 3, gt_prob=0.7, zero_unsure=False))
 
 
 def test_crf_accepts_read_only_images():

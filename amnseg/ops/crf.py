@@ -6,50 +6,77 @@ The kernel parameters are a ``CrfConfig`` (``amnseg.config``), whose defaults ar
 
 from __future__ import annotations
 
+from collections.abc import Sequence
+
 import numpy as np
 
 from amnseg.config import CrfConfig
 
 
-def dense_crf(image: np.ndarray, unary: np.ndarray, params: CrfConfig) -> np.ndarray:
-    """Mean-field marginals (L, H * W) of a fully connected CRF.
+def dense_crf_many(
+    image: np.ndarray, unaries: Sequence[np.ndarray], params: CrfConfig
+) -> list[np.ndarray]:
+    """Mean-field marginals (L, H * W) of a fully connected CRF for each unary, on one image.
 
-    ``image``: (H, W, 3) uint8 RGB; ``unary``: (L, H * W) float32 negative log-probabilities.
-    Kernels: Gaussian (``gaussian_sxy``, ``gaussian_compat``) and bilateral
-    (``bilateral_sxy``, ``bilateral_srgb``, ``bilateral_compat``), ``iterations`` steps.
+    ``image``: (H, W, 3) uint8 RGB; ``unaries``: (L, H * W) float32 negative log-probabilities,
+    the same L for all. Kernels: Gaussian (``gaussian_sxy``, ``gaussian_compat``) and bilateral
+    (``bilateral_sxy``, ``bilateral_srgb``, ``bilateral_compat``), ``iterations`` steps. The
+    kernels' permutohedral lattices depend on the image alone and can cost as much as the
+    inference (the more colours, the more: benchmarks/RESULTS.md), so they are built once and
+    each unary runs on them: every result is exactly the one a CRF of its own would give.
     """
     import pydensecrf.densecrf as dcrf
 
     height, width = image.shape[:2]
-    crf = dcrf.DenseCRF2D(width, height, unary.shape[0])
-    crf.setUnaryEnergy(np.ascontiguousarray(unary, dtype=np.float32))
-    crf.addPairwiseGaussian(sxy=params.gaussian_sxy, compat=params.gaussian_compat)
-    crf.addPairwiseBilateral(
-        sxy=params.bilateral_sxy,
-        srgb=params.bilateral_srgb,
-        rgbim=np.array(image, dtype=np.uint8, order="C", copy=True),  # it needs a writable buffer
-        compat=params.bilateral_compat,
-    )
-    return np.asarray(crf.inference(params.iterations))
+    marginals = []
+    crf = None
+    for unary in unaries:
+        if crf is None:
+            crf = dcrf.DenseCRF2D(width, height, unary.shape[0])
+            crf.setUnaryEnergy(np.ascontiguousarray(unary, dtype=np.float32))
+            crf.addPairwiseGaussian(sxy=params.gaussian_sxy, compat=params.gaussian_compat)
+            crf.addPairwiseBilateral(
+                sxy=params.bilateral_sxy,
+                srgb=params.bilateral_srgb,
+                rgbim=np.array(image, dtype=np.uint8, order="C", copy=True),  # writable buffer
+                compat=params.bilateral_compat,
+            )
+        else:
+            crf.setUnaryEnergy(np.ascontiguousarray(unary, dtype=np.float32))
+        marginals.append(np.asarray(crf.inference(params.iterations)))
+    return marginals
+
+
+def dense_crf(image: np.ndarray, unary: np.ndarray, params: CrfConfig) -> np.ndarray:
+    """Mean-field marginals (L, H * W) of one unary: :func:`dense_crf_many` of one."""
+    return dense_crf_many(image, [unary], params)[0]
+
+
+def crf_refine_labels_many(
+    image: np.ndarray, label_maps: Sequence[np.ndarray], num_labels: int, params: CrfConfig
+) -> list[np.ndarray]:
+    """Refine hard label maps of one image with a fully connected CRF (its kernels shared).
+
+    ``image``: (H, W, 3) uint8 RGB; each of ``label_maps``: (H, W) ints in [0, num_labels). The
+    unary is "unary from labels" (``params.gt_prob``; label 0 is a real label, not "unsure");
+    returns the (H, W) int64 argmax of each map's marginals.
+    """
+    from pydensecrf.utils import unary_from_labels
+
+    if num_labels < 2:
+        # One label: nothing to refine (and the unary of a single label is degenerate).
+        return [np.zeros(labels.shape, dtype=np.int64) for labels in label_maps]
+    unaries = [unary_from_labels(labels, num_labels, gt_prob=params.gt_prob, zero_unsure=False)
+               for labels in label_maps]
+    return [marginals.argmax(axis=0).reshape(labels.shape) for marginals, labels in
+            zip(dense_crf_many(image, unaries, params), label_maps, strict=True)]
 
 
 def crf_refine_labels(
     image: np.ndarray, labels: np.ndarray, num_labels: int, params: CrfConfig
 ) -> np.ndarray:
-    """Refine a hard label map with a fully connected CRF.
-
-    ``image``: (H, W, 3) uint8 RGB; ``labels``: (H, W) ints in [0, num_labels). The unary is
-    "unary from labels" (``params.gt_prob``; label 0 is a real label, not "unsure"); returns the
-    (H, W) int64 argmax of the marginals.
-    """
-    from pydensecrf.utils import unary_from_labels
-
-    height, width = labels.shape
-    if num_labels < 2:
-        # One label: nothing to refine (and the unary of a single label is degenerate).
-        return np.zeros((height, width), dtype=np.int64)
-    unary = unary_from_labels(labels, num_labels, gt_prob=params.gt_prob, zero_unsure=False)
-    return dense_crf(image, unary, params).argmax(axis=0).reshape(height, width)
+    """:func:`crf_refine_labels_many` of one label map: (H, W) int64."""
+    return crf_refine_labels_many(image, [labels], num_labels, params)[0]
 
 
 def crf_refine_probabilities(image: np.ndarray, probs: np.ndarray, params: CrfConfig) -> np.ndarray:

@@ -24,7 +24,7 @@ from amnseg.data.voc import voc_palette
 from amnseg.errors import AmnsegError
 from amnseg.io import load_score_maps, output_file, save_label_png
 from amnseg.layout import maps_dir, seeds_dir
-from amnseg.ops.crf import crf_refine_labels
+from amnseg.ops.crf import crf_refine_labels_many
 from amnseg.progress import progress_bar
 from amnseg.stages.common import processed_images
 
@@ -51,8 +51,10 @@ def make_seed(
     ``class_ids`` (K,) their ids 1..C.
     """
     keys = np.concatenate([[0], np.asarray(class_ids, dtype=np.int64)])
-    fg = keys[crf_refine_labels(image, threshold_argmax(scores, fg_threshold), len(keys), crf)]
-    bg = keys[crf_refine_labels(image, threshold_argmax(scores, bg_threshold), len(keys), crf)]
+    # Both CRFs share the image's kernels (built once): each result is what it is alone.
+    fg, bg = (keys[refined] for refined in crf_refine_labels_many(
+        image, [threshold_argmax(scores, fg_threshold), threshold_argmax(scores, bg_threshold)],
+        len(keys), crf))
     seed = fg.astype(np.uint8)
     seed[fg == 0] = UNSURE
     seed[(fg == 0) & (bg == 0)] = 0
