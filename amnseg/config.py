@@ -249,6 +249,9 @@ class Config:
     # and NHWC weights and batches. Off by default: results then are the reference's.
     amp: str = "off"
     channels_last: bool = False
+    # Images per forward pass in the CAM and AMN map stages (consecutive images of one size
+    # share one; the maps do not depend on it on the CPU). 1 = one image at a time.
+    map_batch_images: int = 8
     data: DataConfig = field(default_factory=DataConfig)
     backbone: BackboneConfig = field(default_factory=BackboneConfig)
     cam: CamConfig = field(default_factory=CamConfig)
@@ -317,6 +320,8 @@ def validate(config: Config) -> Config:
     """Check every option's type and range; the first bad one is a one-line AmnsegError."""
     _require(bool(str(config.run_dir).strip()), "run_dir", config.run_dir, "must not be empty")
     _choice(config.amp, "amp", ("off", "bf16"))
+    _require(isinstance(config.map_batch_images, int) and config.map_batch_images >= 1,
+             "map_batch_images", config.map_batch_images, "must be an integer >= 1")
     for key in ("compress_maps", "sync_batchnorm", "channels_last"):
         _require(isinstance(getattr(config, key), bool), key, getattr(config, key),
                  "must be true or false")

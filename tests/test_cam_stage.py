@@ -123,3 +123,43 @@ def test_checkpoint_for_wrong_class_count_is_refused(tiny_dataset, tmp_path):
     path = cam_stage.train_cam(config)
     with pytest.raises(AmnsegError, match="checkpoint is for 2 classes, the dataset has 3"):
         load_model(path, "cam", ["a", "b", "c"])
+
+
+def test_map_groups_of_mixed_sizes_equal_one_image_at_a_time(tiny_dataset, tmp_path):
+    """map_batch_images groups consecutive images of one size into one forward pass; the maps
+    are those of one image at a time (to float rounding), whatever the sizes' order, and a
+    map deleted after the run is recomputed in its group, byte for byte."""
+    from PIL import Image
+
+    from amnseg.checkpoints import save_model
+    from amnseg.data import build_dataset
+    from amnseg.layout import checkpoint_path
+    from amnseg.models import CAMNet, build_backbone
+
+    for stem in ("img 02", "img 03", "img 06"):
+        path = tiny_dataset / "images" / f"{stem}.png"
+        Image.open(path).resize((40, 24)).save(path)
+        mask = tiny_dataset / "masks" / f"{stem}.png"
+        Image.open(mask).resize((40, 24), Image.NEAREST).save(mask)
+    one = tiny_config(tiny_dataset, tmp_path / "one", "map_batch_images=1")
+    dataset = build_dataset(one.data, "train")
+    torch.manual_seed(0)
+    model = CAMNet(build_backbone(one.backbone), dataset.num_classes)
+    torch.nn.init.normal_(model.classifier.weight)
+    save_model(checkpoint_path(one, "cam"), "cam", model, dataset.class_names, one.backbone)
+    single = cam_stage.make_cams(one)
+    grouped_config = tiny_config(tiny_dataset, tmp_path / "grouped", "map_batch_images=3")
+    grouped = cam_stage.make_cams(grouped_config, checkpoint_path(one, "cam"))
+    assert sorted(p.name for p in grouped.iterdir()) == sorted(p.name for p in single.iterdir())
+    for path in single.iterdir():
+        a, b = load_score_maps(path), load_score_maps(grouped / path.name)
+        np.testing.assert_array_equal(a.class_ids, b.class_ids)
+        np.testing.assert_allclose(b.full, a.full, rtol=1e-5, atol=1e-6)
+        np.testing.assert_allclose(b.strided, a.strided, rtol=1e-5, atol=1e-6)
+    victim = grouped / "img 05.npz"  # in the group img 04, img 05
+    before = victim.read_bytes()
+    victim.unlink()
+    cam_stage.make_cams(grouped_config, checkpoint_path(one, "cam"))
+    assert victim.read_bytes() == before
+    with pytest.raises(AmnsegError, match="map_batch_images=0: must be an integer >= 1"):
+        tiny_config(tiny_dataset, tmp_path / "bad", "map_batch_images=0")

@@ -59,7 +59,9 @@ OVERRIDES = ["data.kind=folder", "data.train_split=train", "data.infer_split=tra
              "data.val_split=val", "data.num_workers=0", "device=cpu", "backbone.depth=18",
              "backbone.width=0.125", "backbone.strides=[2,2,1,1]", "backbone.pretrained=null",
              "cam.epochs=2", "cam.batch_size=4", "cam.resize_long=[24,40]", "cam.crop_size=32",
-             *FAST, "cam.epochs=2"]
+             *FAST, "cam.epochs=2",
+             # Map groups of 2 images: the 8 images make 4 groups, 2 for each of 2 ranks.
+             "map_batch_images=2"]
 
 
 def free_port() -> int:

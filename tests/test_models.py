@@ -11,6 +11,7 @@ from PIL import Image
 from amnseg.errors import AmnsegError
 from amnseg.models import CAMNet, FixedStatsBatchNorm2d, ResNet, load_imagenet_weights
 from amnseg.ops.multiscale import (
+    grouped_forward,
     max_normalize,
     multiscale_cam,
     multiscale_inputs,
@@ -153,6 +154,52 @@ def test_multiscale_cam_equals_per_scale_loop():
     assert torch.all(normalized <= 1.0)
     torch.testing.assert_close(normalized.amax(dim=(1, 2)), full.amax(dim=(1, 2)) / (
         full.amax(dim=(1, 2)) + 1e-5))
+
+
+@torch.no_grad()
+def test_grouped_forward_gives_each_image_its_rows_of_one_batch_per_scale():
+    torch.manual_seed(1)
+    model = CAMNet(ResNet(depth=18, width=0.25, strides=[2, 2, 2, 1]), 4).eval()
+    rng = np.random.default_rng(2)
+    images = [rng.integers(0, 256, (37, 50, 3), dtype=np.uint8) for _ in range(3)]
+    inputs = [multiscale_inputs(image, [1.0, 0.5, 1.5]) for image in images]
+    calls = []
+
+    def forward(rows, owners):
+        calls.append((rows.shape, owners.tolist()))
+        # Each row's output marks its owner, so a mix-up of rows shows.
+        return model.cam(rows) + owners[:, None, None, None]
+
+    outputs = grouped_forward(forward, inputs)
+    # One call per scale, all images' rows (image + mirror) in image order.
+    assert [shape[0] for shape, _ in calls] == [6, 6, 6]
+    assert [tuple(shape[2:]) for shape, _ in calls] == [(37, 50), (18, 25), (56, 75)]
+    assert all(owners == [0, 0, 1, 1, 2, 2] for _, owners in calls)
+    for index, (image_inputs, image_outputs) in enumerate(zip(inputs, outputs, strict=True)):
+        assert len(image_outputs) == 3
+        for batch, output in zip(image_inputs, image_outputs, strict=True):
+            torch.testing.assert_close(output, model.cam(batch) + index, rtol=1e-5, atol=1e-5)
+
+
+def test_size_groups_cut_runs_of_one_size(tmp_path):
+    from conftest import write_tiny_folder_dataset
+
+    from amnseg.data.folder import FolderDataset
+    from amnseg.stages.common import size_groups
+
+    root = write_tiny_folder_dataset(tmp_path / "data", count=8)
+    for stem in ("img 02", "img 05"):  # other sizes break the runs
+        Image.new("RGB", (20, 30)).save(root / "images" / f"{stem}.png")
+    dataset = FolderDataset(root, "train")
+    stems = list(dataset.stems)
+    assert [len(g) for g in size_groups(dataset, stems, 3)] == [2, 1, 2, 1, 2]
+    assert size_groups(dataset, stems, 3)[0] == ["img 00", "img 01"]
+    assert [len(g) for g in size_groups(dataset, stems, 8)] == [2, 1, 2, 1, 2]
+    assert [len(g) for g in size_groups(dataset, stems[:2] + stems[3:5], 2)] == [2, 2]
+    assert size_groups(dataset, stems, 1) == [[stem] for stem in stems]
+    (root / "images" / "img 07.png").write_bytes(b"not an image")
+    with pytest.raises(AmnsegError, match=r"img 07\.png: unreadable image"):
+        size_groups(dataset, stems, 2)
 
 
 @torch.no_grad()

@@ -61,6 +61,10 @@ class SegDataset(ABC):
     def image(self, stem: str) -> np.ndarray:
         return read_rgb(self.image_path(stem))
 
+    def image_size(self, stem: str) -> tuple[int, int]:
+        """(H, W) of ``stem``'s image, from its file header (no decoding)."""
+        return read_size(self.image_path(stem))
+
     @abstractmethod
     def label(self, stem: str) -> np.ndarray:
         """(C,) float32 multi-hot image-level label of ``stem``."""
@@ -133,6 +137,17 @@ def read_rgb(path: Path) -> np.ndarray:
     try:
         with Image.open(path) as image:
             return rgb_array(image, str(path))
+    except (UnidentifiedImageError, OSError, SyntaxError, ValueError) as exc:
+        raise AmnsegError(f"{path}: unreadable image ({exc.__class__.__name__})") from None
+
+
+def read_size(path: Path) -> tuple[int, int]:
+    """(H, W) of an image file from its header, or a one-line AmnsegError naming the file."""
+    if not path.is_file():
+        raise AmnsegError(f"{path}: image listed in the dataset but not found")
+    try:
+        with Image.open(path) as image:
+            return image.height, image.width
     except (UnidentifiedImageError, OSError, SyntaxError, ValueError) as exc:
         raise AmnsegError(f"{path}: unreadable image ({exc.__class__.__name__})") from None
 

@@ -58,19 +58,53 @@ def multiscale_cam(
     ``cam_fn`` maps images (B, 3, h, w) to maps (B, C, h / s, w / s). Returns
     (strided (C, (H-1)//4+1, (W-1)//4+1), full (C, H, W)), not normalised, on ``device``.
     """
+    scale_maps = [cam_fn(batch.to(device, non_blocking=True)) for batch in inputs]
+    return merge_cam_scales(scale_maps, image_size, output_stride)
+
+
+def merge_cam_scales(
+    scale_maps: Sequence[torch.Tensor], image_size: tuple[int, int], output_stride: int
+) -> tuple[torch.Tensor, torch.Tensor]:
+    """:func:`multiscale_cam` from the network's outputs: ``scale_maps[s]`` (2 or 1, C, h, w)
+    are one image's maps at scale s (with its mirror's)."""
     height, width = image_size
     small = strided_size(height, width, 4)
     up = strided_up_size(height, width, output_stride)
     strided_sum: torch.Tensor | None = None
     full_sum: torch.Tensor | None = None
-    for batch in inputs:
-        maps = merge_flip(cam_fn(batch.to(device, non_blocking=True)))[None]
+    for maps in scale_maps:
+        maps = merge_flip(maps)[None]
         strided = F.interpolate(maps, small, mode="bilinear", align_corners=False)[0]
         full = F.interpolate(maps, up, mode="bilinear", align_corners=False)[0, :, :height, :width]
         strided_sum = strided if strided_sum is None else strided_sum + strided
         full_sum = full if full_sum is None else full_sum + full
     assert strided_sum is not None and full_sum is not None, "at least one scale is needed"
     return strided_sum, full_sum
+
+
+@torch.no_grad()
+def grouped_forward(
+    forward: Callable[[torch.Tensor, torch.Tensor], torch.Tensor],
+    inputs: Sequence[Sequence[torch.Tensor]],
+    device: torch.device | str = "cpu",
+) -> list[list[torch.Tensor]]:
+    """One forward pass per scale for a group of images of one size.
+
+    ``inputs[i][s]``: image i's batch at scale s (its rows: the image and its mirror). For each
+    scale, the rows of all images run as one batch through ``forward(batch, owners)``
+    (``owners`` (rows,): the image index of each row); returns ``outputs[i][s]``, image i's
+    rows of the result. On the CPU each row's output does not depend on the other rows
+    (tests/test_models.py), so the maps equal those of one image at a time.
+    """
+    outputs: list[list[torch.Tensor]] = [[] for _ in inputs]
+    for scale in range(len(inputs[0])):
+        batches = [image_inputs[scale] for image_inputs in inputs]
+        rows = [len(batch) for batch in batches]
+        owners = torch.repeat_interleave(torch.arange(len(batches)), torch.tensor(rows))
+        result = forward(torch.cat(batches).to(device, non_blocking=True), owners.to(device))
+        for image_outputs, part in zip(outputs, result.split(rows), strict=True):
+            image_outputs.append(part)
+    return outputs
 
 
 def max_normalize(maps: torch.Tensor, eps: float = 1e-5) -> torch.Tensor:

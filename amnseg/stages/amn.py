@@ -27,8 +27,7 @@ from amnseg.losses import amn_loss
 from amnseg.metrics import confusion_matrix, miou, scores_to_labels
 from amnseg.models.amn import AMN
 from amnseg.ops.multiscale import merge_flip, multiscale_inputs, strided_size
-from amnseg.progress import progress_bar
-from amnseg.stages.common import MultiscaleInputs, read_seed, start_inference
+from amnseg.stages.common import multiscale_outputs, read_seed, start_inference
 from amnseg.training import AugmentedSet, Schedule, fit, start_stage, steps_per_epoch
 
 
@@ -113,14 +112,22 @@ def amn_logits(
     Each scale's image/mirror pair is averaged (mirror flipped back), resized bilinearly to the
     stride-4 size and to the image size, and the scales are averaged.
     """
+    label = label.to(device)
+    scale_logits = [model(batch.to(device), label[None].expand(len(batch), -1))
+                    for batch in inputs]
+    return merge_amn_scales(scale_logits, image_size)
+
+
+def merge_amn_scales(
+    scale_logits: Sequence[torch.Tensor], image_size: tuple[int, int]
+) -> tuple[torch.Tensor, torch.Tensor]:
+    """:func:`amn_logits` from the network's outputs: ``scale_logits[s]`` (2 or 1, C + 1, h, w)
+    are one image's logits at scale s (with its mirror's)."""
     small = strided_size(*image_size, 4)
     strided_sum: torch.Tensor | float = 0.0
     full_sum: torch.Tensor | float = 0.0
-    label = label.to(device)
-    for batch in inputs:
-        batch = batch.to(device)
-        logits = model(batch, label[None].expand(len(batch), -1))
-        merged = (merge_flip(logits) / len(batch))[None]
+    for logits in scale_logits:
+        merged = (merge_flip(logits) / len(logits))[None]
         strided_sum = strided_sum + F.interpolate(
             merged, small, mode="bilinear", align_corners=False
         )[0]
@@ -128,7 +135,7 @@ def amn_logits(
             merged, image_size, mode="bilinear", align_corners=False
         )[0]
     assert isinstance(strided_sum, torch.Tensor) and isinstance(full_sum, torch.Tensor)
-    return strided_sum / len(inputs), full_sum / len(inputs)
+    return strided_sum / len(scale_logits), full_sum / len(scale_logits)
 
 
 def amn_scores(logits: torch.Tensor, class_ids: np.ndarray, cam_seed: torch.Tensor) -> torch.Tensor:
@@ -152,8 +159,14 @@ def amn_scores(logits: torch.Tensor, class_ids: np.ndarray, cam_seed: torch.Tens
 
 def amn_maps_for_image(model, batches, label, seed: np.ndarray, device) -> ScoreMaps:
     """ScoreMaps (foreground classes) of one image from its prepared inputs and CAM seed."""
+    strided_logits, full_logits = amn_logits(model, batches, label, seed.shape, device)
+    return amn_maps_from_logits(strided_logits, full_logits, label, seed)
+
+
+def amn_maps_from_logits(strided_logits: torch.Tensor, full_logits: torch.Tensor,
+                         label: torch.Tensor, seed: np.ndarray) -> ScoreMaps:
+    """:func:`amn_maps_for_image` from the merged logits of :func:`merge_amn_scales`."""
     size = seed.shape
-    strided_logits, full_logits = amn_logits(model, batches, label, size, device)
     class_ids = np.flatnonzero(np.asarray(label)) + 1
     # The stride-4 maps mask with the seed shrunk by PIL NEAREST, like the reference.
     strided_seed = resize_labels(seed, strided_size(*size, 4))
@@ -165,17 +178,17 @@ def amn_maps_for_image(model, batches, label, seed: np.ndarray, device) -> Score
 
 
 def make_amn_maps(config: Config, cam_seeds_dir: Path, checkpoint: Path | None = None) -> Path:
-    """Write AMN maps of every image of the run (eval mode: deterministic)."""
+    """Write AMN maps of every image of the run (eval mode: deterministic). Up to
+    ``map_batch_images`` images of one size share each forward pass."""
     out_dir = maps_dir(config, "amn")
-    job = start_inference(
-        config, "amn", checkpoint or checkpoint_path(config, "amn"), out_dir, ".npz"
-    )
-    inputs = MultiscaleInputs(job.dataset, job.todo, list(config.amn.scales), flip=True)
-    for stem, batches, label, size in progress_bar(
-        inputs.loader(config.data.num_workers), desc="amn maps", total=len(job.todo)
+    job = start_inference(config, "amn", checkpoint or checkpoint_path(config, "amn"), out_dir,
+                          ".npz", group=config.map_batch_images)
+    for stem, scale_logits, label, size in multiscale_outputs(
+        job, job.model, list(config.amn.scales), True, config.data.num_workers, "amn maps"
     ):
-        seed = read_seed(cam_seeds_dir, stem, tuple(size))
-        maps = amn_maps_for_image(job.model, batches, label, seed, job.device)
+        seed = read_seed(cam_seeds_dir, stem, size)
+        strided_logits, full_logits = merge_amn_scales(scale_logits, size)
+        maps = amn_maps_from_logits(strided_logits, full_logits, label, seed)
         save_score_maps(output_file(out_dir, stem, ".npz"), maps, config.compress_maps)
     distributed.barrier()  # every rank's share is written
     return out_dir

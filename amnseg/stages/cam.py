@@ -21,9 +21,8 @@ from amnseg.data.transforms import ClassificationTrainTransform
 from amnseg.io import ScoreMaps, output_file, save_score_maps
 from amnseg.layout import checkpoint_path, maps_dir
 from amnseg.models import CAMNet, build_backbone
-from amnseg.ops.multiscale import max_normalize, multiscale_cam
-from amnseg.progress import progress_bar
-from amnseg.stages.common import MultiscaleInputs, start_inference
+from amnseg.ops.multiscale import max_normalize, merge_cam_scales
+from amnseg.stages.common import multiscale_outputs, start_inference
 from amnseg.training import (
     AugmentedSet,
     Schedule,
@@ -93,9 +92,16 @@ def cam_score_maps(
 ) -> ScoreMaps:
     """Normalised multi-scale CAMs of one image's classes from its prepared batches: each
     channel of a GT class divided by its own max + 1e-5, at stride 4 and at image size."""
-    strided, full = multiscale_cam(
-        model.cam, batches, tuple(size), model.backbone.output_stride, device
-    )
+    with torch.no_grad():
+        scale_maps = [model.cam(batch.to(device)) for batch in batches]
+    return score_maps_from_cams(scale_maps, label, size, model.backbone.output_stride)
+
+
+def score_maps_from_cams(
+    scale_maps: list[torch.Tensor], label: np.ndarray, size: tuple[int, int], output_stride: int
+) -> ScoreMaps:
+    """:func:`cam_score_maps` from the network's per-scale outputs (2 or 1, C, h, w)."""
+    strided, full = merge_cam_scales(scale_maps, tuple(size), output_stride)
     class_ids = np.flatnonzero(np.asarray(label)) + 1
     keep = torch.as_tensor(class_ids - 1, device=strided.device)
     return ScoreMaps(
@@ -106,16 +112,17 @@ def cam_score_maps(
 
 
 def make_cams(config: Config, checkpoint: Path | None = None) -> Path:
-    """Write normalised multi-scale CAMs of every image of the run; existing files are kept."""
+    """Write normalised multi-scale CAMs of every image of the run; existing files are kept.
+    Up to ``map_batch_images`` images of one size share each forward pass."""
     out_dir = maps_dir(config, "cam")
-    job = start_inference(
-        config, "cam", checkpoint or checkpoint_path(config, "cam"), out_dir, ".npz"
-    )
-    inputs = MultiscaleInputs(job.dataset, job.todo, list(config.cam.scales), config.cam.flip)
-    for stem, batches, label, size in progress_bar(
-        inputs.loader(config.data.num_workers), desc="cam maps", total=len(job.todo)
+    job = start_inference(config, "cam", checkpoint or checkpoint_path(config, "cam"), out_dir,
+                          ".npz", group=config.map_batch_images)
+    output_stride = job.model.backbone.output_stride
+    for stem, scale_maps, label, size in multiscale_outputs(
+        job, lambda images, labels: job.model.cam(images), list(config.cam.scales),
+        config.cam.flip, config.data.num_workers, "cam maps",
     ):
-        maps = cam_score_maps(job.model, batches, label, tuple(size), job.device)
+        maps = score_maps_from_cams(scale_maps, label, size, output_stride)
         save_score_maps(output_file(out_dir, stem, ".npz"), maps, config.compress_maps)
     distributed.barrier()  # every rank's share is written
     return out_dir

@@ -4,6 +4,7 @@ and reading the seeds that AMN and IRN train on. (Model building lives in
 
 from __future__ import annotations
 
+from collections.abc import Callable, Iterator
 from dataclasses import dataclass
 from pathlib import Path
 from typing import Any
@@ -18,8 +19,9 @@ from amnseg.data import run_splits
 from amnseg.data.base import SegDataset, read_index_png
 from amnseg.errors import AmnsegError
 from amnseg.io import output_file
-from amnseg.ops.multiscale import multiscale_inputs
+from amnseg.ops.multiscale import grouped_forward, multiscale_inputs
 from amnseg.precision import with_precision
+from amnseg.progress import progress_bar
 from amnseg.training import resolve_device
 
 
@@ -32,29 +34,63 @@ def processed_images(config: Any) -> SegDataset:
 
 @dataclass
 class InferenceJob:
-    """An inference stage, ready to run: the model in eval mode on its device, the dataset and
-    the stems whose output file does not exist yet (a rerun resumes where it stopped), this
-    rank's share of them under torchrun."""
+    """An inference stage, ready to run: the model in eval mode on its device, the dataset, the
+    stems whose output file does not exist yet (``todo``: a rerun resumes where it stopped),
+    this rank's share of them under torchrun, and ``groups`` of images that run through the
+    network together (one image each unless asked for). A group is recomputed whole when any
+    of its images is to do, so that every image is computed in the same batch as in an
+    uninterrupted run; only the images to do are written."""
 
     model: nn.Module
     device: torch.device
     dataset: SegDataset
+    groups: list[list[str]]
     todo: list[str]
 
 
+def size_groups(dataset: SegDataset, stems: list[str], most: int) -> list[list[str]]:
+    """``stems`` in order, cut into runs of at most ``most`` consecutive images of one size
+    (file headers are read, not the images)."""
+    groups: list[list[str]] = []
+    last_size = None
+    for stem in stems:
+        size = dataset.image_size(stem) if most > 1 else None
+        if groups and size == last_size and len(groups[-1]) < most:
+            groups[-1].append(stem)
+        else:
+            groups.append([stem])
+        last_size = size
+    return groups
+
+
 def start_inference(
-    config: Any, stage: str, checkpoint: Path, out_dir: Path, suffix: str
+    config: Any, stage: str, checkpoint: Path, out_dir: Path, suffix: str, group: int = 1
 ) -> InferenceJob:
     """Create ``out_dir`` and load the ``stage`` network of ``checkpoint`` for the run's images;
-    the stems that already have ``<out_dir>/<stem><suffix>`` are done."""
+    the stems that already have ``<out_dir>/<stem><suffix>`` are done. ``group``: images per
+    group (consecutive images of one size, see ``size_groups``)."""
     out_dir.mkdir(parents=True, exist_ok=True)
     device = resolve_device(config.device)
     dataset = processed_images(config)
     model = load_model(checkpoint, stage, dataset.class_names).to(device).eval()
     model = with_precision(model, config, device)
-    todo = [s for s in dataset.stems if not output_file(out_dir, s, suffix).is_file()]
-    # Under torchrun each rank takes its share; an image's output depends on it alone.
-    return InferenceJob(model, device, dataset, distributed.shard(todo))
+    # Under torchrun each rank takes its share of rank 0's plan (made before anyone writes):
+    # the same groups whatever the number of ranks.
+    plan = distributed.shard(distributed.run_on_main(_plan, dataset, out_dir, suffix, group))
+    return InferenceJob(model, device, dataset, [g for g, _ in plan],
+                        [stem for _, missing in plan for stem in missing])
+
+
+def _plan(dataset: SegDataset, out_dir: Path, suffix: str, group: int
+          ) -> list[tuple[list[str], list[str]]]:
+    """(group, its stems without an output file) for every group with such a stem. Groups are
+    cut from all images, so they do not depend on what a killed run left."""
+    plan = []
+    for stems in size_groups(dataset, list(dataset.stems), group):
+        missing = [s for s in stems if not output_file(out_dir, s, suffix).is_file()]
+        if missing:
+            plan.append((stems, missing))
+    return plan
 
 
 class MultiscaleInputs(torch.utils.data.Dataset):
@@ -73,9 +109,42 @@ class MultiscaleInputs(torch.utils.data.Dataset):
         batches = multiscale_inputs(image, self.scales, self.flip)
         return stem, batches, torch.from_numpy(self.dataset.label(stem)), image.shape[:2]
 
-    def loader(self, num_workers: int) -> torch.utils.data.DataLoader:
-        """One image per step, in order."""
-        return torch.utils.data.DataLoader(self, batch_size=None, num_workers=num_workers)
+    def loader(self, num_workers: int, groups: list[list[str]]) -> torch.utils.data.DataLoader:
+        """One group of ``groups`` (of this dataset's stems) per step, in order: a list of
+        items, prepared by one worker."""
+        index = {stem: position for position, stem in enumerate(self.stems)}
+        batches = [[index[stem] for stem in group] for group in groups]
+        return torch.utils.data.DataLoader(self, batch_sampler=batches, collate_fn=list,
+                                           num_workers=num_workers)
+
+
+def multiscale_outputs(
+    job: InferenceJob,
+    forward: Callable[[torch.Tensor, torch.Tensor], torch.Tensor],
+    scales: list[float],
+    flip: bool,
+    num_workers: int,
+    desc: str,
+) -> Iterator[tuple[str, list[torch.Tensor], torch.Tensor, tuple[int, int]]]:
+    """(stem, per-scale network outputs, label, (H, W)) of every image the job has to do, its
+    multi-scale (+ flip) inputs prepared in loader workers and run through
+    ``forward(images, labels)`` a whole group at a time (labels: each row's image label)."""
+    inputs = MultiscaleInputs(job.dataset, [s for group in job.groups for s in group], scales,
+                              flip)
+    todo = set(job.todo)
+    with progress_bar(total=len(todo), desc=desc) as bar:
+        for items in inputs.loader(num_workers, job.groups):
+            labels = torch.stack([label for _, _, label, _ in items]).to(job.device)
+
+            def rows_forward(rows, owners, labels=labels):
+                return forward(rows, labels[owners])
+
+            outputs = grouped_forward(rows_forward, [batches for _, batches, _, _ in items],
+                                      job.device)
+            for (stem, _, label, size), scale_outputs in zip(items, outputs, strict=True):
+                if stem in todo:  # the others were done by an earlier run
+                    yield stem, scale_outputs, label, tuple(size)
+                    bar.update()
 
 
 def read_seed(seeds_dir: Path, stem: str, size: tuple[int, int]) -> np.ndarray:
