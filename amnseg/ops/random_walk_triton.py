@@ -29,7 +29,7 @@ import triton.language as tl
 
 from amnseg.ops.random_walk import affinity_stencil
 
-TILE = 128  # pixels per program; the fastest of 128-512 on an H200 (benchmarks/RESULTS.md)
+TILE = 128  # pixels per program: 64 and 128 were the fastest of 64-256 on an H200 (RESULTS.md)
 
 
 @triton.jit
