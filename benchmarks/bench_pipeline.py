@@ -120,6 +120,10 @@ def main() -> None:
         f"seg.crf_workers={args.workers}", *args.overrides,
     ]
     config = load_config("voc12", overrides)
+    largest = max(config.cam.batch_size, config.amn.batch_size, config.irn.batch_size)
+    if args.images < largest:
+        parser.error(f"--images {args.images}: the training stages need at least one batch "
+                     f"of {largest} images")
     started = time.perf_counter()
     manifest = run_pipeline(config)
     wall = time.perf_counter() - started
