@@ -9,7 +9,8 @@ from __future__ import annotations
 
 import copy
 from abc import ABC, abstractmethod
-from collections.abc import Collection
+from collections.abc import Collection, Iterator
+from contextlib import contextmanager
 from dataclasses import dataclass
 from pathlib import Path
 
@@ -130,26 +131,29 @@ def rgb_array(image: Image.Image, source: str = "image") -> np.ndarray:
     return np.array(image.convert("RGB"), dtype=np.uint8)
 
 
-def read_rgb(path: Path) -> np.ndarray:
-    """(H, W, 3) uint8 RGB, or a one-line AmnsegError naming the file."""
+@contextmanager
+def _opened_image(path: Path) -> Iterator[Image.Image]:
+    """The image file at ``path``, open; a missing or unreadable file is a one-line
+    AmnsegError naming it."""
     if not path.is_file():
         raise AmnsegError(f"{path}: image listed in the dataset but not found")
     try:
         with Image.open(path) as image:
-            return rgb_array(image, str(path))
+            yield image
     except (UnidentifiedImageError, OSError, SyntaxError, ValueError) as exc:
         raise AmnsegError(f"{path}: unreadable image ({exc.__class__.__name__})") from None
+
+
+def read_rgb(path: Path) -> np.ndarray:
+    """(H, W, 3) uint8 RGB, or a one-line AmnsegError naming the file."""
+    with _opened_image(path) as image:
+        return rgb_array(image, str(path))
 
 
 def read_size(path: Path) -> tuple[int, int]:
     """(H, W) of an image file from its header, or a one-line AmnsegError naming the file."""
-    if not path.is_file():
-        raise AmnsegError(f"{path}: image listed in the dataset but not found")
-    try:
-        with Image.open(path) as image:
-            return image.height, image.width
-    except (UnidentifiedImageError, OSError, SyntaxError, ValueError) as exc:
-        raise AmnsegError(f"{path}: unreadable image ({exc.__class__.__name__})") from None
+    with _opened_image(path) as image:
+        return image.height, image.width
 
 
 def read_index_png(path: Path) -> np.ndarray:

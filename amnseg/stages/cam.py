@@ -21,7 +21,7 @@ from amnseg.data.transforms import ClassificationTrainTransform
 from amnseg.io import ScoreMaps, output_file, save_score_maps
 from amnseg.layout import checkpoint_path, maps_dir
 from amnseg.models import CAMNet, build_backbone
-from amnseg.ops.multiscale import max_normalize, merge_cam_scales
+from amnseg.ops.multiscale import max_normalize, merge_cam_scales, multiscale_cam
 from amnseg.stages.common import multiscale_outputs, start_inference
 from amnseg.training import (
     AugmentedSet,
@@ -92,16 +92,16 @@ def cam_score_maps(
 ) -> ScoreMaps:
     """Normalised multi-scale CAMs of one image's classes from its prepared batches: each
     channel of a GT class divided by its own max + 1e-5, at stride 4 and at image size."""
-    with torch.no_grad():
-        scale_maps = [model.cam(batch.to(device)) for batch in batches]
-    return score_maps_from_cams(scale_maps, label, size, model.backbone.output_stride)
+    strided, full = multiscale_cam(
+        model.cam, batches, tuple(size), model.backbone.output_stride, device
+    )
+    return class_score_maps(strided, full, label)
 
 
-def score_maps_from_cams(
-    scale_maps: list[torch.Tensor], label: np.ndarray, size: tuple[int, int], output_stride: int
-) -> ScoreMaps:
-    """:func:`cam_score_maps` from the network's per-scale outputs (2 or 1, C, h, w)."""
-    strided, full = merge_cam_scales(scale_maps, tuple(size), output_stride)
+def class_score_maps(strided: torch.Tensor, full: torch.Tensor, label: np.ndarray
+                     ) -> ScoreMaps:
+    """The summed multi-scale CAMs (C, h, w) of the image's classes, each divided by its own
+    max + 1e-5."""
     class_ids = np.flatnonzero(np.asarray(label)) + 1
     keep = torch.as_tensor(class_ids - 1, device=strided.device)
     return ScoreMaps(
@@ -122,7 +122,7 @@ def make_cams(config: Config, checkpoint: Path | None = None) -> Path:
         job, lambda images, labels: job.model.cam(images), list(config.cam.scales),
         config.cam.flip, config.data.num_workers, "cam maps",
     ):
-        maps = score_maps_from_cams(scale_maps, label, size, output_stride)
+        maps = class_score_maps(*merge_cam_scales(scale_maps, size, output_stride), label)
         save_score_maps(output_file(out_dir, stem, ".npz"), maps, config.compress_maps)
     distributed.barrier()  # every rank's share is written
     return out_dir

@@ -234,8 +234,9 @@ def pseudo_mask(
     return masks_from_walk(walked, class_ids, image.shape[:2], irn_cfg.bg_threshold)
 
 
-# Images walked at once by the GPU kernel: enough programs to fill the GPU's multiprocessors
-# (one program per image), ~0.4 GB of float64 weights at VOC sizes.
+# Images walked at once by the GPU kernel: enough (image, tile) programs to keep the GPU busy
+# (fewer images per call were slower: benchmarks/RESULTS.md), ~0.4 GB of float64 affinities at
+# VOC sizes.
 GPU_WALK_BATCH = 128
 
 
@@ -251,28 +252,27 @@ def make_masks(
     )
     palette = voc_palette()
     batch_size = GPU_WALK_BATCH if gpu_walk_available(job.device) else 1
-    bar = progress_bar(total=len(job.todo), desc="pseudo masks")
-    for first in range(0, len(job.todo), batch_size):
-        stems = job.todo[first : first + batch_size]
-        maps, boundaries, class_ids, sizes = [], [], [], []
-        for stem in stems:
-            score_maps = load_score_maps(amn_maps_dir / f"{stem}.npz")
-            image = job.dataset.image(stem)
-            try:
-                boundary = checked_boundary(
-                    job.model, image, score_maps.strided, config.irn, job.device
-                )
-            except AmnsegError as error:
-                raise AmnsegError(f"{amn_maps_dir / (stem + '.npz')}: {error}") from None
-            maps.append(torch.from_numpy(score_maps.strided).to(job.device))
-            boundaries.append(boundary)
-            class_ids.append(score_maps.class_ids)
-            sizes.append(image.shape[:2])
-        walked = walk_many(maps, boundaries, config.irn)
-        for stem, image_walk, ids, size in zip(stems, walked, class_ids, sizes, strict=True):
-            mask = masks_from_walk(image_walk, ids, size, config.irn.bg_threshold)
-            save_label_png(output_file(out_dir, stem, ".png"), mask, palette)
-            bar.update()
-    bar.close()
+    with progress_bar(total=len(job.todo), desc="pseudo masks") as bar:
+        for first in range(0, len(job.todo), batch_size):
+            stems = job.todo[first : first + batch_size]
+            maps, boundaries, class_ids, sizes = [], [], [], []
+            for stem in stems:
+                score_maps = load_score_maps(amn_maps_dir / f"{stem}.npz")
+                image = job.dataset.image(stem)
+                try:
+                    boundary = checked_boundary(
+                        job.model, image, score_maps.strided, config.irn, job.device
+                    )
+                except AmnsegError as error:
+                    raise AmnsegError(f"{amn_maps_dir / (stem + '.npz')}: {error}") from None
+                maps.append(torch.from_numpy(score_maps.strided).to(job.device))
+                boundaries.append(boundary)
+                class_ids.append(score_maps.class_ids)
+                sizes.append(image.shape[:2])
+            walked = walk_many(maps, boundaries, config.irn)
+            for stem, image_walk, ids, size in zip(stems, walked, class_ids, sizes, strict=True):
+                mask = masks_from_walk(image_walk, ids, size, config.irn.bg_threshold)
+                save_label_png(output_file(out_dir, stem, ".png"), mask, palette)
+                bar.update()
     distributed.barrier()  # every rank's share is written
     return out_dir
