@@ -415,3 +415,48 @@ def test_train_irn_runs_its_epochs_of_its_batches_down_to_lr_zero(tiny_dataset, 
     first, second = np.array(log[0]["lr"]), np.array(log[1]["lr"])
     assert (first > 0).all()
     np.testing.assert_allclose(first / second, 2.0**0.9, rtol=1e-9)
+
+
+def test_masks_stage_groups_give_each_images_own_pseudo_mask(tiny_dataset, tmp_path):
+    """The masks stage infers boundaries for groups of images of one size per forward pass
+    (mixed sizes here, padded to infer_pad_size); every mask equals ``pseudo_mask`` of its image
+    alone, and a mask deleted after the run is recomputed byte for byte."""
+    from conftest import tiny_config
+    from PIL import Image
+
+    from amnseg.checkpoints import save_model
+    from amnseg.data import build_dataset
+    from amnseg.data.base import read_index_png
+    from amnseg.io import ScoreMaps, save_score_maps
+    from amnseg.layout import checkpoint_path, maps_dir
+    from amnseg.stages.irn import make_masks, pseudo_mask
+
+    for stem in ("img 02", "img 03", "img 06"):
+        path = tiny_dataset / "images" / f"{stem}.png"
+        Image.open(path).resize((41, 26)).save(path)
+    config = tiny_config(tiny_dataset, tmp_path / "run", "map_batch_images=3",
+                         "irn.infer_pad_size=48", "irn.exp_times=2")
+    dataset = build_dataset(config.data, "train")
+    net = tiny_boundary_net()
+    save_model(checkpoint_path(config, "irn"), "irn", net, dataset.class_names, config.backbone)
+    amn_maps = maps_dir(config, "amn")
+    amn_maps.mkdir(parents=True)
+    generator = np.random.default_rng(4)
+    for stem in dataset.stems:
+        height, width = dataset.image(stem).shape[:2]
+        class_ids = np.flatnonzero(dataset.label(stem)) + 1
+        strided = generator.random((len(class_ids), (height + 3) // 4, (width + 3) // 4))
+        save_score_maps(amn_maps / f"{stem}.npz", ScoreMaps(
+            class_ids, strided.astype(np.float32),
+            np.zeros((len(class_ids), height, width), np.float32)))
+    masks = make_masks(config)
+    for stem in dataset.stems:
+        maps = np.load(amn_maps / f"{stem}.npz")
+        expected = pseudo_mask(net, dataset.image(stem), maps["strided"], maps["class_ids"],
+                               config)
+        np.testing.assert_array_equal(read_index_png(masks / f"{stem}.png"), expected)
+    victim = masks / "img 05.png"  # in the group img 04, img 05
+    before = victim.read_bytes()
+    victim.unlink()
+    make_masks(config)
+    assert victim.read_bytes() == before

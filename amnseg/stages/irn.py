@@ -9,6 +9,7 @@ palette PNGs) for every image of the run, resuming per image.
 
 from __future__ import annotations
 
+from dataclasses import dataclass
 from functools import partial
 from pathlib import Path
 
@@ -21,7 +22,7 @@ from amnseg import distributed
 from amnseg.checkpoints import initial_backbone, save_model
 from amnseg.config import Config, IrnConfig
 from amnseg.data.base import Sample
-from amnseg.data.transforms import SegmentationTrainTransform, normalize, rescale
+from amnseg.data.transforms import SegmentationTrainTransform, rescale
 from amnseg.data.voc import voc_palette
 from amnseg.errors import AmnsegError
 from amnseg.io import load_score_maps, output_file, save_label_png
@@ -29,10 +30,9 @@ from amnseg.layout import checkpoint_path, maps_dir, masks_dir
 from amnseg.losses import irn_affinity_loss
 from amnseg.models.irn import BoundaryNet
 from amnseg.ops.affinity import affinity_labels, pair_region, path_affinities
-from amnseg.ops.multiscale import merge_flip, strided_size
+from amnseg.ops.multiscale import merge_flip, multiscale_inputs, strided_size
 from amnseg.ops.random_walk import random_walk
-from amnseg.progress import progress_bar
-from amnseg.stages.common import read_seed, start_inference
+from amnseg.stages.common import multiscale_outputs, read_seed, start_inference
 from amnseg.training import (
     AugmentedSet,
     Schedule,
@@ -122,21 +122,31 @@ def train_irn(config: Config, amn_seeds_dir: Path) -> Path:
     )
 
 
+def pad_bottom_right(images: torch.Tensor, pad_size: int) -> torch.Tensor:
+    """Normalised images (B, 3, H, W) zero-padded at the bottom/right to ``pad_size`` as the
+    reference does before boundary inference (never cropped; 0 = no padding)."""
+    height, width = images.shape[-2:]
+    return F.pad(images, (0, max(pad_size - width, 0), 0, max(pad_size - height, 0)))
+
+
+def boundary_from_logits(logits: torch.Tensor, image_size: tuple[int, int]) -> torch.Tensor:
+    """Logits (2, 1, h', w') of an image and its mirror (padding included) -> boundary
+    probabilities (h4, w4): sigmoid of the mean of the two, cropped to the image's stride-4
+    size before the mirror is flipped back."""
+    rows, cols = strided_size(*image_size, 4)
+    return torch.sigmoid(merge_flip(logits[:, :, :rows, :cols])[0] / 2)
+
+
 @torch.no_grad()
 def infer_boundary(
     model: BoundaryNet, image: np.ndarray, pad_size: int, device: torch.device | str = "cpu"
 ) -> torch.Tensor:
-    """Boundary probabilities (h4, w4) of an image: sigmoid of the mean of the image's and the
-    mirrored image's logits. Like the reference, the normalised image is zero-padded at the
-    bottom/right to ``pad_size`` (never cropped; 0 = no padding)."""
-    height, width = image.shape[:2]
-    chw = torch.from_numpy(normalize(image))
-    batch = torch.stack([chw, chw.flip(-1)])
-    pad_h, pad_w = max(pad_size - height, 0), max(pad_size - width, 0)
-    batch = F.pad(batch, (0, pad_w, 0, pad_h))
-    rows, cols = strided_size(height, width, 4)
-    logits = model(batch.to(device))[:, 0, :rows, :cols]
-    return torch.sigmoid(merge_flip(logits[:, None])[0] / 2)
+    """Boundary probabilities (h4, w4) of one image: the image and its mirror, padded by
+    ``pad_bottom_right``, through the net; ``boundary_from_logits``. (The masks stage runs
+    groups of images per forward pass.)"""
+    (batch,) = multiscale_inputs(image, [1.0], flip=True)
+    logits = model(pad_bottom_right(batch.to(device), pad_size))
+    return boundary_from_logits(logits, image.shape[:2])
 
 
 def walk_scores(
@@ -209,18 +219,13 @@ def walk_many(
     return [walk(m, b, irn_cfg) for m, b in zip(maps, boundaries, strict=True)]
 
 
-def checked_boundary(
-    model: BoundaryNet, image: np.ndarray, strided_maps: np.ndarray, irn_cfg: IrnConfig,
-    device: torch.device | str,
-) -> torch.Tensor:
-    """The boundary map of ``image``, checked to be the size of its stride-4 maps."""
-    boundary = infer_boundary(model, image, irn_cfg.infer_pad_size, device)
+def check_boundary_size(strided_maps: np.ndarray, boundary: torch.Tensor) -> None:
+    """Raise when the boundary map is not the size of the image's stride-4 maps."""
     if strided_maps.shape[1:] != tuple(boundary.shape):
         raise AmnsegError(
             f"stride-4 maps are {strided_maps.shape[2]}x{strided_maps.shape[1]}, the boundary "
             f"map is {boundary.shape[1]}x{boundary.shape[0]}"
         )
-    return boundary
 
 
 def pseudo_mask(
@@ -229,7 +234,8 @@ def pseudo_mask(
 ) -> np.ndarray:
     """The final pseudo mask (H, W) uint8 of one image from its AMN maps at stride 4."""
     irn_cfg = config.irn
-    boundary = checked_boundary(model, image, strided_maps, irn_cfg, device)
+    boundary = infer_boundary(model, image, irn_cfg.infer_pad_size, device)
+    check_boundary_size(strided_maps, boundary)
     walked = walk(torch.from_numpy(strided_maps).to(device), boundary, irn_cfg)
     return masks_from_walk(walked, class_ids, image.shape[:2], irn_cfg.bg_threshold)
 
@@ -240,39 +246,57 @@ def pseudo_mask(
 GPU_WALK_BATCH = 128
 
 
+@dataclass
+class PendingWalk:
+    """One image's walk inputs, waiting for a batch of walks: its stride-4 AMN maps (K, h4, w4)
+    and boundary map (h4, w4) on the device, its class ids and its size (H, W)."""
+
+    stem: str
+    maps: torch.Tensor
+    boundary: torch.Tensor
+    class_ids: np.ndarray
+    size: tuple[int, int]
+
+
 def make_masks(
     config: Config, amn_maps_dir: Path | None = None, checkpoint: Path | None = None
 ) -> Path:
-    """Write the pseudo mask of every image of the run (resumes per image). On a CUDA device
-    with Triton the walks of GPU_WALK_BATCH images run as one kernel."""
+    """Write the pseudo mask of every image of the run (resumes per image). Boundaries are
+    inferred for up to ``map_batch_images`` images of one size per forward pass (images decoded
+    in loader workers); on a CUDA device with Triton the walks of GPU_WALK_BATCH images run as
+    one kernel."""
     amn_maps_dir = amn_maps_dir or maps_dir(config, "amn")
     out_dir = masks_dir(config)
-    job = start_inference(
-        config, "irn", checkpoint or checkpoint_path(config, "irn"), out_dir, ".png"
-    )
+    job = start_inference(config, "irn", checkpoint or checkpoint_path(config, "irn"), out_dir,
+                          ".png", group=config.map_batch_images)
     palette = voc_palette()
-    batch_size = GPU_WALK_BATCH if gpu_walk_available(job.device) else 1
-    with progress_bar(total=len(job.todo), desc="pseudo masks") as bar:
-        for first in range(0, len(job.todo), batch_size):
-            stems = job.todo[first : first + batch_size]
-            maps, boundaries, class_ids, sizes = [], [], [], []
-            for stem in stems:
-                score_maps = load_score_maps(amn_maps_dir / f"{stem}.npz")
-                image = job.dataset.image(stem)
-                try:
-                    boundary = checked_boundary(
-                        job.model, image, score_maps.strided, config.irn, job.device
-                    )
-                except AmnsegError as error:
-                    raise AmnsegError(f"{amn_maps_dir / (stem + '.npz')}: {error}") from None
-                maps.append(torch.from_numpy(score_maps.strided).to(job.device))
-                boundaries.append(boundary)
-                class_ids.append(score_maps.class_ids)
-                sizes.append(image.shape[:2])
-            walked = walk_many(maps, boundaries, config.irn)
-            for stem, image_walk, ids, size in zip(stems, walked, class_ids, sizes, strict=True):
-                mask = masks_from_walk(image_walk, ids, size, config.irn.bg_threshold)
-                save_label_png(output_file(out_dir, stem, ".png"), mask, palette)
-                bar.update()
+    walk_batch = GPU_WALK_BATCH if gpu_walk_available(job.device) else 1
+    pending: list[PendingWalk] = []
+
+    def walk_pending() -> None:
+        walked = walk_many([p.maps for p in pending], [p.boundary for p in pending], config.irn)
+        for item, image_walk in zip(pending, walked, strict=True):
+            mask = masks_from_walk(image_walk, item.class_ids, item.size, config.irn.bg_threshold)
+            save_label_png(output_file(out_dir, item.stem, ".png"), mask, palette)
+        pending.clear()
+
+    pad_size = config.irn.infer_pad_size
+    for stem, (logits,), _, size in multiscale_outputs(
+        job, lambda images, labels: job.model(pad_bottom_right(images, pad_size)), [1.0], True,
+        config.data.num_workers, "pseudo masks",
+    ):
+        maps_file = amn_maps_dir / f"{stem}.npz"
+        score_maps = load_score_maps(maps_file)
+        boundary = boundary_from_logits(logits, size)
+        try:
+            check_boundary_size(score_maps.strided, boundary)
+        except AmnsegError as error:
+            raise AmnsegError(f"{maps_file}: {error}") from None
+        pending.append(PendingWalk(stem, torch.from_numpy(score_maps.strided).to(job.device),
+                                   boundary, score_maps.class_ids, size))
+        if len(pending) == walk_batch:
+            walk_pending()
+    if pending:
+        walk_pending()
     distributed.barrier()  # every rank's share is written
     return out_dir
