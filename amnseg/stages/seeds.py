@@ -12,7 +12,6 @@ from __future__ import annotations
 
 import multiprocessing
 from dataclasses import dataclass
-from functools import partial
 from pathlib import Path
 
 import numpy as np
@@ -86,6 +85,22 @@ def _seed_one(job: SeedJob, stem: str) -> str:
     return stem
 
 
+# The job of this worker process, set once when the pool starts: sending it with every task
+# would pickle the dataset (its stems, labels and paths: ~1.7 MB at VOC's 10,582 images) for
+# every chunk of images, in the one main process that feeds all the workers.
+_worker_job: SeedJob | None = None
+
+
+def _start_worker(job: SeedJob) -> None:
+    global _worker_job
+    _worker_job = job
+
+
+def _seed_in_worker(stem: str) -> str:
+    assert _worker_job is not None, "the pool's initializer sets the job"
+    return _seed_one(_worker_job, stem)
+
+
 def seed_thresholds(config: Config, source: str) -> tuple[float, float]:
     """(foreground, background) thresholds of seeds from ``cam`` or ``amn`` maps."""
     if source not in ("cam", "amn"):
@@ -125,15 +140,15 @@ def make_seeds(
     job = SeedJob(dataset, source_maps, out_dir, fg_threshold, bg_threshold, config.seeds.crf)
     workers = config.seeds.workers if workers is None else workers
     workers = min(workers or distributed.cores_per_process(), max(len(todo), 1))
-    run_one = partial(_seed_one, job)
     bar = progress_bar(total=len(todo), desc=f"seeds ({workers} workers)")
     if workers == 1:
         for stem in todo:
-            run_one(stem)
+            _seed_one(job, stem)
             bar.update()
     else:
-        with multiprocessing.get_context("fork").Pool(workers) as pool:
-            for _ in pool.imap_unordered(run_one, todo, chunksize=4):
+        pool = multiprocessing.get_context("fork").Pool(workers, _start_worker, (job,))
+        with pool:
+            for _ in pool.imap_unordered(_seed_in_worker, todo, chunksize=4):
                 bar.update()
     bar.close()
     distributed.barrier()  # every rank's share is written
