@@ -9,7 +9,9 @@ from __future__ import annotations
 import io
 import json
 import os
+import pickle
 import uuid
+import warnings
 from collections.abc import Iterator
 from contextlib import contextmanager
 from dataclasses import dataclass
@@ -89,16 +91,36 @@ def save_checkpoint(path: str | Path, checkpoint: dict[str, Any]) -> None:
         tmp.write_bytes(buffer.getbuffer())
 
 
+def load_tensors(path: Path, what: str) -> Any:
+    """``torch.load`` with ``weights_only=True`` (tensors and plain containers; nothing else is
+    unpickled), on the CPU; any failure is one AmnsegError line naming ``path`` as ``what``."""
+    try:
+        with warnings.catch_warnings():
+            # Printed for every file saved with pickle protocol 4 or later (most .pth files),
+            # before the load succeeds or fails: noise beside the one-line error.
+            warnings.filterwarnings("ignore", message="Detected pickle protocol")
+            return torch.load(path, map_location="cpu", weights_only=True)
+    except pickle.UnpicklingError as exc:
+        if "Weights only load failed" in str(exc):
+            raise AmnsegError(
+                f"{path}: not a readable {what} (it holds pickled Python objects besides "
+                "tensors; they are never unpickled, as they could run code)"
+            ) from exc
+        raise AmnsegError(f"{path}: not a readable {what} ({_first_line(exc)})") from exc
+    except Exception as exc:  # torch raises several types for corrupt files
+        raise AmnsegError(f"{path}: not a readable {what} ({_first_line(exc)})") from exc
+
+
+def _first_line(exc: Exception) -> str:
+    return str(exc).strip().splitlines()[0] if str(exc).strip() else type(exc).__name__
+
+
 def load_checkpoint(path: str | Path) -> dict[str, Any]:
     """Load a checkpoint without unpickling arbitrary objects."""
     path = Path(path)
     if not path.is_file():
         raise AmnsegError(f"{path}: checkpoint not found")
-    try:
-        return torch.load(path, map_location="cpu", weights_only=True)
-    except Exception as exc:  # torch raises several types for corrupt or unsafe files
-        first_line = str(exc).strip().splitlines()[0] if str(exc).strip() else type(exc).__name__
-        raise AmnsegError(f"{path}: not a readable checkpoint ({first_line})") from exc
+    return load_tensors(path, "checkpoint")
 
 
 @dataclass

@@ -12,6 +12,7 @@ import errno
 import json
 import os
 import pickle
+import subprocess
 import sys
 from pathlib import Path
 
@@ -284,6 +285,26 @@ def test_pickle_payloads_are_never_executed(data, tmp_path, capsys, entry):
     }[entry]
     line = one_error_line(capsys, *args)
     assert "evil.pth: not a readable checkpoint" in line
+    assert not Path("/tmp/amnseg_pwned").exists()
+
+
+def test_pickle_payload_error_is_one_line_outside_pytest(tmp_path):
+    """As a user sees it (a process of its own, Python's default warning filters): torch warns
+    about the file's pickle protocol before refusing it; only the error line may be printed."""
+    evil = tmp_path / "evil.pth"
+    with open(evil, "wb") as f:
+        pickle.dump({"format": Payload()}, f, protocol=4)
+    result = subprocess.run(
+        [sys.executable, "-m", "amnseg", "import-checkpoint", "cam", str(evil),
+         str(tmp_path / "out.pt")],
+        capture_output=True, text=True, env={**os.environ, "PYTHONWARNINGS": "default"},
+    )
+    assert result.returncode == 2
+    lines = result.stderr.strip().splitlines()
+    assert len(lines) == 1, result.stderr
+    assert lines[0].startswith("amnseg: error: ")
+    assert "evil.pth: not a readable checkpoint" in lines[0]
+    assert "never unpickled" in lines[0] and "weights_only` set to `False`" not in lines[0]
     assert not Path("/tmp/amnseg_pwned").exists()
 
 

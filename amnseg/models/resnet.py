@@ -16,6 +16,7 @@ import torch.nn.functional as F
 from torch import nn
 
 from amnseg.errors import AmnsegError
+from amnseg.io import load_tensors
 
 
 class FixedStatsBatchNorm2d(nn.BatchNorm2d):
@@ -269,10 +270,7 @@ def _read_weights(path: Path, key: str) -> dict[str, torch.Tensor]:
         raise AmnsegError(
             f"{path}: ImageNet weights not found ({key}; {key}=null starts from random weights)"
         )
-    try:
-        return torch.load(path, map_location="cpu", weights_only=True)
-    except Exception as exc:
-        raise AmnsegError(f"{path}: not a readable weights file ({type(exc).__name__})") from exc
+    return load_tensors(path, "weights file")
 
 
 def load_imagenet_weights(
