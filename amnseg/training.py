@@ -56,7 +56,8 @@ def poly_lr_lambda(max_step: int, power: float) -> Callable[[int], float]:
 
 
 class AugmentedSet(torch.utils.data.Dataset):
-    """Applies ``make_item(sample, rng)`` to dataset samples with a per-sample random generator.
+    """Applies ``make_item(sample, rng)`` to dataset samples (without their ground-truth masks)
+    with a per-sample random generator.
 
     The generator is seeded from (seed, epoch, index), so augmentations do not depend on the
     number of loader workers and a resumed run sees the same crops as an uninterrupted one.
@@ -76,7 +77,7 @@ class AugmentedSet(torch.utils.data.Dataset):
 
     def __getitem__(self, index: int) -> Any:
         rng = np.random.default_rng([self.seed, self.epoch, index])
-        return self.make_item(self.dataset[index], rng)
+        return self.make_item(self.dataset.sample(index, with_mask=False), rng)
 
 
 class EpochSampler(torch.utils.data.Sampler):

@@ -394,3 +394,26 @@ def test_folder_mask_size_mismatch_names_the_mask(tmp_path: Path) -> None:
         dataset[0]
     message = single_line(exc)
     assert str(root / "masks" / "my photo-01.png") in message and "10x10" in message
+
+
+def test_training_samples_never_read_ground_truth_masks(tiny_dataset, monkeypatch):
+    """The training loaders (AugmentedSet) see images and labels only: the masks are never
+    read (a weakly supervised stage must not touch them, and decoding them costs time)."""
+    from conftest import tiny_config
+
+    from amnseg.data import build_dataset
+    from amnseg.training import AugmentedSet
+
+    dataset = build_dataset(tiny_config(tiny_dataset, tiny_dataset / "run").data, "train")
+    full = dataset[3]
+    assert full.mask is not None
+
+    def no_masks(stem):
+        raise AssertionError(f"mask of {stem} read")
+
+    monkeypatch.setattr(dataset, "mask", no_masks)
+    training = AugmentedSet(dataset, lambda sample, rng: sample, seed=0)
+    seen = training[3]
+    assert seen.mask is None and seen.stem == full.stem
+    np.testing.assert_array_equal(seen.image, full.image)
+    np.testing.assert_array_equal(seen.label, full.label)

@@ -45,9 +45,15 @@ class SegDataset(ABC):
         return len(self.stems)
 
     def __getitem__(self, index: int) -> Sample:
+        return self.sample(index)
+
+    def sample(self, index: int, with_mask: bool = True) -> Sample:
+        """Image, label and (``with_mask``, when there is ground truth) mask of one image.
+        Training reads ``with_mask=False``: the weakly supervised stages learn from image labels
+        and seeds, and decoding a mask they never use would cost loader time."""
         stem = self.stems[index]
         image = self.image(stem)
-        mask = self.mask(stem)
+        mask = self.mask(stem) if with_mask else None
         if mask is not None and mask.shape != image.shape[:2]:
             raise AmnsegError(
                 f"{self.mask_source(stem)}: mask size {mask.shape[1]}x{mask.shape[0]} "
