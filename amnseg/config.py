@@ -245,12 +245,14 @@ class Config:
     # Map files (.npz) zip-compressed: ~25 % smaller, but writing one VOC-size file takes ~20x
     # longer (benchmarks/RESULTS.md). false stores the same values uncompressed.
     compress_maps: bool = True
-    # CUDA only (amnseg/precision.py): bf16 autocast in every network's forward pass (off | bf16)
-    # and NHWC weights and batches. Off by default: results then are the reference's.
+    # amnseg/precision.py: bf16 autocast in every network's forward pass (off | bf16; CUDA
+    # only) and NHWC weights and batches (any device). Off by default: results then are the
+    # reference's.
     amp: str = "off"
     channels_last: bool = False
-    # Images per forward pass in the CAM and AMN map stages (consecutive images of one size
-    # share one; the maps do not depend on it on the CPU). 1 = one image at a time.
+    # Images per forward pass in the CAM and AMN map stages and the boundary inference of the
+    # masks stage (consecutive images of one size share one; the outputs do not depend on it on
+    # the CPU). 1 = one image at a time.
     map_batch_images: int = 8
     data: DataConfig = field(default_factory=DataConfig)
     backbone: BackboneConfig = field(default_factory=BackboneConfig)

@@ -1,8 +1,10 @@
-"""The amp / channels_last options (amnseg/precision.py): off by default and on the CPU, and
-what the wrapper does when on (run here with CPU autocast; on CUDA under the ``gpu`` marker)."""
+"""The amp / channels_last options (amnseg/precision.py): off by default, bf16 without effect
+on the CPU, channels_last on any device, and what the wrapper does when on (run here with CPU
+autocast; on CUDA under the ``gpu`` marker)."""
 
 from __future__ import annotations
 
+import numpy as np
 import pytest
 import torch
 from torch import nn
@@ -33,13 +35,48 @@ class Recorder(nn.Module):
         return torch.relu(self.conv(images))
 
 
-def test_options_off_by_default_and_without_effect_on_the_cpu():
+def test_options_off_by_default_bf16_cuda_only_channels_last_anywhere():
     config = load_config(None, [])
     assert config.amp == "off" and config.channels_last is False
     model = Recorder()
     assert with_precision(model, config, torch.device("cpu")) is model
+    bf16 = load_config(None, ["amp=bf16"])
+    assert with_precision(model, bf16, torch.device("cpu")) is model  # CUDA only
     on = load_config(None, ["amp=bf16", "channels_last=true"])
-    assert with_precision(model, on, torch.device("cpu")) is model  # CUDA only
+    wrapped = with_precision(model, on, torch.device("cpu"))
+    assert isinstance(wrapped, MixedPrecision) and not wrapped.bf16 and wrapped.channels_last
+    assert model.conv.weight.is_contiguous(memory_format=torch.channels_last)
+    images = torch.randn(2, 3, 8, 9)
+    out = wrapped(images)[0]
+    assert model.seen[-1] == (True, None)  # NHWC input, no autocast
+    torch.testing.assert_close(out, torch.nn.functional.conv2d(
+        images, model.conv.weight.contiguous(), model.conv.bias, padding=1))
+
+
+def test_cpu_training_and_maps_in_channels_last_match_the_plain_run(tmp_path):
+    """channels_last on the CPU: the same training and maps up to floating-point order."""
+    from conftest import tiny_config, write_tiny_folder_dataset
+
+    from amnseg.checkpoints import load_model
+    from amnseg.io import load_score_maps
+    from amnseg.layout import checkpoint_path
+    from amnseg.stages.cam import make_cams, train_cam
+
+    data = write_tiny_folder_dataset(tmp_path / "data")
+    runs = {}
+    for name, options in (("plain", []), ("nhwc", ["channels_last=true"])):
+        config = tiny_config(data, tmp_path / name, "cam.epochs=1", *options)
+        train_cam(config)
+        make_cams(config)
+        weights = load_model(checkpoint_path(config, "cam"), "cam", ["square", "disc"])
+        maps = {p.name: load_score_maps(p) for p in (tmp_path / name / "cam/maps").glob("*.npz")}
+        runs[name] = (weights.state_dict(), maps)
+    (plain_weights, plain_maps), (nhwc_weights, nhwc_maps) = runs["plain"], runs["nhwc"]
+    for key, value in plain_weights.items():
+        torch.testing.assert_close(nhwc_weights[key], value, rtol=1e-4, atol=1e-5)
+    assert sorted(nhwc_maps) == sorted(plain_maps) and plain_maps
+    for name, maps in plain_maps.items():
+        np.testing.assert_allclose(nhwc_maps[name].strided, maps.strided, atol=1e-4)
 
 
 def test_bad_amp_value_is_a_one_line_error():
