@@ -15,7 +15,8 @@ from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any
 
-from omegaconf import OmegaConf
+import yaml
+from omegaconf import DictConfig, OmegaConf
 from omegaconf.errors import ConfigKeyError, OmegaConfBaseException
 
 from amnseg.errors import AmnsegError
@@ -448,21 +449,44 @@ def load_config(
 ) -> Config:
     """Defaults, then the YAML file (if any), then ``key=value`` overrides."""
     merged = OmegaConf.structured(Config)
+    what = f"config {name_or_path or '(defaults)'}"
     try:
         if name_or_path is not None:
-            path = resolve_config_path(name_or_path)
-            merged = OmegaConf.merge(merged, OmegaConf.load(path))
+            merged = OmegaConf.merge(merged, _read_config_file(resolve_config_path(name_or_path)))
         if overrides:
-            bad = [o for o in overrides if "=" not in o]
-            if bad:
-                raise AmnsegError(f"override {bad[0]!r}: expected key=value")
-            merged = OmegaConf.merge(merged, OmegaConf.from_dotlist(list(overrides)))
+            merged = OmegaConf.merge(merged, _parse_overrides(list(overrides)))
         config = OmegaConf.to_object(merged)
     except OmegaConfBaseException as exc:
-        raise AmnsegError(
-            f"config {name_or_path or '(defaults)'}: {_option_error(exc)}") from None
+        raise AmnsegError(f"{what}: {_option_error(exc)}") from None
     assert isinstance(config, Config)
     return validate(config)
+
+
+def _read_config_file(path: Path) -> Any:
+    """A config file's options (a YAML mapping); a bad file is one AmnsegError line."""
+    try:
+        loaded = OmegaConf.load(path)
+    except yaml.YAMLError as exc:
+        raise AmnsegError(f"{path}: not valid YAML ({' '.join(str(exc).split())})") from None
+    except (OSError, UnicodeDecodeError) as exc:
+        raise AmnsegError(f"{path}: unreadable config file ({exc})") from None
+    if not isinstance(loaded, DictConfig):
+        raise AmnsegError(f"{path}: expected a mapping of options (key: value) at the top level")
+    return loaded
+
+
+def _parse_overrides(overrides: list[str]) -> Any:
+    bad = [o for o in overrides if "=" not in o]
+    if bad:
+        raise AmnsegError(f"override {bad[0]!r}: expected key=value")
+    for override in overrides:
+        try:
+            OmegaConf.from_dotlist([override])
+        except yaml.YAMLError as exc:
+            raise AmnsegError(
+                f"override {override!r}: the value is not valid YAML "
+                f"({' '.join(str(exc).splitlines()[0].split())})") from None
+    return OmegaConf.from_dotlist(overrides)
 
 
 def config_from_dict(values: dict[str, Any]) -> Config:

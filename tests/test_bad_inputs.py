@@ -245,6 +245,24 @@ def test_bad_config_values_are_refused_at_load_time(tmp_path, capsys, override, 
     assert not run.exists()  # nothing written
 
 
+@pytest.mark.parametrize("content, words", [
+    (b"cam: [unclosed\n", "not valid YAML (while parsing a flow sequence"),
+    (b"- 1\n- 2\n", "expected a mapping of options (key: value) at the top level"),
+    (b"cam:\n  epochs: 2\n\xff\xfe\n", "unreadable config file ('utf-8' codec"),
+])
+def test_malformed_config_files_are_one_line_errors(tmp_path, capsys, content, words):
+    config = tmp_path / "mine.yaml"
+    config.write_bytes(content)
+    line = one_error_line(capsys, "run", str(config), f"run_dir={tmp_path / 'run'}")
+    assert f"{config}: {words}" in line
+    assert not (tmp_path / "run").exists()
+
+
+def test_override_value_that_is_not_yaml_is_named(tmp_path, capsys):
+    line = one_error_line(capsys, "run", "voc12", f"run_dir={tmp_path / 'run'}", "cam.scales=[1,")
+    assert "override 'cam.scales=[1,': the value is not valid YAML" in line
+
+
 # --- checkpoints ----------------------------------------------------------------------------
 
 
