@@ -94,6 +94,14 @@ def save_checkpoint(path: str | Path, checkpoint: dict[str, Any]) -> None:
 def load_tensors(path: Path, what: str) -> Any:
     """``torch.load`` with ``weights_only=True`` (tensors and plain containers; nothing else is
     unpickled), on the CPU; any failure is one AmnsegError line naming ``path`` as ``what``."""
+    with open(path, "rb") as f:
+        head = f.read(4)
+    # torch.save writes a zip archive; files of torch < 1.6 (and the authors' release) are
+    # pickles, which start with the PROTO opcode. Anything else fails deep inside torch.load
+    # with messages such as "KeyError: 101".
+    if not (head.startswith(b"PK\x03\x04") or head[:1] == b"\x80"):
+        raise AmnsegError(f"{path}: not a readable {what} (not a PyTorch file: neither a zip "
+                          "archive nor a pickle)")
     try:
         with warnings.catch_warnings():
             # Printed for every file saved with pickle protocol 4 or later (most .pth files),

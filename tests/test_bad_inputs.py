@@ -130,7 +130,7 @@ def test_unreadable_image_stops_the_run_before_any_stage(data, tmp_path, capsys)
     (data / "images" / "img 03.png").write_bytes(b"this is not a png")
     run = tmp_path / "run"
     line = one_error_line(capsys, "run", "voc12", *folder_args(data, run))
-    assert "img 03.png: unreadable image" in line
+    assert "img 03.png: unreadable image (not an image format PIL can read)" in line
     assert no_outputs(run)
 
 
@@ -139,7 +139,7 @@ def test_truncated_image_is_named(data, tmp_path, capsys):
     path.write_bytes(path.read_bytes()[:200])  # the header survives, the pixels do not
     line = one_error_line(capsys, "run", "voc12", *folder_args(data, tmp_path / "run"),
                           "--to", "cam")
-    assert "img 02.png: unreadable image" in line
+    assert "img 02.png: unreadable image (" in line and "truncated" in line
 
 
 def test_very_large_image_is_refused_with_the_option_to_change(data, tmp_path, capsys):

@@ -176,8 +176,13 @@ def test_refusals(tmp_path):
         import_reference("amn", path, VOC_LIKE)
     junk = tmp_path / "junk.pth"
     junk.write_bytes(b"junk")
-    with pytest.raises(AmnsegError, match="junk.pth: not a readable checkpoint"):
+    with pytest.raises(AmnsegError, match="junk.pth: not a readable checkpoint .not a PyTorch "
+                       "file: neither a zip archive nor a pickle"):
         import_reference("cam", junk, VOC_LIKE)
+    broken = tmp_path / "broken.pth"
+    broken.write_bytes(path.read_bytes()[:100])  # a zip archive cut short
+    with pytest.raises(AmnsegError, match="broken.pth: not a readable checkpoint"):
+        import_reference("cam", broken, VOC_LIKE)
     pickled = tmp_path / "pickled.pth"
     torch.save({"resnet50.conv1.weight": Unsafe()}, pickled)  # arbitrary objects never load
     with pytest.raises(AmnsegError, match="pickled.pth: not a readable checkpoint"):

@@ -138,27 +138,34 @@ def rgb_array(image: Image.Image, source: str = "image") -> np.ndarray:
 
 
 @contextmanager
-def _opened_image(path: Path) -> Iterator[Image.Image]:
-    """The image file at ``path``, open; a missing or unreadable file is a one-line
-    AmnsegError naming it."""
+def opened_image(path: Path) -> Iterator[Image.Image]:
+    """The image file at ``path``, open; a missing or unreadable file (also one that fails
+    inside the ``with`` block, e.g. truncated data found while decoding) is a one-line
+    AmnsegError naming it and the problem."""
     if not path.is_file():
         raise AmnsegError(f"{path}: image listed in the dataset but not found")
     try:
         with Image.open(path) as image:
             yield image
-    except (UnidentifiedImageError, OSError, SyntaxError, ValueError) as exc:
-        raise AmnsegError(f"{path}: unreadable image ({exc.__class__.__name__})") from None
+    except UnidentifiedImageError:
+        raise AmnsegError(f"{path}: unreadable image (not an image format PIL can read)"
+                          ) from None
+    except (OSError, SyntaxError, ValueError) as exc:
+        reason = str(exc).strip().splitlines()[0] if str(exc).strip() else ""
+        raise AmnsegError(
+            f"{path}: unreadable image ({exc.__class__.__name__}{': ' + reason if reason else ''})"
+        ) from None
 
 
 def read_rgb(path: Path) -> np.ndarray:
     """(H, W, 3) uint8 RGB, or a one-line AmnsegError naming the file."""
-    with _opened_image(path) as image:
+    with opened_image(path) as image:
         return rgb_array(image, str(path))
 
 
 def read_size(path: Path) -> tuple[int, int]:
     """(H, W) of an image file from its header, or a one-line AmnsegError naming the file."""
-    with _opened_image(path) as image:
+    with opened_image(path) as image:
         return image.height, image.width
 
 

@@ -8,9 +8,7 @@ read: its size must be the image's and its values classes or 255.
 
 from __future__ import annotations
 
-from PIL import Image, UnidentifiedImageError
-
-from amnseg.data.base import SegDataset
+from amnseg.data.base import SegDataset, opened_image
 from amnseg.errors import AmnsegError
 from amnseg.progress import progress_bar
 
@@ -18,15 +16,10 @@ from amnseg.progress import progress_bar
 def check_sample(dataset: SegDataset, stem: str, max_pixels: int, decode: bool) -> None:
     """Raise a one-line AmnsegError naming the file if sample ``stem`` cannot be used."""
     path = dataset.image_path(stem)
-    if not path.is_file():
-        raise AmnsegError(f"{path}: image listed in the dataset but not found")
-    try:
-        with Image.open(path) as image:
-            width, height = image.size
-            if decode:
-                image.load()
-    except (UnidentifiedImageError, OSError, SyntaxError, ValueError) as exc:
-        raise AmnsegError(f"{path}: unreadable image ({exc.__class__.__name__})") from None
+    with opened_image(path) as image:
+        width, height = image.size
+        if decode:
+            image.load()
     if max_pixels and width * height > max_pixels:
         raise AmnsegError(
             f"{path}: image is {width}x{height} ({width * height / 1e6:.1f} MP), above "
