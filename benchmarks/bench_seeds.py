@@ -1,14 +1,15 @@
-"""Seed generation throughput (two thresholds + dense CRF) on VOC-sized images, 1 and 2 workers.
+"""Seed generation throughput (two thresholds + dense CRF) on VOC-sized images, by worker count.
 
 Synthetic 500x375 images with 2 classes and smooth score maps, written as a folder dataset
 with score maps; then ``amnseg.stages.seeds.make_seeds`` with 1 and 2 worker processes.
 
-    python -m benchmarks.bench_seeds [--images 24]
+    python -m benchmarks.bench_seeds [--images 24] [--workers 1 2]
 """
 
 from __future__ import annotations
 
 import argparse
+import os
 import shutil
 import tempfile
 import time
@@ -53,6 +54,8 @@ def write_inputs(root: Path, count: int) -> tuple[Path, Path]:
 def main() -> None:
     parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
     parser.add_argument("--images", type=int, default=24)
+    parser.add_argument("--workers", type=int, nargs="+", default=[1, 2],
+                        help="worker counts to time (the first one's seeds are the reference)")
     args = parser.parse_args()
     root = Path(tempfile.mkdtemp(prefix="amnseg_bench_seeds_"))
     try:
@@ -60,22 +63,26 @@ def main() -> None:
         config = load_config("voc12", ["data.kind=folder", f"data.root={data}",
                                        "data.infer_split=all"])
         rows = []
-        for workers in (1, 2):
+        for workers in args.workers:
             out = root / f"seeds_{workers}"
             start = time.perf_counter()
             make_seeds(config, "cam", maps, out, workers=workers)
             seconds = time.perf_counter() - start
             rows.append(f"| {workers} | {args.images} | {seconds:.1f} | "
                         f"{args.images / seconds:.2f} |")
-        same = all((root / "seeds_1" / p.name).read_bytes() == p.read_bytes()
-                   for p in (root / "seeds_2").glob("*.png"))
+        first = root / f"seeds_{args.workers[0]}"
+        same = all((first / p.name).read_bytes() == p.read_bytes()
+                   for workers in args.workers[1:]
+                   for p in (root / f"seeds_{workers}").glob("*.png"))
         body = (
             f"{args.images} synthetic {WIDTH}x{HEIGHT} images, 2 classes, thresholds 0.30/0.05, "
             "CRF 10 iterations (two CRFs per image), PNG output.\n\n"
             "| workers | images | seconds | images/s |\n|---|---|---|---|\n" + "\n".join(rows)
-            + f"\n\nOutputs identical between 1 and 2 workers: {same}.\n"
+            + f"\n\nOutputs identical for all worker counts: {same}.\n"
         )
-        write_section("Seed generation (CRF) throughput", body)
+        cores = os.cpu_count() or 1
+        write_section("Seed generation (CRF) throughput"
+                      + (f", {cores} cores" if cores > 2 else ""), body)
     finally:
         shutil.rmtree(root, ignore_errors=True)
 

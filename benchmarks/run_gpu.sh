@@ -36,6 +36,7 @@ step seg_bf16 50 python3 -m benchmarks.bench_seg --steps 10 --amp --channels-las
 step ddp 80 python3 -m benchmarks.bench_ddp --images 128 backbone.norm=batch cam.lr=0.01
 step cam_fp32 30 python3 -m benchmarks.bench_cam_inference --device cuda
 step cam_bf16 30 python3 -m benchmarks.bench_cam_inference --device cuda --amp --channels-last
-step pipeline 150 python3 -m benchmarks.bench_pipeline --images 160 --workers 8
+step seeds 60 python3 -m benchmarks.bench_seeds --images 160 --workers 16 8
+step pipeline 150 python3 -m benchmarks.bench_pipeline --images 160 --workers 16
 step demo 300 python3 -m amnseg demo run_dir=/tmp/demo-run data.root=/tmp/demo-data
 if [[ -f /tmp/demo-run/manifest.json ]]; then cp /tmp/demo-run/manifest.json "$out/demo_manifest.json"; fi
