@@ -448,7 +448,11 @@ def sweep_table(results: dict[str, dict]) -> Table:
 
 # Errors of the file system that a user fixes (not bugs): one line, exit status 2.
 USER_OS_ERRORS = (errno.EACCES, errno.EPERM, errno.EROFS, errno.ENOSPC, errno.EDQUOT,
-                  errno.ENOENT, errno.ENOTDIR, errno.EISDIR, errno.ENAMETOOLONG)
+                  errno.ENOENT, errno.ENOTDIR, errno.EISDIR, errno.ENAMETOOLONG, errno.EEXIST)
+# Clearer than the system's words where an output folder is asked for: mkdir of an existing
+# file says "File exists".
+OS_ERROR_WORDS = {errno.EEXIST: "exists and is not a folder",
+                  errno.ENOTDIR: "a part of this path is a file, not a folder"}
 
 
 def one_line(error: BaseException) -> str:
@@ -477,7 +481,8 @@ def main() -> None:
     except OSError as error:
         if error.errno not in USER_OS_ERRORS:
             raise
-        _fail((f"{error.filename}: " if error.filename else "") + str(error.strerror))
+        words = OS_ERROR_WORDS.get(error.errno, str(error.strerror))
+        _fail((f"{error.filename}: " if error.filename else "") + words)
 
 
 if __name__ == "__main__":

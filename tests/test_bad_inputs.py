@@ -458,3 +458,14 @@ def test_random_files_and_rows_give_a_clear_error_or_work(tmp_path_factory, imag
             dataset[dataset.index_of(stem)]
     except AmnsegError as error:
         assert "\n" not in str(error) and str(error)
+
+
+def test_output_folder_that_is_a_file_is_one_line(data, tmp_path, capsys):
+    taken = tmp_path / "taken"
+    taken.write_text("a file where a folder is wanted")
+    line = one_error_line(capsys, "run", "voc12", *folder_args(data, taken), "--to", "cam")
+    assert line == f"amnseg: error: {taken}: exists and is not a folder"
+    line = one_error_line(capsys, "run", "voc12", *folder_args(data, taken / "run"),
+                          "--to", "cam")
+    assert f"{taken / 'run'}" in line and "is a file, not a folder" in line
+    assert taken.read_text() == "a file where a folder is wanted"
