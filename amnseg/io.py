@@ -161,12 +161,16 @@ def save_score_maps(path: str | Path, maps: ScoreMaps, compress: bool = True) ->
 def load_score_maps(path: str | Path) -> ScoreMaps:
     path = Path(path)
     try:
+        with open(path, "rb") as f:
+            if f.read(4) != b"PK\x03\x04":  # np.load would take anything else for a pickle
+                raise AmnsegError(f"{path}: not a valid score map file (not an .npz archive)")
         with np.load(path, allow_pickle=False) as data:
             return ScoreMaps(data["class_ids"], data["strided"], data["full"])
     except FileNotFoundError:
         raise AmnsegError(f"{path}: score map file not found") from None
     except (OSError, KeyError, ValueError) as exc:
-        raise AmnsegError(f"{path}: not a valid score map file ({exc})") from exc
+        reason = " ".join(str(exc).split())
+        raise AmnsegError(f"{path}: not a valid score map file ({reason})") from exc
 
 
 def save_label_png(path: str | Path, labels: np.ndarray, palette: list[int] | None = None) -> None:

@@ -469,3 +469,21 @@ def test_output_folder_that_is_a_file_is_one_line(data, tmp_path, capsys):
                           "--to", "cam")
     assert f"{taken / 'run'}" in line and "is a file, not a folder" in line
     assert taken.read_text() == "a file where a folder is wanted"
+
+
+def test_broken_score_map_files_are_named_without_pickle_advice(tmp_path):
+    from amnseg.io import ScoreMaps, load_score_maps, save_score_maps
+
+    garbage = tmp_path / "garbage.npz"
+    garbage.write_bytes(b"garbage")  # np.load alone would offer to unpickle it
+    with pytest.raises(AmnsegError, match=r"garbage.npz: not a valid score map file \(not an "
+                       r"\.npz archive\)$"):
+        load_score_maps(garbage)
+    good = tmp_path / "good.npz"
+    save_score_maps(good, ScoreMaps(np.array([1]), np.zeros((1, 2, 2), np.float32),
+                                    np.zeros((1, 5, 5), np.float32)))
+    assert load_score_maps(good).full.shape == (1, 5, 5)
+    with np.load(good) as arrays:
+        np.savez(tmp_path / "partial.npz", strided=arrays["strided"])
+    with pytest.raises(AmnsegError, match="partial.npz: not a valid score map file .*class_ids"):
+        load_score_maps(tmp_path / "partial.npz")
