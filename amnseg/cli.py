@@ -475,7 +475,10 @@ def _fail(message: str) -> None:
 def main() -> None:
     """Console entry point: user errors become one line on stderr and exit status 2."""
     try:
-        app()
+        # standalone_mode=False: usage errors (unknown option or command, missing argument)
+        # reach us as exceptions, to be one line like every other error instead of a box;
+        # --help and a normal end return an exit status.
+        status = app(standalone_mode=False)
     except AmnsegError as error:
         _fail(one_line(error))
     except OSError as error:
@@ -483,6 +486,21 @@ def main() -> None:
             raise
         words = OS_ERROR_WORDS.get(error.errno, str(error.strerror))
         _fail((f"{error.filename}: " if error.filename else "") + words)
+    except Exception as error:
+        # click's UsageError and Abort (Ctrl-C); typer may carry its own copy of click, so they
+        # are matched by their API and name.
+        if type(error).__name__ == "Abort":
+            _fail("interrupted; the same command resumes where it stopped")
+        if not (hasattr(error, "format_message") and getattr(error, "exit_code", None) == 2):
+            raise
+        context = getattr(error, "ctx", None)
+        command = context.command_path if context is not None else "amnseg"
+        message = " ".join(error.format_message().split())
+        if not message:  # no command given: the help was printed instead
+            sys.exit(2)
+        _fail(f"{message} (`{command} --help` lists them)")
+    if isinstance(status, int) and status:
+        sys.exit(status)
 
 
 if __name__ == "__main__":

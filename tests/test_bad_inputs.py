@@ -487,3 +487,13 @@ def test_broken_score_map_files_are_named_without_pickle_advice(tmp_path):
         np.savez(tmp_path / "partial.npz", strided=arrays["strided"])
     with pytest.raises(AmnsegError, match="partial.npz: not a valid score map file .*class_ids"):
         load_score_maps(tmp_path / "partial.npz")
+
+
+@pytest.mark.parametrize("args, words", [
+    (["make-cam-seeds", "demo", "--maps", "x"], "No such option: --maps"),
+    (["nosuchcommand"], "No such command 'nosuchcommand'."),
+    (["status"], "Missing argument 'run_dir'."),
+])
+def test_command_line_usage_errors_are_one_line(capsys, args, words):
+    line = one_error_line(capsys, *args)
+    assert words in line and "--help` lists them" in line
