@@ -479,14 +479,18 @@ def _parse_overrides(overrides: list[str]) -> Any:
     bad = [o for o in overrides if "=" not in o]
     if bad:
         raise AmnsegError(f"override {bad[0]!r}: expected key=value")
-    for override in overrides:
+    try:
+        return OmegaConf.from_dotlist(overrides)
+    except yaml.YAMLError:
+        pass
+    for override in overrides:  # name the one whose value is not YAML
         try:
             OmegaConf.from_dotlist([override])
         except yaml.YAMLError as exc:
             raise AmnsegError(
                 f"override {override!r}: the value is not valid YAML "
                 f"({' '.join(str(exc).splitlines()[0].split())})") from None
-    return OmegaConf.from_dotlist(overrides)
+    raise AssertionError("unreachable: the overrides parsed one by one")
 
 
 def config_from_dict(values: dict[str, Any]) -> Config:

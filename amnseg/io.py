@@ -91,6 +91,10 @@ def save_checkpoint(path: str | Path, checkpoint: dict[str, Any]) -> None:
         tmp.write_bytes(buffer.getbuffer())
 
 
+# The first bytes of a zip archive: torch.save's files and .npz files are zip archives.
+ZIP_MAGIC = b"PK\x03\x04"
+
+
 def load_tensors(path: Path, what: str) -> Any:
     """``torch.load`` with ``weights_only=True`` (tensors and plain containers; nothing else is
     unpickled), on the CPU; any failure is one AmnsegError line naming ``path`` as ``what``."""
@@ -99,7 +103,7 @@ def load_tensors(path: Path, what: str) -> Any:
     # torch.save writes a zip archive; files of torch < 1.6 (and the authors' release) are
     # pickles, which start with the PROTO opcode. Anything else fails deep inside torch.load
     # with messages such as "KeyError: 101".
-    if not (head.startswith(b"PK\x03\x04") or head[:1] == b"\x80"):
+    if not (head == ZIP_MAGIC or head[:1] == b"\x80"):
         raise AmnsegError(f"{path}: not a readable {what} (not a PyTorch file: neither a zip "
                           "archive nor a pickle)")
     try:
@@ -162,7 +166,7 @@ def load_score_maps(path: str | Path) -> ScoreMaps:
     path = Path(path)
     try:
         with open(path, "rb") as f:
-            if f.read(4) != b"PK\x03\x04":  # np.load would take anything else for a pickle
+            if f.read(4) != ZIP_MAGIC:  # np.load would take anything else for a pickle
                 raise AmnsegError(f"{path}: not a valid score map file (not an .npz archive)")
         with np.load(path, allow_pickle=False) as data:
             return ScoreMaps(data["class_ids"], data["strided"], data["full"])
