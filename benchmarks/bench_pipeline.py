@@ -14,7 +14,11 @@ Fixed costs (model building, worker start-up, evaluation of a few images) are co
 per-image rate, so small ``--images`` overstate the projection a little.
 
     python -m benchmarks.bench_pipeline [--images 32] [--device auto] [--seg-steps 2]
-        [--workers 4] [KEY=VALUE ...]
+        [--workers 4] [--bare] [KEY=VALUE ...]
+
+``--bare`` also times the CAM and AMN map stages' network forwards alone on the same images
+(trained networks of the run, same images per forward pass, inputs already on the device) and
+reports each map stage's time against them.
 """
 
 from __future__ import annotations
@@ -26,11 +30,15 @@ import time
 from pathlib import Path
 
 import numpy as np
+import torch
 from PIL import Image
 
 from amnseg.config import load_config
 from amnseg.data.voc import VOC_CLASSES
+from amnseg.layout import checkpoint_path
+from amnseg.ops.multiscale import grouped_forward
 from amnseg.pipeline import STAGE_NAMES, run_pipeline
+from amnseg.stages.common import MultiscaleInputs, start_inference
 from amnseg.training import resolve_device
 from benchmarks.common import write_section
 
@@ -96,6 +104,37 @@ def projected_images(stage: str, dataset: str) -> int:
     return train * SCHEDULE.get(stage, 1)
 
 
+def bare_forward_seconds(config, stage: str) -> float:
+    """Seconds of the ``stage`` ("cam" or "amn") map stage's network forwards alone on this
+    run's images: the trained network from the run, the stage's grouping of images per
+    forward pass, every input already on the device (prepared before the clock starts)."""
+    device = resolve_device(config.device)
+    job = start_inference(config, stage, checkpoint_path(config, stage), Path(config.run_dir)
+                          / "bare", ".none", group=config.map_batch_images)
+    scales = list(config.cam.scales if stage == "cam" else config.amn.scales)
+    inputs = MultiscaleInputs(job.dataset, list(job.todo), scales, True)
+    prepared = [(items, torch.stack([label for _, _, label, _ in items]).to(device))
+                for items in inputs.loader(config.data.num_workers, job.groups)]
+    prepared = [([[b.to(device) for b in batches] for _, batches, _, _ in items], labels)
+                for items, labels in prepared]
+
+    @torch.no_grad()
+    def forwards() -> None:
+        for batches, labels in prepared:
+            if stage == "cam":  # what make_cam and make_amn_maps run
+                grouped_forward(lambda rows, owners: job.model.cam(rows), batches, device)
+            else:
+                grouped_forward(lambda rows, owners, labels=labels: job.model(
+                    rows, labels[owners]), batches, device)
+        if device.type == "cuda":
+            torch.cuda.synchronize()
+
+    forwards()  # warm-up (cuDNN's algorithm choice)
+    started = time.perf_counter()
+    forwards()
+    return time.perf_counter() - started
+
+
 def main() -> None:
     parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
     parser.add_argument("--images", type=int, default=32)
@@ -103,6 +142,8 @@ def main() -> None:
     parser.add_argument("--seg-steps", type=int, default=2)
     parser.add_argument("--workers", type=int, default=4, help="loader and CRF workers")
     parser.add_argument("--keep", help="keep the data and run folder here")
+    parser.add_argument("--bare", action="store_true",
+                        help="also time the map stages' bare network forwards")
     parser.add_argument("overrides", nargs="*", help="extra KEY=VALUE config overrides")
     args = parser.parse_args()
 
@@ -154,6 +195,13 @@ def main() -> None:
                      f"{projection['voc']:.2f} | {projection['coco']:.2f} |")
     lines.append(f"| **whole pipeline** | | | | **{totals['voc']:.1f}** | "
                  f"**{totals['coco']:.1f}** |")
+    if args.bare:
+        lines += ["", "| map stage | stage s | bare forwards s | stage / bare |",
+                  "|---|---|---|---|"]
+        for stage in ("cam", "amn"):
+            bare = bare_forward_seconds(config, stage)
+            seconds = float(manifest["stages"][f"{stage}_maps"]["seconds"])
+            lines.append(f"| {stage}_maps | {seconds:.1f} | {bare:.1f} | {seconds / bare:.2f} |")
     mode = ", ".join(([f"amp {config.amp}"] if config.amp != "off" else [])
                      + (["channels_last"] if config.channels_last else []))
     write_section(f"Whole pipeline, {resolve_device(config.device).type}"

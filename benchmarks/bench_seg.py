@@ -35,9 +35,12 @@ def main() -> None:
     parser.add_argument("--repeats", type=int, default=2)
     parser.add_argument("--amp", action="store_true", help="bf16 autocast (CUDA)")
     parser.add_argument("--channels-last", action="store_true")
+    parser.add_argument("--cudnn-benchmark", action="store_true",
+                        help="let cuDNN time its algorithms for each shape (CUDA)")
     parser.add_argument("--device", default="cuda" if torch.cuda.is_available() else "cpu")
     args = parser.parse_args()
     device = torch.device(args.device)
+    torch.backends.cudnn.benchmark = args.cudnn_benchmark
     torch.manual_seed(0)
     backbone = deeplab_backbone()
     backbone.depth = args.depth
@@ -87,7 +90,8 @@ def main() -> None:
     probs = infer()
     t_crf = best_time(lambda: crf_refine_probabilities(image, probs, deeplab_crf()), args.repeats)
     mode = ("bf16 autocast" if args.amp else "fp32") + (
-        ", channels_last" if args.channels_last else "")
+        ", channels_last" if args.channels_last else "") + (
+        ", cudnn.benchmark" if args.cudnn_benchmark else "")
     body = (
         f"DeepLab-v2 ResNet-{args.depth} MSC (scales 1, 0.5, 0.75), 21 classes, device "
         f"{device}, {mode}. Training: batch {args.batch} of {args.crop}x{args.crop} crops, "

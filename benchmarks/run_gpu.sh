@@ -6,11 +6,11 @@
 #
 #   bash benchmarks/run_gpu.sh OUT_DIR [STEP ...]     (default: every step)
 #
-# Steps: gpu_tests walk seg_fp32 seg_bf16 ddp cam_fp32 cam_bf16 pipeline demo
+# Steps: gpu_tests walk ddp cam_fp32 cam_bf16 seeds pipeline seg_fp32 seg_bf16 seg_tuned demo
 set -u -o pipefail
 out=${1:-/tmp/amnseg-gpu}
 shift || true
-wanted=" ${*:-gpu_tests walk seg_fp32 seg_bf16 ddp cam_fp32 cam_bf16 pipeline demo} "
+wanted=" ${*:-gpu_tests walk ddp cam_fp32 cam_bf16 seeds pipeline seg_fp32 seg_bf16 seg_tuned demo} "
 mkdir -p "$out"
 export PYTHONUNBUFFERED=1
 
@@ -28,15 +28,16 @@ nvidia-smi -L | tee -a "$out/steps.log"
 python3 -c "import torch, triton; print('torch', torch.__version__, 'triton', triton.__version__)" \
     | tee -a "$out/steps.log"
 step gpu_tests 90 python3 -m pytest -q -p no:cacheprovider -m gpu \
-    tests/test_walk_kernel.py tests/test_precision.py
+    tests/test_walk_kernel.py tests/test_walk_cuda.py tests/test_precision.py
 step walk 90 python3 -m benchmarks.bench_random_walk_gpu
-step seg_fp32 50 python3 -m benchmarks.bench_seg --steps 10
-step seg_bf16 50 python3 -m benchmarks.bench_seg --steps 10 --amp --channels-last
 # BatchNorm that normalises (and a smaller lr) keeps random-weight training finite.
 step ddp 80 python3 -m benchmarks.bench_ddp --images 128 backbone.norm=batch cam.lr=0.01
 step cam_fp32 30 python3 -m benchmarks.bench_cam_inference --device cuda
 step cam_bf16 30 python3 -m benchmarks.bench_cam_inference --device cuda --amp --channels-last
 step seeds 60 python3 -m benchmarks.bench_seeds --images 160 --workers 16 8
-step pipeline 150 python3 -m benchmarks.bench_pipeline --images 160 --workers 16
+step pipeline 170 python3 -m benchmarks.bench_pipeline --images 160 --workers 16 --bare
+step seg_fp32 50 python3 -m benchmarks.bench_seg --steps 10
+step seg_bf16 50 python3 -m benchmarks.bench_seg --steps 10 --amp --channels-last
+step seg_tuned 60 python3 -m benchmarks.bench_seg --steps 20 --amp --channels-last --cudnn-benchmark
 step demo 300 python3 -m amnseg demo run_dir=/tmp/demo-run data.root=/tmp/demo-data
 if [[ -f /tmp/demo-run/manifest.json ]]; then cp /tmp/demo-run/manifest.json "$out/demo_manifest.json"; fi

@@ -66,7 +66,7 @@ def test_kernel_equals_the_cpu_walk_for_a_batch_of_mixed_sizes(tmp_path):
 
 
 def test_kernel_input_padding_marks_outside_as_walls():
-    from amnseg.ops.random_walk_triton import pad_batch
+    from amnseg.ops.walk_batch import pad_batch
 
     maps = [torch.ones(2, 3, 4), torch.full((1, 5, 2), 2.0)]
     boundaries = [torch.full((3, 4), 0.5), torch.full((5, 2), 0.25)]
@@ -99,7 +99,8 @@ MASKS_CHECK = """
     one_by_one = {p.name: read_index_png(p) for p in masks.glob("*.png")}
     shutil.rmtree(masks)
     # The GPU path's batching (chunks of 3, 3 and 1 images through the kernel), on the CPU.
-    irn.gpu_walk_available = lambda device: True
+    from amnseg.ops.random_walk_triton import random_walk_batch
+    irn.gpu_walk_kernel = lambda device: random_walk_batch
     irn.GPU_WALK_BATCH = 3
     irn.make_masks(config)
     batched = {p.name: read_index_png(p) for p in masks.glob("*.png")}
@@ -114,26 +115,13 @@ def test_masks_stage_batches_walks_through_the_kernel_with_the_same_masks(tmp_pa
     assert run_interpreted(MASKS_CHECK, tmp_path).strip().endswith("ok")
 
 
-def voc_size_inputs(count: int, classes: int, device: str):
-    generator = torch.Generator().manual_seed(1)
-    maps, boundaries = [], []
-    for index in range(count):
-        height, width = (94, 125) if index % 2 == 0 else (125, 94)
-        maps.append(torch.rand((classes, height, width), generator=generator).to(device))
-        boundaries.append((torch.rand((height, width), generator=generator) ** 4).to(device))
-    return maps, boundaries
-
-
 @pytest.mark.gpu
 @pytest.mark.parametrize("tile", [64, 128, 256])
 def test_gpu_kernel_equals_the_float64_walk_at_voc_size(tile):
-    from amnseg.ops.random_walk import random_walk
+    from conftest import assert_walks_match, voc_size_case
+
     from amnseg.ops.random_walk_triton import random_walk_batch
 
-    maps, boundaries = voc_size_inputs(6, 3, "cuda")
-    walked = random_walk_batch(maps, boundaries, tile=tile)
-    for m, b, w in zip(maps, boundaries, walked, strict=True):
-        expected = random_walk(m.double().cpu(), b.double().cpu())
-        error = (w.double().cpu() - expected).abs().max() / expected.abs().max()
-        assert error < 1e-6, error
-        assert (w.cpu().argmax(0) == expected.argmax(0)).float().mean() >= 0.9999
+    maps, boundaries, _ = voc_size_case()
+    assert_walks_match(random_walk_batch([m.cuda() for m in maps],
+                                         [b.cuda() for b in boundaries], tile=tile))

@@ -9,13 +9,7 @@ once (each affinity read once per step, not once per class), sums the 2 D + 1 ne
 
 A is symmetric, so only its D forward planes A[p, p + d] and the degrees are stored: half the
 bytes of the 2 D + 1 transition weights, and bytes are what a step costs (benchmarks/RESULTS.md).
-
-Images of different sizes share a batch by padding: boundary 1 (affinity 0) and maps 0 outside
-each image, so padded pixels neither give nor take mass and every image walks exactly as alone.
-Portrait images walk transposed (the neighbourhood, the paths and so the transition matrix are
-symmetric under transposition), so that 500x375 and 375x500 images share a batch unpadded.
-The state accumulates in float64 like the CPU path; summation order differs, so results agree
-to rounding (~1e-14 relative), not bit for bit.
+Batching, padding and float64 state: :mod:`amnseg.ops.walk_batch`.
 
 Import this module only where Triton is installed. With ``TRITON_INTERPRET=1`` set before the
 import, the same kernel runs on CPU tensors (slowly), which is how CI tests it.
@@ -27,7 +21,7 @@ import torch
 import triton
 import triton.language as tl
 
-from amnseg.ops.random_walk import affinity_stencil
+from amnseg.ops.walk_batch import WalkBatch
 
 TILE = 128  # pixels per program: 64 and 128 were the fastest of 64-256 on an H200 (RESULTS.md)
 
@@ -82,23 +76,6 @@ def _walk_step(
              mask=lanes & inside[None, :])
 
 
-def pad_batch(
-    maps: list[torch.Tensor], boundaries: list[torch.Tensor], classes: int
-) -> tuple[torch.Tensor, torch.Tensor]:
-    """Stack (K_i, H_i, W_i) maps and (H_i, W_i) boundaries into (B, classes, H, W) float64
-    maps (zeros outside) and (B, H, W) float64 boundaries (ones outside), H, W the largest."""
-    height = max(boundary.shape[0] for boundary in boundaries)
-    width = max(boundary.shape[1] for boundary in boundaries)
-    device = boundaries[0].device
-    state = torch.zeros((len(maps), classes, height, width), dtype=torch.float64, device=device)
-    walls = torch.ones((len(maps), height, width), dtype=torch.float64, device=device)
-    for index, (image_maps, boundary) in enumerate(zip(maps, boundaries, strict=True)):
-        rows, cols = boundary.shape
-        state[index, : image_maps.shape[0], :rows, :cols] = image_maps
-        walls[index, :rows, :cols] = boundary
-    return state, walls
-
-
 def random_walk_batch(
     maps: list[torch.Tensor],
     boundaries: list[torch.Tensor],
@@ -114,31 +91,18 @@ def random_walk_batch(
     ``tile`` (a power of 2) and ``num_warps`` set each program's pixels and warps."""
     if not maps:
         return []
-    portrait = [b.shape[0] > b.shape[1] for b in boundaries]
-    maps_in = [m.transpose(-1, -2) if turn else m for m, turn in zip(maps, portrait, strict=True)]
-    walls_in = [b.t() if turn else b for b, turn in zip(boundaries, portrait, strict=True)]
-    classes = max(m.shape[0] for m in maps)
-    state, walls = pad_batch(maps_in, walls_in, max(classes, 1))
-    directions, forward, degree = affinity_stencil(walls, radius, beta)
-    forward, degree = forward.contiguous(), degree.contiguous()
-    batch, height, width = walls.shape
-    if 2 * state.numel() >= 2**31 or forward.numel() >= 2**31:
-        raise ValueError(f"a walk batch of {batch} {height}x{width} images is too large for "
-                         "32-bit indices; walk fewer images at once")
-    dy = torch.tensor([d[0] for d in directions], dtype=torch.int32, device=state.device)
-    dx = torch.tensor([d[1] for d in directions], dtype=torch.int32, device=state.device)
+    batch = WalkBatch.of(maps, boundaries, radius, beta)
+    state = batch.state
+    dy = torch.tensor([d[0] for d in batch.directions], dtype=torch.int32, device=state.device)
+    dx = torch.tensor([d[1] for d in batch.directions], dtype=torch.int32, device=state.device)
     buffers = torch.stack([state, torch.empty_like(state)])
     steps = 2**exp_times
-    grid = (batch, triton.cdiv(height * width, tile))
+    images, classes, height, width = state.shape
+    grid = (images, triton.cdiv(height * width, tile))
     for step in range(steps):
         _walk_step[grid](
-            buffers[step % 2], buffers[(step + 1) % 2], forward, degree, dy, dx,
-            state.shape[1], height, width, DIRECTIONS=len(directions),
-            CLASSES=triton.next_power_of_2(state.shape[1]), BLOCK=tile, num_warps=num_warps,
+            buffers[step % 2], buffers[(step + 1) % 2], batch.forward, batch.degree, dy, dx,
+            classes, height, width, DIRECTIONS=len(batch.directions),
+            CLASSES=triton.next_power_of_2(classes), BLOCK=tile, num_warps=num_warps,
         )
-    walked = buffers[steps % 2]
-    results = []
-    for index, (m, turn) in enumerate(zip(maps_in, portrait, strict=True)):
-        result = walked[index, : m.shape[0], : m.shape[1], : m.shape[2]].to(m.dtype)
-        results.append(result.transpose(-1, -2).contiguous() if turn else result)
-    return results
+    return batch.unpack(buffers[steps % 2])

@@ -9,6 +9,7 @@ palette PNGs) for every image of the run, resuming per image.
 
 from __future__ import annotations
 
+from collections.abc import Callable
 from dataclasses import dataclass
 from functools import partial
 from pathlib import Path
@@ -193,29 +194,31 @@ def walk(
     )
 
 
-def gpu_walk_available(device: torch.device) -> bool:
-    """Whether the Triton walk kernel can run on ``device`` (a CUDA device with Triton)."""
+def gpu_walk_kernel(device: torch.device) -> Callable[..., list[torch.Tensor]] | None:
+    """The batched walk for ``device``: on CUDA the C++ kernel where NVRTC compiles it, else
+    the Triton kernel where Triton is installed; None on other devices (one image at a time)."""
     if device.type != "cuda":
-        return False
+        return None
+    from amnseg.ops import random_walk_cuda
+
+    if random_walk_cuda.available(device):
+        return random_walk_cuda.random_walk_batch
     try:
-        import triton  # noqa: F401
+        from amnseg.ops.random_walk_triton import random_walk_batch
     except ImportError:
-        return False
-    return True
+        return None
+    return random_walk_batch
 
 
 def walk_many(
     maps: list[torch.Tensor], boundaries: list[torch.Tensor], irn_cfg: IrnConfig
 ) -> list[torch.Tensor]:
-    """:func:`walk` of each (maps, boundary) pair: one batched Triton kernel on a CUDA device
-    with Triton, else one after the other."""
-    if maps and gpu_walk_available(boundaries[0].device):
-        from amnseg.ops.random_walk_triton import random_walk_batch
-
+    """:func:`walk` of each (maps, boundary) pair: one batched kernel on a GPU
+    (:func:`gpu_walk_kernel`), else one after the other."""
+    kernel = gpu_walk_kernel(boundaries[0].device) if maps else None
+    if kernel is not None:
         starts = [walk_inputs(m, b, irn_cfg) for m, b in zip(maps, boundaries, strict=True)]
-        return random_walk_batch(
-            starts, boundaries, irn_cfg.walk_radius, irn_cfg.beta, irn_cfg.exp_times
-        )
+        return kernel(starts, boundaries, irn_cfg.walk_radius, irn_cfg.beta, irn_cfg.exp_times)
     return [walk(m, b, irn_cfg) for m, b in zip(maps, boundaries, strict=True)]
 
 
@@ -263,14 +266,14 @@ def make_masks(
 ) -> Path:
     """Write the pseudo mask of every image of the run (resumes per image). Boundaries are
     inferred for up to ``map_batch_images`` images of one size per forward pass (images decoded
-    in loader workers); on a CUDA device with Triton the walks of GPU_WALK_BATCH images run as
-    one kernel."""
+    in loader workers); on a CUDA device the walks of GPU_WALK_BATCH images run as one kernel
+    (:func:`gpu_walk_kernel`)."""
     amn_maps_dir = amn_maps_dir or maps_dir(config, "amn")
     out_dir = masks_dir(config)
     job = start_inference(config, "irn", checkpoint or checkpoint_path(config, "irn"), out_dir,
                           ".png", group=config.map_batch_images)
     palette = voc_palette()
-    walk_batch = GPU_WALK_BATCH if gpu_walk_available(job.device) else 1
+    walk_batch = GPU_WALK_BATCH if gpu_walk_kernel(job.device) else 1
     pending: list[PendingWalk] = []
 
     def walk_pending() -> None:
