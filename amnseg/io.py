@@ -6,13 +6,15 @@ so a killed run never leaves a half-written file under a final name.
 
 from __future__ import annotations
 
+import concurrent.futures
 import io
 import json
 import os
 import pickle
+import threading
 import uuid
 import warnings
-from collections.abc import Iterator
+from collections.abc import Callable, Iterator
 from contextlib import contextmanager
 from dataclasses import dataclass
 from pathlib import Path
@@ -53,6 +55,53 @@ def output_file(folder: Path, stem: str, suffix: str) -> Path:
     if path.parent != Path(folder) or stem in ("", ".", "..") or "/" in stem or "\\" in stem:
         raise AmnsegError(f"{folder}: refusing to write {stem!r}{suffix} (not a plain name)")
     return path
+
+
+class BackgroundWriter:
+    """Runs file writes on ``threads`` threads beside the caller's work (0: at once, in the
+    caller). Compressing one image's score maps takes ~60 ms (benchmarks/RESULTS.md), several
+    times the GPU forwards that made them; zlib releases the GIL, so threads overlap it. At most
+    2 x ``threads`` writes wait (bounded memory). A failed write is raised by the next
+    ``submit`` or on leaving the ``with`` block, which waits for every write."""
+
+    def __init__(self, threads: int):
+        self.pool = (concurrent.futures.ThreadPoolExecutor(threads, "amnseg-writer")
+                     if threads > 0 else None)
+        self.slots = threading.BoundedSemaphore(max(2 * threads, 1))
+        self.pending: list[concurrent.futures.Future] = []
+
+    def submit(self, write: Callable[..., Any], *args: Any) -> None:
+        if self.pool is None:
+            write(*args)
+            return
+        self._collect(wait=False)
+        self.slots.acquire()
+        future = self.pool.submit(write, *args)
+        future.add_done_callback(lambda _: self.slots.release())
+        self.pending.append(future)
+
+    def _collect(self, wait: bool) -> None:
+        """Forget finished writes, raising the first failure (all of them when ``wait``)."""
+        still = []
+        for future in self.pending:
+            if wait or future.done():
+                future.result()
+            else:
+                still.append(future)
+        self.pending = still
+
+    def __enter__(self) -> BackgroundWriter:
+        return self
+
+    def __exit__(self, kind: type[BaseException] | None, *_: Any) -> None:
+        if self.pool is None:
+            return
+        try:
+            if kind is None:
+                self._collect(wait=True)
+        finally:
+            # On an error, writes not started are dropped; started ones finish (atomically).
+            self.pool.shutdown(wait=True, cancel_futures=True)
 
 
 def save_json(path: str | Path, obj: Any) -> None:

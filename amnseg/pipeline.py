@@ -201,9 +201,12 @@ def _training(stage: str, train: Callable[[Config], Path]) -> Callable[[Config],
 
 def _maps(source: str, make: Callable[[Config], Path]) -> Callable[[Config], dict]:
     def run(config: Config) -> dict[str, Any]:
+        started = time.perf_counter()
         make(config)
+        # The stage's time without its evaluation (this run's share, if it resumed).
+        made = round(time.perf_counter() - started, 2)
         metrics = distributed.run_on_main(_evaluate_maps, config, source)
-        return {"images": len(processed_images(config)), **metrics}
+        return {"images": len(processed_images(config)), "make_seconds": made, **metrics}
 
     return run
 

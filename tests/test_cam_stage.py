@@ -163,3 +163,28 @@ def test_map_groups_of_mixed_sizes_equal_one_image_at_a_time(tiny_dataset, tmp_p
     assert victim.read_bytes() == before
     with pytest.raises(AmnsegError, match="map_batch_images=0: must be an integer >= 1"):
         tiny_config(tiny_dataset, tmp_path / "bad", "map_batch_images=0")
+
+
+def test_map_files_written_by_writer_threads_equal_those_written_in_turn(tiny_dataset,
+                                                                         tmp_path):
+    """With loader workers the map files are compressed and written on threads
+    (io.BackgroundWriter); the files are byte for byte those of the one-thread stage."""
+    from amnseg.checkpoints import save_model
+    from amnseg.data import build_dataset
+    from amnseg.layout import checkpoint_path
+    from amnseg.models import CAMNet, build_backbone
+
+    in_turn = tiny_config(tiny_dataset, tmp_path / "in_turn", "data.num_workers=0")
+    dataset = build_dataset(in_turn.data, "train")
+    torch.manual_seed(0)
+    model = CAMNet(build_backbone(in_turn.backbone), dataset.num_classes)
+    torch.nn.init.normal_(model.classifier.weight)
+    checkpoint = checkpoint_path(in_turn, "cam")
+    save_model(checkpoint, "cam", model, dataset.class_names, in_turn.backbone)
+    written_in_turn = cam_stage.make_cams(in_turn)
+    threaded = cam_stage.make_cams(
+        tiny_config(tiny_dataset, tmp_path / "threaded", "data.num_workers=2"), checkpoint)
+    names = sorted(p.name for p in written_in_turn.iterdir())
+    assert names == sorted(p.name for p in threaded.iterdir()) and len(names) == 8
+    for name in names:
+        assert (threaded / name).read_bytes() == (written_in_turn / name).read_bytes(), name

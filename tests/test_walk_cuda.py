@@ -113,11 +113,11 @@ def test_kernel_source_walks_like_the_cpu_walk_for_mixed_sizes_and_classes(emula
 
 
 def test_kernel_source_at_the_reference_radius_with_the_default_tile(emulated):
-    # Radius 5 (34 directions, rim 4), the default 16x32 tile, 3 lanes for 3 classes; float32
+    # Radius 5 (34 directions, rim 4), the default tile, 3 lanes for 3 classes; float32
     # maps in, float32 out (the float64 walk rounded once).
     maps, boundaries = mixed_inputs([(20, 40, 3), (37, 18, 2)], seed=1, dtype=torch.float32)
     walked = walk_cuda.random_walk_batch(maps, boundaries, exp_times=4)
-    assert emulated[0][:2] == ((16, 32), 3)
+    assert emulated[0][:2] == (walk_cuda.TILE, 3)
     for m, b, w in zip(maps, boundaries, walked, strict=True):
         assert w.dtype == torch.float32 and w.shape == m.shape
         assert torch.allclose(w, random_walk(m, b, 5, 10.0, 4), rtol=1e-6, atol=0)

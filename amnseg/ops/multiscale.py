@@ -101,7 +101,10 @@ def grouped_forward(
         batches = [image_inputs[scale] for image_inputs in inputs]
         rows = [len(batch) for batch in batches]
         owners = torch.repeat_interleave(torch.arange(len(batches)), torch.tensor(rows))
-        result = forward(torch.cat(batches).to(device, non_blocking=True), owners.to(device))
+        # Copied one by one, then joined on the device: from pinned memory the copies are
+        # asynchronous (a joined copy on the CPU would not be pinned).
+        rows_in = torch.cat([batch.to(device, non_blocking=True) for batch in batches])
+        result = forward(rows_in, owners.to(device))
         for image_outputs, part in zip(outputs, result.split(rows), strict=True):
             image_outputs.append(part)
     return outputs

@@ -27,7 +27,7 @@ from amnseg.losses import amn_loss
 from amnseg.metrics import confusion_matrix, miou, scores_to_labels
 from amnseg.models.amn import AMN
 from amnseg.ops.multiscale import merge_flip, multiscale_inputs, strided_size
-from amnseg.stages.common import multiscale_outputs, read_seed, start_inference
+from amnseg.stages.common import map_writer, multiscale_outputs, read_seed, start_inference
 from amnseg.training import AugmentedSet, Schedule, fit, start_stage, steps_per_epoch
 
 
@@ -183,13 +183,15 @@ def make_amn_maps(config: Config, cam_seeds_dir: Path, checkpoint: Path | None =
     out_dir = maps_dir(config, "amn")
     job = start_inference(config, "amn", checkpoint or checkpoint_path(config, "amn"), out_dir,
                           ".npz", group=config.map_batch_images)
-    for stem, scale_logits, label, size in multiscale_outputs(
-        job, job.model, list(config.amn.scales), True, config.data.num_workers, "amn maps"
-    ):
-        seed = read_seed(cam_seeds_dir, stem, size)
-        strided_logits, full_logits = merge_amn_scales(scale_logits, size)
-        maps = amn_maps_from_logits(strided_logits, full_logits, label, seed)
-        save_score_maps(output_file(out_dir, stem, ".npz"), maps, config.compress_maps)
+    with map_writer(config) as writer:
+        for stem, scale_logits, label, size in multiscale_outputs(
+            job, job.model, list(config.amn.scales), True, config.data.num_workers, "amn maps"
+        ):
+            seed = read_seed(cam_seeds_dir, stem, size)
+            strided_logits, full_logits = merge_amn_scales(scale_logits, size)
+            maps = amn_maps_from_logits(strided_logits, full_logits, label, seed)
+            writer.submit(save_score_maps, output_file(out_dir, stem, ".npz"), maps,
+                          config.compress_maps)
     distributed.barrier()  # every rank's share is written
     return out_dir
 

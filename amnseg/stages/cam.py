@@ -22,7 +22,7 @@ from amnseg.io import ScoreMaps, output_file, save_score_maps
 from amnseg.layout import checkpoint_path, maps_dir
 from amnseg.models import CAMNet, build_backbone
 from amnseg.ops.multiscale import max_normalize, merge_cam_scales, multiscale_cam
-from amnseg.stages.common import multiscale_outputs, start_inference
+from amnseg.stages.common import map_writer, multiscale_outputs, start_inference
 from amnseg.training import (
     AugmentedSet,
     Schedule,
@@ -118,11 +118,13 @@ def make_cams(config: Config, checkpoint: Path | None = None) -> Path:
     job = start_inference(config, "cam", checkpoint or checkpoint_path(config, "cam"), out_dir,
                           ".npz", group=config.map_batch_images)
     output_stride = job.model.backbone.output_stride
-    for stem, scale_maps, label, size in multiscale_outputs(
-        job, lambda images, labels: job.model.cam(images), list(config.cam.scales),
-        config.cam.flip, config.data.num_workers, "cam maps",
-    ):
-        maps = class_score_maps(*merge_cam_scales(scale_maps, size, output_stride), label)
-        save_score_maps(output_file(out_dir, stem, ".npz"), maps, config.compress_maps)
+    with map_writer(config) as writer:
+        for stem, scale_maps, label, size in multiscale_outputs(
+            job, lambda images, labels: job.model.cam(images), list(config.cam.scales),
+            config.cam.flip, config.data.num_workers, "cam maps",
+        ):
+            maps = class_score_maps(*merge_cam_scales(scale_maps, size, output_stride), label)
+            writer.submit(save_score_maps, output_file(out_dir, stem, ".npz"), maps,
+                          config.compress_maps)
     distributed.barrier()  # every rank's share is written
     return out_dir

@@ -18,7 +18,7 @@ from amnseg.checkpoints import load_model
 from amnseg.data import run_splits
 from amnseg.data.base import SegDataset, read_index_png
 from amnseg.errors import AmnsegError
-from amnseg.io import output_file
+from amnseg.io import BackgroundWriter, output_file
 from amnseg.ops.multiscale import grouped_forward, multiscale_inputs
 from amnseg.precision import with_precision
 from amnseg.progress import progress_bar
@@ -109,13 +109,14 @@ class MultiscaleInputs(torch.utils.data.Dataset):
         batches = multiscale_inputs(image, self.scales, self.flip)
         return stem, batches, torch.from_numpy(self.dataset.label(stem)), image.shape[:2]
 
-    def loader(self, num_workers: int, groups: list[list[str]]) -> torch.utils.data.DataLoader:
+    def loader(self, num_workers: int, groups: list[list[str]], pin_memory: bool = False
+               ) -> torch.utils.data.DataLoader:
         """One group of ``groups`` (of this dataset's stems) per step, in order: a list of
-        items, prepared by one worker."""
+        items, prepared by one worker; ``pin_memory`` for asynchronous copies to a GPU."""
         index = {stem: position for position, stem in enumerate(self.stems)}
         batches = [[index[stem] for stem in group] for group in groups]
         return torch.utils.data.DataLoader(self, batch_sampler=batches, collate_fn=list,
-                                           num_workers=num_workers)
+                                           num_workers=num_workers, pin_memory=pin_memory)
 
 
 def multiscale_outputs(
@@ -133,7 +134,7 @@ def multiscale_outputs(
                               flip)
     todo = set(job.todo)
     with progress_bar(total=len(todo), desc=desc) as bar:
-        for items in inputs.loader(num_workers, job.groups):
+        for items in inputs.loader(num_workers, job.groups, job.device.type == "cuda"):
             labels = torch.stack([label for _, _, label, _ in items]).to(job.device)
 
             def rows_forward(rows, owners, labels=labels):
@@ -145,6 +146,12 @@ def multiscale_outputs(
                 if stem in todo:  # the others were done by an earlier run
                     yield stem, scale_outputs, label, tuple(size)
                     bar.update()
+
+
+def map_writer(config: Any) -> BackgroundWriter:
+    """The writer of a map stage's score map files: as many threads as loader workers (up to
+    8), none (writes in the caller) without workers."""
+    return BackgroundWriter(min(config.data.num_workers, 8))
 
 
 def read_seed(seeds_dir: Path, stem: str, size: tuple[int, int]) -> np.ndarray:

@@ -148,7 +148,9 @@ def make_seeds(
     else:
         pool = multiprocessing.get_context("fork").Pool(workers, _start_worker, (job,))
         with pool:
-            for _ in pool.imap_unordered(_seed_in_worker, todo, chunksize=4):
+            # One image per task: the job is already in every worker, a task is a stem, and
+            # single images balance the last round (4-image chunks left workers idle).
+            for _ in pool.imap_unordered(_seed_in_worker, todo, chunksize=1):
                 bar.update()
     bar.close()
     distributed.barrier()  # every rank's share is written
