@@ -305,6 +305,7 @@ def fit(
             train_set, epoch, schedule.batch_size, config.data.num_workers, config.seed
         )
         started, loss_sum, seen, steps = time.perf_counter(), 0.0, 0, 0
+        first_step: tuple[float, int] | None = None  # (when, images) at the first step's end
         micro_batches: list[list[torch.Tensor]] = []
         with progress_bar(total=len(loader) // schedule.accumulation,
                           desc=f"{stage} epoch {epoch + 1}/{epochs}", leave=False) as bar:
@@ -317,10 +318,18 @@ def fit(
                 loss = train_step(net, micro_batches, compute_loss, optimizer, scheduler)
                 images = sum(len(b[0]) for b in micro_batches)
                 loss_sum, seen, steps = loss_sum + loss * images, seen + images, steps + 1
+                if first_step is None:
+                    first_step = (time.perf_counter(), seen)
                 micro_batches = []
                 bar.update()
                 bar.set_postfix(loss=f"{loss:.4f}")
-        elapsed = time.perf_counter() - started
+        ended = time.perf_counter()
+        elapsed = ended - started
+        # The rate after the first step: without the loader's start-up and the first step's
+        # one-off costs (cuDNN's choices, allocations), what a long epoch runs at.
+        steady = None
+        if first_step is not None and steps > 1 and ended > first_step[0]:
+            steady = (seen - first_step[1]) * distributed.world_size() / (ended - first_step[0])
         loss_sum, seen = distributed.sum_across([loss_sum, seen])
         record: dict[str, Any] = {
             "stage": stage,
@@ -331,6 +340,7 @@ def fit(
             "loss": loss_sum / max(seen, 1),
             "lr": [group["lr"] for group in optimizer.param_groups],
             "images_per_s": seen / elapsed if elapsed > 0 else None,
+            "steady_images_per_s": steady,
             "seconds": elapsed,
             "processes": distributed.world_size(),
         }
@@ -347,7 +357,7 @@ def fit(
             extras = "".join(
                 f", {key} {value:.4f}" for key, value in record.items()
                 if key not in ("stage", "epoch", "split", "train_images", "steps", "loss", "lr",
-                               "images_per_s", "seconds", "processes")
+                               "images_per_s", "steady_images_per_s", "seconds", "processes")
                 and isinstance(value, float)
             )
             say(f"{stage} epoch {epoch + 1}/{epochs}: loss {record['loss']:.4f}, "

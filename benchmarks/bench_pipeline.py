@@ -24,6 +24,7 @@ reports the time each map stage took to make its maps (its evaluation excluded) 
 from __future__ import annotations
 
 import argparse
+import json
 import shutil
 import tempfile
 import time
@@ -35,7 +36,7 @@ from PIL import Image
 
 from amnseg.config import load_config
 from amnseg.data.voc import VOC_CLASSES
-from amnseg.layout import checkpoint_path
+from amnseg.layout import checkpoint_path, log_path
 from amnseg.ops.multiscale import grouped_forward
 from amnseg.pipeline import STAGE_NAMES, run_pipeline
 from amnseg.stages.common import MultiscaleInputs, start_inference
@@ -94,6 +95,20 @@ def images_per_stage(config, count: int) -> dict[str, int]:
         **{stage: count for stage in ("cam_maps", "cam_seeds", "amn_maps", "amn_seeds",
                                       "masks")},
     }
+
+
+def steady_rate(config, stage: str, stage_seconds: float) -> tuple[float, float] | None:
+    """(fixed seconds, steady images/s) of a training stage from its log: the stage's time
+    outside its epochs, and its epochs' rate after their first step (None: not a training
+    stage, or too few steps to tell)."""
+    path = log_path(config, stage)
+    if not path.is_file():
+        return None
+    records = [json.loads(line) for line in path.read_text().splitlines() if line.strip()]
+    rates = [r["steady_images_per_s"] for r in records if r.get("steady_images_per_s")]
+    if not rates:
+        return None
+    return stage_seconds - sum(r["seconds"] for r in records), sum(rates) / len(rates)
 
 
 def projected_images(stage: str, dataset: str) -> int:
@@ -175,11 +190,14 @@ def main() -> None:
         f"weights, {args.workers} loader/CRF workers; training stages 1 epoch (seg "
         f"{args.seg_steps} iterations of {config.seg.batch_size}x{config.seg.accumulation} "
         f"crops, evaluated on {VAL_IMAGES} images); each stage's time includes its "
-        f"evaluation. Whole run {wall:.0f} s.",
+        f"evaluation. Whole run {wall:.0f} s. Training stages are projected as their fixed "
+        "costs (the stage's time outside its epochs: model building, checkpoints, evaluation) "
+        "plus the reference schedule's images at the steady rate (after each epoch's first "
+        "step); the other stages per image, fixed costs included.",
         "",
-        "| stage | images | seconds | images/s | projected VOC (10,582) h | "
+        "| stage | images | seconds | images/s | steady images/s | projected VOC (10,582) h | "
         "projected COCO (82,783) h |",
-        "|---|---|---|---|---|---|",
+        "|---|---|---|---|---|---|---|",
     ]
     totals = {"voc": 0.0, "coco": 0.0}
     for stage in STAGE_NAMES:
@@ -189,11 +207,17 @@ def main() -> None:
         seconds = float(record["seconds"])
         per_image = seconds / handled[stage]
         projection = {name: per_image * projected_images(stage, name) / 3600 for name in totals}
+        steady = steady_rate(config, stage, seconds)
+        if steady is not None:
+            fixed, rate = steady
+            projection = {name: (fixed + projected_images(stage, name) / rate) / 3600
+                          for name in totals}
         for name in totals:
             totals[name] += projection[name]
+        steady_text = f"{steady[1]:.1f}" if steady else ""
         lines.append(f"| {stage} | {handled[stage]} | {seconds:.1f} | {1 / per_image:.2f} | "
-                     f"{projection['voc']:.2f} | {projection['coco']:.2f} |")
-    lines.append(f"| **whole pipeline** | | | | **{totals['voc']:.1f}** | "
+                     f"{steady_text} | {projection['voc']:.2f} | {projection['coco']:.2f} |")
+    lines.append(f"| **whole pipeline** | | | | | **{totals['voc']:.1f}** | "
                  f"**{totals['coco']:.1f}** |")
     if args.bare:
         lines += ["", "| map stage | making the maps s | bare forwards s | maps / bare |",

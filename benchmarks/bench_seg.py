@@ -76,6 +76,7 @@ def main() -> None:
         step()
     sync()
     per_step = (time.perf_counter() - start) / args.steps
+    print(f"training: {per_step:.3f} s per step, {args.batch / per_step:.1f} crops/s", flush=True)
 
     width, height = (int(v) for v in args.size.split("x"))
     image = np.random.default_rng(0).integers(0, 256, (height, width, 3), dtype=np.uint8)
