@@ -130,7 +130,7 @@ def bare_forward_seconds(config, stage: str) -> float:
     inputs = MultiscaleInputs(job.dataset, list(job.todo), scales, True)
     prepared = [(items, torch.stack([label for _, _, label, _ in items]).to(device))
                 for items in inputs.loader(config.data.num_workers, job.groups)]
-    prepared = [([[b.to(device) for b in batches] for _, batches, _, _ in items], labels)
+    prepared = [([inputs.batches(scaled, device) for _, scaled, _, _ in items], labels)
                 for items, labels in prepared]
 
     @torch.no_grad()

@@ -8,6 +8,7 @@ import torch
 import torch.nn.functional as F
 from PIL import Image
 
+from amnseg.data.transforms import normalize, rescale
 from amnseg.errors import AmnsegError
 from amnseg.models import CAMNet, FixedStatsBatchNorm2d, ResNet, load_imagenet_weights
 from amnseg.ops.multiscale import (
@@ -15,6 +16,8 @@ from amnseg.ops.multiscale import (
     max_normalize,
     multiscale_cam,
     multiscale_inputs,
+    network_batches,
+    rescaled_images,
     strided_size,
     strided_up_size,
 )
@@ -292,3 +295,35 @@ def test_reference_imagenet_file_names():
 
     assert IMAGENET_URLS[50].endswith("/resnet50-19c8e357.pth")  # the file the reference loads
     assert IMAGENET_URLS[101].endswith("/resnet101-5d3b4d8f.pth")
+
+
+def every_byte_image() -> np.ndarray:
+    """A (37, 50, 3) uint8 image holding every value 0-255 (half of them round differently
+    when x / 255 is computed as x * (1 / 255))."""
+    image = np.random.default_rng(3).integers(0, 256, (37, 50, 3), dtype=np.uint8)
+    image.reshape(-1)[:256] = np.arange(256, dtype=np.uint8)
+    return image
+
+
+def test_network_batches_normalise_and_mirror_like_numpy_bit_for_bit():
+    """The loader workers send uint8 images and the device normalises and mirrors them: the
+    batches equal those of the numpy normalisation, bit for bit, at every scale."""
+    image = every_byte_image()
+    scales = [1.0, 0.5, 1.5]
+    for flip in (True, False):
+        batches = network_batches(rescaled_images(image, scales), flip)
+        assert len(batches) == len(scales)
+        for scale, batch in zip(scales, batches, strict=True):
+            chw = torch.from_numpy(normalize(rescale(image, scale)))
+            expected = torch.stack([chw, chw.flip(-1)]) if flip else chw[None]
+            assert batch.dtype == torch.float32 and batch.is_contiguous()
+            assert torch.equal(batch, expected), (scale, flip)
+
+
+@pytest.mark.gpu
+def test_gpu_network_batches_equal_the_cpu_ones_bit_for_bit():
+    scaled = rescaled_images(every_byte_image(), [1.0, 0.5, 2.0])
+    on_gpu = network_batches(scaled, True, "cuda")
+    for gpu, cpu in zip(on_gpu, network_batches(scaled, True), strict=True):
+        assert gpu.is_cuda and torch.equal(gpu.cpu(), cpu)
+

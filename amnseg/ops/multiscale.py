@@ -15,7 +15,7 @@ import numpy as np
 import torch
 import torch.nn.functional as F
 
-from amnseg.data.transforms import normalize, rescale
+from amnseg.data.transforms import IMAGENET_MEAN, IMAGENET_STD, rescale
 
 
 def strided_size(height: int, width: int, stride: int) -> tuple[int, int]:
@@ -33,9 +33,29 @@ def multiscale_inputs(
     image: np.ndarray, scales: Sequence[float], flip: bool = True
 ) -> list[torch.Tensor]:
     """uint8 (H, W, 3) -> one normalised batch per scale, (2 or 1, 3, h_s, w_s)."""
+    return network_batches(rescaled_images(image, scales), flip)
+
+
+def rescaled_images(image: np.ndarray, scales: Sequence[float]) -> list[torch.Tensor]:
+    """uint8 (H, W, 3) -> the image at each scale (PIL bicubic), uint8 (h_s, w_s, 3): the part
+    of :func:`multiscale_inputs` for loader workers, an eighth of its bytes (uint8, no mirror)."""
+    return [torch.from_numpy(np.array(rescale(image, scale))) for scale in scales]  # writable
+
+
+def network_batches(
+    images: Sequence[torch.Tensor], flip: bool = True, device: torch.device | str = "cpu"
+) -> list[torch.Tensor]:
+    """uint8 (h, w, 3) images -> normalised batches (2 or 1, 3, h, w) on ``device``, with their
+    mirrors: the values of ``normalize`` on every device. Its float32 (x / 255 - mean) / std
+    divides by tensors: CUDA turns a division by a Python number into a multiplication by its
+    reciprocal, which can differ in the last bit."""
+    mean = torch.from_numpy(IMAGENET_MEAN).to(device)[:, None, None]
+    std = torch.from_numpy(IMAGENET_STD).to(device)[:, None, None]
+    full_scale = torch.tensor(255.0, device=device)
     batches = []
-    for scale in scales:
-        chw = torch.from_numpy(normalize(rescale(image, scale)))
+    for image in images:
+        rgb = image.to(device, non_blocking=True).permute(2, 0, 1).float()
+        chw = ((rgb / full_scale - mean) / std).contiguous()
         batches.append(torch.stack([chw, chw.flip(-1)]) if flip else chw[None])
     return batches
 
