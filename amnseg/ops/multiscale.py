@@ -10,6 +10,7 @@ batch: padding them to one size would change the features near the border.
 from __future__ import annotations
 
 from collections.abc import Callable, Sequence
+from functools import cache
 
 import numpy as np
 import torch
@@ -42,6 +43,15 @@ def rescaled_images(image: np.ndarray, scales: Sequence[float]) -> list[torch.Te
     return [torch.from_numpy(np.array(rescale(image, scale))) for scale in scales]  # writable
 
 
+@cache
+def _normalisation(device: torch.device) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor]:
+    """255, the ImageNet mean and std (3, 1, 1) on ``device``, copied there once: a copy from
+    pageable memory per image would wait for the GPU's queued work."""
+    return (torch.tensor(255.0, device=device),
+            torch.from_numpy(IMAGENET_MEAN).to(device)[:, None, None],
+            torch.from_numpy(IMAGENET_STD).to(device)[:, None, None])
+
+
 def network_batches(
     images: Sequence[torch.Tensor], flip: bool = True, device: torch.device | str = "cpu"
 ) -> list[torch.Tensor]:
@@ -49,9 +59,7 @@ def network_batches(
     mirrors: the values of ``normalize`` on every device. Its float32 (x / 255 - mean) / std
     divides by tensors: CUDA turns a division by a Python number into a multiplication by its
     reciprocal, which can differ in the last bit."""
-    mean = torch.from_numpy(IMAGENET_MEAN).to(device)[:, None, None]
-    std = torch.from_numpy(IMAGENET_STD).to(device)[:, None, None]
-    full_scale = torch.tensor(255.0, device=device)
+    full_scale, mean, std = _normalisation(torch.device(device))
     batches = []
     for image in images:
         rgb = image.to(device, non_blocking=True).permute(2, 0, 1).float()
@@ -124,7 +132,7 @@ def grouped_forward(
         # Copied one by one, then joined on the device: from pinned memory the copies are
         # asynchronous (a joined copy on the CPU would not be pinned).
         rows_in = torch.cat([batch.to(device, non_blocking=True) for batch in batches])
-        result = forward(rows_in, owners.to(device))
+        result = forward(rows_in, owners.to(device, non_blocking=True))
         for image_outputs, part in zip(outputs, result.split(rows), strict=True):
             image_outputs.append(part)
     return outputs

@@ -27,7 +27,13 @@ from amnseg.losses import amn_loss
 from amnseg.metrics import confusion_matrix, miou, scores_to_labels
 from amnseg.models.amn import AMN
 from amnseg.ops.multiscale import merge_flip, multiscale_inputs, strided_size
-from amnseg.stages.common import map_writer, multiscale_outputs, read_seed, start_inference
+from amnseg.stages.common import (
+    MapTensors,
+    map_writer,
+    multiscale_score_maps,
+    read_seed,
+    start_inference,
+)
 from amnseg.training import AugmentedSet, Schedule, fit, start_stage, steps_per_epoch
 
 
@@ -148,11 +154,11 @@ def amn_scores(logits: torch.Tensor, class_ids: np.ndarray, cam_seed: torch.Tens
     """
     probs = torch.softmax(logits, dim=0)
     keys = torch.as_tensor(np.concatenate([[0], class_ids]), dtype=torch.long)
-    kept = probs[keys.to(probs.device)]
+    kept = probs[keys.to(probs.device, non_blocking=True)]
     low = kept.amin(dim=(1, 2), keepdim=True)
     high = kept.amax(dim=(1, 2), keepdim=True)
     normalized = (kept - low) / (high - low + 1e-5)
-    not_background = (cam_seed != 0).to(kept.device)
+    not_background = (cam_seed != 0).to(kept.device, non_blocking=True)
     kept = torch.where(not_background[None], normalized, kept)
     return kept[1:]
 
@@ -166,15 +172,19 @@ def amn_maps_for_image(model, batches, label, seed: np.ndarray, device) -> Score
 def amn_maps_from_logits(strided_logits: torch.Tensor, full_logits: torch.Tensor,
                          label: torch.Tensor, seed: np.ndarray) -> ScoreMaps:
     """:func:`amn_maps_for_image` from the merged logits of :func:`merge_amn_scales`."""
-    size = seed.shape
+    class_ids, strided, full = amn_score_tensors(strided_logits, full_logits, label, seed)
+    return ScoreMaps(class_ids, strided.cpu().numpy(), full.cpu().numpy())
+
+
+def amn_score_tensors(strided_logits: torch.Tensor, full_logits: torch.Tensor,
+                      label: torch.Tensor, seed: np.ndarray) -> MapTensors:
+    """:func:`amn_maps_from_logits` on the logits' device: (class ids, stride-4 maps,
+    image-size maps)."""
     class_ids = np.flatnonzero(np.asarray(label)) + 1
     # The stride-4 maps mask with the seed shrunk by PIL NEAREST, like the reference.
-    strided_seed = resize_labels(seed, strided_size(*size, 4))
-    return ScoreMaps(
-        class_ids=class_ids,
-        strided=amn_scores(strided_logits, class_ids, torch.as_tensor(strided_seed)).cpu().numpy(),
-        full=amn_scores(full_logits, class_ids, torch.as_tensor(seed)).cpu().numpy(),
-    )
+    strided_seed = resize_labels(seed, strided_size(*seed.shape, 4))
+    return (class_ids, amn_scores(strided_logits, class_ids, torch.as_tensor(strided_seed)),
+            amn_scores(full_logits, class_ids, torch.as_tensor(seed)))
 
 
 def make_amn_maps(config: Config, cam_seeds_dir: Path, checkpoint: Path | None = None) -> Path:
@@ -183,13 +193,17 @@ def make_amn_maps(config: Config, cam_seeds_dir: Path, checkpoint: Path | None =
     out_dir = maps_dir(config, "amn")
     job = start_inference(config, "amn", checkpoint or checkpoint_path(config, "amn"), out_dir,
                           ".npz", group=config.map_batch_images)
+
+    def finish(stem: str, scale_logits: list[torch.Tensor], label: torch.Tensor,
+               size: tuple[int, int]) -> MapTensors:
+        seed = read_seed(cam_seeds_dir, stem, size)
+        return amn_score_tensors(*merge_amn_scales(scale_logits, size), label, seed)
+
     with map_writer(config) as writer:
-        for stem, scale_logits, label, size in multiscale_outputs(
-            job, job.model, list(config.amn.scales), True, config.data.num_workers, "amn maps"
+        for stem, maps in multiscale_score_maps(
+            job, job.model, list(config.amn.scales), True, config.data.num_workers, "amn maps",
+            finish, lookahead=config.map_batch_images,
         ):
-            seed = read_seed(cam_seeds_dir, stem, size)
-            strided_logits, full_logits = merge_amn_scales(scale_logits, size)
-            maps = amn_maps_from_logits(strided_logits, full_logits, label, seed)
             writer.submit(save_score_maps, output_file(out_dir, stem, ".npz"), maps,
                           config.compress_maps)
     distributed.barrier()  # every rank's share is written

@@ -22,7 +22,7 @@ from amnseg.io import ScoreMaps, output_file, save_score_maps
 from amnseg.layout import checkpoint_path, maps_dir
 from amnseg.models import CAMNet, build_backbone
 from amnseg.ops.multiscale import max_normalize, merge_cam_scales, multiscale_cam
-from amnseg.stages.common import map_writer, multiscale_outputs, start_inference
+from amnseg.stages.common import MapTensors, map_writer, multiscale_score_maps, start_inference
 from amnseg.training import (
     AugmentedSet,
     Schedule,
@@ -98,17 +98,20 @@ def cam_score_maps(
     return class_score_maps(strided, full, label)
 
 
+def class_score_tensors(strided: torch.Tensor, full: torch.Tensor, label: np.ndarray
+                        ) -> MapTensors:
+    """The summed multi-scale CAMs (C, h, w) of the image's classes, each divided by its own
+    max + 1e-5, on the maps' device: (class ids, stride-4 maps, image-size maps)."""
+    class_ids = np.flatnonzero(np.asarray(label)) + 1
+    keep = torch.from_numpy(class_ids - 1).to(strided.device, non_blocking=True)
+    return class_ids, max_normalize(strided[keep]), max_normalize(full[keep])
+
+
 def class_score_maps(strided: torch.Tensor, full: torch.Tensor, label: np.ndarray
                      ) -> ScoreMaps:
-    """The summed multi-scale CAMs (C, h, w) of the image's classes, each divided by its own
-    max + 1e-5."""
-    class_ids = np.flatnonzero(np.asarray(label)) + 1
-    keep = torch.as_tensor(class_ids - 1, device=strided.device)
-    return ScoreMaps(
-        class_ids=class_ids,
-        strided=max_normalize(strided[keep]).cpu().numpy(),
-        full=max_normalize(full[keep]).cpu().numpy(),
-    )
+    """:func:`class_score_tensors` as ScoreMaps on the CPU."""
+    class_ids, strided_maps, full_maps = class_score_tensors(strided, full, label)
+    return ScoreMaps(class_ids, strided_maps.cpu().numpy(), full_maps.cpu().numpy())
 
 
 def make_cams(config: Config, checkpoint: Path | None = None) -> Path:
@@ -118,12 +121,17 @@ def make_cams(config: Config, checkpoint: Path | None = None) -> Path:
     job = start_inference(config, "cam", checkpoint or checkpoint_path(config, "cam"), out_dir,
                           ".npz", group=config.map_batch_images)
     output_stride = job.model.backbone.output_stride
+
+    def finish(stem: str, scale_maps: list[torch.Tensor], label: torch.Tensor,
+               size: tuple[int, int]) -> MapTensors:
+        return class_score_tensors(*merge_cam_scales(scale_maps, size, output_stride), label)
+
     with map_writer(config) as writer:
-        for stem, scale_maps, label, size in multiscale_outputs(
+        for stem, maps in multiscale_score_maps(
             job, lambda images, labels: job.model.cam(images), list(config.cam.scales),
-            config.cam.flip, config.data.num_workers, "cam maps",
+            config.cam.flip, config.data.num_workers, "cam maps", finish,
+            lookahead=config.map_batch_images,
         ):
-            maps = class_score_maps(*merge_cam_scales(scale_maps, size, output_stride), label)
             writer.submit(save_score_maps, output_file(out_dir, stem, ".npz"), maps,
                           config.compress_maps)
     distributed.barrier()  # every rank's share is written

@@ -4,6 +4,7 @@ and reading the seeds that AMN and IRN train on. (Model building lives in
 
 from __future__ import annotations
 
+from collections import deque
 from collections.abc import Callable, Iterator
 from dataclasses import dataclass
 from pathlib import Path
@@ -18,7 +19,7 @@ from amnseg.checkpoints import load_model
 from amnseg.data import run_splits
 from amnseg.data.base import SegDataset, read_index_png
 from amnseg.errors import AmnsegError
-from amnseg.io import BackgroundWriter, output_file
+from amnseg.io import BackgroundWriter, ScoreMaps, output_file
 from amnseg.ops.multiscale import grouped_forward, network_batches, rescaled_images
 from amnseg.precision import with_precision
 from amnseg.progress import progress_bar
@@ -141,7 +142,8 @@ def multiscale_outputs(
     todo = set(job.todo)
     with progress_bar(total=len(todo), desc=desc) as bar:
         for items in inputs.loader(num_workers, job.groups, job.device.type == "cuda"):
-            labels = torch.stack([label for _, _, label, _ in items]).to(job.device)
+            labels = torch.stack([label.to(job.device, non_blocking=True)
+                                  for _, _, label, _ in items])
 
             def rows_forward(rows, owners, labels=labels):
                 return forward(rows, labels[owners])
@@ -153,6 +155,49 @@ def multiscale_outputs(
                 if stem in todo:  # the others were done by an earlier run
                     yield stem, scale_outputs, label, tuple(size)
                     bar.update()
+
+
+# An image's maps before they leave the device: (class ids (K,), stride-4 maps (K, h4, w4),
+# image-size maps (K, H, W)).
+MapTensors = tuple[np.ndarray, torch.Tensor, torch.Tensor]
+
+
+def multiscale_score_maps(
+    job: InferenceJob,
+    forward: Callable[[torch.Tensor, torch.Tensor], torch.Tensor],
+    scales: list[float],
+    flip: bool,
+    num_workers: int,
+    desc: str,
+    finish: Callable[[str, list[torch.Tensor], torch.Tensor, tuple[int, int]], MapTensors],
+    lookahead: int,
+) -> Iterator[tuple[str, ScoreMaps]]:
+    """(stem, score maps) of every image :func:`multiscale_outputs` does, ``finish(stem,
+    scale_outputs, label, size)`` making each image's maps on the device. From a GPU the maps
+    come back asynchronously and are handed out ``lookahead`` images late (a group's worth): by
+    then the next group's forward is queued, so the GPU works on it while the caller handles
+    these maps on the CPU (each copy was waited for, not the work queued after it)."""
+    waiting: deque[tuple[str, MapTensors, torch.cuda.Event | None]] = deque()
+
+    def ready(entry: tuple[str, MapTensors, torch.cuda.Event | None]) -> tuple[str, ScoreMaps]:
+        stem, (class_ids, strided, full), copied = entry
+        if copied is not None:
+            copied.synchronize()
+        return stem, ScoreMaps(class_ids, strided.cpu().numpy(), full.cpu().numpy())
+
+    for stem, outputs, label, size in multiscale_outputs(job, forward, scales, flip,
+                                                         num_workers, desc):
+        class_ids, strided, full = finish(stem, outputs, label, size)
+        copied = None
+        if job.device.type == "cuda":  # into pinned memory, behind the work queued so far
+            strided, full = strided.to("cpu", non_blocking=True), full.to("cpu", non_blocking=True)
+            copied = torch.cuda.Event()
+            copied.record()
+        waiting.append((stem, (class_ids, strided, full), copied))
+        if len(waiting) > lookahead:
+            yield ready(waiting.popleft())
+    while waiting:
+        yield ready(waiting.popleft())
 
 
 def map_writer(config: Any) -> BackgroundWriter:
