@@ -4,6 +4,7 @@ from __future__ import annotations
 
 import json
 import zipfile
+from pathlib import Path
 
 import numpy as np
 import pytest
@@ -125,16 +126,29 @@ def test_checkpoint_for_wrong_class_count_is_refused(tiny_dataset, tmp_path):
         load_model(path, "cam", ["a", "b", "c"])
 
 
+def save_random_cam_checkpoint(config) -> Path:
+    """A CAM checkpoint of random weights (classifier ~ N(0, 1)) at the run's usual place."""
+    from amnseg.checkpoints import save_model
+    from amnseg.data import build_dataset
+    from amnseg.layout import checkpoint_path
+    from amnseg.models import CAMNet, build_backbone
+
+    dataset = build_dataset(config.data, "train")
+    torch.manual_seed(0)
+    model = CAMNet(build_backbone(config.backbone), dataset.num_classes)
+    torch.nn.init.normal_(model.classifier.weight)
+    checkpoint = checkpoint_path(config, "cam")
+    save_model(checkpoint, "cam", model, dataset.class_names, config.backbone)
+    return checkpoint
+
+
 def test_map_groups_of_mixed_sizes_equal_one_image_at_a_time(tiny_dataset, tmp_path):
     """map_batch_images groups consecutive images of one size into one forward pass; the maps
     are those of one image at a time (to float rounding), whatever the sizes' order, and a
     map deleted after the run is recomputed in its group, byte for byte."""
     from PIL import Image
 
-    from amnseg.checkpoints import save_model
-    from amnseg.data import build_dataset
     from amnseg.layout import checkpoint_path
-    from amnseg.models import CAMNet, build_backbone
 
     for stem in ("img 02", "img 03", "img 06"):
         path = tiny_dataset / "images" / f"{stem}.png"
@@ -142,11 +156,7 @@ def test_map_groups_of_mixed_sizes_equal_one_image_at_a_time(tiny_dataset, tmp_p
         mask = tiny_dataset / "masks" / f"{stem}.png"
         Image.open(mask).resize((40, 24), Image.NEAREST).save(mask)
     one = tiny_config(tiny_dataset, tmp_path / "one", "map_batch_images=1")
-    dataset = build_dataset(one.data, "train")
-    torch.manual_seed(0)
-    model = CAMNet(build_backbone(one.backbone), dataset.num_classes)
-    torch.nn.init.normal_(model.classifier.weight)
-    save_model(checkpoint_path(one, "cam"), "cam", model, dataset.class_names, one.backbone)
+    save_random_cam_checkpoint(one)
     single = cam_stage.make_cams(one)
     grouped_config = tiny_config(tiny_dataset, tmp_path / "grouped", "map_batch_images=3")
     grouped = cam_stage.make_cams(grouped_config, checkpoint_path(one, "cam"))
@@ -169,18 +179,8 @@ def test_map_files_written_by_writer_threads_equal_those_written_in_turn(tiny_da
                                                                          tmp_path):
     """With loader workers the map files are compressed and written on threads
     (io.BackgroundWriter); the files are byte for byte those of the one-thread stage."""
-    from amnseg.checkpoints import save_model
-    from amnseg.data import build_dataset
-    from amnseg.layout import checkpoint_path
-    from amnseg.models import CAMNet, build_backbone
-
     in_turn = tiny_config(tiny_dataset, tmp_path / "in_turn", "data.num_workers=0")
-    dataset = build_dataset(in_turn.data, "train")
-    torch.manual_seed(0)
-    model = CAMNet(build_backbone(in_turn.backbone), dataset.num_classes)
-    torch.nn.init.normal_(model.classifier.weight)
-    checkpoint = checkpoint_path(in_turn, "cam")
-    save_model(checkpoint, "cam", model, dataset.class_names, in_turn.backbone)
+    checkpoint = save_random_cam_checkpoint(in_turn)
     written_in_turn = cam_stage.make_cams(in_turn)
     threaded = cam_stage.make_cams(
         tiny_config(tiny_dataset, tmp_path / "threaded", "data.num_workers=2"), checkpoint)
@@ -188,3 +188,24 @@ def test_map_files_written_by_writer_threads_equal_those_written_in_turn(tiny_da
     assert names == sorted(p.name for p in threaded.iterdir()) and len(names) == 8
     for name in names:
         assert (threaded / name).read_bytes() == (written_in_turn / name).read_bytes(), name
+
+
+@pytest.mark.gpu
+def test_gpu_map_stage_equals_the_cpu_one(tiny_dataset, tmp_path):
+    """On CUDA the stage normalises uint8 inputs on the device and takes the maps back
+    asynchronously, a group late, while threads write the files: the same maps as the CPU
+    stage's, to float rounding."""
+    on_cpu = tiny_config(tiny_dataset, tmp_path / "cpu", "map_batch_images=3")
+    checkpoint = save_random_cam_checkpoint(on_cpu)
+    expected = cam_stage.make_cams(on_cpu)
+    on_gpu = cam_stage.make_cams(tiny_config(
+        tiny_dataset, tmp_path / "gpu", "device=cuda", "map_batch_images=3",
+        "data.num_workers=2"), checkpoint)
+    names = sorted(p.name for p in expected.iterdir())
+    assert names == sorted(p.name for p in on_gpu.iterdir()) and len(names) == 8
+    for name in names:
+        a, b = load_score_maps(expected / name), load_score_maps(on_gpu / name)
+        np.testing.assert_array_equal(a.class_ids, b.class_ids)
+        np.testing.assert_allclose(b.full, a.full, rtol=1e-4, atol=1e-5)
+        np.testing.assert_allclose(b.strided, a.strided, rtol=1e-4, atol=1e-5)
+
