@@ -319,10 +319,25 @@ def _choice(value: Any, key: str, choices: tuple[Any, ...]) -> None:
     _require(value in choices, key, value, f"expected one of {', '.join(map(str, choices))}")
 
 
+def _is_device(spec: Any) -> bool:
+    """Whether ``spec`` names a device: ``auto`` or what ``torch.device`` takes."""
+    import torch  # here: reading a config needs no torch otherwise
+
+    if spec == "auto":
+        return True
+    try:
+        torch.device(str(spec))
+    except RuntimeError:
+        return False
+    return True
+
+
 def validate(config: Config) -> Config:
     """Check every option's type and range; the first bad one is a one-line AmnsegError."""
     _require(bool(str(config.run_dir).strip()), "run_dir", config.run_dir, "must not be empty")
     _choice(config.amp, "amp", ("off", "bf16"))
+    _require(_is_device(config.device), "device", config.device,
+             "must be auto, cpu, cuda, cuda:N or another device PyTorch knows")
     _require(isinstance(config.map_batch_images, int) and config.map_batch_images >= 1,
              "map_batch_images", config.map_batch_images, "must be an integer >= 1")
     for key in ("compress_maps", "sync_batchnorm", "channels_last"):

@@ -237,6 +237,8 @@ def test_mask_of_another_size_and_rgb_mask(data, tmp_path, capsys):
     ("cam.epochz=3", "cam.epochz: unknown option (did you mean cam.epochs?)"),
     ("cam.flip=maybe", "cam.flip: Value 'maybe' is not a valid bool"),
     ("runn_dir=x", "runn_dir: unknown option (did you mean run_dir?)"),
+    ("device=tpu", "device='tpu': must be auto, cpu, cuda, cuda:N or another device"),
+    ("device=cuda:x", "device='cuda:x': must be auto, cpu, cuda, cuda:N or another device"),
 ])
 def test_bad_config_values_are_refused_at_load_time(tmp_path, capsys, override, words):
     run = tmp_path / "run"
