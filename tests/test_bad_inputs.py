@@ -148,6 +148,20 @@ def test_very_large_image_is_refused_with_the_option_to_change(data, tmp_path, c
     assert "(0.0 MP), above data.max_pixels=1000" in line and ".png: image is 32x32" in line
 
 
+@pytest.mark.parametrize("size", [(1, 1), (7, 40)])
+def test_tiny_image_is_refused_before_any_stage(data, tmp_path, capsys, size):
+    # At the 0.5 map scale a 1x1 image has no pixel left (PIL refused it deep in a worker).
+    from PIL import Image
+
+    Image.new("RGB", size).save(data / "images" / "img 04.png")
+    (data / "masks" / "img 04.png").unlink()
+    run = tmp_path / "run"
+    line = one_error_line(capsys, "run", "voc12", *folder_args(data, run))
+    assert (f"img 04.png: image is {size[0]}x{size[1]}; both sides must be at least 8 pixels"
+            in line)
+    assert no_outputs(run)
+
+
 def test_sixteen_bit_images_are_read_by_value(tmp_path):
     gradient = (np.arange(64 * 8, dtype=np.uint16).reshape(8, 64) * 128)
     Image.fromarray(gradient).save(tmp_path / "deep.png")

@@ -1,9 +1,9 @@
 """The check a run makes of its images before any stage reads them: a bad file found after
 hours of training, or a traceback on image 57,312, is what it prevents.
 
-Every image's header is read (its size must be known and at most ``max_pixels``); with
-``decode`` the whole image is decoded too (finds truncated files; slower). Every mask file is
-read: its size must be the image's and its values classes or 255.
+Every image's header is read (its size must be known, at least ``MIN_SIDE`` on each side and
+at most ``max_pixels``); with ``decode`` the whole image is decoded too (finds truncated files;
+slower). Every mask file is read: its size must be the image's and its values classes or 255.
 """
 
 from __future__ import annotations
@@ -11,6 +11,8 @@ from __future__ import annotations
 from amnseg.data.base import SegDataset, opened_image
 from amnseg.errors import AmnsegError
 from amnseg.progress import progress_bar
+
+MIN_SIDE = 8  # pixels: smaller images vanish at the networks' strides and the 0.5 map scale
 
 
 def check_sample(dataset: SegDataset, stem: str, max_pixels: int, decode: bool) -> None:
@@ -20,6 +22,11 @@ def check_sample(dataset: SegDataset, stem: str, max_pixels: int, decode: bool) 
         width, height = image.size
         if decode:
             image.load()
+    if min(width, height) < MIN_SIDE:
+        raise AmnsegError(
+            f"{path}: image is {width}x{height}; both sides must be at least {MIN_SIDE} pixels "
+            "(the networks see it at stride 8-16, and at half size for multi-scale maps)"
+        )
     if max_pixels and width * height > max_pixels:
         raise AmnsegError(
             f"{path}: image is {width}x{height} ({width * height / 1e6:.1f} MP), above "
