@@ -192,7 +192,7 @@ def multiscale_score_maps(
         if job.device.type == "cuda":  # into pinned memory, behind the work queued so far
             strided, full = strided.to("cpu", non_blocking=True), full.to("cpu", non_blocking=True)
             copied = torch.cuda.Event()
-            copied.record()
+            copied.record(torch.cuda.current_stream(job.device))  # the maps' device's stream
         waiting.append((stem, (class_ids, strided, full), copied))
         if len(waiting) > lookahead:
             yield ready(waiting.popleft())
