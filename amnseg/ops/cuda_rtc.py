@@ -143,6 +143,7 @@ class Kernel:
                 values.append(ctypes.c_int(arg))
         params = (ctypes.c_void_p * len(values))(*[ctypes.addressof(v) for v in values])
         stream = torch.cuda.current_stream(self.device).cuda_stream
-        _check_driver(self.library, self.library.cuLaunchKernel(
-            self.function, *grid, *block, 0, stream, ctypes.cast(params, ctypes.c_void_p), None),
-            "cuLaunchKernel")
+        with torch.cuda.device(self.device):  # the launch goes to the current context
+            _check_driver(self.library, self.library.cuLaunchKernel(
+                self.function, *grid, *block, 0, stream, ctypes.cast(params, ctypes.c_void_p),
+                None), "cuLaunchKernel")
