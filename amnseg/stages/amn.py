@@ -30,8 +30,9 @@ from amnseg.ops.multiscale import merge_flip, multiscale_inputs, strided_size
 from amnseg.stages.common import (
     MapTensors,
     map_writer,
-    multiscale_score_maps,
+    multiscale_outputs,
     read_seed,
+    score_maps_from,
     start_inference,
 )
 from amnseg.training import AugmentedSet, Schedule, fit, start_stage, steps_per_epoch
@@ -200,10 +201,9 @@ def make_amn_maps(config: Config, cam_seeds_dir: Path, checkpoint: Path | None =
         return amn_score_tensors(*merge_amn_scales(scale_logits, size), label, seed)
 
     with map_writer(config) as writer:
-        for stem, maps in multiscale_score_maps(
-            job, job.model, list(config.amn.scales), True, config.data.num_workers, "amn maps",
-            finish, lookahead=config.map_batch_images,
-        ):
+        outputs = multiscale_outputs(job, job.model, list(config.amn.scales), True,
+                                     config.data.num_workers, "amn maps")
+        for stem, maps in score_maps_from(outputs, job.device, finish, config.map_batch_images):
             writer.submit(save_score_maps, output_file(out_dir, stem, ".npz"), maps,
                           config.compress_maps)
     distributed.barrier()  # every rank's share is written

@@ -22,7 +22,13 @@ from amnseg.io import ScoreMaps, output_file, save_score_maps
 from amnseg.layout import checkpoint_path, maps_dir
 from amnseg.models import CAMNet, build_backbone
 from amnseg.ops.multiscale import max_normalize, merge_cam_scales, multiscale_cam
-from amnseg.stages.common import MapTensors, map_writer, multiscale_score_maps, start_inference
+from amnseg.stages.common import (
+    MapTensors,
+    map_writer,
+    multiscale_outputs,
+    score_maps_from,
+    start_inference,
+)
 from amnseg.training import (
     AugmentedSet,
     Schedule,
@@ -127,11 +133,11 @@ def make_cams(config: Config, checkpoint: Path | None = None) -> Path:
         return class_score_tensors(*merge_cam_scales(scale_maps, size, output_stride), label)
 
     with map_writer(config) as writer:
-        for stem, maps in multiscale_score_maps(
+        outputs = multiscale_outputs(
             job, lambda images, labels: job.model.cam(images), list(config.cam.scales),
-            config.cam.flip, config.data.num_workers, "cam maps", finish,
-            lookahead=config.map_batch_images,
-        ):
+            config.cam.flip, config.data.num_workers, "cam maps",
+        )
+        for stem, maps in score_maps_from(outputs, job.device, finish, config.map_batch_images):
             writer.submit(save_score_maps, output_file(out_dir, stem, ".npz"), maps,
                           config.compress_maps)
     distributed.barrier()  # every rank's share is written

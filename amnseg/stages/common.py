@@ -162,21 +162,18 @@ def multiscale_outputs(
 MapTensors = tuple[np.ndarray, torch.Tensor, torch.Tensor]
 
 
-def multiscale_score_maps(
-    job: InferenceJob,
-    forward: Callable[[torch.Tensor, torch.Tensor], torch.Tensor],
-    scales: list[float],
-    flip: bool,
-    num_workers: int,
-    desc: str,
+def score_maps_from(
+    outputs: Iterator[tuple[str, list[torch.Tensor], torch.Tensor, tuple[int, int]]],
+    device: torch.device,
     finish: Callable[[str, list[torch.Tensor], torch.Tensor, tuple[int, int]], MapTensors],
     lookahead: int,
 ) -> Iterator[tuple[str, ScoreMaps]]:
-    """(stem, score maps) of every image :func:`multiscale_outputs` does, ``finish(stem,
-    scale_outputs, label, size)`` making each image's maps on the device. From a GPU the maps
-    come back asynchronously and are handed out ``lookahead`` images late (a group's worth): by
-    then the next group's forward is queued, so the GPU works on it while the caller handles
-    these maps on the CPU (each copy was waited for, not the work queued after it)."""
+    """(stem, score maps) of every image of ``outputs`` (:func:`multiscale_outputs` on
+    ``device``), ``finish(stem, scale_outputs, label, size)`` making each image's maps on the
+    device. From a GPU the maps come back asynchronously and are handed out ``lookahead`` images
+    late (a group's worth): by then the next group's forward is queued, so the GPU works on it
+    while the caller handles these maps on the CPU (each copy was waited for, not the work
+    queued after it)."""
     waiting: deque[tuple[str, MapTensors, torch.cuda.Event | None]] = deque()
 
     def ready(entry: tuple[str, MapTensors, torch.cuda.Event | None]) -> tuple[str, ScoreMaps]:
@@ -185,14 +182,13 @@ def multiscale_score_maps(
             copied.synchronize()
         return stem, ScoreMaps(class_ids, strided.cpu().numpy(), full.cpu().numpy())
 
-    for stem, outputs, label, size in multiscale_outputs(job, forward, scales, flip,
-                                                         num_workers, desc):
-        class_ids, strided, full = finish(stem, outputs, label, size)
+    for stem, scale_outputs, label, size in outputs:
+        class_ids, strided, full = finish(stem, scale_outputs, label, size)
         copied = None
-        if job.device.type == "cuda":  # into pinned memory, behind the work queued so far
+        if device.type == "cuda":  # into pinned memory, behind the work queued so far
             strided, full = strided.to("cpu", non_blocking=True), full.to("cpu", non_blocking=True)
             copied = torch.cuda.Event()
-            copied.record(torch.cuda.current_stream(job.device))  # the maps' device's stream
+            copied.record(torch.cuda.current_stream(device))  # the maps' device's stream
         waiting.append((stem, (class_ids, strided, full), copied))
         if len(waiting) > lookahead:
             yield ready(waiting.popleft())
