@@ -37,6 +37,8 @@ def main() -> None:
     parser.add_argument("--channels-last", action="store_true")
     parser.add_argument("--cudnn-benchmark", action="store_true",
                         help="let cuDNN time its algorithms for each shape (CUDA)")
+    parser.add_argument("--compile", action="store_true",
+                        help="torch.compile the training network (inductor; minutes to compile)")
     parser.add_argument("--device", default="cuda" if torch.cuda.is_available() else "cpu")
     args = parser.parse_args()
     device = torch.device(args.device)
@@ -61,16 +63,20 @@ def main() -> None:
         if device.type == "cuda":
             torch.cuda.synchronize()
 
+    train_model = torch.compile(model) if args.compile else model
+
     def step() -> None:
         optimizer.zero_grad(set_to_none=True)
         with torch.autocast(device.type, dtype=torch.bfloat16, enabled=args.amp):
-            loss = msc_loss(model(images), *targets)
+            loss = msc_loss(train_model(images), *targets)
         loss.backward()
         optimizer.step()
         scheduler.step()
 
-    step()  # warm-up
+    start = time.perf_counter()
+    step()  # warm-up (and compilation)
     sync()
+    print(f"first step (warm-up): {time.perf_counter() - start:.1f} s", flush=True)
     start = time.perf_counter()
     for _ in range(args.steps):
         step()
@@ -92,7 +98,8 @@ def main() -> None:
     t_crf = best_time(lambda: crf_refine_probabilities(image, probs, deeplab_crf()), args.repeats)
     mode = ("bf16 autocast" if args.amp else "fp32") + (
         ", channels_last" if args.channels_last else "") + (
-        ", cudnn.benchmark" if args.cudnn_benchmark else "")
+        ", cudnn.benchmark" if args.cudnn_benchmark else "") + (
+        ", torch.compile" if args.compile else "")
     body = (
         f"DeepLab-v2 ResNet-{args.depth} MSC (scales 1, 0.5, 0.75), 21 classes, device "
         f"{device}, {mode}. Training: batch {args.batch} of {args.crop}x{args.crop} crops, "
