@@ -38,6 +38,16 @@ def resolve_device(spec: str) -> torch.device:
     return device
 
 
+def steady_rate(first_step: tuple[float, int] | None, seen: int, ended: float) -> float | None:
+    """Images per second after the first step, which ended at ``first_step`` = (time, images
+    seen by then), up to ``ended`` with ``seen`` images: an epoch's rate without the loader's
+    start-up and the first step's one-off costs (cuDNN's choices, allocations), the rate a
+    long epoch runs at. None without a step after the first."""
+    if first_step is None or seen <= first_step[1] or ended <= first_step[0]:
+        return None
+    return (seen - first_step[1]) / (ended - first_step[0])
+
+
 def seed_everything(seed: int) -> None:
     random.seed(seed)
     np.random.seed(seed)
@@ -325,11 +335,9 @@ def fit(
                 bar.set_postfix(loss=f"{loss:.4f}")
         ended = time.perf_counter()
         elapsed = ended - started
-        # The rate after the first step: without the loader's start-up and the first step's
-        # one-off costs (cuDNN's choices, allocations), what a long epoch runs at.
-        steady = None
-        if first_step is not None and steps > 1 and ended > first_step[0]:
-            steady = (seen - first_step[1]) * distributed.world_size() / (ended - first_step[0])
+        steady = steady_rate(first_step, seen, ended) if steps > 1 else None
+        if steady is not None:
+            steady *= distributed.world_size()  # the ranks step together
         loss_sum, seen = distributed.sum_across([loss_sum, seen])
         record: dict[str, Any] = {
             "stage": stage,

@@ -97,7 +97,7 @@ def images_per_stage(config, count: int) -> dict[str, int]:
     }
 
 
-def steady_rate(config, stage: str, stage_seconds: float) -> tuple[float, float] | None:
+def fixed_and_steady(config, stage: str, stage_seconds: float) -> tuple[float, float] | None:
     """(fixed seconds, steady images/s) of a training stage from its log: the stage's time
     outside its epochs, and its epochs' rate after their first step (None: not a training
     stage, or too few steps to tell)."""
@@ -207,7 +207,7 @@ def main() -> None:
         seconds = float(record["seconds"])
         per_image = seconds / handled[stage]
         projection = {name: per_image * projected_images(stage, name) / 3600 for name in totals}
-        steady = steady_rate(config, stage, seconds)
+        steady = fixed_and_steady(config, stage, seconds)
         if steady is not None:
             fixed, rate = steady
             projection = {name: (fixed + projected_images(stage, name) / rate) / 3600

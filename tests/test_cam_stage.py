@@ -49,6 +49,8 @@ def test_train_and_make_cams(tiny_dataset, tmp_path):
     assert len(log) == 2
     # 8 images in batches of 4, 2 epochs: the poly decay spans 4 steps, so after epoch 1
     # (step 2) the lr is lr (1 - 2/4)^0.9 (head: 10x), and 0 at the end.
+    # Two steps per epoch: a steady rate (after the first step) is logged.
+    assert all(json.loads(line)["steady_images_per_s"] > 0 for line in log)
     first, last = json.loads(log[0])["lr"], json.loads(log[1])["lr"]
     lr = config.cam.lr * 0.5**config.cam.poly_power
     assert first == pytest.approx([lr, lr * config.cam.head_lr_mult], rel=1e-9)

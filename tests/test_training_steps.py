@@ -195,3 +195,13 @@ def test_poly_schedule_reaches_zero_and_stays():
         scheduler.step()
     expected = [0.2 * (1 - min(k, 5) / 5) ** 0.9 for k in range(7)]
     np.testing.assert_allclose(rates, expected, rtol=1e-12)
+
+
+def test_steady_rate_counts_only_what_follows_the_first_step():
+    from amnseg.training import steady_rate
+
+    # First step done at t = 12 s with 16 images; 4 more steps of 16 by t = 14 s.
+    assert steady_rate((12.0, 16), 80, 14.0) == pytest.approx(32.0)
+    assert steady_rate((12.0, 16), 16, 12.5) is None  # nothing after the first step
+    assert steady_rate(None, 0, 1.0) is None
+
