@@ -335,7 +335,7 @@ def fit(
                 bar.set_postfix(loss=f"{loss:.4f}")
         ended = time.perf_counter()
         elapsed = ended - started
-        steady = steady_rate(first_step, seen, ended) if steps > 1 else None
+        steady = steady_rate(first_step, seen, ended)
         if steady is not None:
             steady *= distributed.world_size()  # the ranks step together
         loss_sum, seen = distributed.sum_across([loss_sum, seen])

@@ -295,8 +295,9 @@ def make_masks(
             check_boundary_size(score_maps.strided, boundary)
         except AmnsegError as error:
             raise AmnsegError(f"{maps_file}: {error}") from None
-        pending.append(PendingWalk(stem, torch.from_numpy(score_maps.strided).to(job.device),
-                                   boundary, score_maps.class_ids, size))
+        # non_blocking: a plain copy to a GPU would first wait for all the work queued there.
+        maps_on_device = torch.from_numpy(score_maps.strided).to(job.device, non_blocking=True)
+        pending.append(PendingWalk(stem, maps_on_device, boundary, score_maps.class_ids, size))
         if len(pending) == walk_batch:
             walk_pending()
     if pending:
