@@ -14,6 +14,7 @@ from PIL import Image
 from amnseg.losses import amn_loss
 from amnseg.models import ResNet
 from amnseg.models.amn import AMN
+from amnseg.models.aspp import ASPP
 from amnseg.stages.amn import amn_scores
 
 
@@ -302,3 +303,31 @@ def test_amn_map_files_and_training_check_equal_direct_computation(tiny_dataset,
             prediction = scores_to_labels(single.full, single.class_ids, 0.3)
             confusion = confusion + confusion_matrix(prediction, dataset.mask(stem), 3)
     assert quick_amn_miou(model, dataset, seeds, config, "cpu") == pytest.approx(miou(confusion))
+
+
+@pytest.mark.parametrize("height,width", [(5, 7), (6, 20), (13, 12), (16, 16), (30, 25)])
+def test_aspp_skips_only_padding_taps(height, width):
+    """ASPP drops the kernel rows/columns that read only padding on small maps: the output and
+    every gradient equal those of the plain padded convs (float64, so only rounding differs)."""
+    torch.manual_seed(0)
+    aspp = ASPP(4, 3, rates=(1, 6, 12, 18)).double()
+    with torch.no_grad():
+        for conv in aspp.children():
+            conv.bias.normal_()
+    x = torch.randn(2, 4, height, width, dtype=torch.float64, requires_grad=True)
+    direct_x = x.detach().clone().requires_grad_()
+    out = aspp(x)
+    direct = sum(F.conv2d(direct_x, conv.weight, conv.bias, padding=conv.padding,
+                          dilation=conv.dilation) for conv in aspp.children())
+    torch.testing.assert_close(out, direct, rtol=1e-12, atol=1e-12)
+    weights = torch.randn_like(out)
+    (out * weights).sum().backward()
+    grads = [(conv.weight.grad.clone(), conv.bias.grad.clone()) for conv in aspp.children()]
+    aspp.zero_grad()
+    direct = sum(F.conv2d(direct_x, conv.weight, conv.bias, padding=conv.padding,
+                          dilation=conv.dilation) for conv in aspp.children())
+    (direct * weights).sum().backward()
+    torch.testing.assert_close(x.grad, direct_x.grad, rtol=1e-12, atol=1e-12)
+    for conv, (weight_grad, bias_grad) in zip(aspp.children(), grads, strict=True):
+        torch.testing.assert_close(weight_grad, conv.weight.grad, rtol=1e-12, atol=1e-12)
+        torch.testing.assert_close(bias_grad, conv.bias.grad, rtol=1e-12, atol=1e-12)

@@ -49,7 +49,7 @@ class RenderedDemo(SegDataset):
 
 def mark_cam(sample, sigma: float = 10.0) -> ScoreMaps:
     """A CAM-like map per class: its mark pixels blurred by a Gaussian (sigma about the blur of
-    a stride-8 CAM on 128x128 images), max-normalised."""
+    a stride-8 CAM on the demo's images), max-normalised."""
     radius = int(3 * sigma)
     offsets = torch.arange(-radius, radius + 1, dtype=torch.float32)
     kernel = torch.exp(-(offsets**2) / (2 * sigma**2))
