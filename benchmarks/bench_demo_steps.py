@@ -3,7 +3,9 @@
 Each network of ``configs/demo.yaml`` (CAM classifier, AMN, IRN boundary net, the demo-sized
 DeepLab-v2) with 20 classes, random weights and random inputs at the demo's batch and crop
 sizes; one step = forward, a mean of the outputs as the loss, backward, SGD step. The time is
-the best of ``--repeats`` runs of ``--steps`` steps after two warm-up steps. With ``--run``
+the best of ``--repeats`` runs of ``--steps`` steps after two warm-up steps. The networks with an
+ASPP head (AMN, DeepLab) are also timed with every ASPP tap computed, as before
+``amnseg.models.aspp.dilated_conv`` skipped the taps that read only padding. With ``--run``
 (a finished demo run folder) each training stage's images/s from its ``log.jsonl`` (loader,
 augmentation and the real loss included; per-epoch evaluation not) stand beside the bare
 steps: how much of the compute rate the data loading leaves.
@@ -14,8 +16,9 @@ steps: how much of the compute rate the data loading leaves.
 from __future__ import annotations
 
 import argparse
+import contextlib
 import json
-from collections.abc import Callable
+from collections.abc import Callable, Iterator
 from pathlib import Path
 
 import torch
@@ -23,7 +26,7 @@ from torch import nn
 
 from amnseg.checkpoints import new_model
 from amnseg.config import load_config
-from amnseg.models import build_backbone
+from amnseg.models import aspp, build_backbone
 from amnseg.models.resnet import resnet_from_config
 from benchmarks.common import best_time, write_section
 
@@ -67,6 +70,17 @@ def step_seconds(net: nn.Module, batch: int, crop: int, loss_fn, channels_last: 
     return best_time(run, repeats) / steps
 
 
+@contextlib.contextmanager
+def every_aspp_tap() -> Iterator[None]:
+    """ASPP as it was: each dilated conv over its whole padded kernel, whatever the map size."""
+    skipping = aspp.dilated_conv
+    aspp.dilated_conv = lambda conv, x: conv(x)
+    try:
+        yield
+    finally:
+        aspp.dilated_conv = skipping
+
+
 def stage_rate(run: Path, stage: str) -> float:
     """Images (or crops) per second of a finished training stage: all epochs together."""
     records = [json.loads(line) for line in (run / stage / "log.jsonl").read_text().splitlines()
@@ -85,8 +99,14 @@ def main() -> None:
     for name, (net, batch, crop, loss_fn) in demo_networks().items():
         plain = step_seconds(net, batch, crop, loss_fn, False, args.steps, args.repeats)
         nhwc = step_seconds(net, batch, crop, loss_fn, True, args.steps, args.repeats)
+        every_tap = "-"
+        if any(isinstance(module, aspp.ASPP) for module in net.modules()):
+            with every_aspp_tap():
+                all_taps = step_seconds(net, batch, crop, loss_fn, True, args.steps,
+                                        args.repeats)
+            every_tap = f"{all_taps * 1000:.0f} ({all_taps / nhwc:.2f}x)"
         row = (f"| {name} | {batch} x {crop}x{crop} | {plain * 1000:.0f} | "
-               f"{nhwc * 1000:.0f} | {batch / plain:.0f} | {batch / nhwc:.0f} | "
+               f"{nhwc * 1000:.0f} | {every_tap} | {batch / plain:.0f} | {batch / nhwc:.0f} | "
                f"{plain / nhwc:.2f} |")
         if args.run:
             rate = stage_rate(args.run, name)
@@ -98,8 +118,11 @@ def main() -> None:
         "training step (forward, mean loss, backward, SGD), best of "
         f"{args.repeats} x {args.steps} steps."
         + (f" The run: `{args.run}` (its stages' log.jsonl, all epochs)." if args.run else "")
-        + "\n\n| network | batch | ms/step NCHW | ms/step channels_last | images/s NCHW | "
-        "images/s channels_last | speed-up |" + in_run + "\n|---|---|---|---|---|---|---|"
+        + " The ASPP column: channels_last with every ASPP tap computed (before the padding-only "
+        "taps were skipped), and its time against the column before it."
+        + "\n\n| network | batch | ms/step NCHW | ms/step channels_last | ms/step every ASPP "
+        "tap | images/s NCHW | images/s channels_last | speed-up |" + in_run
+        + "\n|---|---|---|---|---|---|---|---|"
         + ("---|" if args.run else "") + "\n" + "\n".join(rows) + "\n"
     )
     write_section("Demo networks: training step, NCHW vs channels_last (cpu)", body)
