@@ -119,6 +119,10 @@ class SeedsConfig:
     amn_bg_threshold: float = 0.15
     crf: CrfConfig = field(default_factory=CrfConfig)
     workers: int = 0  # CRF worker processes; 0 = one per CPU core
+    # Make each image's seeds as soon as the map stage has written its maps, in worker
+    # processes beside it (amnseg run only; the same files): auto | true | false. auto = when
+    # the maps are made on a GPU, whose map stage leaves the CPU cores mostly idle.
+    overlap: str = "auto"
 
 
 @dataclass
@@ -375,6 +379,7 @@ def validate(config: Config) -> Config:
         _require(bg <= fg, f"seeds.{source}_bg_threshold", bg,
                  f"must not exceed seeds.{source}_fg_threshold={fg}")
     _at_least(seeds, "seeds", 0, "workers")
+    _choice(seeds.overlap, "seeds.overlap", ("auto", "true", "false"))
     for prefix, crf in (("seeds.crf", seeds.crf), ("seg.crf", config.seg.crf)):
         _at_least(crf, prefix, 0, "iterations", "gaussian_compat", "bilateral_compat")
         _positive(crf, prefix, "gaussian_sxy", "bilateral_sxy", "bilateral_srgb")
@@ -474,7 +479,16 @@ def load_config(
     except OmegaConfBaseException as exc:
         raise AmnsegError(f"{what}: {_option_error(exc)}") from None
     assert isinstance(config, Config)
-    return validate(config)
+    return validate(_words_from_booleans(config))
+
+
+def _words_from_booleans(config: Config) -> Config:
+    """YAML reads ``off``/``on``/``no``/``yes`` as booleans, which reach the options whose
+    values are words as "False"/"True": give those options back the words they take."""
+    config.amp = {"False": "off"}.get(config.amp, config.amp)
+    config.seeds.overlap = {"False": "false", "True": "true"}.get(config.seeds.overlap,
+                                                                   config.seeds.overlap)
+    return config
 
 
 def _read_config_file(path: Path) -> Any:

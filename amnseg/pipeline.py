@@ -56,7 +56,7 @@ from amnseg.stages.cam import make_cams, train_cam
 from amnseg.stages.common import processed_images
 from amnseg.stages.evaluate import evaluate_label_maps, evaluate_maps
 from amnseg.stages.irn import make_masks, train_irn
-from amnseg.stages.seeds import make_seeds
+from amnseg.stages.seeds import SeedFollower, make_seeds, overlap_seeds
 from amnseg.stages.seg import evaluate_seg, train_seg
 
 MANIFEST = "manifest.json"
@@ -78,6 +78,16 @@ class Stage:
     data: tuple[str, ...] = ()  # the image sets it reads directly: "processed" and/or "val"
     # The files that must exist for the stage to count as done (besides its record).
     expected: Callable[[Config], list[Path]] = lambda config: []
+    # The next stage, when its per-image work can start as soon as this one has written an
+    # image's output (see ``_follow``); ``run`` then takes ``on_saved=`` (stem -> None).
+    follower: Follower | None = None
+
+
+@dataclass(frozen=True)
+class Follower:
+    stage: str
+    start: Callable[[Config], SeedFollower]  # a context manager with submit(stem)
+    wanted: Callable[[Config], bool]
 
 
 def _pick(config: Config, dotted: str) -> Any:
@@ -199,10 +209,11 @@ def _training(stage: str, train: Callable[[Config], Path]) -> Callable[[Config],
     return run
 
 
-def _maps(source: str, make: Callable[[Config], Path]) -> Callable[[Config], dict]:
-    def run(config: Config) -> dict[str, Any]:
+def _maps(source: str, make: Callable[[Config, Callable[[str], None] | None], Path]
+          ) -> Callable[..., dict]:
+    def run(config: Config, on_saved: Callable[[str], None] | None = None) -> dict[str, Any]:
         started = time.perf_counter()
-        make(config)
+        make(config, on_saved)
         # The stage's time without its evaluation (this run's share, if it resumed).
         made = round(time.perf_counter() - started, 2)
         metrics = distributed.run_on_main(_evaluate_maps, config, source)
@@ -292,23 +303,28 @@ def _training_stage(name: str, train: Callable[[Config], Path], options: tuple[s
                  expected=lambda config: [checkpoint_path(config, name)], **extra)
 
 
-def _map_stage(source: str, command: str, make: Callable[[Config], Path],
+def _map_stage(source: str, command: str,
+               make: Callable[[Config, Callable[[str], None] | None], Path],
                options: tuple[str, ...], description: str) -> Stage:
+    """The stage that writes ``source`` maps; the seed stage from them follows it."""
     return Stage(f"{source}_maps", command, _maps(source, make), options,
                  lambda config: (maps_dir(config, source),), description,
-                 expected=_per_image(lambda config: maps_dir(config, source), ".npz"))
+                 expected=_per_image(lambda config: maps_dir(config, source), ".npz"),
+                 follower=Follower(f"{source}_seeds",
+                                   lambda config: SeedFollower(config, source), overlap_seeds))
 
 
 STAGES: tuple[Stage, ...] = (
     _training_stage("cam", train_cam, (*_DATA, *_PRECISION, "backbone", *_CAM_TRAIN),
                     "train the CAM classifier on data.train_split", data=("processed",)),
-    _map_stage("cam", "make-cam", make_cams, (*_PRECISION, "cam.scales", "cam.flip"),
-               "multi-scale CAMs"),
+    _map_stage("cam", "make-cam", lambda c, on_saved: make_cams(c, on_saved=on_saved),
+               (*_PRECISION, "cam.scales", "cam.flip"), "multi-scale CAMs"),
     _seed_stage("cam", "CRF seeds from CAMs"),
     _training_stage("amn", lambda c: train_amn(c, seeds_dir(c, "cam")),
                     (*_PRECISION, "backbone", *_AMN_TRAIN),
                     "train AMN on the CAM seeds of data.train_split"),
-    _map_stage("amn", "make-amn-maps", lambda c: make_amn_maps(c, seeds_dir(c, "cam")),
+    _map_stage("amn", "make-amn-maps",
+               lambda c, on_saved: make_amn_maps(c, seeds_dir(c, "cam"), on_saved=on_saved),
                (*_PRECISION, "amn.scales"), "AMN maps"),
     _seed_stage("amn", "CRF seeds from AMN maps"),
     _training_stage("irn", lambda c: train_irn(c, seeds_dir(c, "amn")),
@@ -444,6 +460,58 @@ def _plan(stage: Stage, index: int, first: int, last: int, config: Config, recor
     return "resume", " (resuming)"
 
 
+def _fingerprints(config: Config, signatures: dict[str, str]) -> dict[str | None, str]:
+    """Every stage's fingerprint (None: the empty upstream of the stages that read only data)."""
+    hashes: dict[str | None, str] = {None: ""}
+    previous = None
+    for stage in STAGES:
+        upstream = previous if stage.upstream == PREVIOUS else stage.upstream
+        hashes[stage.name] = fingerprint(stage, config, hashes[upstream], signatures)
+        previous = stage.name
+    return hashes
+
+
+def _start_record(records: dict[str, Any], name: str, stage_hash: str, action: str
+                  ) -> dict[str, Any]:
+    """The manifest record of a stage that starts ("run") or resumes ("resume") now; a resumed
+    one keeps its seconds so far and the count of outputs made beside the stage before it."""
+    record: dict[str, Any] = {"fingerprint": stage_hash, "status": "running",
+                              "started": time.strftime("%Y-%m-%dT%H:%M:%S"), "seconds": 0.0}
+    if action == "resume":
+        earlier = records.get(name, {})
+        record["seconds"] = earlier.get("seconds", 0.0)
+        if "made_beside" in earlier:
+            record["made_beside"] = earlier["made_beside"]
+    records[name] = record
+    return record
+
+
+def _start_follower_record(
+    stage: Stage, first: int, last: int, config: Config, records: dict[str, Any],
+    hashes: dict[str | None, str], require_upstream: bool, run_dir: Path,
+    progress: Callable[[str], None],
+) -> bool:
+    """Whether ``stage``'s follower is to run beside it: when it is wanted and will run in this
+    call. Its record is then started (and its outputs cleared, when it starts afresh) as if it
+    were running: the files it makes beside ``stage`` are kept when it runs itself, resuming
+    to make only what is missing."""
+    follower = stage.follower
+    if follower is None or not follower.wanted(config):
+        return False
+    index = STAGE_NAMES.index(follower.stage)
+    following = STAGES[index]
+    action, _ = _plan(following, index, first, last, config, records.get(following.name, {}),
+                      hashes[following.name], require_upstream, run_dir)
+    if action not in ("run", "resume"):
+        return False
+    if action == "run":
+        _clear_outputs(config, following)
+    _start_record(records, following.name, hashes[following.name], action)
+    progress(f"[beside] {following.name}: {following.description}, as {stage.name} writes "
+             "each image")
+    return True
+
+
 def _run_stages(
     config: Config, run_dir: Path, first: int, last: int, progress: Callable[[str], None],
     require_upstream: bool,
@@ -457,13 +525,9 @@ def _run_stages(
         manifest["data"] = signatures
         check_data(config, signatures, manifest, progress)
     distributed.barrier()
-    hashes: dict[str | None, str] = {None: ""}
-    previous = None
+    hashes = _fingerprints(config, signatures)
     for index, stage in enumerate(STAGES):
-        upstream = previous if stage.upstream == PREVIOUS else stage.upstream
-        stage_hash = fingerprint(stage, config, hashes[upstream], signatures)
-        hashes[stage.name] = stage_hash
-        previous = stage.name
+        stage_hash = hashes[stage.name]
         record = records.get(stage.name, {})
         action, why = distributed.run_on_main(
             _plan, stage, index, first, last, config, record, stage_hash, require_upstream,
@@ -479,15 +543,26 @@ def _run_stages(
                 # Stages that read this one's outputs have changed fingerprints too and rerun.
                 _clear_outputs(config, stage)
             progress(f"[run] {stage.name}: {stage.description}{why}")
-            record = {"fingerprint": stage_hash, "status": "running",
-                      "started": time.strftime("%Y-%m-%dT%H:%M:%S"),
-                      "seconds": record.get("seconds", 0.0) if action == "resume" else 0.0}
-            records[stage.name] = record
+            record = _start_record(records, stage.name, stage_hash, action)
+        follower = stage.follower if distributed.run_on_main(
+            _start_follower_record, stage, first, last, config, records, hashes,
+            require_upstream, run_dir, progress) else None
+        if main:
             save_json(run_dir / MANIFEST, manifest)
         distributed.barrier()
         started = time.perf_counter()
         try:
-            metrics = stage.run(config)
+            if follower is None:
+                metrics = stage.run(config)
+            else:
+                with follower.start(config) as beside:
+                    metrics = stage.run(config, on_saved=beside.submit)
+                made = int(distributed.sum_across([beside.made])[0])  # by every rank
+                if main:
+                    records[follower.stage]["made_beside"] = made
+                if beside.failure:
+                    progress(f"[beside] {follower.stage} stopped ({beside.failure}); it "
+                             "makes the rest when it runs")
         except BaseException as error:
             # The manifest says what happened; the error itself goes on to the caller.
             if main:

@@ -20,6 +20,7 @@ import torch
 from conftest import write_tiny_folder_dataset
 from test_pipeline import FAST
 
+import amnseg as amnseg_package
 from amnseg.io import load_checkpoint
 
 DRIVER = '''
@@ -38,9 +39,9 @@ def every_rank_saves_too(path, checkpoint):
 
 checkpoints.save_once = every_rank_saves_too
 if os.environ.get("AMNSEG_TEST_HANG_AFTER"):
-    import amnseg.stages.cam as cam
+    import amnseg.stages.common as common
 
-    original_maps = cam.save_score_maps
+    original_maps = common.save_score_maps
     written = []
 
     def save_then_hang(*args, **kwargs):
@@ -49,7 +50,7 @@ if os.environ.get("AMNSEG_TEST_HANG_AFTER"):
         if len(written) == int(os.environ["AMNSEG_TEST_HANG_AFTER"]):
             time.sleep(600)  # waits here to be killed
 
-    cam.save_score_maps = save_then_hang
+    common.save_score_maps = save_then_hang
 from amnseg.cli import main
 
 main()
@@ -81,8 +82,10 @@ def command(driver: Path, processes: int, *args: str, torchrun: bool | None = No
 
 
 def environment() -> dict[str, str]:
-    tests = str(Path(__file__).parent)
-    return {**os.environ, "OMP_NUM_THREADS": "1", "PYTHONPATH": tests, "PYTHONUNBUFFERED": "1"}
+    """The driver imports the amnseg these tests import (not whatever is installed) and conftest."""
+    package_root = str(Path(amnseg_package.__file__).parents[1])
+    path = os.pathsep.join([package_root, str(Path(__file__).parent)])
+    return {**os.environ, "OMP_NUM_THREADS": "1", "PYTHONPATH": path, "PYTHONUNBUFFERED": "1"}
 
 
 def amnseg(driver: Path, processes: int, *args: str, timeout: int = 300,

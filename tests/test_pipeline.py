@@ -112,9 +112,9 @@ sys.path.insert(0, {tests!r})
 from pathlib import Path
 from conftest import tiny_config
 from amnseg.pipeline import run_pipeline
-import amnseg.stages.cam as cam
+import amnseg.stages.common as common
 if {slow}:
-    original = cam.save_score_maps
+    original = common.save_score_maps
     calls = []
     def save_then_hang(*args, **kwargs):
         import time
@@ -123,7 +123,7 @@ if {slow}:
         print("saved", flush=True)
         if len(calls) == 3:
             time.sleep(600)  # wait here to be killed in the middle of the stage
-    cam.save_score_maps = save_then_hang
+    common.save_score_maps = save_then_hang
 config = tiny_config(Path({data!r}), Path({run!r}), *{fast!r})
 run_pipeline(config, stop="cam_maps")
 """

@@ -94,9 +94,9 @@ def test_training_stage_killed_mid_epoch_resumes_bit_identically(finished, stage
 
 
 @pytest.mark.parametrize("stage, folder, saver", [
-    ("cam_maps", "cam/maps", "amnseg.stages.cam.save_score_maps"),
+    ("cam_maps", "cam/maps", "amnseg.stages.common.save_score_maps"),
     ("cam_seeds", "seeds/cam", "amnseg.stages.seeds.save_label_png"),
-    ("amn_maps", "amn/maps", "amnseg.stages.amn.save_score_maps"),
+    ("amn_maps", "amn/maps", "amnseg.stages.common.save_score_maps"),
     ("amn_seeds", "seeds/amn", "amnseg.stages.seeds.save_label_png"),
     ("masks", "irn/masks", "amnseg.stages.irn.save_label_png"),
 ])

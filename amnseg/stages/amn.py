@@ -8,7 +8,7 @@ image of the run, in the format of CAM maps (foreground classes only), resuming 
 
 from __future__ import annotations
 
-from collections.abc import Sequence
+from collections.abc import Callable, Sequence
 from pathlib import Path
 
 import numpy as np
@@ -21,7 +21,7 @@ from amnseg.config import AmnConfig, Config
 from amnseg.data import run_dataset
 from amnseg.data.base import Sample, SegDataset
 from amnseg.data.transforms import SegmentationTrainTransform, resize_labels
-from amnseg.io import ScoreMaps, output_file, save_score_maps
+from amnseg.io import ScoreMaps
 from amnseg.layout import checkpoint_path, maps_dir
 from amnseg.losses import amn_loss
 from amnseg.metrics import confusion_matrix, miou, scores_to_labels
@@ -29,11 +29,11 @@ from amnseg.models.amn import AMN
 from amnseg.ops.multiscale import merge_flip, multiscale_inputs, strided_size
 from amnseg.stages.common import (
     MapTensors,
-    map_writer,
     multiscale_outputs,
     read_seed,
     score_maps_from,
     start_inference,
+    write_score_maps,
 )
 from amnseg.training import AugmentedSet, Schedule, fit, start_stage, steps_per_epoch
 
@@ -188,9 +188,11 @@ def amn_score_tensors(strided_logits: torch.Tensor, full_logits: torch.Tensor,
             amn_scores(full_logits, class_ids, torch.as_tensor(seed)))
 
 
-def make_amn_maps(config: Config, cam_seeds_dir: Path, checkpoint: Path | None = None) -> Path:
+def make_amn_maps(config: Config, cam_seeds_dir: Path, checkpoint: Path | None = None,
+                  on_saved: Callable[[str], None] | None = None) -> Path:
     """Write AMN maps of every image of the run (eval mode: deterministic). Up to
-    ``map_batch_images`` images of one size share each forward pass."""
+    ``map_batch_images`` images of one size share each forward pass. ``on_saved(stem)`` is
+    called once each file is written (see :func:`write_score_maps`)."""
     out_dir = maps_dir(config, "amn")
     job = start_inference(config, "amn", checkpoint or checkpoint_path(config, "amn"), out_dir,
                           ".npz", group=config.map_batch_images)
@@ -200,12 +202,11 @@ def make_amn_maps(config: Config, cam_seeds_dir: Path, checkpoint: Path | None =
         seed = read_seed(cam_seeds_dir, stem, size)
         return amn_score_tensors(*merge_amn_scales(scale_logits, size), label, seed)
 
-    with map_writer(config) as writer:
-        outputs = multiscale_outputs(job, job.model, list(config.amn.scales), True,
-                                     config.data.num_workers, "amn maps")
-        for stem, maps in score_maps_from(outputs, job.device, finish, config.map_batch_images):
-            writer.submit(save_score_maps, output_file(out_dir, stem, ".npz"), maps,
-                          config.compress_maps)
+    outputs = multiscale_outputs(job, job.model, list(config.amn.scales), True,
+                                 config.data.num_workers, "amn maps")
+    write_score_maps(config, out_dir,
+                     score_maps_from(outputs, job.device, finish, config.map_batch_images),
+                     on_saved)
     distributed.barrier()  # every rank's share is written
     return out_dir
 

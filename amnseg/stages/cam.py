@@ -7,6 +7,7 @@ run (``processed_images``), resuming per image.
 
 from __future__ import annotations
 
+from collections.abc import Callable
 from pathlib import Path
 
 import numpy as np
@@ -18,16 +19,16 @@ from amnseg.checkpoints import save_model
 from amnseg.config import CamConfig, Config
 from amnseg.data.base import Sample
 from amnseg.data.transforms import ClassificationTrainTransform
-from amnseg.io import ScoreMaps, output_file, save_score_maps
+from amnseg.io import ScoreMaps
 from amnseg.layout import checkpoint_path, maps_dir
 from amnseg.models import CAMNet, build_backbone
 from amnseg.ops.multiscale import max_normalize, merge_cam_scales, multiscale_cam
 from amnseg.stages.common import (
     MapTensors,
-    map_writer,
     multiscale_outputs,
     score_maps_from,
     start_inference,
+    write_score_maps,
 )
 from amnseg.training import (
     AugmentedSet,
@@ -120,9 +121,11 @@ def class_score_maps(strided: torch.Tensor, full: torch.Tensor, label: np.ndarra
     return ScoreMaps(class_ids, strided_maps.cpu().numpy(), full_maps.cpu().numpy())
 
 
-def make_cams(config: Config, checkpoint: Path | None = None) -> Path:
+def make_cams(config: Config, checkpoint: Path | None = None,
+              on_saved: Callable[[str], None] | None = None) -> Path:
     """Write normalised multi-scale CAMs of every image of the run; existing files are kept.
-    Up to ``map_batch_images`` images of one size share each forward pass."""
+    Up to ``map_batch_images`` images of one size share each forward pass. ``on_saved(stem)``
+    is called once each file is written (see :func:`write_score_maps`)."""
     out_dir = maps_dir(config, "cam")
     job = start_inference(config, "cam", checkpoint or checkpoint_path(config, "cam"), out_dir,
                           ".npz", group=config.map_batch_images)
@@ -132,13 +135,12 @@ def make_cams(config: Config, checkpoint: Path | None = None) -> Path:
                size: tuple[int, int]) -> MapTensors:
         return class_score_tensors(*merge_cam_scales(scale_maps, size, output_stride), label)
 
-    with map_writer(config) as writer:
-        outputs = multiscale_outputs(
-            job, lambda images, labels: job.model.cam(images), list(config.cam.scales),
-            config.cam.flip, config.data.num_workers, "cam maps",
-        )
-        for stem, maps in score_maps_from(outputs, job.device, finish, config.map_batch_images):
-            writer.submit(save_score_maps, output_file(out_dir, stem, ".npz"), maps,
-                          config.compress_maps)
+    outputs = multiscale_outputs(
+        job, lambda images, labels: job.model.cam(images), list(config.cam.scales),
+        config.cam.flip, config.data.num_workers, "cam maps",
+    )
+    write_score_maps(config, out_dir,
+                     score_maps_from(outputs, job.device, finish, config.map_batch_images),
+                     on_saved)
     distributed.barrier()  # every rank's share is written
     return out_dir

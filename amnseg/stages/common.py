@@ -5,7 +5,7 @@ and reading the seeds that AMN and IRN train on. (Model building lives in
 from __future__ import annotations
 
 from collections import deque
-from collections.abc import Callable, Iterator
+from collections.abc import Callable, Iterable, Iterator
 from dataclasses import dataclass
 from pathlib import Path
 from typing import Any
@@ -19,7 +19,7 @@ from amnseg.checkpoints import load_model
 from amnseg.data import run_splits
 from amnseg.data.base import SegDataset, read_index_png
 from amnseg.errors import AmnsegError
-from amnseg.io import BackgroundWriter, ScoreMaps, output_file
+from amnseg.io import BackgroundWriter, ScoreMaps, output_file, save_score_maps
 from amnseg.ops.multiscale import grouped_forward, network_batches, rescaled_images
 from amnseg.precision import with_precision
 from amnseg.progress import progress_bar
@@ -196,10 +196,20 @@ def score_maps_from(
         yield ready(waiting.popleft())
 
 
-def map_writer(config: Any) -> BackgroundWriter:
-    """The writer of a map stage's score map files: as many threads as loader workers (up to
-    8), none (writes in the caller) without workers."""
-    return BackgroundWriter(min(config.data.num_workers, 8))
+def write_score_maps(config: Any, out_dir: Path, maps: Iterable[tuple[str, ScoreMaps]],
+                     on_saved: Callable[[str], None] | None = None) -> None:
+    """Save every (stem, score maps) of ``maps`` as ``<out_dir>/<stem>.npz``, on as many writer
+    threads as loader workers (up to 8; none, in the caller, without workers). ``on_saved(stem)``
+    runs once the file is in place, on the thread that wrote it."""
+
+    def save(stem: str, image_maps: ScoreMaps) -> None:
+        save_score_maps(output_file(out_dir, stem, ".npz"), image_maps, config.compress_maps)
+        if on_saved is not None:
+            on_saved(stem)
+
+    with BackgroundWriter(min(config.data.num_workers, 8)) as writer:
+        for stem, image_maps in maps:
+            writer.submit(save, stem, image_maps)
 
 
 def read_seed(seeds_dir: Path, stem: str, size: tuple[int, int]) -> np.ndarray:

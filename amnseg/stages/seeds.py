@@ -11,8 +11,10 @@ output does not depend on the number of workers. Seeds are made for every image 
 from __future__ import annotations
 
 import multiprocessing
+import os
 from dataclasses import dataclass
 from pathlib import Path
+from types import TracebackType
 
 import numpy as np
 
@@ -26,6 +28,7 @@ from amnseg.layout import maps_dir, seeds_dir
 from amnseg.ops.crf import crf_refine_labels_many
 from amnseg.progress import progress_bar
 from amnseg.stages.common import processed_images
+from amnseg.training import resolve_device
 
 UNSURE = 255
 
@@ -99,6 +102,71 @@ def _start_worker(job: SeedJob) -> None:
 def _seed_in_worker(stem: str) -> str:
     assert _worker_job is not None, "the pool's initializer sets the job"
     return _seed_one(_worker_job, stem)
+
+
+def _start_follower_worker(job: SeedJob, niceness: int) -> None:
+    # Below the map stage's loader workers: they keep the GPU busy, the CRFs take what is left.
+    os.nice(niceness)
+    _start_worker(job)
+
+
+def overlap_seeds(config: Config) -> bool:
+    """Whether seeds are made while the map stage runs (``seeds.overlap``): ``auto`` does it
+    when the maps are made on a GPU, whose stage leaves the CPU cores mostly idle; on the CPU
+    the network needs every core itself."""
+    if config.seeds.overlap == "auto":
+        return resolve_device(config.device).type == "cuda"
+    return config.seeds.overlap == "true"
+
+
+class SeedFollower:
+    """The seed stage's work started during the map stage: ``submit(stem)``, called once
+    ``<stem>.npz`` is in place, queues that image's seed in worker processes (started when the
+    follower is, niced by ``niceness``). The files are those :func:`make_seeds` writes (an
+    image's seed depends on its own maps alone). Best effort: the first failed image stops the
+    follower, and the seed stage, which runs next, makes what is missing and reports the error
+    itself. Leaving the ``with`` block waits for the queued seeds (or, on an error, drops them:
+    every file is written atomically)."""
+
+    def __init__(self, config: Config, source: str, workers: int | None = None,
+                 niceness: int = 5):
+        fg_threshold, bg_threshold = seed_thresholds(config, source)
+        self.out_dir = seeds_dir(config, source)
+        self.out_dir.mkdir(parents=True, exist_ok=True)
+        job = SeedJob(processed_images(config), maps_dir(config, source), self.out_dir,
+                      fg_threshold, bg_threshold, config.seeds.crf)
+        workers = config.seeds.workers if workers is None else workers
+        self.workers = workers or distributed.cores_per_process()
+        self.pool = multiprocessing.get_context("fork").Pool(
+            self.workers, _start_follower_worker, (job, niceness))
+        self.made = 0
+        self.failure: str | None = None
+
+    def submit(self, stem: str) -> None:
+        """Queue ``stem``'s seed (a no-op once one has failed, or if its file exists). Safe to
+        call from the map writer's threads."""
+        if self.failure is None and not output_file(self.out_dir, stem, ".png").is_file():
+            self.pool.apply_async(_seed_in_worker, (stem,), callback=self._made,
+                                  error_callback=self._failed)
+
+    def _made(self, stem: str) -> None:
+        self.made += 1  # on the pool's one result thread
+
+    def _failed(self, error: BaseException) -> None:
+        if self.failure is None:
+            self.failure = str(error).strip().splitlines()[-1] if str(error) else repr(error)
+
+    def __enter__(self) -> SeedFollower:
+        return self
+
+    def __exit__(self, kind: type[BaseException] | None, error: BaseException | None,
+                 trace: TracebackType | None) -> None:
+        if kind is None:
+            self.pool.close()
+            self.pool.join()
+        else:
+            self.pool.terminate()
+            self.pool.join()
 
 
 def seed_thresholds(config: Config, source: str) -> tuple[float, float]:
