@@ -40,6 +40,7 @@ from amnseg.layout import checkpoint_path, log_path
 from amnseg.ops.multiscale import grouped_forward
 from amnseg.pipeline import STAGE_NAMES, run_pipeline
 from amnseg.stages.common import MultiscaleInputs, start_inference
+from amnseg.stages.seeds import overlap_seeds
 from amnseg.training import resolve_device
 from benchmarks.common import write_section
 
@@ -226,8 +227,14 @@ def main() -> None:
             bare = bare_forward_seconds(config, stage)
             made = float(manifest["stages"][f"{stage}_maps"]["metrics"]["make_seconds"])
             lines.append(f"| {stage}_maps | {made:.1f} | {bare:.1f} | {made / bare:.2f} |")
+    beside = overlap_seeds(config)
+    if beside:
+        lines += ["", "Seeds were made beside the map stages (`seeds.overlap`): a map stage's "
+                  "seconds include its seeds up to the last one, the seed stage's only what "
+                  "was left and its evaluation; their sum is the pair's time."]
     mode = ", ".join(([f"amp {config.amp}"] if config.amp != "off" else [])
-                     + (["channels_last"] if config.channels_last else []))
+                     + (["channels_last"] if config.channels_last else [])
+                     + (["seeds beside maps"] if beside else []))
     write_section(f"Whole pipeline, {resolve_device(config.device).type}"
                   + (f", {mode}" if mode else ""), "\n".join(lines))
     if not args.keep:

@@ -6,12 +6,12 @@
 #
 #   bash benchmarks/run_gpu.sh OUT_DIR [STEP ...]     (default: every step)
 #
-# Steps: gpu_tests walk ddp cam_fp32 cam_bf16 seeds pipeline seg_fp32 seg_bf16 seg_tuned
-# seg_compile demo demo_bf16
+# Steps: gpu_tests walk ddp cam_fp32 cam_bf16 seeds pipeline pipeline_serial seg_fp32 seg_bf16
+# seg_tuned seg_compile demo demo_bf16
 set -u -o pipefail
 out=${1:-/tmp/amnseg-gpu}
 shift || true
-wanted=" ${*:-gpu_tests walk ddp cam_fp32 cam_bf16 seeds pipeline seg_fp32 seg_bf16 seg_tuned seg_compile demo demo_bf16} "
+wanted=" ${*:-gpu_tests walk ddp cam_fp32 cam_bf16 seeds pipeline pipeline_serial seg_fp32 seg_bf16 seg_tuned seg_compile demo demo_bf16} "
 mkdir -p "$out"
 export PYTHONUNBUFFERED=1
 
@@ -37,6 +37,7 @@ step cam_fp32 30 python3 -m benchmarks.bench_cam_inference --device cuda
 step cam_bf16 30 python3 -m benchmarks.bench_cam_inference --device cuda --amp --channels-last
 step seeds 60 python3 -m benchmarks.bench_seeds --images 160 --workers 16 8
 step pipeline 170 python3 -m benchmarks.bench_pipeline --images 160 --workers 16 --bare
+step pipeline_serial 170 python3 -m benchmarks.bench_pipeline --images 160 --workers 16 seeds.overlap=false
 step seg_fp32 50 python3 -m benchmarks.bench_seg --steps 10
 step seg_bf16 50 python3 -m benchmarks.bench_seg --steps 10 --amp --channels-last
 step seg_tuned 150 python3 -m benchmarks.bench_seg --steps 20 --amp --channels-last --cudnn-benchmark

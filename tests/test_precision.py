@@ -86,6 +86,16 @@ def test_bad_amp_value_is_a_one_line_error():
         load_config(None, ["channels_last=maybe"])
 
 
+def test_amp_off_as_written_in_yaml(tmp_path):
+    """YAML reads ``off`` as false: on the command line and in a file it still means off."""
+    assert load_config(None, ["amp=off"]).amp == "off"
+    config_file = tmp_path / "config.yaml"
+    config_file.write_text("amp: off\n")
+    assert load_config(config_file).amp == "off"
+    with pytest.raises(AmnsegError, match=r"amp='True': expected one of off, bf16"):
+        load_config(None, ["amp=on"])  # on is not a precision
+
+
 def test_wrapper_runs_forward_and_methods_in_bf16_with_float32_outputs():
     torch.manual_seed(0)
     model = Recorder()
