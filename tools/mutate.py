@@ -620,6 +620,7 @@ if _SELECT:
         items[:] = keep
 '''
 PLUGIN_NAME = "_mutate_plugin"
+PACKAGE = "amnseg"
 ALL = "*"
 
 
@@ -640,10 +641,38 @@ class Coverage:
 
 @dataclass(frozen=True)
 class Layout:
-    """Per file: the lines of the statement around each line, and memoized functions."""
+    """Per file: the lines of the statement around each line, memoized functions, and the
+    names that each module-level assignment binds (by line)."""
 
     statement: dict[int, tuple[int, int]]
     memoized: frozenset[int]
+    constants: dict[int, tuple[str, ...]] = field(default_factory=dict)
+
+
+def bound_names(node: ast.stmt) -> tuple[str, ...]:
+    """The plain names a module-level ``NAME = ...`` (or ``A, B = ...``) binds."""
+    targets = (node.targets if isinstance(node, ast.Assign)
+               else [node.target] if isinstance(node, ast.AnnAssign) else [])
+    names: list[str] = []
+    for target in targets:
+        elements = target.elts if isinstance(target, ast.Tuple) else [target]
+        names += [e.id for e in elements if isinstance(e, ast.Name)]
+    return tuple(name for name in names if not name.startswith("__"))
+
+
+def name_references(root: Path, folders: Sequence[str]) -> dict[str, set[tuple[str, int]]]:
+    """name -> the (file relative to ``root``, line) where a name or attribute of that name is
+    read, in every .py file under ``folders``."""
+    references: dict[str, set[tuple[str, int]]] = {}
+    for folder in folders:
+        for path in sorted((root / folder).rglob("*.py")):
+            rel = path.relative_to(root).as_posix()
+            for node in ast.walk(ast.parse(path.read_text(encoding="utf-8"))):
+                if isinstance(node, ast.Name) and isinstance(node.ctx, ast.Load):
+                    references.setdefault(node.id, set()).add((rel, node.lineno))
+                elif isinstance(node, ast.Attribute) and isinstance(node.ctx, ast.Load):
+                    references.setdefault(node.attr, set()).add((rel, node.lineno))
+    return references
 
 
 def file_layout(source: str) -> Layout:
@@ -673,18 +702,39 @@ def file_layout(source: str) -> Layout:
     for _, start, end in sorted(spans, reverse=True):  # innermost statements win
         for line in range(start, end + 1):
             statement[line] = (start, end)
-    return Layout(statement, frozenset(memoized))
+    constants = {}
+    for node in tree.body:
+        names = bound_names(node)
+        if names:
+            for line in range(node.lineno, (node.end_lineno or node.lineno) + 1):
+                constants[line] = names
+    return Layout(statement, frozenset(memoized), constants)
 
 
-def select_tests(mutant: Mutant, layout: Layout, coverage: Coverage) -> dict | str | None:
+def select_tests(mutant: Mutant, layout: Layout, coverage: Coverage,
+                 references: dict[str, set[tuple[str, int]]] | None = None
+                 ) -> dict | str | None:
     """The tests that can see ``mutant``: ``ALL``, None (no test executes its statement), or
-    a selection {"files": [...], "nodes": [...], "order": [...]} for the plugin."""
+    a selection {"files": [...], "nodes": [...], "order": [...]} for the plugin.
+
+    A module-level assignment runs at import, for every test; with ``references`` (see
+    :func:`name_references`, over the package and the tests) its mutants run only the tests
+    that execute a line reading one of the names it binds, and the test files that read them
+    (every test when such a line runs at import too, e.g. a constant made from another)."""
     if mutant.line in layout.memoized:
         return ALL
     start, end = layout.statement.get(mutant.line, (mutant.line, mutant.line))
     keys: set[str] = set()
     for line in range(start, end + 1):
         keys |= coverage.hits.get((mutant.file, line), set())
+    if ALL in keys and references is not None and mutant.line in layout.constants:
+        keys = set()
+        for name in layout.constants[mutant.line]:
+            for file, line in references.get(name, ()):
+                if file.startswith("tests/"):
+                    keys.add("file:" + file)
+                elif not (start <= line <= end and file == mutant.file):
+                    keys |= coverage.hits.get((file, line), set())
     if not keys:
         return None
     if ALL in keys:
@@ -792,8 +842,9 @@ class Runner:
     def coverage(self, targets: Sequence[str]) -> tuple[Coverage, float]:
         """Run the whole suite once under the tracing plugin."""
         trace = self.copy.parent / "trace.json"
+        # The whole package: module-level constants of the targets are read elsewhere too.
         roots = [str(self.copy / t) + (os.sep if (self.copy / t).is_dir() else "")
-                 for t in targets]
+                 for t in (PACKAGE, *targets)]
         env = {"MUTATE_TRACE": str(trace), "MUTATE_TRACE_ROOTS": json.dumps(roots)}
         # Tracing slows the suite down: give it more time than one mutant.
         code, seconds, tail = self.run(extra_env=env, timeout=max(self.timeout, 60.0) * 10)
@@ -844,12 +895,15 @@ def run_mutants(mutants: Sequence[Mutant], copy: Path, runner: Runner,
     results: list[Result] = []
     sources: dict[str, str] = {}
     layouts: dict[str, Layout] = {}
+    references: dict[str, set[tuple[str, int]]] | None = None
     started = time.monotonic()
     ran = 0
     for index, mutant in enumerate(mutants, 1):
         path = copy / mutant.file
         source = sources.setdefault(mutant.file, path.read_text(encoding="utf-8"))
         layout = layouts.setdefault(mutant.file, file_layout(source))
+        if references is None:
+            references = name_references(copy, (PACKAGE, "tests"))
         original_line = source.splitlines()[mutant.line - 1]
         mutated_source = mutant.apply(source)
         mutated_line = mutated_source.splitlines()[mutant.line - 1]
@@ -858,7 +912,8 @@ def run_mutants(mutants: Sequence[Mutant], copy: Path, runner: Runner,
                 original_line, mutated_line):
             results.append(previous)
             continue
-        selection = select_tests(mutant, layout, coverage) if coverage is not None else ALL
+        selection = (select_tests(mutant, layout, coverage, references) if coverage is not None
+                     else ALL)
         fields = (mutant.id, mutant.file, mutant.line, mutant.operator, mutant.original,
                   mutant.mutated, original_line, mutated_line)
         if selection is None:
