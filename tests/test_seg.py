@@ -157,6 +157,9 @@ def test_train_transform_scales_pads_crops_flips_and_subtracts_the_mean():
                      if np.array_equal(label_crop[:20 - t, :24], labels[t:, c:c + 24]))
     window = torch.from_numpy(normalize(image))[:, top:top + 24, left:left + 24]
     torch.testing.assert_close(crop[:, :window.shape[1]], window, rtol=1e-5, atol=1e-5)
+    assert window.shape[1] < 24  # the rows below the image are padding
+    torch.testing.assert_close(crop[:, window.shape[1]:],
+                               torch.zeros(3, 24 - window.shape[1], 24), rtol=0, atol=1e-6)
 
 
 def test_msc_loss_is_the_sum_of_per_scale_cross_entropies():
