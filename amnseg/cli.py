@@ -339,7 +339,9 @@ def _class_names(spec: str) -> list[str]:
     path = Path(spec)
     if not path.is_file():
         raise AmnsegError(f"--classes {spec}: expected voc, coco or a classes.txt path")
-    return [line.strip() for line in path.read_text().splitlines() if line.strip()]
+    from amnseg.data.folder import read_class_names
+
+    return read_class_names(path)  # the rules of a dataset's classes.txt
 
 
 def manifest_table(manifest: dict) -> Table:
@@ -361,7 +363,7 @@ def summary_table(run_dir: Path) -> Table:
     from amnseg.io import load_json
 
     eval_dir = run_dir / "eval"
-    sweeps = {name: load_json(eval_dir / f"{stem}_sweep.json")
+    sweeps = {name: load_json(eval_dir / f"{stem}_sweep.json", dict)
               for name, stem in (("CAM", "cam"), ("AMN", "amn"))
               if (eval_dir / f"{stem}_sweep.json").is_file()}
     table = sweep_table(sweeps) if sweeps else Table()
@@ -369,8 +371,8 @@ def summary_table(run_dir: Path) -> Table:
                        ("pseudo masks", "pseudo_masks")):
         path = eval_dir / f"{stem}.json"
         if path.is_file():
-            table.add_row(name, "", f"{100 * load_json(path)['miou']:.1f}", "", "", "", "")
-    segmentation = {stem: load_json(eval_dir / f"{stem}.json") for stem in ("seg", "seg_gt")
+            table.add_row(name, "", f"{100 * load_json(path, dict)['miou']:.1f}", "", "", "", "")
+    segmentation = {stem: load_json(eval_dir / f"{stem}.json", dict) for stem in ("seg", "seg_gt")
                     if (eval_dir / f"{stem}.json").is_file()}
     for stem, name in (("seg", "seg net on pseudo masks, val"), ("seg_gt", "seg net on GT, val")):
         if stem in segmentation:
@@ -395,6 +397,9 @@ def map_kind(folder: Path, given: str | None) -> str:
 
 
 def _threshold(config: Config, kind: str, given: float | None) -> float:
+    if given is not None and not 0 <= given <= 1:
+        raise AmnsegError(f"--threshold {given:g}: must lie in [0, 1] (maps are normalised to "
+                          "their maximum)")
     return getattr(config, kind).eval_threshold if given is None else given
 
 

@@ -324,16 +324,16 @@ def _choice(value: Any, key: str, choices: tuple[Any, ...]) -> None:
 
 
 def _is_device(spec: Any) -> bool:
-    """Whether ``spec`` names a device: ``auto`` or what ``torch.device`` takes."""
+    """Whether ``spec`` names a device amnseg runs on: auto, cpu, cuda or cuda:N."""
     import torch  # here: reading a config needs no torch otherwise
 
     if spec == "auto":
         return True
     try:
-        torch.device(str(spec))
+        device = torch.device(str(spec))
     except RuntimeError:
         return False
-    return True
+    return device.type in ("cpu", "cuda")
 
 
 def validate(config: Config) -> Config:
@@ -341,7 +341,9 @@ def validate(config: Config) -> Config:
     _require(bool(str(config.run_dir).strip()), "run_dir", config.run_dir, "must not be empty")
     _choice(config.amp, "amp", ("off", "bf16"))
     _require(_is_device(config.device), "device", config.device,
-             "must be auto, cpu, cuda, cuda:N or another device PyTorch knows")
+             "must be auto, cpu, cuda or cuda:N")
+    _require(isinstance(config.seed, int) and 0 <= config.seed < 2**32, "seed", config.seed,
+             "must be an integer in 0 .. 2^32 - 1")
     _require(isinstance(config.map_batch_images, int) and config.map_batch_images >= 1,
              "map_batch_images", config.map_batch_images, "must be an integer >= 1")
     for key in ("compress_maps", "sync_batchnorm", "channels_last"):

@@ -37,6 +37,8 @@ def atomic_path(path: str | Path) -> Iterator[Path]:
     ``tempfile.mkstemp``'s 0600), so the final file gets the usual permissions.
     """
     path = Path(path)
+    if path.is_dir():
+        raise AmnsegError(f"{path}: is a folder; expected the path of a file to write")
     path.parent.mkdir(parents=True, exist_ok=True)
     tmp = path.parent / f".{path.name}.{uuid.uuid4().hex[:12]}{TEMP_SUFFIX}"
     os.close(os.open(tmp, os.O_CREAT | os.O_EXCL | os.O_WRONLY, 0o666))
@@ -117,8 +119,26 @@ def append_jsonl(path: str | Path, obj: Any) -> None:
         f.write(json.dumps(obj, default=_json_default) + "\n")
 
 
-def load_json(path: str | Path) -> Any:
-    return json.loads(Path(path).read_text())
+def load_json(path: str | Path, kind: type | None = None) -> Any:
+    """A JSON file's value (of type ``kind`` when given); a file cut short, hand-edited into
+    something else or not UTF-8 is a one-line AmnsegError naming it."""
+    path = Path(path)
+    try:
+        value = json.loads(path.read_text(encoding="utf-8"))
+    except json.JSONDecodeError as exc:
+        raise AmnsegError(f"{path}: not valid JSON ({exc.msg}, line {exc.lineno}); the file "
+                          "is damaged: restore it or delete it (amnseg remakes what it can)"
+                          ) from None
+    except UnicodeDecodeError:
+        raise AmnsegError(f"{path}: not UTF-8 text; the file is damaged: restore it or delete "
+                          "it (amnseg remakes what it can)") from None
+    except OSError as exc:
+        raise AmnsegError(f"{path}: unreadable ({exc.strerror or exc})") from None
+    if kind is not None and not isinstance(value, kind):
+        raise AmnsegError(f"{path}: expected a JSON {'object' if kind is dict else kind.__name__}"
+                          f", found {type(value).__name__}; the file is damaged: restore it "
+                          "or delete it")
+    return value
 
 
 def _json_default(obj: Any) -> Any:

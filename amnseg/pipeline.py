@@ -351,7 +351,11 @@ STAGE_NAMES = tuple(stage.name for stage in STAGES)
 
 def load_manifest(run_dir: Path) -> dict[str, Any]:
     path = run_dir / MANIFEST
-    return load_json(path) if path.is_file() else {"stages": {}}
+    manifest = load_json(path, dict) if path.is_file() else {"stages": {}}
+    if not isinstance(manifest.get("stages", {}), dict):
+        raise AmnsegError(f"{path}: \"stages\" is not a JSON object; the file is damaged: "
+                          "restore it or delete it (every stage then runs again)")
+    return manifest
 
 
 LOCK = ".amnseg.lock"
@@ -421,6 +425,9 @@ def run_pipeline(
             raise AmnsegError(f"unknown stage {name!r}; stages: {', '.join(STAGE_NAMES)}")
     first = STAGE_NAMES.index(start) if start else 0
     last = STAGE_NAMES.index(stop) if stop else len(STAGES) - 1
+    if first > last:
+        raise AmnsegError(f"--from {start} comes after --to {stop}: nothing to run (the stages "
+                          f"in order: {', '.join(STAGE_NAMES)})")
     run_dir = Path(config.run_dir)
     main = distributed.is_main()
     if not main:
@@ -520,6 +527,11 @@ def _run_stages(
     manifest = load_manifest(run_dir)
     records = manifest.setdefault("stages", {})
     signatures = distributed.run_on_main(data_signatures, config)
+    if signatures.get("val") == "absent" and any(
+            "val" in stage.data and stage.enabled(config) for stage in STAGES[first:last + 1]):
+        # A stage of this call reads the val split: say what is wrong with it now, not after
+        # the stages before it have run.
+        build_dataset(config.data, config.data.val_split)
     if main:
         save_json(run_dir / "config.json", config_to_dict(config))
         manifest["data"] = signatures

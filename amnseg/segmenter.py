@@ -10,16 +10,17 @@
 
 from __future__ import annotations
 
+import math
 from collections.abc import Iterable
 from pathlib import Path
 
 import numpy as np
 import torch
-from PIL import Image, UnidentifiedImageError
+from PIL import Image
 
 from amnseg.checkpoints import build_model, load_model_checkpoint
 from amnseg.config import CrfConfig, deeplab_crf
-from amnseg.data.base import rgb_array
+from amnseg.data.base import read_rgb, read_size, rgb_array
 from amnseg.data.folder import IMAGE_SUFFIXES
 from amnseg.data.voc import voc_palette
 from amnseg.errors import AmnsegError
@@ -82,14 +83,26 @@ class Segmenter:
         checkpoint = load_model_checkpoint(path, "seg", raw["class_names"])
         return cls(build_model(checkpoint), checkpoint["class_names"], device, flip, crf)
 
+    def check_size(self, height: int, width: int, what: str = "image") -> None:
+        """A one-line error naming ``what`` when an image of this size is too small for the
+        network's smallest input scale (which would shrink a side to no pixel)."""
+        smallest = min((1.0, *self.model.scales))
+        if int(min(height, width) * smallest) < 1:
+            raise AmnsegError(
+                f"{what}: {width}x{height} pixels is too small to segment (at least "
+                f"{math.ceil(1 / smallest)} pixels a side, for the input scale {smallest:g})")
+
     def probabilities(self, image: Image.Image | np.ndarray) -> np.ndarray:
         """(C + 1, H, W) float32 class probabilities (before any CRF)."""
         rgb = as_rgb(image)
+        self.check_size(*rgb.shape[:2])
         return predict_probabilities(self.model, rgb, self.device, self.flip).cpu().numpy()
 
     def __call__(self, image: Image.Image | np.ndarray) -> np.ndarray:
         """(H, W) uint8 class indices: 0 background, i = ``class_names[i - 1]``."""
-        return predict_labels(self.model, as_rgb(image), self.device, self.flip, self.crf)
+        rgb = as_rgb(image)
+        self.check_size(*rgb.shape[:2])
+        return predict_labels(self.model, rgb, self.device, self.flip, self.crf)
 
 
 def image_files(inputs: Iterable[str | Path]) -> list[Path]:
@@ -129,22 +142,26 @@ def predict_files(segmenter: Segmenter, inputs: Iterable[str | Path], out_dir: P
     Default: ``<out>/<stem>.png`` palette PNGs (pixel value = class index, VOC colours).
     ``voc_submission``: ``<out>/results/VOC2012/Segmentation/comp6_test_cls/<stem>.png`` raw
     class indices, the layout the VOC evaluation server takes (tar the ``results`` folder).
-    ``with_overlay``: also ``<out>/overlay/<stem>.png`` blends.
+    ``with_overlay``: also ``<out>/overlay/<stem>.png`` blends. Every input's header is read
+    first, and no output may replace an input: a bad input stops the run before it writes.
     """
+    files = image_files(inputs)
+    masks_dir = out_dir / VOC_SUBMISSION_DIR if voc_submission else out_dir
+    inputs_resolved = {path.resolve() for path in files}
+    for path in files:
+        segmenter.check_size(*read_size(path), str(path))
+        for target in (output_file(masks_dir, path.stem, ".png"),
+                       *([output_file(out_dir / "overlay", path.stem, ".png")]
+                         if with_overlay else [])):
+            if target.resolve() in inputs_resolved:
+                raise AmnsegError(f"{target}: the output would replace this input image; "
+                                  "choose an output folder that holds no input image")
     written = []
-    for path in progress_bar(image_files(inputs), desc="predict", unit="img"):
-        try:
-            with Image.open(path) as opened:
-                image = rgb_array(opened, str(path))
-        except (UnidentifiedImageError, OSError, SyntaxError, ValueError) as exc:
-            raise AmnsegError(f"{path}: unreadable image ({exc.__class__.__name__})") from None
+    for path in progress_bar(files, desc="predict", unit="img"):
+        image = read_rgb(path)
         labels = segmenter(image)
-        if voc_submission:
-            target = output_file(out_dir / VOC_SUBMISSION_DIR, path.stem, ".png")
-            save_label_png(target, labels)
-        else:
-            target = output_file(out_dir, path.stem, ".png")
-            save_label_png(target, labels, voc_palette())
+        target = output_file(masks_dir, path.stem, ".png")
+        save_label_png(target, labels, None if voc_submission else voc_palette())
         if with_overlay:
             with atomic_path(output_file(out_dir / "overlay", path.stem, ".png")) as tmp:
                 Image.fromarray(overlay(image, labels)).save(tmp, format="PNG")

@@ -5,6 +5,7 @@ from __future__ import annotations
 
 import json
 import random
+import sys
 import time
 from collections.abc import Callable
 from dataclasses import dataclass
@@ -30,7 +31,12 @@ def resolve_device(spec: str) -> torch.device:
     ``cuda`` mean this process's GPU (``LOCAL_RANK``)."""
     if spec == "auto":
         spec = "cuda" if torch.cuda.is_available() else "cpu"
-    device = torch.device(spec)
+    try:
+        device = torch.device(spec)
+    except RuntimeError:
+        device = None
+    if device is None or device.type not in ("cpu", "cuda"):
+        raise AmnsegError(f"device={spec}: expected auto, cpu, cuda or cuda:N")
     if device.type == "cuda" and not torch.cuda.is_available():
         raise AmnsegError(f"device={spec}: CUDA is not available on this machine")
     if device.type == "cuda" and device.index is None and distributed.launched_by_torchrun():
@@ -178,14 +184,22 @@ def log_metrics(path: Path, record: dict[str, Any]) -> None:
     append_jsonl(path, record)
 
 
+def _log_epoch(path: Path, line: str) -> int:
+    """The epoch of a log record; a damaged line counts as after every epoch (dropped)."""
+    try:
+        record = json.loads(line)
+    except json.JSONDecodeError:
+        return sys.maxsize
+    return record.get("epoch", 0) if isinstance(record, dict) else sys.maxsize
+
+
 def keep_log_lines(path: Path, epochs_done: int) -> None:
     """Drop log records of epochs after ``epochs_done`` (a run killed after logging an epoch but
     before saving its state repeats it; its line must not appear twice)."""
     if not path.is_file():
         return
-    lines = path.read_text().splitlines()
-    kept = [line for line in lines if line.strip()
-            and json.loads(line).get("epoch", 0) <= epochs_done]
+    lines = path.read_text(encoding="utf-8", errors="replace").splitlines()
+    kept = [line for line in lines if line.strip() and _log_epoch(path, line) <= epochs_done]
     if len(kept) != len(lines):
         with atomic_path(path) as tmp:
             tmp.write_text("".join(f"{line}\n" for line in kept))

@@ -12,8 +12,10 @@ import errno
 import json
 import os
 import pickle
+import struct
 import subprocess
 import sys
+import zlib
 from pathlib import Path
 
 import numpy as np
@@ -251,8 +253,10 @@ def test_mask_of_another_size_and_rgb_mask(data, tmp_path, capsys):
     ("cam.epochz=3", "cam.epochz: unknown option (did you mean cam.epochs?)"),
     ("cam.flip=maybe", "cam.flip: Value 'maybe' is not a valid bool"),
     ("runn_dir=x", "runn_dir: unknown option (did you mean run_dir?)"),
-    ("device=tpu", "device='tpu': must be auto, cpu, cuda, cuda:N or another device"),
-    ("device=cuda:x", "device='cuda:x': must be auto, cpu, cuda, cuda:N or another device"),
+    ("device=tpu", "device='tpu': must be auto, cpu, cuda or cuda:N"),
+    ("device=cuda:x", "device='cuda:x': must be auto, cpu, cuda or cuda:N"),
+    ("device=mps", "device='mps': must be auto, cpu, cuda or cuda:N"),
+    ("seed=-1", "seed=-1: must be an integer in 0 .. 2^32 - 1"),
 ])
 def test_bad_config_values_are_refused_at_load_time(tmp_path, capsys, override, words):
     run = tmp_path / "run"
@@ -513,3 +517,122 @@ def test_broken_score_map_files_are_named_without_pickle_advice(tmp_path):
 def test_command_line_usage_errors_are_one_line(capsys, args, words):
     line = one_error_line(capsys, *args)
     assert words in line and "--help` lists them" in line
+
+
+# --- found by a bad-input audit of the command line ---------------------------------------------
+
+
+def png_with_declared_size(source: Path, target: Path, width: int, height: int) -> None:
+    """``source``'s PNG with its header saying ``width`` x ``height`` (the CRC recomputed)."""
+    data = bytearray(source.read_bytes())
+    header = data[12:29]  # b"IHDR" + 13 bytes
+    header[4:12] = struct.pack(">II", width, height)
+    data[12:29] = header
+    data[29:33] = struct.pack(">I", zlib.crc32(bytes(header)))
+    target.write_bytes(bytes(data))
+
+
+@pytest.mark.parametrize("folder", ["images", "masks"])
+def test_decompression_bomb_header_is_one_line(data, tmp_path, capsys, folder):
+    path = data / folder / "img 03.png"
+    png_with_declared_size(path, path, 60000, 60000)
+    line = one_error_line(capsys, "run", "demo", *folder_args(data, tmp_path / "run"))
+    assert f"{folder}/img 03.png: unreadable" in line and "DecompressionBombError" in line
+
+
+def test_image_just_under_pil_limit_gives_only_our_line(data, tmp_path, capsys):
+    path = data / "images" / "img 03.png"
+    png_with_declared_size(path, path, 10000, 10000)  # 100 MP: PIL warns, amnseg refuses
+    line = one_error_line(capsys, "run", "demo", *folder_args(data, tmp_path / "run"))
+    assert "img 03.png: image is 10000x10000" in line and "data.max_pixels" in line
+
+
+def test_predict_never_overwrites_its_inputs_and_checks_them_first(tmp_path, capsys):
+    from test_seg import save_tiny_seg_checkpoint
+
+    checkpoint = save_tiny_seg_checkpoint(tmp_path / "seg.pt")
+    images = tmp_path / "images"
+    images.mkdir()
+    rng = np.random.default_rng(0)
+    for name in ("a", "b"):
+        Image.fromarray(rng.integers(0, 256, (20, 24, 3), dtype=np.uint8)).save(
+            images / f"{name}.png")
+    before = {p.name: p.read_bytes() for p in images.iterdir()}
+    line = one_error_line(capsys, "predict", checkpoint, images, "--out", images,
+                          "--device", "cpu")
+    assert "a.png: the output would replace this input image" in line
+    assert {p.name: p.read_bytes() for p in images.iterdir()} == before
+    # An image too small for the network's smallest scale (0.5), after a good one: nothing
+    # is written.
+    Image.new("RGB", (1, 1)).save(images / "c.png")
+    line = one_error_line(capsys, "predict", checkpoint, images, "--out", tmp_path / "out",
+                          "--device", "cpu")
+    assert "c.png: 1x1 pixels is too small to segment (at least 2 pixels a side" in line
+    assert not (tmp_path / "out").exists()
+    line = one_error_line(capsys, "predict", checkpoint, images / "a.png", "--out",
+                          tmp_path / "out", "--device", "mps")
+    assert "device=mps: expected auto, cpu, cuda or cuda:N" in line
+
+
+@pytest.mark.parametrize("content", [b'{"stages": ', b"\x00\xff", b"[]", b'{"stages": []}'])
+def test_damaged_manifest_is_one_line(data, tmp_path, capsys, content):
+    run = tmp_path / "run"
+    run.mkdir()
+    (run / "manifest.json").write_bytes(content)
+    line = one_error_line(capsys, "run", "demo", *folder_args(data, run), "--to", "cam")
+    assert "manifest.json: " in line and ("restore it or delete it" in line)
+    line = one_error_line(capsys, "status", run)
+    assert "manifest.json: " in line
+
+
+def test_log_line_cut_short_by_a_kill_is_dropped_on_resume(tmp_path):
+    from amnseg.training import keep_log_lines
+
+    log = tmp_path / "log.jsonl"
+    log.write_text('{"epoch": 1, "loss": 0.5}\n{"epoch": 2, "loss": 0.4}\n{"epoch": 3, "lo')
+    keep_log_lines(log, epochs_done=2)
+    assert log.read_text() == '{"epoch": 1, "loss": 0.5}\n{"epoch": 2, "loss": 0.4}\n'
+
+
+def test_reversed_stage_range_and_bad_threshold(data, tmp_path, capsys):
+    line = one_error_line(capsys, "run", "demo", *folder_args(data, tmp_path / "run"),
+                          "--from", "masks", "--to", "cam")
+    assert "--from masks comes after --to cam" in line
+    line = one_error_line(capsys, "eval", "demo", *folder_args(data, tmp_path / "run"),
+                          "--maps", tmp_path, "--kind", "cam", "--threshold", "1.5")
+    assert "--threshold 1.5: must lie in [0, 1]" in line
+
+
+def test_bad_val_split_is_named_before_any_stage(data, tmp_path, capsys):
+    run = tmp_path / "run"
+    line = one_error_line(capsys, "run", "demo", *folder_args(data, run),
+                          "data.val_split=test")
+    assert "splits/test.txt: split list not found" in line
+    assert not (run / "cam").exists()
+    (data / "splits" / "val.txt").write_text("\n")
+    line = one_error_line(capsys, "run", "demo", *folder_args(data, run))
+    assert "splits/val.txt: the split lists no image" in line
+    assert not (run / "cam").exists()
+
+
+def test_class_list_for_import_follows_the_dataset_rules(tmp_path, capsys):
+    duplicated, not_utf8 = tmp_path / "dup.txt", tmp_path / "bad.txt"
+    duplicated.write_text("square\nsquare\n")
+    not_utf8.write_bytes(b"a\xff\nb\n")
+    source = tmp_path / "missing.pth"
+    source.write_bytes(b"")
+    line = one_error_line(capsys, "import-checkpoint", "cam", source, tmp_path / "o.pt",
+                          "--classes", duplicated)
+    assert "dup.txt:2: class 'square' is listed twice" in line
+    line = one_error_line(capsys, "import-checkpoint", "cam", source, tmp_path / "o.pt",
+                          "--classes", not_utf8)
+    assert "bad.txt" in line and "UTF-8" in line
+
+
+def test_writing_onto_a_folder_names_the_folder(tmp_path):
+    from amnseg.io import save_json
+
+    (tmp_path / "taken").mkdir()
+    with pytest.raises(AmnsegError, match=r"taken: is a folder; expected the path of a file"):
+        save_json(tmp_path / "taken", {})
+    assert [p.name for p in tmp_path.iterdir()] == ["taken"]

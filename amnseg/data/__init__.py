@@ -2,7 +2,6 @@
 
 from __future__ import annotations
 
-import json
 from pathlib import Path
 from typing import TYPE_CHECKING, Any
 
@@ -10,6 +9,7 @@ import numpy as np
 
 from amnseg.data.base import SegDataset
 from amnseg.errors import AmnsegError
+from amnseg.io import load_json
 from amnseg.layout import skipped_images_path
 
 if TYPE_CHECKING:
@@ -107,7 +107,7 @@ def skipped_images(config: Any) -> dict[str, str]:
     path = skipped_images_path(config)
     if not path.is_file():
         return {}
-    return json.loads(path.read_text())
+    return load_json(path, dict)
 
 
 def run_dataset(config: Any, split: str) -> SegDataset:

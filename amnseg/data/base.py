@@ -8,6 +8,7 @@ optionally a ground-truth mask (uint8: 0 background, 1..C classes, 255 ignored).
 from __future__ import annotations
 
 import copy
+import warnings
 from abc import ABC, abstractmethod
 from collections.abc import Collection, Iterator
 from contextlib import contextmanager
@@ -145,16 +146,28 @@ def opened_image(path: Path) -> Iterator[Image.Image]:
     if not path.is_file():
         raise AmnsegError(f"{path}: image listed in the dataset but not found")
     try:
-        with Image.open(path) as image:
+        with _open(path) as image:
             yield image
     except UnidentifiedImageError:
         raise AmnsegError(f"{path}: unreadable image (not an image format PIL can read)"
                           ) from None
-    except (OSError, SyntaxError, ValueError) as exc:
-        reason = str(exc).strip().splitlines()[0] if str(exc).strip() else ""
-        raise AmnsegError(
-            f"{path}: unreadable image ({exc.__class__.__name__}{': ' + reason if reason else ''})"
-        ) from None
+    except (OSError, SyntaxError, ValueError, Image.DecompressionBombError) as exc:
+        raise AmnsegError(f"{path}: unreadable image ({_reason(exc)})") from None
+
+
+def _open(path: Path) -> Image.Image:
+    """``Image.open`` without PIL's warning about images of 89-179 megapixels: the run checks
+    sizes itself (``data.max_pixels``), with one line naming the file; PIL still refuses
+    larger ones (DecompressionBombError), which the callers report the same way."""
+    with warnings.catch_warnings():
+        warnings.simplefilter("ignore", Image.DecompressionBombWarning)
+        return Image.open(path)
+
+
+def _reason(exc: BaseException) -> str:
+    """An exception as ``Name: first line of its message`` (or its name alone)."""
+    reason = str(exc).strip().splitlines()[0] if str(exc).strip() else ""
+    return f"{exc.__class__.__name__}{': ' + reason if reason else ''}"
 
 
 def read_rgb(path: Path) -> np.ndarray:
@@ -175,14 +188,15 @@ def read_index_png(path: Path) -> np.ndarray:
     if not path.is_file():
         raise AmnsegError(f"{path}: mask not found")
     try:
-        with Image.open(path) as image:
+        with _open(path) as image:
             if image.mode not in ("P", "L", *WIDE_INTEGER_MODES):
                 raise AmnsegError(
                     f"{path}: mask must be an index PNG (mode P or L), found mode {image.mode}"
                 )
             values = np.asarray(image)
-    except (UnidentifiedImageError, OSError, SyntaxError, ValueError) as exc:
-        raise AmnsegError(f"{path}: unreadable mask ({exc.__class__.__name__})") from None
+    except (UnidentifiedImageError, OSError, SyntaxError, ValueError,
+            Image.DecompressionBombError) as exc:
+        raise AmnsegError(f"{path}: unreadable mask ({_reason(exc)})") from None
     if values.dtype != np.uint8 and (values.min(initial=0) < 0 or values.max(initial=0) > 255):
         raise AmnsegError(
             f"{path}: mask value {int(values.max())} does not fit a class index (0..255)"
@@ -235,5 +249,8 @@ def read_split_file(path: Path) -> list[str]:
         lines = path.read_text().splitlines()
     except (UnicodeDecodeError, OSError) as exc:
         raise AmnsegError(f"{path}: unreadable split list ({exc.__class__.__name__})") from None
-    return [check_stem(line.split()[0], f"{path}:{number}")
-            for number, line in enumerate(lines, start=1) if line.strip()]
+    stems = [check_stem(line.split()[0], f"{path}:{number}")
+             for number, line in enumerate(lines, start=1) if line.strip()]
+    if not stems:
+        raise AmnsegError(f"{path}: the split lists no image")
+    return stems

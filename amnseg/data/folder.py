@@ -34,7 +34,7 @@ class FolderDataset(SegDataset):
         self.root = require_dir(Path(root), "dataset")
         self.split = split
         self.image_dir = require_dir(self.root / "images", "images")
-        self.class_names = _read_classes(self.root / "classes.txt")
+        self.class_names = read_class_names(self.root / "classes.txt")
         labels_file = self.root / "labels.csv"
         self._labels, rows = _read_labels(labels_file, self.class_names)
         self._images = _index_images(self.image_dir)
@@ -71,6 +71,8 @@ class FolderDataset(SegDataset):
                 raise AmnsegError(f"{path}:{line_number}: image '{stem}' is listed twice")
             seen.add(stem)
             stems.append(stem)
+        if not stems:
+            raise AmnsegError(f"{path}: the split lists no image")
         return stems
 
     def image_path(self, stem: str) -> Path:
@@ -105,7 +107,7 @@ def _read_text(path: Path) -> str:
         raise AmnsegError(f"{path}: not UTF-8 text (byte {exc.start})") from None
 
 
-def _read_classes(path: Path) -> list[str]:
+def read_class_names(path: Path) -> list[str]:
     """Foreground class names in order (class index = position + 1)."""
     if not path.is_file():
         raise AmnsegError(f"{path}: class list not found (one class name per line)")

@@ -71,7 +71,7 @@ def _load_results(eval_dir: Path) -> dict[str, dict[str, Any]]:
     for stem, _ in EVAL_FILES:
         path = eval_dir / f"{stem}.json"
         if path.is_file():
-            results[stem] = load_json(path)
+            results[stem] = load_json(path, dict)
     return results
 
 
@@ -132,7 +132,7 @@ def _segmentation_table(eval_dir: Path) -> str:
         path = eval_dir / f"{stem}.json"
         if not path.is_file():
             continue
-        r = found[stem] = load_json(path)
+        r = found[stem] = load_json(path, dict)
         crf = r["crf"]["miou"] if r.get("crf") else None
         rows.append(
             f"<tr><th>{html.escape(title)}</th><td>{html.escape(str(r.get('init')))}</td>"
@@ -246,7 +246,7 @@ def build_report(run_dir: Path, gallery_count: int = 4) -> Path:
     config_path = run_dir / "config.json"
     if not config_path.is_file():
         raise AmnsegError(f"{run_dir}: no config.json (not an amnseg run folder)")
-    config_dict = load_json(config_path)
+    config_dict = load_json(config_path, dict)
     config = config_from_dict(config_dict)
     config.run_dir = str(run_dir)  # the folder may have moved since the run
     dataset = run_dataset(config, config.data.infer_split)
@@ -269,7 +269,7 @@ def build_report(run_dir: Path, gallery_count: int = 4) -> Path:
     manifest_path = run_dir / "manifest.json"
     timings = ""
     if manifest_path.is_file():
-        stages = load_json(manifest_path).get("stages", {})
+        stages = load_json(manifest_path, dict).get("stages", {})
         timings = "<table><tr><th>stage</th><th>status</th><th>seconds</th></tr>" + "".join(
             f"<tr><th>{html.escape(n)}</th><td>{r.get('status')}</td>"
             f"<td>{r.get('seconds', 0):.1f}</td></tr>" for n, r in stages.items()) + "</table>"

@@ -46,6 +46,8 @@ def generate_demo(
     any other non-empty folder is left alone and an ``AmnsegError`` is raised.
     """
     root = Path(root)
+    if not 0 <= int(seed) < 2**32:
+        raise AmnsegError(f"demo seed {seed}: must be an integer in 0 .. 2^32 - 1")
     params = DemoParams(
         seed=int(seed),
         num_train=int(num_train),
