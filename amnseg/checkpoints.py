@@ -12,6 +12,7 @@ import dataclasses
 from pathlib import Path
 from typing import Any
 
+import torch
 from torch import nn
 
 from amnseg import distributed
@@ -70,6 +71,7 @@ def load_model_checkpoint(path: Path, stage: str, class_names: list[str]) -> dic
         found = checkpoint.get("stage", "unknown") if checkpoint.get("format") == "amnseg" else None
         what = f"an amnseg {found} checkpoint" if found else "not an amnseg checkpoint"
         raise AmnsegError(f"{path}: expected an amnseg {stage} checkpoint, found {what}")
+    check_amnseg_fields(checkpoint, path)
     saved = list(checkpoint["class_names"])
     if len(saved) != len(class_names):
         raise AmnsegError(
@@ -82,6 +84,43 @@ def load_model_checkpoint(path: Path, stage: str, class_names: list[str]) -> dic
             f"{class_names[index]!r} (a checkpoint is only valid for its own class list)"
         )
     return checkpoint
+
+
+def check_amnseg_fields(checkpoint: dict[str, Any], path: Path | str) -> None:
+    """The fields of an amnseg checkpoint have their types (a hand-edited file or one from
+    elsewhere gets one line naming it, not a traceback from building the network)."""
+    names = checkpoint.get("class_names")
+    problem = None
+    if not isinstance(names, list) or not names or not all(isinstance(n, str) for n in names):
+        problem = "class_names is not a list of class names"
+    elif not isinstance(checkpoint.get("backbone"), dict):
+        problem = "backbone is not a record of the backbone's options"
+    elif not isinstance(checkpoint.get("model"), dict) or not all(
+            isinstance(v, torch.Tensor) for v in checkpoint["model"].values()):
+        problem = "model is not a state dict of tensors"
+    if problem:
+        raise AmnsegError(f"{path}: damaged amnseg checkpoint ({problem})")
+
+
+def weights_mismatch(model: nn.Module, state: dict[str, Any]) -> str | None:
+    """What keeps ``state`` from loading into ``model`` (missing, unknown or other-shaped
+    weights), or None when it fits exactly."""
+    expected = model.state_dict()
+    missing = [key for key in expected if key not in state]
+    unknown = [key for key in state if key not in expected]
+    shaped = [key for key in expected if key in state
+              and tuple(getattr(state[key], "shape", ())) != tuple(expected[key].shape)]
+    parts = []
+    if missing:
+        parts.append(f"{len(missing)} weights missing, first {missing[0]}")
+    if unknown:
+        parts.append(f"{len(unknown)} unknown weights, first {unknown[0]}")
+    if shaped:
+        key = shaped[0]
+        parts.append(f"{len(shaped)} weights of another shape, first {key} "
+                     f"{tuple(getattr(state[key], 'shape', ()))} for "
+                     f"{tuple(expected[key].shape)}")
+    return "; ".join(parts) or None
 
 
 def backbone_from_checkpoint(checkpoint: dict[str, Any]) -> ResNet:
@@ -111,22 +150,29 @@ def new_model(stage: str, backbone: ResNet, num_classes: int, **options: Any) ->
     )
 
 
-def build_model(checkpoint: dict[str, Any]) -> nn.Module:
-    """The model of an amnseg checkpoint, with its weights loaded."""
+def build_model(checkpoint: dict[str, Any], source: Path | str = "checkpoint") -> nn.Module:
+    """The model of an amnseg checkpoint (read from ``source``), with its weights loaded."""
     options = {"msc_scales": checkpoint["msc_scales"]} if "msc_scales" in checkpoint else {}
     if "input" in checkpoint:
         options["input_kind"] = checkpoint["input"]
-    model = new_model(
-        checkpoint["stage"], backbone_from_checkpoint(checkpoint), len(checkpoint["class_names"]),
-        **options,
-    )
+    try:
+        model = new_model(checkpoint["stage"], backbone_from_checkpoint(checkpoint),
+                          len(checkpoint["class_names"]), **options)
+    except (AmnsegError, KeyError, TypeError, ValueError) as exc:
+        reason = str(exc) if isinstance(exc, AmnsegError) else f"{type(exc).__name__} {exc}"
+        raise AmnsegError(f"{source}: damaged amnseg checkpoint (its network cannot be built: "
+                          f"{reason})") from None
+    mismatch = weights_mismatch(model, checkpoint["model"])
+    if mismatch:
+        raise AmnsegError(f"{source}: the weights do not fit the {checkpoint['stage']} network "
+                          f"the checkpoint describes ({mismatch})")
     model.load_state_dict(checkpoint["model"])
     return model
 
 
 def load_model(path: Path, stage: str, class_names: list[str]) -> nn.Module:
     """The trained network of ``stage`` in ``path`` (amnseg's or the authors' checkpoint)."""
-    return build_model(load_model_checkpoint(path, stage, class_names))
+    return build_model(load_model_checkpoint(path, stage, class_names), path)
 
 
 def initial_backbone(

@@ -18,7 +18,7 @@ import numpy as np
 import torch
 from PIL import Image
 
-from amnseg.checkpoints import build_model, load_model_checkpoint
+from amnseg.checkpoints import build_model, check_amnseg_fields, load_model_checkpoint
 from amnseg.config import CrfConfig, deeplab_crf
 from amnseg.data.base import read_rgb, read_size, rgb_array
 from amnseg.data.folder import IMAGE_SUFFIXES
@@ -80,8 +80,9 @@ class Segmenter:
                 f"{path}: not an amnseg segmentation checkpoint (import a DeepLab-v2 file "
                 "first: amnseg import-checkpoint seg FILE OUT --classes voc)"
             )
+        check_amnseg_fields(raw, path)
         checkpoint = load_model_checkpoint(path, "seg", raw["class_names"])
-        return cls(build_model(checkpoint), checkpoint["class_names"], device, flip, crf)
+        return cls(build_model(checkpoint, path), checkpoint["class_names"], device, flip, crf)
 
     def check_size(self, height: int, width: int, what: str = "image") -> None:
         """A one-line error naming ``what`` when an image of this size is too small for the

@@ -16,6 +16,7 @@ import numpy as np
 import torch
 
 from amnseg import distributed
+from amnseg.checkpoints import weights_mismatch
 from amnseg.config import config_to_dict
 from amnseg.data import run_dataset
 from amnseg.data.base import SegDataset
@@ -163,6 +164,11 @@ class TrainingState:
         if not self.path.is_file():
             return 0
         state = load_checkpoint(self.path)
+        mismatch = (weights_mismatch(model, state["model"])
+                    if isinstance(state.get("model"), dict) else "no model weights")
+        if mismatch:
+            raise AmnsegError(f"{self.path}: this training state does not fit the stage's "
+                              f"network ({mismatch}); delete it to train the stage afresh")
         model.load_state_dict(state["model"])
         optimizer.load_state_dict(state["optimizer"])
         scheduler.load_state_dict(state["scheduler"])

@@ -636,3 +636,65 @@ def test_writing_onto_a_folder_names_the_folder(tmp_path):
     with pytest.raises(AmnsegError, match=r"taken: is a folder; expected the path of a file"):
         save_json(tmp_path / "taken", {})
     assert [p.name for p in tmp_path.iterdir()] == ["taken"]
+
+
+def test_seg_mask_folder_is_checked_and_its_files_named(data, tmp_path, capsys):
+    masks = tmp_path / "masks"
+    masks.mkdir()
+    for path in sorted((data / "masks").iterdir()):
+        (masks / path.name).write_bytes(path.read_bytes())
+    args = ["train-seg", "demo", *folder_args(data, tmp_path / "run"), f"seg.masks={masks}"]
+    (masks / "img 05.png").unlink()
+    line = one_error_line(capsys, *args)
+    assert "masks/img 05.png: mask not found (1 of the 8 training images have none" in line
+    assert not (tmp_path / "run" / "seg" / "last.pt").exists()
+    Image.fromarray(np.full((32, 32), 9, np.uint8)).save(masks / "img 05.png")
+    line = one_error_line(capsys, *args)
+    assert "masks/img 05.png: mask value 9 is not a class (0..2) or 255" in line
+    Image.fromarray(np.zeros((16, 16), np.uint8)).save(masks / "img 05.png")
+    line = one_error_line(capsys, *args)
+    assert "masks/img 05.png: mask is 16x16, the image is 32x32" in line
+
+
+def test_edited_checkpoints_are_one_line(tmp_path, capsys):
+    from test_seg import save_tiny_seg_checkpoint
+
+    from amnseg.io import load_checkpoint, save_checkpoint
+
+    good = load_checkpoint(save_tiny_seg_checkpoint(tmp_path / "seg.pt"))
+    image = tmp_path / "a.png"
+    Image.fromarray(np.zeros((20, 20, 3), np.uint8)).save(image)
+    first = next(iter(good["model"]))
+    edits = {
+        "missing": (lambda c: c["model"].pop(first), f"1 weights missing, first {first}"),
+        "extra": (lambda c: c["model"].update(extra=torch.zeros(1)),
+                  "1 unknown weights, first extra"),
+        "shape": (lambda c: c["model"].update({first: torch.zeros(2, 2)}),
+                  f"1 weights of another shape, first {first} (2, 2) for"),
+        "names": (lambda c: c.update(class_names="cat"),
+                  "damaged amnseg checkpoint (class_names is not a list"),
+        "backbone": (lambda c: c.update(backbone={}),  # the defaults: a full-width ResNet
+                     "269 weights of another shape, first base.backbone.conv1.weight"),
+        "depth": (lambda c: c.update(backbone={**c["backbone"], "depth": "fifty"}),
+                  "damaged amnseg checkpoint (its network cannot be built"),
+    }
+    for name, (edit, words) in edits.items():
+        edited = {**good, "model": dict(good["model"])}
+        edit(edited)
+        path = tmp_path / f"{name}.pt"
+        save_checkpoint(path, edited)
+        line = one_error_line(capsys, "predict", path, image, "--out", tmp_path / "out",
+                              "--device", "cpu")
+        assert f"{name}.pt: " in line and words in line, (name, line)
+
+
+def test_training_state_of_another_stage_is_named(tmp_path):
+    from amnseg.io import save_checkpoint
+    from amnseg.training import TrainingState
+
+    path = tmp_path / "last.pt"
+    save_checkpoint(path, {"model": {"label_enc.weight": torch.zeros(2)}, "epochs_done": 1})
+    with pytest.raises(AmnsegError, match=r"last.pt: this training state does not fit the "
+                       r"stage's network \(2 weights missing, first weight; 1 unknown weights, "
+                       r"first label_enc.weight\); delete it to train the stage afresh"):
+        TrainingState(path).restore(torch.nn.Linear(2, 2), None, None)

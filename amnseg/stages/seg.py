@@ -31,7 +31,13 @@ from amnseg.checkpoints import (
 )
 from amnseg.config import BackboneConfig, Config, CrfConfig, SegConfig
 from amnseg.data import build_dataset, run_dataset
-from amnseg.data.base import IGNORE_INDEX, Sample, SegDataset, read_index_png
+from amnseg.data.base import (
+    IGNORE_INDEX,
+    Sample,
+    SegDataset,
+    check_mask_values,
+    read_index_png,
+)
 from amnseg.data.transforms import DeepLabTrainTransform, deeplab_input, resize_labels
 from amnseg.errors import AmnsegError
 from amnseg.io import save_json
@@ -140,12 +146,15 @@ def cross_entropy(logits: torch.Tensor, target: torch.Tensor) -> torch.Tensor:
 # --- training -----------------------------------------------------------------------------
 
 
-def mask_source(config: Config, masks: str, dataset: SegDataset) -> Callable[[str], np.ndarray]:
-    """stem -> the (H, W) uint8 label map the network learns from: the run's pseudo masks
-    (``pseudo``), the dataset's ground truth (``gt``), or ``<folder>/<stem>.png``."""
+def mask_source(config: Config, masks: str, dataset: SegDataset
+                ) -> Callable[[str, tuple[int, int]], np.ndarray]:
+    """(stem, image size) -> the (H, W) uint8 label map the network learns from: the run's
+    pseudo masks (``pseudo``), the dataset's ground truth (``gt``), or ``<folder>/<stem>.png``.
+    A folder must hold every training image's mask (checked now, not hours into training);
+    each mask read is checked for its size and its values, with its file named."""
     if masks == "gt":
-        def ground_truth(stem: str) -> np.ndarray:
-            mask = dataset.mask(stem)
+        def ground_truth(stem: str, size: tuple[int, int]) -> np.ndarray:
+            mask = dataset.mask(stem)  # checked by the dataset
             if mask is None:
                 raise AmnsegError(f"{dataset.mask_source(stem)}: no ground-truth mask for {stem}")
             return mask
@@ -154,14 +163,27 @@ def mask_source(config: Config, masks: str, dataset: SegDataset) -> Callable[[st
     folder = masks_dir(config) if masks == "pseudo" else Path(masks)
     if not folder.is_dir():
         raise AmnsegError(f"{folder}: mask folder not found (seg.masks={masks})")
-    return lambda stem: read_index_png(folder / f"{stem}.png")
+    missing = [stem for stem in dataset.stems if not (folder / f"{stem}.png").is_file()]
+    if missing:
+        raise AmnsegError(f"{folder / (missing[0] + '.png')}: mask not found ({len(missing)} of "
+                          f"the {len(dataset)} training images have none; seg.masks={masks})")
+
+    def from_folder(stem: str, size: tuple[int, int]) -> np.ndarray:
+        path = folder / f"{stem}.png"
+        mask = read_index_png(path)
+        if mask.shape != tuple(size):
+            raise AmnsegError(f"{path}: mask is {mask.shape[1]}x{mask.shape[0]}, the image is "
+                              f"{size[1]}x{size[0]}")
+        return check_mask_values(mask, dataset.num_classes, str(path))
+
+    return from_folder
 
 
 class SegTrainingItems:
     """(sample, rng) -> (image crop (3, S, S), labels at each logit size of the MSC pyramid):
     the recipe's augmentation, then the label crop resized with PIL NEAREST to every size."""
 
-    def __init__(self, masks: Callable[[str], np.ndarray], seg_cfg: SegConfig,
+    def __init__(self, masks: Callable[[str, tuple[int, int]], np.ndarray], seg_cfg: SegConfig,
                  logit_sizes: list[tuple[int, int]], input_kind: str):
         self.masks = masks
         self.transform = DeepLabTrainTransform(
@@ -170,12 +192,7 @@ class SegTrainingItems:
         self.logit_sizes = logit_sizes
 
     def __call__(self, sample: Sample, rng: np.random.Generator) -> tuple[torch.Tensor, ...]:
-        labels = self.masks(sample.stem)
-        if labels.shape != sample.image.shape[:2]:
-            raise AmnsegError(
-                f"mask of {sample.stem} is {labels.shape[1]}x{labels.shape[0]}, the image is "
-                f"{sample.image.shape[1]}x{sample.image.shape[0]}"
-            )
+        labels = self.masks(sample.stem, sample.image.shape[:2])
         image, label_crop = self.transform(sample.image, labels, rng)
         targets = [torch.from_numpy(resize_labels(label_crop, size).astype(np.int64))
                    for size in self.logit_sizes]
