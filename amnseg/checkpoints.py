@@ -205,6 +205,14 @@ REFERENCE_PREFIXES: dict[str, dict[str, str]] = {
 UNUSED_PREFIXES = ("fc_dp", "dp_layers.", "mean_shift.", "path_indices", "disp_target")
 
 
+def reference_kind(state: dict[str, Any]) -> str | None:
+    """The kind of an authors' checkpoint from its head's keys: the one stage whose every head
+    prefix the file has (AMN's include CAM's: the most specific wins), None if none fits."""
+    fits = [stage for stage, prefixes in REFERENCE_PREFIXES.items()
+            if all(any(key.startswith(prefix) for key in state) for prefix in prefixes)]
+    return max(fits, key=lambda stage: len(REFERENCE_PREFIXES[stage]), default=None)
+
+
 def reference_class_count(stage: str, state: dict[str, Any]) -> int | None:
     if stage == "cam" and "classifier.weight" in state:
         return int(state["classifier.weight"].shape[0])
@@ -234,6 +242,10 @@ def import_reference(
     if stage not in REFERENCE_PREFIXES:
         raise AmnsegError(f"unknown checkpoint kind {stage!r}: expected cam, amn or irn")
     prefixes = REFERENCE_PREFIXES[stage]
+    kind = reference_kind(state)
+    if kind is not None and kind != stage:
+        raise AmnsegError(f"{source}: a reference {kind} checkpoint, not {stage} (import it as "
+                          f"{kind})")
     count = reference_class_count(stage, state)
     if count is not None and count != len(class_names):
         raise AmnsegError(

@@ -134,6 +134,19 @@ def check_data(config: Config, signatures: dict[str, str], manifest: dict[str, A
     if manifest.get("checked", {}).get("key") == key:
         return
     skip = data.on_bad_image == "skip"
+    # The splits whose masks are read (evaluation; seg_gt trains on the train split's): every
+    # image needs a mask, or none has one (then the split is not evaluated).
+    with_masks = [data.infer_split, *([data.val_split] if signatures.get("val", "absent")
+                                      != "absent" else []),
+                  *([data.train_split] if config.seg.upper_bound else [])]
+    for split in dict.fromkeys(with_masks):
+        dataset = build_dataset(data, split)
+        missing = dataset.missing_masks()
+        if missing:
+            raise AmnsegError(
+                f"{missing[0]}: mask not found; split {split!r} has masks for "
+                f"{len(dataset) - len(missing)} of its {len(dataset)} images (a split that is "
+                "evaluated needs a mask for every image, or none)")
     problems: dict[str, str] = {}
     sets = [build_splits(data, [data.train_split, data.infer_split])]
     if signatures.get("val", "absent") != "absent":

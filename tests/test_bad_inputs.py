@@ -698,3 +698,17 @@ def test_training_state_of_another_stage_is_named(tmp_path):
                        r"stage's network \(2 weights missing, first weight; 1 unknown weights, "
                        r"first label_enc.weight\); delete it to train the stage afresh"):
         TrainingState(path).restore(torch.nn.Linear(2, 2), None, None)
+
+
+def test_evaluated_split_with_some_masks_missing_is_named_before_any_stage(data, tmp_path,
+                                                                          capsys):
+    (data / "masks" / "img 03.png").unlink()
+    run = tmp_path / "run"
+    line = one_error_line(capsys, "run", "demo", *folder_args(data, run))
+    assert "masks/img 03.png: mask not found; split 'train' has masks for 7 of its 8" in line
+    assert not (run / "cam").exists()
+    # Without any mask the split is not evaluated, and the run goes on.
+    for path in (data / "masks").iterdir():
+        path.unlink()
+    status, _, err = amnseg(capsys, "run", "demo", *folder_args(data, run), "--to", "cam")
+    assert status == 0, err

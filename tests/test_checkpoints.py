@@ -172,8 +172,17 @@ def test_refusals(tmp_path):
     wrong["resnet50.layer1.0.conv1.weight"] = torch.zeros(3, 3)
     with pytest.raises(AmnsegError, match="layer1.0.conv1.weight has shape"):
         import_reference("cam", save(tmp_path, wrong, "wrong.pth"), VOC_LIKE)
+    for other in ("amn", "irn"):  # a CAM file given as another kind
+        with pytest.raises(AmnsegError, match=rf"res50_cam.pth: a reference cam checkpoint, "
+                           rf"not {other} \(import it as cam\)"):
+            import_reference(other, path, VOC_LIKE)
+    amn_file = save(tmp_path, synthetic_reference("amn"), "res50_amn.pth")
+    with pytest.raises(AmnsegError, match="res50_amn.pth: a reference amn checkpoint, not cam"):
+        import_reference("cam", amn_file, VOC_LIKE)
+    headless = {k: v for k, v in synthetic_reference("amn").items()
+                if not k.startswith(("label_enc.", "classifier."))}  # a backbone alone
     with pytest.raises(AmnsegError, match="not a reference amn checkpoint"):
-        import_reference("amn", path, VOC_LIKE)
+        import_reference("amn", save(tmp_path, headless, "headless.pth"), VOC_LIKE)
     junk = tmp_path / "junk.pth"
     junk.write_bytes(b"junk")
     with pytest.raises(AmnsegError, match="junk.pth: not a readable checkpoint .not a PyTorch "

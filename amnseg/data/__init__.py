@@ -87,6 +87,9 @@ class SplitUnion(SegDataset):
     def has_masks(self) -> bool:
         return any(part.has_masks for part in self._parts)
 
+    def missing_masks(self) -> list[Path]:
+        return [path for part in self._parts for path in part.missing_masks()]
+
     def source_files(self, stem: str) -> list[Path]:
         return self._owner[stem].source_files(stem)
 

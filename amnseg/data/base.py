@@ -104,6 +104,11 @@ class SegDataset(ABC):
     def has_masks(self) -> bool:
         return bool(self.stems) and self.mask_path(self.stems[0]) is not None
 
+    def missing_masks(self) -> list[Path]:
+        """The mask files a dataset with masks lacks (only a folder dataset can have masks for
+        some of its images)."""
+        return []
+
     def source_files(self, stem: str) -> list[Path]:
         """The files that define sample ``stem`` (image, mask, annotation): what a run's data
         signature covers."""

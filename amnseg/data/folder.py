@@ -93,6 +93,12 @@ class FolderDataset(SegDataset):
     def has_masks(self) -> bool:
         return any(self.mask_path(stem) is not None for stem in self.stems)
 
+    def missing_masks(self) -> list[Path]:
+        if self._mask_dir is None or not self.has_masks:
+            return []
+        return [self._mask_dir / f"{stem}.png" for stem in self.stems
+                if self.mask_path(stem) is None]
+
     def shared_files(self) -> list[Path]:
         split = self.root / "splits" / f"{self.split}.txt"
         return [self.root / "classes.txt", self.root / "labels.csv"] + (
