@@ -417,3 +417,38 @@ def test_training_samples_never_read_ground_truth_masks(tiny_dataset, monkeypatc
     assert seen.mask is None and seen.stem == full.stem
     np.testing.assert_array_equal(seen.image, full.image)
     np.testing.assert_array_equal(seen.label, full.label)
+
+
+@pytest.mark.parametrize("edit, words", [
+    (lambda d: d["images"][0].pop("height"),
+     f"image id 11 ({COCO_EMPTY}.jpg) has no valid height"),
+    (lambda d: d["images"][1].update(width="20"), f"image id 10 ({COCO_IMG}.jpg) has no valid"),
+    (lambda d: d["annotations"][0].pop("segmentation"), "annotation 1: no segmentation"),
+    (lambda d: d["annotations"][1].update(segmentation=[[1, 2]]),
+     "annotation 2: a polygon must list at least 3 x, y pairs"),
+    (lambda d: d["annotations"][2].update(segmentation={"counts": [1]}),
+     "annotation 3: an RLE segmentation needs counts and size"),
+    (lambda d: d.update(categories=[], annotations=[]), "no categories"),
+])
+def test_coco_fields_that_pycocotools_assumes_are_checked_at_load(tmp_path, edit, words):
+    root = write_coco(tmp_path)
+    path = root / "annotations" / "instances_train2014.json"
+    data = json.loads(path.read_text())
+    edit(data)
+    path.write_text(json.dumps(data))
+    with pytest.raises(AmnsegError) as exc:
+        COCODataset(root, "train")
+    message = single_line(exc)
+    assert "instances_train2014.json: " in message and words in message
+
+
+def test_coco_size_that_disagrees_with_the_image_file_is_found_by_the_check(tmp_path):
+    from amnseg.data.check import check_dataset
+
+    dataset = COCODataset(write_coco(tmp_path, width=W + 4), "train")
+    with pytest.raises(AmnsegError) as exc:
+        check_dataset(dataset, max_pixels=0)
+    message = single_line(exc)
+    assert "instances_train2014.json (image " in message
+    assert f"the annotations give the image {W + 4}x{H} pixels" in message
+    assert f"is {W}x{H}" in message

@@ -104,6 +104,11 @@ class SegDataset(ABC):
     def has_masks(self) -> bool:
         return bool(self.stems) and self.mask_path(self.stems[0]) is not None
 
+    def declared_size(self, stem: str) -> tuple[int, int] | None:
+        """The (H, W) the dataset's annotations give the image, if they give one (COCO's);
+        the run's check compares it with the image file."""
+        return None
+
     def missing_masks(self) -> list[Path]:
         """The mask files a dataset with masks lacks (only a folder dataset can have masks for
         some of its images)."""

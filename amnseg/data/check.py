@@ -33,6 +33,11 @@ def check_sample(dataset: SegDataset, stem: str, max_pixels: int, decode: bool) 
             f"data.max_pixels={max_pixels} (the CRF of such an image takes minutes and many GB; "
             "downscale it or raise data.max_pixels)"
         )
+    declared = dataset.declared_size(stem)
+    if declared is not None and tuple(declared) != (height, width):
+        raise AmnsegError(
+            f"{dataset.mask_source(stem)}: the annotations give the image {declared[1]}x"
+            f"{declared[0]} pixels, its file {path} is {width}x{height}")
     if dataset.mask_path(stem) is None:
         return
     mask = dataset.mask(stem)  # reads and checks the values

@@ -77,6 +77,7 @@ class COCODataset(SegDataset):
             raise AmnsegError(
                 f"{self.annotation_file}: not a COCO instance annotation file ({reason})"
             ) from None
+        self._check_fields()
         categories = sorted(self.coco.getCatIds())
         self.category_to_class = {cat: i + 1 for i, cat in enumerate(categories)}
         self.class_names = [str(self.coco.cats[cat]["name"]) for cat in categories]
@@ -96,6 +97,26 @@ class COCODataset(SegDataset):
         self.semantic_dir = Path(semantic_dir) if semantic_dir else None
         if self.semantic_dir is not None:
             require_dir(self.semantic_dir, "COCO semantic mask")
+
+    def _check_fields(self) -> None:
+        """The fields amnseg reads, checked once (pycocotools assumes them): a file edited by
+        hand or exported by another tool gets one line naming what is wrong."""
+        where = self.annotation_file
+        if not self.coco.cats:
+            raise AmnsegError(f"{where}: no categories (a COCO file lists its classes there)")
+        for info in self.coco.imgs.values():
+            size = (info.get("height"), info.get("width"))
+            if not all(isinstance(v, int) and not isinstance(v, bool) and v > 0 for v in size):
+                raise AmnsegError(f"{where}: image id {info.get('id')} "
+                                  f"({info.get('file_name')}) has no valid height and width")
+        for annotation in self.coco.anns.values():
+            problem = _segmentation_problem(annotation.get("segmentation"))
+            if problem:
+                raise AmnsegError(f"{where}: annotation {annotation.get('id')}: {problem}")
+
+    def declared_size(self, stem: str) -> tuple[int, int]:
+        info = self._info[stem]
+        return info["height"], info["width"]
 
     def image_path(self, stem: str) -> Path:
         return self.image_dir / self._info[stem]["file_name"]
@@ -160,3 +181,19 @@ class COCODataset(SegDataset):
                 mask[region] = self._class_of(annotation)
         mask[crowd & (mask == 0)] = IGNORE_INDEX
         return mask
+
+
+def _segmentation_problem(segmentation: Any) -> str | None:
+    """What is wrong with an annotation's ``segmentation`` (polygons: lists of at least 3
+    x, y pairs; or an RLE: ``counts`` and ``size``), None when nothing is."""
+    if isinstance(segmentation, dict):
+        if "counts" not in segmentation or "size" not in segmentation:
+            return "an RLE segmentation needs counts and size"
+        return None
+    if not isinstance(segmentation, list) or not segmentation:
+        return "no segmentation (polygons or an RLE)"
+    for polygon in segmentation:
+        if (not isinstance(polygon, list) or len(polygon) < 6 or len(polygon) % 2
+                or not all(isinstance(v, (int, float)) for v in polygon)):
+            return "a polygon must list at least 3 x, y pairs of numbers"
+    return None
