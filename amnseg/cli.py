@@ -296,6 +296,9 @@ def import_checkpoint_command(
     amnseg checkpoint."""
     from amnseg.checkpoints import import_deeplab, import_reference
 
+    if destination.resolve() == source.resolve():
+        raise AmnsegError(f"{destination}: the destination is the file to import; write the "
+                          "amnseg checkpoint elsewhere (the original stays as it is)")
     if kind == "seg":
         import_deeplab(source, _class_names(classes), destination)
     else:

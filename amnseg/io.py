@@ -199,6 +199,8 @@ def _first_line(exc: Exception) -> str:
 def load_checkpoint(path: str | Path) -> dict[str, Any]:
     """Load a checkpoint without unpickling arbitrary objects."""
     path = Path(path)
+    if path.is_dir():
+        raise AmnsegError(f"{path}: is a folder; expected a checkpoint file (.pt or .pth)")
     if not path.is_file():
         raise AmnsegError(f"{path}: checkpoint not found")
     return load_tensors(path, "checkpoint")

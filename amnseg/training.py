@@ -163,7 +163,10 @@ class TrainingState:
         """Load the saved state if there is one; return the number of finished epochs."""
         if not self.path.is_file():
             return 0
-        state = load_checkpoint(self.path)
+        try:
+            state = load_checkpoint(self.path)
+        except AmnsegError as error:
+            raise AmnsegError(f"{error}; delete it to train the stage afresh") from None
         mismatch = (weights_mismatch(model, state["model"])
                     if isinstance(state.get("model"), dict) else "no model weights")
         if mismatch:

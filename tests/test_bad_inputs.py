@@ -712,3 +712,33 @@ def test_evaluated_split_with_some_masks_missing_is_named_before_any_stage(data,
         path.unlink()
     status, _, err = amnseg(capsys, "run", "demo", *folder_args(data, run), "--to", "cam")
     assert status == 0, err
+
+
+def test_hints_for_common_mix_ups(data, tmp_path, capsys):
+    # A folder dataset read as VOC, a labels.csv header with other column names.
+    line = one_error_line(capsys, "train-cam", "demo", *folder_args(data, tmp_path / "r"),
+                          "data.kind=voc")
+    assert "has labels.csv but no JPEGImages folder: a folder dataset, read with " \
+           "data.kind=folder" in line
+    rows = (data / "labels.csv").read_text().splitlines()
+    (data / "labels.csv").write_text("\n".join(["name,tags", *rows[1:]]) + "\n")
+    line = one_error_line(capsys, "train-cam", "demo", *folder_args(data, tmp_path / "r"))
+    assert "labels.csv:1: unknown class 'tags'" in line and "stem,classes" in line
+    # A folder given as a checkpoint; importing a file onto itself.
+    line = one_error_line(capsys, "predict", tmp_path, data / "images", "--out",
+                          tmp_path / "out")
+    assert "is a folder; expected a checkpoint file" in line
+    original = tmp_path / "res50_cam.pth"
+    original.write_bytes(b"the authors' file")
+    line = one_error_line(capsys, "import-checkpoint", "cam", original, original)
+    assert "the destination is the file to import" in line
+    assert original.read_bytes() == b"the authors' file"
+
+
+def test_unreadable_training_state_says_how_to_start_afresh(tmp_path):
+    from amnseg.training import TrainingState
+
+    (tmp_path / "last.pt").write_bytes(b"garbage")
+    with pytest.raises(AmnsegError, match=r"last.pt: not a readable checkpoint .*; delete it "
+                       r"to train the stage afresh"):
+        TrainingState(tmp_path / "last.pt").restore(torch.nn.Linear(2, 2), None, None)

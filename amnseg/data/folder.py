@@ -171,8 +171,10 @@ def _read_labels(
         classes = cells[1] if len(cells) > 1 else ""
         for name in filter(None, (n.strip() for n in classes.split(";"))):
             if name not in index:
+                header = (" (a header row must read stem,classes)" if line_number == 1
+                          else "")
                 raise AmnsegError(
-                    f"{path}:{line_number}: unknown class '{name}' (not in classes.txt)"
+                    f"{path}:{line_number}: unknown class '{name}' (not in classes.txt){header}"
                 )
             label[index[name]] = 1.0
         labels[stem] = label

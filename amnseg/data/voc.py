@@ -66,6 +66,9 @@ class VOCDataset(SegDataset):
         self.root = require_dir(Path(root), "VOC2012")
         self.split = split
         self.class_names = list(VOC_CLASSES)
+        if not (self.root / "JPEGImages").is_dir() and (self.root / "labels.csv").is_file():
+            raise AmnsegError(f"{self.root}: has labels.csv but no JPEGImages folder: a folder "
+                              "dataset, read with data.kind=folder")
         self.image_dir = require_dir(self.root / "JPEGImages", "JPEGImages")
         split_file = self.root / "ImageSets" / "Segmentation" / f"{split}.txt"
         if split == "train_aug" and not split_file.is_file():
