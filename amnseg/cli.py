@@ -213,10 +213,15 @@ def eval_command(
     kind = map_kind(maps, kind)
     name = name or kind
     result = _evaluate(loaded, name, maps, _threshold(loaded, kind, threshold))
+    from amnseg.data import build_dataset
+
+    total = len(build_dataset(loaded.data, loaded.data.infer_split))
+    subset = "" if result["images"] == total else (
+        f" (on the {result['images']} of the {total} images that have maps in {maps})")
     console.print(
         f"{name}: mIoU {100 * result['miou_at_threshold']:.2f} at threshold "
         f"{result['threshold']:.2f}; best {100 * result['best_miou']:.2f} at "
-        f"{result['best_threshold']:.2f}"
+        f"{result['best_threshold']:.2f}{subset}"
     )
 
 

@@ -742,3 +742,25 @@ def test_unreadable_training_state_says_how_to_start_afresh(tmp_path):
     with pytest.raises(AmnsegError, match=r"last.pt: not a readable checkpoint .*; delete it "
                        r"to train the stage afresh"):
         TrainingState(tmp_path / "last.pt").restore(torch.nn.Linear(2, 2), None, None)
+
+
+def test_eval_of_a_partial_map_folder_says_on_how_many_images(data, tmp_path, capsys):
+    from amnseg.data import build_dataset
+    from amnseg.io import ScoreMaps, save_score_maps
+    from amnseg.ops.multiscale import strided_size
+
+    config_args = folder_args(data, tmp_path / "run")
+    from conftest import tiny_config
+
+    dataset = build_dataset(tiny_config(data, tmp_path / "run").data, "train")
+    rng = np.random.default_rng(0)
+    maps = tmp_path / "cam" / "maps"
+    for stem in dataset.stems[:3]:
+        ids = np.flatnonzero(dataset.label(stem)) + 1
+        height, width = dataset.image(stem).shape[:2]
+        save_score_maps(maps / f"{stem}.npz", ScoreMaps(
+            ids, rng.random((len(ids), *strided_size(height, width, 4))).astype(np.float32),
+            rng.random((len(ids), height, width)).astype(np.float32)))
+    status, out, err = amnseg(capsys, "eval", "demo", *config_args, "--maps", maps)
+    assert status == 0, err
+    assert f"(on the 3 of the 8 images that have maps in {maps})" in " ".join(out.split())
