@@ -156,7 +156,7 @@ def test_tiny_image_is_refused_before_any_stage(data, tmp_path, capsys, size):
     from PIL import Image
 
     Image.new("RGB", size).save(data / "images" / "img 04.png")
-    (data / "masks" / "img 04.png").unlink()
+    Image.new("L", size).save(data / "masks" / "img 04.png")
     run = tmp_path / "run"
     line = one_error_line(capsys, "run", "voc12", *folder_args(data, run))
     assert (f"img 04.png: image is {size[0]}x{size[1]}; both sides must be at least 8 pixels"
