@@ -11,6 +11,7 @@ import difflib
 import hashlib
 import json
 import math
+import re
 from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any
@@ -452,8 +453,16 @@ def _option_error(exc: OmegaConfBaseException) -> str:
     closest known one)."""
     message = str(exc).strip().splitlines()[0]
     key = getattr(exc, "full_key", None)
+    section = re.match(r"Merge error: \w+ is not a subclass of (\w+)Config", message)
+    if section:
+        return (f"{section.group(1).lower()} is a section of options, not a value: set its "
+                "options one by one (`amnseg config show` lists them)")
     if not key:
-        return message
+        return "an override needs an option name before '='" if "Key ''" in message else message
+    if "is not a ListConfig" in message:
+        return f"{key}: expected a list, e.g. [1, 2]"
+    if "is not Optional" in message:
+        return f"{key}: is a section of options and cannot be null"
     if isinstance(exc, ConfigKeyError):
         section, _, name = str(key).rpartition(".")
         node: Any = Config()

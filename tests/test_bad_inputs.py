@@ -257,6 +257,10 @@ def test_mask_of_another_size_and_rgb_mask(data, tmp_path, capsys):
     ("device=cuda:x", "device='cuda:x': must be auto, cpu, cuda or cuda:N"),
     ("device=mps", "device='mps': must be auto, cpu, cuda or cuda:N"),
     ("seed=-1", "seed=-1: must be an integer in 0 .. 2^32 - 1"),
+    ("cam.resize_long=abc", "cam.resize_long: expected a list, e.g. [1, 2]"),
+    ("data=3", "data is a section of options, not a value: set its options one by one"),
+    ("cam=null", "cam: is a section of options and cannot be null"),
+    ("=3", "an override needs an option name before '='"),
 ])
 def test_bad_config_values_are_refused_at_load_time(tmp_path, capsys, override, words):
     run = tmp_path / "run"
