@@ -33,6 +33,36 @@ def test_random_crop_cuts_large_and_pads_small_sides():
         assert np.all(np.diff(rows[:, 0]) == 3)  # six consecutive image rows
 
 
+def test_random_crop_offsets_cover_every_position_and_no_other():
+    """The reference's offsets: randrange over every position that keeps the window inside
+    the image (a long side) or the image inside the canvas (a short side), both ends included."""
+    rng = np.random.default_rng(1)
+    cut, placed = set(), set()
+    for _ in range(400):
+        canvas_rows, canvas_cols, image_rows, image_cols = random_crop_box(9, 4, 6, rng)
+        assert (canvas_rows.stop - canvas_rows.start, image_rows.stop - image_rows.start) == (6, 6)
+        assert canvas_rows.start == 0 and image_cols == slice(0, 4)
+        cut.add(image_rows.start)
+        placed.add(canvas_cols.start)
+    assert cut == {0, 1, 2, 3}  # 9 rows, a window of 6
+    assert placed == {0, 1, 2}  # 4 columns on a canvas of 6
+    # A side as long as the crop is taken whole, at offset 0 both ways.
+    assert random_crop_box(6, 6, 6, rng) == (slice(0, 6),) * 4
+
+
+def test_random_resize_long_draws_every_long_side_in_the_range():
+    from amnseg.data.transforms import random_resize_long
+
+    rng = np.random.default_rng(2)
+    portrait = np.zeros((40, 20, 3), np.uint8)  # the long side is the height
+    sides = {random_resize_long(portrait, 30, 32, rng).shape[:2] for _ in range(200)}
+    assert sides == {(30, 15), (31, 16), (32, 16)}  # round(20 * s / 40) for s in 30..32
+    landscape = np.zeros((2, 10, 3), np.uint8)
+    assert random_resize_long(landscape, 20, 20, rng).shape[:2] == (4, 20)
+    tiny = np.zeros((2, 2, 3), np.uint8)  # sides shorter than the channel count
+    assert random_resize_long(tiny, 4, 4, rng).shape[:2] == (4, 4)
+
+
 def test_poly_schedule_matches_formula():
     schedule = poly_lr_lambda(100, 0.9)
     assert schedule(0) == 1.0
