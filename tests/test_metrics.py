@@ -75,14 +75,17 @@ def test_confusion_rejects_predictions_out_of_range(bad):
     gt = np.zeros((2, 2), np.uint8)
     pred = np.zeros((2, 2), np.int64)
     pred[0, 1] = bad
-    with pytest.raises(ValueError, match="prediction"):
+    with pytest.raises(ValueError, match=rf"prediction label {bad} outside \[0, 4\)"):
         confusion_matrix(pred, gt, 4)
 
 
 def test_confusion_rejects_bad_ground_truth_but_skips_ignore():
     pred = np.zeros((2, 2), np.uint8)
-    with pytest.raises(ValueError, match="ground-truth"):
-        confusion_matrix(pred, np.array([[0, 7], [0, 0]], np.uint8), 4)
+    for bad in (7, 4):  # 4: one past the last class of N = 4
+        with pytest.raises(ValueError, match=rf"ground-truth label {bad} outside \[0, 4\)"):
+            confusion_matrix(pred, np.array([[0, bad], [0, 0]], np.uint8), 4)
+    with pytest.raises(ValueError, match=r"ground-truth label -1 outside"):
+        confusion_matrix(pred, np.array([[0, -1], [0, 0]], np.int64), 4)
     # A wild prediction under an ignored pixel is never counted, so it is no error.
     gt = np.array([[0, IGNORE_INDEX], [1, 1]], np.uint8)
     pred = np.array([[0, 200], [1, 0]], np.uint8)
@@ -135,6 +138,14 @@ def test_scores_to_labels_equals_reference_argmax_with_ties(threshold):
     np.testing.assert_array_equal(labels > 0, scores.max(axis=0) > np.float32(threshold))
 
 
+def test_scores_are_compared_in_their_own_precision():
+    """float64 maps stay float64 (the reference pads the threshold into the maps' dtype): a
+    score just above the threshold wins there, and ties with it in float32."""
+    score = np.full((1, 1, 1), 0.30000001)
+    assert scores_to_labels(score, np.array([1]), 0.3)[0, 0] == 1
+    assert scores_to_labels(score.astype(np.float32), np.array([1]), 0.3)[0, 0] == 0
+
+
 def test_scores_to_labels_class_ties_take_first_channel_and_no_classes():
     scores = np.full((2, 1, 2), 0.7, np.float32)
     np.testing.assert_array_equal(scores_to_labels(scores, np.array([5, 3]), 0.2), [[5, 5]])
@@ -169,8 +180,9 @@ def test_sweep_on_continuous_scores_and_input_checks():
         np.testing.assert_array_equal(
             confusion, confusion_matrix(scores_to_labels(scores, class_ids, t), gt, 4)
         )
-    with pytest.raises(ValueError, match="class ids"):
-        sweep_confusions(scores, np.array([1, 4]), gt, GRID, 4)
+    for ids in ([1, 4], [0, 1]):  # 0 is the background, 4 is past the last class
+        with pytest.raises(ValueError, match=r"class ids must lie in \[1, 4\)"):
+            sweep_confusions(scores, np.array(ids), gt, GRID, 4)
     with pytest.raises(ValueError, match="ground truth"):
         sweep_confusions(scores, class_ids, gt[:-1], GRID, 4)
     with pytest.raises(ValueError, match="thresholds"):
