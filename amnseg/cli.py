@@ -48,14 +48,17 @@ def _print_main(line: str) -> None:
 
 
 def _load(config: str, overrides: list[str] | None) -> Config:
-    """The config, with the run folder and its config.json written (by rank 0 under torchrun,
-    whose process group this joins)."""
+    """The config, with the run folder made (by rank 0 under torchrun, whose process group
+    this joins) and its config.json written if it has none: a run's own config.json is
+    written by the pipeline under the run folder's lock, so that a second command refused on
+    a busy folder leaves it alone."""
 
     loaded = load_config(config, overrides or [])
     distributed.setup(loaded.device)
     if distributed.is_main():
         Path(loaded.run_dir).mkdir(parents=True, exist_ok=True)
-        save_json(Path(loaded.run_dir) / "config.json", config_to_dict(loaded))
+        if not (Path(loaded.run_dir) / "config.json").exists():
+            save_json(Path(loaded.run_dir) / "config.json", config_to_dict(loaded))
     distributed.barrier()
     return loaded
 

@@ -4,6 +4,7 @@ augmentation randomness, the training step, epoch checkpoints with resume, and J
 from __future__ import annotations
 
 import json
+import math
 import random
 import sys
 import time
@@ -361,7 +362,12 @@ def fit(
         steady = steady_rate(first_step, seen, ended)
         if steady is not None:
             steady *= distributed.world_size()  # the ranks step together
-        loss_sum, seen = distributed.sum_across([loss_sum, seen])
+        loss_sum, seen = distributed.sum_across([loss_sum, seen])  # every rank sees a NaN
+        if not math.isfinite(loss_sum):
+            raise AmnsegError(
+                f"{stage} epoch {epoch + 1}: the training loss is {loss_sum / max(seen, 1)}: "
+                f"training diverged (lower {stage}'s learning rate); this epoch was not saved, "
+                "so a rerun starts again from it")
         record: dict[str, Any] = {
             "stage": stage,
             "epoch": epoch + 1,

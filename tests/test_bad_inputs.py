@@ -416,9 +416,12 @@ def test_concurrent_run_is_refused(data, tmp_path, capsys):
     from amnseg.pipeline import run_folder_lock
 
     run = tmp_path / "run"
+    run.mkdir()
+    (run / "config.json").write_text('{"the running run": "its config"}')
     with run_folder_lock(run):
         line = one_error_line(capsys, "run", "voc12", *folder_args(data, run))
     assert "another amnseg run" in line and str(os.getpid()) in line
+    assert (run / "config.json").read_text() == '{"the running run": "its config"}'
 
 
 # --- the skip policy ------------------------------------------------------------------------
@@ -768,3 +771,21 @@ def test_eval_of_a_partial_map_folder_says_on_how_many_images(data, tmp_path, ca
     status, out, err = amnseg(capsys, "eval", "demo", *config_args, "--maps", maps)
     assert status == 0, err
     assert f"(on the 3 of the 8 images that have maps in {maps})" in " ".join(out.split())
+
+
+def test_diverged_training_stops_the_stage_and_nan_maps_are_refused(data, tmp_path, capsys):
+    run = tmp_path / "run"
+    line = one_error_line(capsys, "train-cam", "demo", *folder_args(data, run), "cam.lr=1e12",
+                          "cam.epochs=2")
+    assert "cam epoch " in line and "the training loss is nan: training diverged" in line
+    assert not (run / "cam" / "cam.pt").exists()
+    log = run / "cam" / "log.jsonl"
+    assert not log.exists() or "NaN" not in log.read_text()  # every line stays valid JSON
+
+    from amnseg.io import ScoreMaps, save_score_maps
+
+    maps = tmp_path / "cam" / "maps"
+    full = np.full((1, 32, 32), np.nan, np.float32)
+    save_score_maps(maps / "img 00.npz", ScoreMaps(np.array([1]), full[:, ::4, ::4], full))
+    line = one_error_line(capsys, "eval", "demo", *folder_args(data, run), "--maps", maps)
+    assert "img 00.npz: the maps hold NaN or infinite values" in line

@@ -102,6 +102,9 @@ def _iterate_maps(
                 f"{path}: {use} maps of shape {scores.shape} do not match "
                 f"{len(maps.class_ids)} class ids"
             )
+        if not np.isfinite(scores).all():
+            raise AmnsegError(f"{path}: the maps hold NaN or infinite values (did the "
+                              "network that made them diverge?)")
         ids = np.asarray(maps.class_ids)
         if ids.size and (ids.min() < 1 or ids.max() > dataset.num_classes):
             raise AmnsegError(
