@@ -298,7 +298,8 @@ def export_reference(checkpoint: dict[str, Any]) -> dict[str, Any]:
     if checkpoint.get("format") == "amnseg" and stage == "seg":
         return export_deeplab(checkpoint)
     if checkpoint.get("format") != "amnseg" or stage not in REFERENCE_PREFIXES:
-        raise AmnsegError("not an amnseg cam, amn, irn or seg checkpoint")
+        raise AmnsegError("not an amnseg cam, amn, irn or seg checkpoint (a training state, "
+                          "last.pt, is none: export the stage's <stage>.pt)")
     reverse = {ours: ref for ref, ours in REFERENCE_PREFIXES[stage].items()}
     exported = {}
     for key, tensor in checkpoint["model"].items():

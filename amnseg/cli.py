@@ -214,7 +214,7 @@ def eval_command(
     """mIoU of score maps at one threshold, plus the threshold sweep and per-image optima."""
     loaded = _load(config, overrides)
     kind = map_kind(maps, kind)
-    name = name or kind
+    name = _output_name(name or kind, f"--name {name}")
     result = _evaluate(loaded, name, maps, _threshold(loaded, kind, threshold))
     from amnseg.data import build_dataset
 
@@ -238,13 +238,19 @@ def sweep_command(
 ) -> None:
     """Threshold sweep of one or more map sets: mIoU curves and per-image optimal thresholds."""
     loaded = _load(config, overrides)
-    results = {}
-    for item in maps:
+    folders: dict[str, Path] = {}
+    for item in maps:  # every name checked before any evaluation
         name, sep, folder = item.partition("=")
         if not sep or not name or not folder:
             raise AmnsegError(f"--maps {item!r}: expected NAME=FOLDER")
-        kind = map_kind(Path(folder), name.lower() if name.lower() in MAP_SOURCES else None)
-        results[name] = _evaluate(loaded, name, Path(folder), _threshold(loaded, kind, None))
+        _output_name(name, f"--maps {item}")
+        if name in folders:
+            raise AmnsegError(f"--maps {item}: the name {name} is given twice")
+        folders[name] = Path(folder)
+    results = {}
+    for name, folder in folders.items():
+        kind = map_kind(folder, name.lower() if name.lower() in MAP_SOURCES else None)
+        results[name] = _evaluate(loaded, name, folder, _threshold(loaded, kind, None))
     paths = _plot(loaded, results)
     console.print(sweep_table(results))
     for path in paths:
@@ -323,7 +329,15 @@ def export_checkpoint_command(
     from amnseg.checkpoints import export_reference
     from amnseg.io import load_checkpoint, save_checkpoint
 
-    save_checkpoint(destination, export_reference(load_checkpoint(source)))
+    if destination.resolve() == source.resolve():
+        raise AmnsegError(f"{destination}: the destination is the checkpoint to export; write "
+                          "the reference-layout file elsewhere")
+    checkpoint = load_checkpoint(source)
+    try:
+        exported = export_reference(checkpoint)
+    except AmnsegError as error:
+        raise AmnsegError(f"{source}: {error}") from None
+    save_checkpoint(destination, exported)
     console.print(f"exported: [bold]{destination}[/bold]")
 
 
@@ -360,12 +374,18 @@ def manifest_table(manifest: dict) -> Table:
     for column in ("stage", "status", "seconds", "metrics"):
         table.add_column(column)
     for name, record in manifest.get("stages", {}).items():
+        if not isinstance(record, dict):
+            table.add_row(name, "?", "", "")  # a hand-edited manifest: show what can be shown
+            continue
+        given = record.get("metrics")
         metrics = ", ".join(
             f"{key} {100 * value:.1f}" if "miou" in key else f"{key} {value:.2f}"
-            for key, value in (record.get("metrics") or {}).items()
+            for key, value in (given if isinstance(given, dict) else {}).items()
             if isinstance(value, (int, float))
         )
-        table.add_row(name, record.get("status", "?"), f"{record.get('seconds', 0):.1f}", metrics)
+        seconds = record.get("seconds", 0)
+        table.add_row(name, str(record.get("status", "?")),
+                      f"{seconds:.1f}" if isinstance(seconds, (int, float)) else "?", metrics)
     return table
 
 
@@ -405,6 +425,13 @@ def map_kind(folder: Path, given: str | None) -> str:
         return given
     parent = Path(folder).resolve().parent.name
     return parent if parent in MAP_SOURCES else "cam"
+
+
+def _output_name(name: str, where: str) -> str:
+    """A map set's name, which names its files in the eval folder: a plain name only."""
+    from amnseg.data.base import check_stem
+
+    return check_stem(name, where)
 
 
 def _threshold(config: Config, kind: str, given: float | None) -> float:

@@ -11,6 +11,7 @@ import difflib
 import hashlib
 import json
 import math
+import os
 import re
 from dataclasses import dataclass, field
 from pathlib import Path
@@ -490,7 +491,19 @@ def load_config(
     except OmegaConfBaseException as exc:
         raise AmnsegError(f"{what}: {_option_error(exc)}") from None
     assert isinstance(config, Config)
-    return validate(_words_from_booleans(config))
+    return validate(_home_expanded(_words_from_booleans(config)))
+
+
+def _home_expanded(section: Any) -> Any:
+    """Every path option written with ``~`` (``~/runs``, ``~user/data``) expanded, as a shell
+    would: without it, ``run_dir: ~/runs`` would make a folder named ``~``."""
+    for option in dataclasses.fields(section):
+        value = getattr(section, option.name)
+        if dataclasses.is_dataclass(value):
+            _home_expanded(value)
+        elif isinstance(value, str) and value.startswith("~"):
+            setattr(section, option.name, os.path.expanduser(value))
+    return section
 
 
 def _words_from_booleans(config: Config) -> Config:

@@ -131,8 +131,8 @@ def check_data(config: Config, signatures: dict[str, str], manifest: dict[str, A
     ``skip`` the bad ones are listed in ``skipped_images.json`` and left out of every stage."""
     data = config.data
     key = [signatures, data.on_bad_image, data.max_pixels]
-    if manifest.get("checked", {}).get("key") == key:
-        return
+    if manifest.get("checked", {}).get("key") == key and skipped_images_path(config).is_file():
+        return  # checked before (the list of skipped images is part of that check's result)
     skip = data.on_bad_image == "skip"
     # The splits whose masks are read (evaluation; seg_gt trains on the train split's): every
     # image needs a mask, or none has one (then the split is not evaluated).

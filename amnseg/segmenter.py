@@ -66,6 +66,9 @@ class Segmenter:
         self.model = model.to(self.device).eval()
         self.class_names = list(class_names)
         self.flip = flip
+        if not isinstance(crf, (bool, CrfConfig)) and crf is not None:
+            raise AmnsegError(f"crf={crf!r}: expected True (DeepLab's parameters), False or a "
+                              "CrfConfig")
         self.crf = deeplab_crf() if crf is True else (crf or None)
 
     @classmethod
@@ -149,6 +152,9 @@ def predict_files(segmenter: Segmenter, inputs: Iterable[str | Path], out_dir: P
     files = image_files(inputs)
     masks_dir = out_dir / VOC_SUBMISSION_DIR if voc_submission else out_dir
     inputs_resolved = {path.resolve() for path in files}
+    overlay_dir = out_dir / "overlay"
+    if with_overlay and overlay_dir.exists() and not overlay_dir.is_dir():
+        raise AmnsegError(f"{overlay_dir}: exists and is not a folder (--overlay writes there)")
     for path in files:
         segmenter.check_size(*read_size(path), str(path))
         for target in (output_file(masks_dir, path.stem, ".png"),

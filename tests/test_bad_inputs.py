@@ -444,6 +444,13 @@ def test_skip_policy_finishes_and_lists_every_skipped_file(data, tmp_path, capsy
 
     page = build_report(run).read_text()
     assert "Skipped images (2)" in page and "img 06" in page
+    # Without its list of skipped images, the run checks the images again (it does not
+    # stumble over the bad ones).
+    (run / "skipped_images.json").unlink()
+    status, _, err = amnseg(capsys, "run", "voc12", *folder_args(data, run),
+                            "--on-bad-image", "skip", "--to", "cam_seeds")
+    assert status == 0, err
+    assert set(json.loads((run / "skipped_images.json").read_text())) == {"img 03", "img 06"}
 
 
 # --- random bytes and rows ------------------------------------------------------------------
@@ -789,3 +796,97 @@ def test_diverged_training_stops_the_stage_and_nan_maps_are_refused(data, tmp_pa
     save_score_maps(maps / "img 00.npz", ScoreMaps(np.array([1]), full[:, ::4, ::4], full))
     line = one_error_line(capsys, "eval", "demo", *folder_args(data, run), "--maps", maps)
     assert "img 00.npz: the maps hold NaN or infinite values" in line
+
+
+def test_voc_split_with_a_bom_or_an_id_twice(tmp_path):
+    from amnseg.data.base import read_split_file
+
+    split = tmp_path / "train.txt"
+    split.write_bytes("\ufeffa\r\nb\r\n".encode())
+    assert read_split_file(split) == ["a", "b"]
+    split.write_text("a\nb\na\n")
+    with pytest.raises(AmnsegError, match=r"train.txt:3: image 'a' is listed twice \(first on "
+                       r"line 1\)"):
+        read_split_file(split)
+
+
+def test_voc_annotation_error_is_found_by_the_check(tmp_path, capsys):
+    voc = write_voc_with_split(tmp_path, ["a"])
+    (voc / "Annotations").mkdir()
+    (voc / "Annotations" / "a.xml").write_text("<annotation><object><name>dragon</name>"
+                                               "</object></annotation>")
+    run = tmp_path / "run"
+    line = one_error_line(capsys, "run", "voc12", f"data.root={voc}", "data.train_split=train",
+                          "data.infer_split=train", "data.val_split=''", f"run_dir={run}",
+                          *TINY)
+    assert "a.xml" in line and "dragon" in line
+    assert no_outputs(run) and not (run / "cam").exists()
+
+
+def test_eval_names_are_plain_and_given_once(data, tmp_path, capsys):
+    maps = tmp_path / "cam" / "maps"
+    maps.mkdir(parents=True)
+    args = ["demo", *folder_args(data, tmp_path / "run")]
+    line = one_error_line(capsys, "eval", *args, "--maps", maps, "--name", "a/b")
+    assert "--name a/b: 'a/b' is not a plain" in line
+    line = one_error_line(capsys, "sweep", *args, "--maps", f"../x={maps}")
+    assert "'../x' is not a plain" in line
+    line = one_error_line(capsys, "sweep", *args, "--maps", f"CAM={maps}", "--maps",
+                          f"CAM={maps}")
+    assert "the name CAM is given twice" in line
+
+
+def test_export_checks_its_source_and_destination(tmp_path, capsys):
+    from amnseg.io import save_checkpoint
+
+    state = tmp_path / "last.pt"
+    save_checkpoint(state, {"model": {}, "epochs_done": 1})
+    line = one_error_line(capsys, "export-checkpoint", state, tmp_path / "out.pth")
+    assert "last.pt: not an amnseg cam, amn, irn or seg checkpoint (a training state" in line
+    line = one_error_line(capsys, "export-checkpoint", state, state)
+    assert "the destination is the checkpoint to export" in line
+
+
+def test_status_of_a_hand_edited_manifest(tmp_path, capsys):
+    (tmp_path / "manifest.json").write_text(json.dumps(
+        {"stages": {"cam": {"status": "done", "seconds": "12", "metrics": "x"}, "amn": 3}}))
+    status, out, err = amnseg(capsys, "status", tmp_path)
+    assert status == 0, err
+    assert "cam" in out and "amn" in out
+
+
+def test_home_in_paths_is_expanded(monkeypatch, tmp_path):
+    from amnseg.config import load_config
+
+    monkeypatch.setenv("HOME", str(tmp_path))
+    config = load_config("demo", ["run_dir=~/runs/x", "data.root=~/data"])
+    assert config.run_dir == str(tmp_path / "runs" / "x")
+    assert config.data.root == str(tmp_path / "data")
+
+
+def test_python_api_odd_arguments(tmp_path):
+    from test_seg import save_tiny_seg_checkpoint
+
+    from amnseg import Segmenter
+
+    path = save_tiny_seg_checkpoint(tmp_path / "seg.pt")
+    with pytest.raises(AmnsegError, match=r"crf='yes': expected True"):
+        Segmenter.from_checkpoint(path, crf="yes")
+    segmenter = Segmenter.from_checkpoint(path)
+    premultiplied = Image.new("La", (12, 10))
+    assert segmenter(premultiplied).shape == (10, 12)
+
+
+def test_overlay_folder_that_is_a_file_is_found_before_writing(tmp_path, capsys):
+    from test_seg import save_tiny_seg_checkpoint
+
+    path = save_tiny_seg_checkpoint(tmp_path / "seg.pt")
+    image = tmp_path / "a.png"
+    Image.fromarray(np.zeros((20, 20, 3), np.uint8)).save(image)
+    out = tmp_path / "out"
+    out.mkdir()
+    (out / "overlay").write_text("a file")
+    line = one_error_line(capsys, "predict", path, image, "--out", out, "--overlay",
+                          "--device", "cpu")
+    assert "overlay: exists and is not a folder" in line
+    assert sorted(p.name for p in out.iterdir()) == ["overlay"]

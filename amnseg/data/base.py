@@ -145,7 +145,13 @@ def rgb_array(image: Image.Image, source: str = "image") -> np.ndarray:
         return np.repeat(gray[..., None], 3, axis=2)
     if image.mode == "F":
         raise AmnsegError(f"{source}: floating-point images are not supported (mode F)")
-    return np.array(image.convert("RGB"), dtype=np.uint8)
+    if image.mode == "La":  # premultiplied alpha, which PIL converts only through LA
+        image = image.convert("LA")
+    try:
+        return np.array(image.convert("RGB"), dtype=np.uint8)
+    except ValueError as exc:
+        raise AmnsegError(f"{source}: image mode {image.mode} cannot be read as RGB ({exc})"
+                          ) from None
 
 
 @contextmanager
@@ -256,11 +262,21 @@ def read_split_file(path: Path) -> list[str]:
     if not path.is_file():
         raise AmnsegError(f"{path}: split list not found")
     try:
-        lines = path.read_text().splitlines()
+        lines = path.read_text(encoding="utf-8-sig").splitlines()  # a BOM is no part of an id
     except (UnicodeDecodeError, OSError) as exc:
         raise AmnsegError(f"{path}: unreadable split list ({exc.__class__.__name__})") from None
-    stems = [check_stem(line.split()[0], f"{path}:{number}")
-             for number, line in enumerate(lines, start=1) if line.strip()]
+    stems: list[str] = []
+    first_line: dict[str, int] = {}
+    for number, line in enumerate(lines, start=1):
+        if not line.strip():
+            continue
+        stem = check_stem(line.split()[0], f"{path}:{number}")
+        if stem in first_line:
+            # Listed twice, an image would weigh twice in training and in the mIoU.
+            raise AmnsegError(f"{path}:{number}: image '{stem}' is listed twice (first on line "
+                              f"{first_line[stem]})")
+        first_line[stem] = number
+        stems.append(stem)
     if not stems:
         raise AmnsegError(f"{path}: the split lists no image")
     return stems

@@ -4,6 +4,7 @@ hours of training, or a traceback on image 57,312, is what it prevents.
 Every image's header is read (its size must be known, at least ``MIN_SIDE`` on each side and
 at most ``max_pixels``); with ``decode`` the whole image is decoded too (finds truncated files;
 slower). Every mask file is read: its size must be the image's and its values classes or 255.
+An image without a mask file has its label read (VOC's XML annotation), which must parse.
 """
 
 from __future__ import annotations
@@ -39,6 +40,7 @@ def check_sample(dataset: SegDataset, stem: str, max_pixels: int, decode: bool) 
             f"{dataset.mask_source(stem)}: the annotations give the image {declared[1]}x"
             f"{declared[0]} pixels, its file {path} is {width}x{height}")
     if dataset.mask_path(stem) is None:
+        dataset.label(stem)  # from an annotation file (VOC's XML): a bad one is named now
         return
     mask = dataset.mask(stem)  # reads and checks the values
     if mask is not None and mask.shape != (height, width):
