@@ -480,6 +480,24 @@ def _plan(stage: Stage, index: int, first: int, last: int, config: Config, recor
     return "resume", " (resuming)"
 
 
+def _check_given_paths(config: Config, stages: list[str]) -> None:
+    """The files and folders that options of the stages to run name must exist: said now,
+    not when the stage starts after hours of the stages before it."""
+    given: list[tuple[str, str, str]] = []  # (option, path, "file" or "folder")
+    for stage in ("cam", "amn", "irn", "seg"):
+        if stage in stages and getattr(config, stage).checkpoint:
+            given.append((f"{stage}.checkpoint", getattr(config, stage).checkpoint, "file"))
+    trains_seg = "seg" in stages or "seg_gt" in stages
+    if trains_seg and config.seg.init not in (None, "", "none", "imagenet", "cam", "amn"):
+        given.append(("seg.init", config.seg.init, "file"))
+    if "seg" in stages and config.seg.masks not in ("pseudo", "gt"):
+        given.append(("seg.masks", config.seg.masks, "folder"))
+    for option, value, kind in given:
+        path = Path(value)
+        if not (path.is_file() if kind == "file" else path.is_dir()):
+            raise AmnsegError(f"{option}={value}: {kind} not found")
+
+
 def _fingerprints(config: Config, signatures: dict[str, str]) -> dict[str | None, str]:
     """Every stage's fingerprint (None: the empty upstream of the stages that read only data)."""
     hashes: dict[str | None, str] = {None: ""}
@@ -540,6 +558,8 @@ def _run_stages(
     manifest = load_manifest(run_dir)
     records = manifest.setdefault("stages", {})
     signatures = distributed.run_on_main(data_signatures, config)
+    _check_given_paths(config, [stage.name for stage in STAGES[first:last + 1]
+                                if stage.enabled(config)])
     if signatures.get("val") == "absent" and any(
             "val" in stage.data and stage.enabled(config) for stage in STAGES[first:last + 1]):
         # A stage of this call reads the val split: say what is wrong with it now, not after

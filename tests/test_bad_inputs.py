@@ -890,3 +890,15 @@ def test_overlay_folder_that_is_a_file_is_found_before_writing(tmp_path, capsys)
                           "--device", "cpu")
     assert "overlay: exists and is not a folder" in line
     assert sorted(p.name for p in out.iterdir()) == ["overlay"]
+
+
+@pytest.mark.parametrize("option, kind", [
+    ("seg.init", "file"), ("seg.masks", "folder"), ("amn.checkpoint", "file"),
+    ("seg.checkpoint", "file"),
+])
+def test_missing_given_paths_are_named_before_any_stage(data, tmp_path, capsys, option, kind):
+    run = tmp_path / "run"
+    missing = tmp_path / "nowhere"
+    line = one_error_line(capsys, "run", "demo", *folder_args(data, run), f"{option}={missing}")
+    assert f"{option}={missing}: {kind} not found" in line
+    assert not (run / "cam").exists()
