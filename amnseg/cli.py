@@ -507,12 +507,15 @@ def one_line(error: BaseException) -> str:
     return text
 
 
-def _fail(message: str) -> None:
+def _fail(message: str, status: int = 2) -> None:
     # A progress bar may hold the current line (redrawn with carriage returns): on a terminal
     # start a fresh line, in a log return to the line's start.
     start = "\n" if sys.stderr.isatty() else "\r"
     print(f"{start}amnseg: error: {message}", file=sys.stderr)
-    sys.exit(2)
+    sys.exit(status)
+
+
+INTERRUPTED = "interrupted; the same command resumes where it stopped"
 
 
 def main() -> None:
@@ -533,7 +536,7 @@ def main() -> None:
         # click's UsageError and Abort (Ctrl-C); typer may carry its own copy of click, so they
         # are matched by their API and name.
         if type(error).__name__ == "Abort":
-            _fail("interrupted; the same command resumes where it stopped")
+            _fail(INTERRUPTED)
         if not (hasattr(error, "format_message") and getattr(error, "exit_code", None) == 2):
             raise
         context = getattr(error, "ctx", None)
@@ -542,6 +545,8 @@ def main() -> None:
         if not message:  # no command given: the help was printed instead
             sys.exit(2)
         _fail(f"{message} (`{command} --help` lists them)")
+    if status == 130:  # typer's answer to Ctrl-C (128 + SIGINT)
+        _fail(INTERRUPTED, 130)
     if isinstance(status, int) and status:
         sys.exit(status)
 

@@ -902,3 +902,16 @@ def test_missing_given_paths_are_named_before_any_stage(data, tmp_path, capsys, 
     line = one_error_line(capsys, "run", "demo", *folder_args(data, run), f"{option}={missing}")
     assert f"{option}={missing}: {kind} not found" in line
     assert not (run / "cam").exists()
+
+
+def test_ctrl_c_says_how_to_resume(data, tmp_path, capsys, monkeypatch):
+    from amnseg import pipeline
+
+    def interrupted(*args, **kwargs):
+        raise KeyboardInterrupt
+
+    monkeypatch.setattr(pipeline, "_run_stages", interrupted)
+    status, _, err = amnseg(capsys, "run", "demo", *folder_args(data, tmp_path / "run"))
+    assert status == 130
+    assert err.strip().splitlines()[-1] == ("amnseg: error: interrupted; the same command "
+                                             "resumes where it stopped")
