@@ -16,6 +16,7 @@ from amnseg.errors import AmnsegError
 from amnseg.io import ScoreMaps, load_json, load_score_maps, save_score_maps
 from amnseg.metrics import (
     IGNORE_INDEX,
+    class_accuracy,
     confusion_matrix,
     foreground_background_gap,
     image_miou,
@@ -119,6 +120,23 @@ def test_iou_nan_for_absent_class_and_pixel_accuracy():
     assert np.isnan(miou(np.zeros((3, 3), np.int64)))
     batched = miou(np.stack([confusion, np.eye(3, dtype=np.int64)]))
     np.testing.assert_allclose(batched, [(3 / 4 + 2 / 3) / 2, 1.0])
+
+
+def test_pixel_and_class_accuracy_against_direct_counts():
+    # Rows are the ground truth: row sums (4, 4, 0) differ from column sums (5, 3, 0).
+    confusion = np.array([[3, 1, 0], [2, 2, 0], [0, 0, 0]])
+    recall = class_accuracy(confusion)
+    np.testing.assert_allclose(recall[:2], [3 / 4, 2 / 4])
+    assert np.isnan(recall[2])
+    single = np.array([[1, 0], [0, 0]])  # one pixel in all
+    assert pixel_accuracy(single) == 1.0 and isinstance(pixel_accuracy(single), float)
+    assert miou(single) == 1.0  # the one class that occurs
+    batch = np.stack([confusion, 2 * np.eye(3, dtype=np.int64), np.zeros((3, 3), np.int64),
+                      np.pad(single, ((0, 1), (0, 1)))])
+    np.testing.assert_allclose(pixel_accuracy(batch), [5 / 8, 1.0, np.nan, 1.0])
+    np.testing.assert_allclose(class_accuracy(batch)[:2],
+                               [[3 / 4, 2 / 4, np.nan], [1.0, 1.0, 1.0]])
+    np.testing.assert_allclose(miou(batch), [(3 / 6 + 2 / 5) / 2, 1.0, np.nan, 1.0])
 
 
 # --------------------------------------------------------------------------- thresholding
