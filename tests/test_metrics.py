@@ -134,8 +134,9 @@ def test_pixel_and_class_accuracy_against_direct_counts():
     batch = np.stack([confusion, 2 * np.eye(3, dtype=np.int64), np.zeros((3, 3), np.int64),
                       np.pad(single, ((0, 1), (0, 1)))])
     np.testing.assert_allclose(pixel_accuracy(batch), [5 / 8, 1.0, np.nan, 1.0])
-    np.testing.assert_allclose(class_accuracy(batch)[:2],
-                               [[3 / 4, 2 / 4, np.nan], [1.0, 1.0, 1.0]])
+    np.testing.assert_allclose(class_accuracy(batch),
+                               [[3 / 4, 2 / 4, np.nan], [1.0, 1.0, 1.0], [np.nan] * 3,
+                                [1.0, np.nan, np.nan]])
     np.testing.assert_allclose(miou(batch), [(3 / 6 + 2 / 5) / 2, 1.0, np.nan, 1.0])
 
 
