@@ -474,7 +474,9 @@ def _plan(stage: Stage, index: int, first: int, last: int, config: Config, recor
     if same and record.get("status") == "done" and not missing:
         return "skip", "up to date"
     if not same:
-        return "run", ""
+        # Outputs made with other options or data are replaced: say so, they may be wanted.
+        replaced = " (its options or data changed since it ran: its outputs are replaced)"
+        return "run", replaced if record.get("status") == "done" else ""
     if record.get("status") == "done":
         return "resume", f" ({len(missing)} output files missing, first {missing[0]}; resuming)"
     return "resume", " (resuming)"

@@ -91,6 +91,9 @@ def test_changed_amn_option_reruns_from_amn(finished_run):
     ran = [m.split()[1].rstrip(":") for m in messages if m.startswith("[run")]
     assert ran == [n for n in STAGE_NAMES[STAGE_NAMES.index("amn"):] if n != "seg_gt"]
     assert digest(run / "cam") == cam_maps  # upstream outputs untouched
+    # The outputs of a finished stage are not replaced silently.
+    assert all(m.endswith("(its options or data changed since it ran: its outputs are "
+                          "replaced)") for m in messages if m.startswith("[run]"))
     # the original config is now "changed" again: back to it re-runs the same stages
     messages.clear()
     run_pipeline(config, progress=messages.append)
