@@ -78,6 +78,9 @@ class Segmenter:
         ``amnseg import-checkpoint seg``)."""
         path = Path(path)
         raw = load_checkpoint(path)
+        if raw.get("format") == "amnseg" and raw.get("stage") != "seg":
+            raise AmnsegError(f"{path}: an amnseg {raw.get('stage')} checkpoint, not a "
+                              "segmentation network (a run's is <run_dir>/seg/seg.pt)")
         if raw.get("format") != "amnseg" or raw.get("stage") != "seg":
             raise AmnsegError(
                 f"{path}: not an amnseg segmentation checkpoint (import a DeepLab-v2 file "

@@ -357,7 +357,7 @@ def test_garbage_and_wrong_kind_of_checkpoint(data, tmp_path, capsys, cam_checkp
     assert "garbage.pt: not a readable checkpoint" in line
     line = one_error_line(capsys, "predict", cam_checkpoint, data / "images", "--out",
                           tmp_path / "o")
-    assert "cam.pt: not an amnseg segmentation checkpoint" in line
+    assert "cam.pt: an amnseg cam checkpoint, not a segmentation network" in line
     line = one_error_line(capsys, "run", "voc12", *folder_args(data, tmp_path / "run"),
                           f"amn.checkpoint={cam_checkpoint}", "--to", "amn")
     assert "expected an amnseg amn checkpoint, found an amnseg cam checkpoint" in line

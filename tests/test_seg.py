@@ -518,7 +518,8 @@ def test_segmenter_rejects_non_seg_checkpoints_and_bad_arrays(seg_checkpoint, tm
     from amnseg.segmenter import Segmenter, as_rgb
 
     save_checkpoint(tmp_path / "cam.pt", {"format": "amnseg", "stage": "cam"})
-    with pytest.raises(AmnsegError, match="not an amnseg segmentation checkpoint"):
+    with pytest.raises(AmnsegError, match="cam.pt: an amnseg cam checkpoint, not a "
+                       "segmentation network"):
         Segmenter.from_checkpoint(tmp_path / "cam.pt")
     with pytest.raises(AmnsegError, match="image array of shape"):
         as_rgb(np.zeros((4, 4, 2), np.uint8))
