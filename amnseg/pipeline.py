@@ -211,7 +211,7 @@ def _training(stage: str, train: Callable[[Config], Path]) -> Callable[[Config],
 
     def run(config: Config) -> dict[str, Any]:
         given = getattr(config, stage).checkpoint
-        dataset = build_dataset(config.data, config.data.train_split)
+        dataset = run_dataset(config, config.data.train_split)  # without skipped images
         if given:
             checkpoint = load_model_checkpoint(Path(given), stage, dataset.class_names)
             save_once(checkpoint_path(config, stage), checkpoint)
@@ -258,7 +258,7 @@ def _train_seg(stage: str, masks: str | None) -> Callable[[Config], dict[str, An
     """Train the segmentation network (or take ``seg.checkpoint``), then evaluate it."""
 
     def run(config: Config) -> dict[str, Any]:
-        dataset = build_dataset(config.data, config.data.train_split)
+        dataset = run_dataset(config, config.data.train_split)  # without skipped images
         metrics: dict[str, Any]
         if config.seg.checkpoint and stage == "seg":
             checkpoint = load_model_checkpoint(Path(config.seg.checkpoint), "seg",

@@ -440,6 +440,8 @@ def test_skip_policy_finishes_and_lists_every_skipped_file(data, tmp_path, capsy
     assert "unreadable image" in skipped["img 03"] and "img 03.png" in skipped["img 03"]
     assert "skipped img 03:" in out and "skipped img 06:" in out
     assert len(list((run / "seeds" / "cam").glob("*.png"))) == 6
+    manifest = json.loads((run / "manifest.json").read_text())
+    assert manifest["stages"]["cam"]["metrics"]["train_images"] == 6  # the 8 less the 2
     from amnseg.report.html import build_report
 
     page = build_report(run).read_text()
