@@ -229,6 +229,28 @@ def test_optimal_threshold_ties_go_to_lowest_threshold():
     assert int(single.index) == 2
 
 
+def test_optimum_at_the_first_threshold_undefined_thresholds_and_an_empty_oracle():
+    perfect = np.array([[5, 0], [0, 3]])
+    worse = np.array([[4, 1], [1, 2]])
+    empty = np.zeros((2, 2), np.int64)  # no labelled pixel: mIoU NaN at that threshold
+    thresholds = [0.2, 0.5, 0.1]
+    confusions = np.stack([
+        np.stack([perfect, worse, worse]),  # best at index 0 (not the lowest threshold)
+        np.stack([worse, perfect, empty]),  # the lowest threshold is undefined: never picked
+    ])
+    best = optimal_thresholds(confusions, thresholds)
+    assert best.index.tolist() == [0, 1]
+    np.testing.assert_array_equal(best.threshold, [0.2, 0.5])
+    np.testing.assert_array_equal(best.miou, [1.0, 1.0])
+    oracle = per_image_oracle(confusions, thresholds)
+    np.testing.assert_array_equal(oracle.confusion, 2 * perfect)  # index 0 counts too
+    assert oracle.miou == 1.0
+    nothing = per_image_oracle(np.zeros((2, 3, 2, 2), np.int64), thresholds)
+    assert nothing.confusion.shape == (2, 2) and nothing.confusion.dtype == np.int64
+    assert not nothing.confusion.any() and np.isnan(nothing.miou)
+    assert nothing.optimum.index.tolist() == [-1, -1]
+
+
 def make_image(rng: np.random.Generator, size: int = 24, classes: int = 3):
     """A GT with one or two blobs and maps whose contrast varies across images, so each image
     prefers a different threshold."""
