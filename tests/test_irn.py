@@ -134,6 +134,30 @@ def test_boundary_net_layout_and_frozen_backbone():
     assert small.fc_edge6.weight.grad is not None
 
 
+def test_boundary_head_on_given_levels_matches_functional():
+    """The head alone, on feature levels with real spatial structure: per level a 1x1 conv,
+    GroupNorm(4), a bilinear upsampling (align_corners False) to stride 4 for the deeper
+    levels, ReLU; cropped to level 2's size, concatenated, one 1x1 conv."""
+    torch.manual_seed(3)
+    net = BoundaryNet(ResNet(depth=18, width=0.125, strides=[2, 2, 2, 1])).eval()
+    for name, parameter in net.named_parameters():
+        if name.startswith("fc_edge"):
+            parameter.data.normal_()
+    sizes = [(10, 13), (10, 13), (5, 7), (3, 4), (3, 4)]  # strides 4, 4, 8, 16, 16
+    levels = [torch.randn(2, c, *size) for c, size in zip(net.backbone.level_channels, sizes,
+                                                          strict=True)]
+    net.backbone.forward_levels = lambda images: levels
+    edges = []
+    for index, (level, scale) in enumerate(zip(levels, [1, 1, 2, 4, 4], strict=True), 1):
+        conv, norm = getattr(net, f"fc_edge{index}")[:2]
+        edge = F.group_norm(F.conv2d(level, conv.weight), 4, norm.weight, norm.bias, norm.eps)
+        if scale > 1:
+            edge = F.interpolate(edge, scale_factor=scale, mode="bilinear", align_corners=False)
+        edges.append(F.relu(edge)[..., :10, :13])
+    expected = F.conv2d(torch.cat(edges, dim=1), net.fc_edge6.weight, net.fc_edge6.bias)
+    torch.testing.assert_close(net(torch.zeros(2, 3, 37, 50)), expected, rtol=1e-5, atol=1e-5)
+
+
 def dense_random_walk(maps, boundary, radius, beta, exp_times):
     """The reference formulation: dense affinity matrix, column-normalised, squared 8 times."""
     height, width = boundary.shape
