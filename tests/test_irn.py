@@ -127,6 +127,9 @@ def test_boundary_net_layout_and_frozen_backbone():
     assert ours == reference and len(reference) == 17
     small = BoundaryNet(ResNet(depth=18, width=0.125, strides=[2, 2, 1, 1])).train()
     assert not small.backbone.training
+    assert not any(p.requires_grad for p in small.backbone.parameters())
+    assert {id(p) for p in small.trainable_parameters()} == {
+        id(p) for name, p in small.named_parameters() if name.startswith("fc_edge")}
     out = small(torch.randn(2, 3, 37, 50))
     assert out.shape == (2, 1, 10, 13)
     out.sum().backward()
