@@ -186,6 +186,8 @@ def test_msc_loss_is_the_sum_of_per_scale_cross_entropies():
 def test_seg_optimizer_groups_rates_and_stepwise_poly():
     model = tiny_msc(num_outputs=4)
     seg_stage.freeze_batchnorm(model)
+    norms = [m for m in model.modules() if isinstance(m, torch.nn.BatchNorm2d)]
+    assert norms and not any(m.weight.requires_grad or m.bias.requires_grad for m in norms)
     config = SegConfig(iterations=100)
     optimizer, scheduler = seg_stage.seg_optimizer(model, config)
     names = {id(p): n for n, p in model.named_parameters()}
@@ -340,6 +342,22 @@ def test_init_files_without_prefix_or_with_another_head_load_their_backbone(tmp_
                        init["layer4.block5.conv3x3.conv.weight"])
     assert model.base.aspp.c0.weight.shape[0] == 21
     assert abs(model.base.aspp.c0.weight.std().item() - 0.01) < 0.002  # fresh N(0, 0.01)
+
+
+def test_imagenet_init_puts_the_stride_on_the_3x3_conv(tmp_path):
+    """torchvision's ImageNet weights were trained with the stride on the 3x3 conv; the
+    recipe's Caffe files (and no init) keep it on the first 1x1 conv."""
+    config = load_config("voc12", [f"run_dir={tmp_path}", "seg.init=imagenet",
+                                   "seg.backbone.pretrained=null", "seg.backbone.depth=50",
+                                   "seg.backbone.width=0.125"])
+    model, backbone_cfg, description = seg_stage.initial_seg_model(config, 20)
+    assert not backbone_cfg.stride_in_1x1 and description == "none (random weights)"
+    block = model.base.backbone.layer2[0]
+    assert block.conv1.stride == (1, 1) and block.conv2.stride == (2, 2)
+    config.seg.init = "none"
+    model, backbone_cfg, _ = seg_stage.initial_seg_model(config, 20)
+    assert backbone_cfg.stride_in_1x1
+    assert model.base.backbone.layer2[0].conv1.stride == (2, 2)
 
 
 def test_init_file_for_the_same_classes_keeps_its_head(tmp_path):
