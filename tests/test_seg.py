@@ -162,6 +162,17 @@ def test_train_transform_scales_pads_crops_flips_and_subtracts_the_mean():
                                torch.zeros(3, 24 - window.shape[1], 24), rtol=0, atol=1e-6)
 
 
+def test_cross_entropy_is_the_mean_over_the_labelled_pixels_only():
+    generator = torch.Generator().manual_seed(6)
+    logits = torch.randn(1, 3, 2, 2, generator=generator)
+    target = torch.full((1, 2, 2), 255)
+    target[0, 0, 1] = 2  # one labelled pixel: its own cross-entropy, not half of it
+    expected = -torch.log_softmax(logits, dim=1)[0, 2, 0, 1]
+    torch.testing.assert_close(seg_stage.cross_entropy(logits, target), expected)
+    nothing = seg_stage.cross_entropy(logits, torch.full((1, 2, 2), 255))
+    assert nothing.item() == 0.0  # no labelled pixel: no loss (not 0 / 0)
+
+
 def test_msc_loss_is_the_sum_of_per_scale_cross_entropies():
     generator = torch.Generator().manual_seed(2)
     outputs = [torch.randn(2, 3, 5, 5, generator=generator),
