@@ -162,6 +162,20 @@ def test_train_transform_scales_pads_crops_flips_and_subtracts_the_mean():
                                torch.zeros(3, 24 - window.shape[1], 24), rtol=0, atol=1e-6)
 
 
+def test_probabilities_with_flip_are_the_softmax_of_the_mean_logits_at_image_size():
+    model = tiny_msc(num_outputs=3, seed=7)
+    image = np.random.default_rng(7).integers(0, 256, (29, 37, 3), dtype=np.uint8)
+    batch = deeplab_input(image, model.input_kind)[None]
+    with torch.no_grad():
+        plain, mirrored = model(batch), model(batch.flip(-1)).flip(-1)
+    for flip, logits in ((False, plain), (True, (plain + mirrored) / 2)):
+        expected = torch.softmax(F.interpolate(logits, (29, 37), mode="bilinear",
+                                               align_corners=False), dim=1)[0]
+        got = seg_stage.predict_probabilities(model, image, flip=flip)
+        torch.testing.assert_close(got, expected, rtol=1e-5, atol=1e-6)
+    assert not torch.allclose(plain, mirrored, atol=1e-3)  # the mirror does change the logits
+
+
 def test_cross_entropy_is_the_mean_over_the_labelled_pixels_only():
     generator = torch.Generator().manual_seed(6)
     logits = torch.randn(1, 3, 2, 2, generator=generator)
