@@ -164,6 +164,8 @@ def test_train_transform_scales_pads_crops_flips_and_subtracts_the_mean():
 
 def test_probabilities_with_flip_are_the_softmax_of_the_mean_logits_at_image_size():
     model = tiny_msc(num_outputs=3, seed=7)
+    for conv in model.base.aspp.children():  # logits of a few units: the softmax is not
+        conv.weight.data *= 3e-4             # saturated, so every factor shows
     image = np.random.default_rng(7).integers(0, 256, (29, 37, 3), dtype=np.uint8)
     batch = deeplab_input(image, model.input_kind)[None]
     with torch.no_grad():
@@ -173,7 +175,8 @@ def test_probabilities_with_flip_are_the_softmax_of_the_mean_logits_at_image_siz
                                                align_corners=False), dim=1)[0]
         got = seg_stage.predict_probabilities(model, image, flip=flip)
         torch.testing.assert_close(got, expected, rtol=1e-5, atol=1e-6)
-    assert not torch.allclose(plain, mirrored, atol=1e-3)  # the mirror does change the logits
+    assert not torch.allclose(plain, mirrored, atol=1e-2)  # the mirror does change the logits
+    assert 0.5 < plain.abs().max() < 20
 
 
 def test_cross_entropy_is_the_mean_over_the_labelled_pixels_only():
