@@ -325,7 +325,7 @@ def _choice(value: Any, key: str, choices: tuple[Any, ...]) -> None:
     _require(value in choices, key, value, f"expected one of {', '.join(map(str, choices))}")
 
 
-def _is_device(spec: Any) -> bool:
+def is_device(spec: Any) -> bool:
     """Whether ``spec`` names a device amnseg runs on: auto, cpu, cuda or cuda:N."""
     import torch  # here: reading a config needs no torch otherwise
 
@@ -342,7 +342,7 @@ def validate(config: Config) -> Config:
     """Check every option's type and range; the first bad one is a one-line AmnsegError."""
     _require(bool(str(config.run_dir).strip()), "run_dir", config.run_dir, "must not be empty")
     _choice(config.amp, "amp", ("off", "bf16"))
-    _require(_is_device(config.device), "device", config.device,
+    _require(is_device(config.device), "device", config.device,
              "must be auto, cpu, cuda or cuda:N")
     _require(isinstance(config.seed, int) and 0 <= config.seed < 2**32, "seed", config.seed,
              "must be an integer in 0 .. 2^32 - 1")

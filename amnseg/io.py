@@ -119,6 +119,9 @@ def append_jsonl(path: str | Path, obj: Any) -> None:
         f.write(json.dumps(obj, default=_json_default) + "\n")
 
 
+DAMAGED = "the file is damaged: restore it or delete it (amnseg remakes what it can)"
+
+
 def load_json(path: str | Path, kind: type | None = None) -> Any:
     """A JSON file's value (of type ``kind`` when given); a file cut short, hand-edited into
     something else or not UTF-8 is a one-line AmnsegError naming it."""
@@ -126,18 +129,15 @@ def load_json(path: str | Path, kind: type | None = None) -> Any:
     try:
         value = json.loads(path.read_text(encoding="utf-8"))
     except json.JSONDecodeError as exc:
-        raise AmnsegError(f"{path}: not valid JSON ({exc.msg}, line {exc.lineno}); the file "
-                          "is damaged: restore it or delete it (amnseg remakes what it can)"
-                          ) from None
+        raise AmnsegError(f"{path}: not valid JSON ({exc.msg}, line {exc.lineno}); "
+                          f"{DAMAGED}") from None
     except UnicodeDecodeError:
-        raise AmnsegError(f"{path}: not UTF-8 text; the file is damaged: restore it or delete "
-                          "it (amnseg remakes what it can)") from None
+        raise AmnsegError(f"{path}: not UTF-8 text; {DAMAGED}") from None
     except OSError as exc:
         raise AmnsegError(f"{path}: unreadable ({exc.strerror or exc})") from None
     if kind is not None and not isinstance(value, kind):
         raise AmnsegError(f"{path}: expected a JSON {'object' if kind is dict else kind.__name__}"
-                          f", found {type(value).__name__}; the file is damaged: restore it "
-                          "or delete it")
+                          f", found {type(value).__name__}; {DAMAGED}")
     return value
 
 

@@ -35,6 +35,7 @@ from amnseg.data.check import check_dataset
 from amnseg.data.signature import data_signature
 from amnseg.errors import AmnsegError
 from amnseg.io import (
+    DAMAGED,
     TEMP_SUFFIX,
     atomic_path,
     load_json,
@@ -57,7 +58,7 @@ from amnseg.stages.common import processed_images
 from amnseg.stages.evaluate import evaluate_label_maps, evaluate_maps
 from amnseg.stages.irn import make_masks, train_irn
 from amnseg.stages.seeds import SeedFollower, make_seeds, overlap_seeds
-from amnseg.stages.seg import evaluate_seg, train_seg
+from amnseg.stages.seg import SEG_INIT_WORDS, evaluate_seg, train_seg
 
 MANIFEST = "manifest.json"
 
@@ -79,7 +80,7 @@ class Stage:
     # The files that must exist for the stage to count as done (besides its record).
     expected: Callable[[Config], list[Path]] = lambda config: []
     # The next stage, when its per-image work can start as soon as this one has written an
-    # image's output (see ``_follow``); ``run`` then takes ``on_saved=`` (stem -> None).
+    # image's output (see ``_start_follower_record``); ``run`` then takes ``on_saved=``.
     follower: Follower | None = None
 
 
@@ -366,8 +367,7 @@ def load_manifest(run_dir: Path) -> dict[str, Any]:
     path = run_dir / MANIFEST
     manifest = load_json(path, dict) if path.is_file() else {"stages": {}}
     if not isinstance(manifest.get("stages", {}), dict):
-        raise AmnsegError(f"{path}: \"stages\" is not a JSON object; the file is damaged: "
-                          "restore it or delete it (every stage then runs again)")
+        raise AmnsegError(f"{path}: \"stages\" is not a JSON object; {DAMAGED}")
     return manifest
 
 
@@ -490,7 +490,7 @@ def _check_given_paths(config: Config, stages: list[str]) -> None:
         if stage in stages and getattr(config, stage).checkpoint:
             given.append((f"{stage}.checkpoint", getattr(config, stage).checkpoint, "file"))
     trains_seg = "seg" in stages or "seg_gt" in stages
-    if trains_seg and config.seg.init not in (None, "", "none", "imagenet", "cam", "amn"):
+    if trains_seg and config.seg.init not in SEG_INIT_WORDS:
         given.append(("seg.init", config.seg.init, "file"))
     if "seg" in stages and config.seg.masks not in ("pseudo", "gt"):
         given.append(("seg.masks", config.seg.masks, "folder"))

@@ -18,7 +18,7 @@ import numpy as np
 import torch
 from PIL import Image
 
-from amnseg.checkpoints import build_model, check_amnseg_fields, load_model_checkpoint
+from amnseg.checkpoints import build_model, load_model_checkpoint
 from amnseg.config import CrfConfig, deeplab_crf
 from amnseg.data.base import read_rgb, read_size, rgb_array
 from amnseg.data.folder import IMAGE_SUFFIXES
@@ -86,8 +86,7 @@ class Segmenter:
                 f"{path}: not an amnseg segmentation checkpoint (import a DeepLab-v2 file "
                 "first: amnseg import-checkpoint seg FILE OUT --classes voc)"
             )
-        check_amnseg_fields(raw, path)
-        checkpoint = load_model_checkpoint(path, "seg", raw["class_names"])
+        checkpoint = load_model_checkpoint(path, "seg", raw.get("class_names"))
         return cls(build_model(checkpoint, path), checkpoint["class_names"], device, flip, crf)
 
     def check_size(self, height: int, width: int, what: str = "image") -> None:
@@ -161,7 +160,7 @@ def predict_files(segmenter: Segmenter, inputs: Iterable[str | Path], out_dir: P
     for path in files:
         segmenter.check_size(*read_size(path), str(path))
         for target in (output_file(masks_dir, path.stem, ".png"),
-                       *([output_file(out_dir / "overlay", path.stem, ".png")]
+                       *([output_file(overlay_dir, path.stem, ".png")]
                          if with_overlay else [])):
             if target.resolve() in inputs_resolved:
                 raise AmnsegError(f"{target}: the output would replace this input image; "
@@ -173,7 +172,7 @@ def predict_files(segmenter: Segmenter, inputs: Iterable[str | Path], out_dir: P
         target = output_file(masks_dir, path.stem, ".png")
         save_label_png(target, labels, None if voc_submission else voc_palette())
         if with_overlay:
-            with atomic_path(output_file(out_dir / "overlay", path.stem, ".png")) as tmp:
+            with atomic_path(output_file(overlay_dir, path.stem, ".png")) as tmp:
                 Image.fromarray(overlay(image, labels)).save(tmp, format="PNG")
         written.append(target)
     return written

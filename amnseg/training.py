@@ -18,7 +18,7 @@ import torch
 
 from amnseg import distributed
 from amnseg.checkpoints import weights_mismatch
-from amnseg.config import config_to_dict
+from amnseg.config import config_to_dict, is_device
 from amnseg.data import run_dataset
 from amnseg.data.base import SegDataset
 from amnseg.errors import AmnsegError
@@ -33,12 +33,9 @@ def resolve_device(spec: str) -> torch.device:
     ``cuda`` mean this process's GPU (``LOCAL_RANK``)."""
     if spec == "auto":
         spec = "cuda" if torch.cuda.is_available() else "cpu"
-    try:
-        device = torch.device(spec)
-    except RuntimeError:
-        device = None
-    if device is None or device.type not in ("cpu", "cuda"):
+    if not is_device(spec):
         raise AmnsegError(f"device={spec}: expected auto, cpu, cuda or cuda:N")
+    device = torch.device(spec)
     if device.type == "cuda" and not torch.cuda.is_available():
         raise AmnsegError(f"device={spec}: CUDA is not available on this machine")
     if device.type == "cuda" and device.index is None and distributed.launched_by_torchrun():
@@ -194,7 +191,7 @@ def log_metrics(path: Path, record: dict[str, Any]) -> None:
     append_jsonl(path, record)
 
 
-def _log_epoch(path: Path, line: str) -> int:
+def _log_epoch(line: str) -> int:
     """The epoch of a log record; a damaged line counts as after every epoch (dropped)."""
     try:
         record = json.loads(line)
@@ -209,7 +206,7 @@ def keep_log_lines(path: Path, epochs_done: int) -> None:
     if not path.is_file():
         return
     lines = path.read_text(encoding="utf-8", errors="replace").splitlines()
-    kept = [line for line in lines if line.strip() and _log_epoch(path, line) <= epochs_done]
+    kept = [line for line in lines if line.strip() and _log_epoch(line) <= epochs_done]
     if len(kept) != len(lines):
         with atomic_path(path) as tmp:
             tmp.write_text("".join(f"{line}\n" for line in kept))

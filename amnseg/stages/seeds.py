@@ -162,11 +162,10 @@ class SeedFollower:
     def __exit__(self, kind: type[BaseException] | None, error: BaseException | None,
                  trace: TracebackType | None) -> None:
         if kind is None:
-            self.pool.close()
-            self.pool.join()
+            self.pool.close()  # the queued seeds are made
         else:
             self.pool.terminate()
-            self.pool.join()
+        self.pool.join()
 
 
 def seed_thresholds(config: Config, source: str) -> tuple[float, float]:

@@ -53,6 +53,10 @@ from amnseg.training import AugmentedSet, Schedule, fit, resolve_device, start_s
 # --- the network and where it starts from ---------------------------------------------------
 
 
+# ``seg.init`` values that name no file (anything else is a DeepLab-v2 file's path).
+SEG_INIT_WORDS = (None, "", "none", "imagenet", "cam", "amn")
+
+
 def initial_seg_model(
     config: Config, num_classes: int
 ) -> tuple[MSC, BackboneConfig, str]:
@@ -62,7 +66,7 @@ def initial_seg_model(
     ``imagenet`` for torchvision's weights and the package's own backbones."""
     seg_cfg = config.seg
     init = seg_cfg.init
-    caffe_file = init not in (None, "", "none", "imagenet", "cam", "amn")
+    caffe_file = init not in SEG_INIT_WORDS
     options = {"msc_scales": list(seg_cfg.msc_scales),
                "input_kind": "caffe" if caffe_file else "imagenet"}
     if init in (None, "", "none"):
