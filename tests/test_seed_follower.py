@@ -127,3 +127,38 @@ def test_follower_skips_seeds_that_exist(data, seeds_after, tmp_path):
             follower.submit(Path(name).stem)
     assert follower.made == 0 and follower.failure is None
     assert seed_files(seeds_after) == before
+
+
+def test_follower_writes_what_make_seeds_writes_on_maps_where_thresholds_matter(data, tmp_path):
+    """Maps that ramp from 0 to 1 across each image: both thresholds cut them, so the seeds
+    hold background, unsure and class pixels, and a swapped threshold would show."""
+    import numpy as np
+
+    from amnseg.io import ScoreMaps, save_score_maps
+    from amnseg.layout import maps_dir
+    from amnseg.ops.multiscale import strided_size
+    from amnseg.stages.common import processed_images
+    from amnseg.stages.seeds import make_seeds
+
+    config = tiny_config(data, tmp_path / "run", *FAST)
+    dataset = processed_images(config)
+    for stem in dataset.stems:
+        height, width = dataset.image(stem).shape[:2]
+        ids = np.flatnonzero(dataset.label(stem)) + 1
+        ramp = np.tile(np.linspace(0, 1, width, dtype=np.float32), (height, 1))
+        full = np.stack([ramp] * len(ids))
+        save_score_maps(maps_dir(config, "cam") / f"{stem}.npz", ScoreMaps(
+            ids, full[:, ::4, ::4][:, :strided_size(height, width, 4)[0]], full))
+    with SeedFollower(config, "cam", workers=2) as follower:
+        for stem in dataset.stems:
+            follower.submit(stem)
+    assert follower.made == len(dataset) and follower.failure is None
+    beside = seed_files(tmp_path / "run")
+    reference = make_seeds(config, "cam", out_dir=tmp_path / "reference", workers=1)
+    assert beside == {p.name: hashlib.sha256(p.read_bytes()).hexdigest()
+                      for p in sorted(reference.glob("*.png"))}
+    from amnseg.data.base import read_index_png
+
+    values = set().union(*(np.unique(read_index_png(path)).tolist()
+                           for path in reference.glob("*.png")))
+    assert {0, 255} <= values and values - {0, 255}, values
