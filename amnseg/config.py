@@ -257,6 +257,12 @@ class Config:
     # reference's.
     amp: str = "off"
     channels_last: bool = False
+    # Training stages only (amnseg/training.py): torch.compile the network (inductor; its
+    # first step compiles for a minute or more; needs a C compiler on the CPU) and let cuDNN
+    # time its algorithms per input shape. Both change results up to floating-point order,
+    # so both are off by default.
+    compile_training: bool = False
+    cudnn_benchmark: bool = False
     # Images per forward pass in the CAM and AMN map stages and the boundary inference of the
     # masks stage (consecutive images of one size share one; the outputs do not depend on it on
     # the CPU). 1 = one image at a time.
@@ -348,7 +354,8 @@ def validate(config: Config) -> Config:
              "must be an integer in 0 .. 2^32 - 1")
     _require(isinstance(config.map_batch_images, int) and config.map_batch_images >= 1,
              "map_batch_images", config.map_batch_images, "must be an integer >= 1")
-    for key in ("compress_maps", "sync_batchnorm", "channels_last"):
+    for key in ("compress_maps", "sync_batchnorm", "channels_last", "compile_training",
+                "cudnn_benchmark"):
         _require(isinstance(getattr(config, key), bool), key, getattr(config, key),
                  "must be true or false")
     data = config.data

@@ -290,8 +290,9 @@ def _training_outputs(stage: str) -> Callable[[Config], tuple[Path, ...]]:
                            log_path(config, stage))
 
 
-# Options of every stage that runs a network.
+# Options of every stage that runs a network, and of every training stage.
 _PRECISION = ("amp", "channels_last")
+_TRAINING = (*_PRECISION, "compile_training", "cudnn_benchmark")
 _DATA = ("seed", "data.kind", "data.root", "data.train_split", "data.infer_split",
          "data.aug_mask_dir", "data.semantic_dir")
 _CAM_TRAIN = tuple(f"cam.{name}" for name in (
@@ -305,7 +306,7 @@ _IRN_TRAIN = tuple(f"irn.{name}" for name in (
     "crop_size", "rescale", "flip", "backbone_init", "checkpoint"))
 _IRN_WALK = tuple(f"irn.{name}" for name in (
     "infer_pad_size", "walk_radius", "beta", "exp_times", "cam_power", "bg_threshold"))
-_SEG = ("data.val_split", *_PRECISION, *(f"seg.{name}" for name in (
+_SEG = ("data.val_split", *_TRAINING, *(f"seg.{name}" for name in (
     "backbone", "init", "iterations", "batch_size", "accumulation", "lr", "momentum",
     "weight_decay", "poly_power", "lr_decay_every", "aspp_weight_lr_mult", "aspp_bias_lr_mult",
     "crop_size", "rescale", "flip", "msc_scales", "eval_flip", "eval_crf", "crf")))
@@ -329,20 +330,20 @@ def _map_stage(source: str, command: str,
 
 
 STAGES: tuple[Stage, ...] = (
-    _training_stage("cam", train_cam, (*_DATA, *_PRECISION, "backbone", *_CAM_TRAIN),
+    _training_stage("cam", train_cam, (*_DATA, *_TRAINING, "backbone", *_CAM_TRAIN),
                     "train the CAM classifier on data.train_split", data=("processed",)),
     _map_stage("cam", "make-cam", lambda c, on_saved: make_cams(c, on_saved=on_saved),
                (*_PRECISION, "cam.scales", "cam.flip"), "multi-scale CAMs"),
     _seed_stage("cam", "CRF seeds from CAMs"),
     _training_stage("amn", lambda c: train_amn(c, seeds_dir(c, "cam")),
-                    (*_PRECISION, "backbone", *_AMN_TRAIN),
+                    (*_TRAINING, "backbone", *_AMN_TRAIN),
                     "train AMN on the CAM seeds of data.train_split"),
     _map_stage("amn", "make-amn-maps",
                lambda c, on_saved: make_amn_maps(c, seeds_dir(c, "cam"), on_saved=on_saved),
                (*_PRECISION, "amn.scales"), "AMN maps"),
     _seed_stage("amn", "CRF seeds from AMN maps"),
     _training_stage("irn", lambda c: train_irn(c, seeds_dir(c, "amn")),
-                    (*_PRECISION, "backbone", *_IRN_TRAIN),
+                    (*_TRAINING, "backbone", *_IRN_TRAIN),
                     "train IRN on the AMN seeds of data.train_split"),
     Stage("masks", "make-masks", _masks, (*_PRECISION, *_IRN_WALK),
           lambda config: (masks_dir(config),),

@@ -238,17 +238,18 @@ def train_step(
     compute_loss: Callable[..., torch.Tensor],
     optimizer: torch.optim.Optimizer,
     scheduler: torch.optim.lr_scheduler.LRScheduler,
-) -> float:
+) -> torch.Tensor:
     """One optimisation step over ``micro_batches`` (gradient accumulation: each batch's loss is
-    divided by their number before its backward pass); returns the step's loss. The scheduler
-    steps after the optimiser, so step k uses the learning rate of schedule step k (the
-    reference's order)."""
+    divided by their number before its backward pass); returns the step's loss, a float64
+    scalar on the model's device, not read here: reading it would make the CPU wait for the
+    GPU. The scheduler steps after the optimiser, so step k uses the learning rate of schedule
+    step k (the reference's order)."""
     optimizer.zero_grad(set_to_none=True)
-    total = 0.0
+    total = torch.zeros((), dtype=torch.float64)
     for batch in micro_batches:
         loss = compute_loss(model, *batch) / len(micro_batches)
         loss.backward()
-        total += loss.item()
+        total = total.to(loss.device) + loss.detach().double()
     optimizer.step()
     scheduler.step()
     return total
@@ -297,6 +298,29 @@ def _synchronise_batchnorm(model: torch.nn.Module) -> None:
                 setattr(parent, name, synced)
 
 
+class LossTotal:
+    """An epoch's sum of step loss x images. Each step's loss (a scalar on the device) is read
+    one step late: by then the next step is queued, so the GPU does not sit idle while the CPU
+    reads a loss and launches the next step's kernels."""
+
+    def __init__(self) -> None:
+        self.total = 0.0
+        self.last: float | None = None  # the latest loss read
+        self._unread: tuple[torch.Tensor, int] | None = None
+
+    def add(self, loss: torch.Tensor, images: int) -> None:
+        self.read()
+        self._unread = (loss, images)
+
+    def read(self) -> None:
+        """Read the loss not yet read (waits for its step to finish)."""
+        if self._unread is not None:
+            loss, images = self._unread
+            self.last = loss.item()
+            self.total += self.last * images
+            self._unread = None
+
+
 def fit(
     stage: str,
     config: Any,
@@ -323,6 +347,9 @@ def fit(
     state = TrainingState(training_state_path(config, stage))
     first_epoch = state.restore(model, optimizer, scheduler)
     net = for_training(with_precision(model, config, device), device, config.sync_batchnorm)
+    if config.compile_training:
+        net = torch.compile(net)
+    torch.backends.cudnn.benchmark = config.cudnn_benchmark
     if distributed.is_main():
         keep_log_lines(log_path(config, stage), first_epoch)
     board = tensorboard_writer(out_dir / "tensorboard") if distributed.is_main() else None
@@ -335,9 +362,10 @@ def fit(
         loader = epoch_loader(
             train_set, epoch, schedule.batch_size, config.data.num_workers, config.seed
         )
-        started, loss_sum, seen, steps = time.perf_counter(), 0.0, 0, 0
+        started, seen, steps = time.perf_counter(), 0, 0
         first_step: tuple[float, int] | None = None  # (when, images) at the first step's end
         micro_batches: list[list[torch.Tensor]] = []
+        losses = LossTotal()
         with progress_bar(total=len(loader) // schedule.accumulation,
                           desc=f"{stage} epoch {epoch + 1}/{epochs}", leave=False) as bar:
             for batch in loader:
@@ -348,13 +376,17 @@ def fit(
                     continue
                 loss = train_step(net, micro_batches, compute_loss, optimizer, scheduler)
                 images = sum(len(b[0]) for b in micro_batches)
-                loss_sum, seen, steps = loss_sum + loss * images, seen + images, steps + 1
+                losses.add(loss, images)
+                seen, steps = seen + images, steps + 1
                 if first_step is None:
+                    losses.read()  # waits for the step: its end is where the steady rate starts
                     first_step = (time.perf_counter(), seen)
                 micro_batches = []
                 bar.update()
-                bar.set_postfix(loss=f"{loss:.4f}")
-        ended = time.perf_counter()
+                if losses.last is not None:
+                    bar.set_postfix(loss=f"{losses.last:.4f}")
+            losses.read()
+        ended, loss_sum = time.perf_counter(), losses.total
         elapsed = ended - started
         steady = steady_rate(first_step, seen, ended)
         if steady is not None:

@@ -7,11 +7,11 @@
 #   bash benchmarks/run_gpu.sh OUT_DIR [STEP ...]     (default: every step)
 #
 # Steps: gpu_tests walk ddp cam_fp32 cam_bf16 seeds pipeline pipeline_serial seg_fp32 seg_bf16
-# seg_tuned seg_compile demo demo_bf16
+# seg_tuned seg_compile seg_stage demo demo_bf16
 set -u -o pipefail
 out=${1:-/tmp/amnseg-gpu}
 shift || true
-wanted=" ${*:-gpu_tests walk ddp cam_fp32 cam_bf16 seeds pipeline pipeline_serial seg_fp32 seg_bf16 seg_tuned seg_compile demo demo_bf16} "
+wanted=" ${*:-gpu_tests walk ddp cam_fp32 cam_bf16 seeds pipeline pipeline_serial seg_fp32 seg_bf16 seg_tuned seg_compile seg_stage demo demo_bf16} "
 mkdir -p "$out"
 export PYTHONUNBUFFERED=1
 
@@ -42,6 +42,7 @@ step seg_fp32 50 python3 -m benchmarks.bench_seg --steps 10
 step seg_bf16 50 python3 -m benchmarks.bench_seg --steps 10 --amp --channels-last
 step seg_tuned 150 python3 -m benchmarks.bench_seg --steps 20 --amp --channels-last --cudnn-benchmark
 step seg_compile 300 python3 -m benchmarks.bench_seg --steps 20 --amp --channels-last --compile
+step seg_stage 220 python3 -m benchmarks.bench_seg_stage --images 200 --iterations 40 --workers 16
 step demo 300 python3 -m amnseg demo run_dir=/tmp/demo-run data.root=/tmp/demo-data
 if [[ -f /tmp/demo-run/manifest.json ]]; then cp /tmp/demo-run/manifest.json "$out/demo_manifest.json"; fi
 step demo_bf16 240 python3 -m amnseg demo run_dir=/tmp/demo-bf16 data.root=/tmp/demo-data amp=bf16
