@@ -241,6 +241,9 @@ class EvalConfig:
         return [round(self.sweep_start + i * self.sweep_step, 6) for i in range(count)]
 
 
+COMPILE_MODES = ("off", "default", "reduce-overhead")
+
+
 @dataclass
 class Config:
     run_dir: str = "runs/voc12"
@@ -257,11 +260,13 @@ class Config:
     # reference's.
     amp: str = "off"
     channels_last: bool = False
-    # Training stages only (amnseg/training.py): torch.compile the network (inductor; its
-    # first step compiles for a minute or more; needs a C compiler on the CPU) and let cuDNN
-    # time its algorithms per input shape. Both change results up to floating-point order,
-    # so both are off by default.
-    compile_training: bool = False
+    # Training stages only (amnseg/training.py): torch.compile the network (off | default |
+    # reduce-overhead, torch.compile's modes: inductor's fused kernels, and with
+    # reduce-overhead also CUDA graphs, which replay a step's kernels without launching each;
+    # the first step compiles for a minute or more; a C compiler is needed on the CPU) and let
+    # cuDNN time its algorithms per input shape. Both change results up to floating-point
+    # order, so both are off by default.
+    compile_training: str = "off"
     cudnn_benchmark: bool = False
     # Images per forward pass in the CAM and AMN map stages and the boundary inference of the
     # masks stage (consecutive images of one size share one; the outputs do not depend on it on
@@ -354,8 +359,8 @@ def validate(config: Config) -> Config:
              "must be an integer in 0 .. 2^32 - 1")
     _require(isinstance(config.map_batch_images, int) and config.map_batch_images >= 1,
              "map_batch_images", config.map_batch_images, "must be an integer >= 1")
-    for key in ("compress_maps", "sync_batchnorm", "channels_last", "compile_training",
-                "cudnn_benchmark"):
+    _choice(config.compile_training, "compile_training", COMPILE_MODES)
+    for key in ("compress_maps", "sync_batchnorm", "channels_last", "cudnn_benchmark"):
         _require(isinstance(getattr(config, key), bool), key, getattr(config, key),
                  "must be true or false")
     data = config.data
@@ -517,6 +522,8 @@ def _words_from_booleans(config: Config) -> Config:
     """YAML reads ``off``/``on``/``no``/``yes`` as booleans, which reach the options whose
     values are words as "False"/"True": give those options back the words they take."""
     config.amp = {"False": "off"}.get(config.amp, config.amp)
+    config.compile_training = {"False": "off", "True": "default"}.get(
+        config.compile_training, config.compile_training)
     config.seeds.overlap = {"False": "false", "True": "true"}.get(config.seeds.overlap,
                                                                    config.seeds.overlap)
     return config

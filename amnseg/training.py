@@ -347,8 +347,8 @@ def fit(
     state = TrainingState(training_state_path(config, stage))
     first_epoch = state.restore(model, optimizer, scheduler)
     net = for_training(with_precision(model, config, device), device, config.sync_batchnorm)
-    if config.compile_training:
-        net = torch.compile(net)
+    if config.compile_training != "off":
+        net = torch.compile(net, mode=config.compile_training)
     torch.backends.cudnn.benchmark = config.cudnn_benchmark
     if distributed.is_main():
         keep_log_lines(log_path(config, stage), first_epoch)
