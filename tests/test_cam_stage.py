@@ -244,3 +244,49 @@ def test_gpu_map_stage_equals_the_cpu_one(tiny_dataset, tmp_path, monkeypatch):
         np.testing.assert_allclose(b.full, a.full, rtol=1e-4, atol=1e-5)
         np.testing.assert_allclose(b.strided, a.strided, rtol=1e-4, atol=1e-5)
 
+
+
+def test_logged_loss_is_the_image_weighted_mean_of_every_step(tiny_dataset, tmp_path,
+                                                              monkeypatch):
+    """The loop reads each step's loss one step late; every step still counts once."""
+    import amnseg.training as training
+
+    returned: list[float] = []
+    original = training.train_step
+
+    def recording_step(*args, **kwargs):
+        loss = original(*args, **kwargs)
+        returned.append(loss.item())
+        return loss
+
+    monkeypatch.setattr(training, "train_step", recording_step)
+    config = tiny_config(tiny_dataset, tmp_path / "run")
+    cam_stage.train_cam(config)
+    log = [json.loads(line) for line in
+           (tmp_path / "run" / "cam" / "log.jsonl").read_text().splitlines()]
+    # 8 images in batches of 4: two steps per epoch, 4 images each.
+    assert len(returned) == 4 and [r["steps"] for r in log] == [2, 2]
+    for epoch, record in enumerate(log):
+        step_losses = returned[2 * epoch: 2 * epoch + 2]
+        assert record["loss"] == (step_losses[0] * 4 + step_losses[1] * 4) / 8
+
+
+def test_compile_and_cudnn_options_reach_the_training_loop(tiny_dataset, tmp_path,
+                                                           monkeypatch):
+    compiled: list[tuple[torch.nn.Module, str]] = []
+
+    def fake_compile(module, mode=None):  # the wiring only: compiling takes minutes
+        compiled.append((module, mode))
+        return module
+
+    monkeypatch.setattr(torch, "compile", fake_compile)
+    monkeypatch.setattr(torch.backends.cudnn, "benchmark", False)
+    plain = cam_stage.train_cam(tiny_config(tiny_dataset, tmp_path / "plain"))
+    assert compiled == [] and torch.backends.cudnn.benchmark is False
+    fast = cam_stage.train_cam(tiny_config(tiny_dataset, tmp_path / "fast",
+                                           "compile_training=reduce-overhead",
+                                           "cudnn_benchmark=true"))
+    assert [mode for _, mode in compiled] == ["reduce-overhead"]
+    assert torch.backends.cudnn.benchmark is True
+    plain_weights, fast_weights = load_checkpoint(plain)["model"], load_checkpoint(fast)["model"]
+    assert all(torch.equal(plain_weights[key], fast_weights[key]) for key in plain_weights)

@@ -161,3 +161,28 @@ def test_cuda_training_and_maps_with_bf16_and_channels_last(tmp_path):
         exact = load_score_maps(tmp_path / "run/cam/maps" / name)
         assert maps.strided.dtype == exact.strided.dtype
         assert abs(maps.strided - exact.strided).max() < 0.05, name
+
+
+def test_compile_and_cudnn_options_change_the_training_stages_fingerprints_only():
+    from amnseg.pipeline import STAGES, fingerprint
+
+    base = load_config(None, [])
+    training = {"cam", "amn", "irn", "seg", "seg_gt"}
+    assert training <= {stage.name for stage in STAGES}
+    for option in ("compile_training=default", "cudnn_benchmark=true"):
+        changed = load_config(None, [option])
+        for stage in STAGES:
+            differs = fingerprint(stage, base, "") != fingerprint(stage, changed, "")
+            assert differs == (stage.name in training), (option, stage.name)
+
+
+@pytest.mark.parametrize("value, mode", [("true", "default"), ("yes", "default"),
+                                         ("false", "off"), ("off", "off"),
+                                         ("reduce-overhead", "reduce-overhead")])
+def test_compile_training_takes_torch_compile_modes_and_yaml_booleans(value, mode):
+    assert load_config(None, [f"compile_training={value}"]).compile_training == mode
+
+
+def test_an_unknown_compile_mode_is_a_one_line_error():
+    with pytest.raises(AmnsegError, match="compile_training='max-speed': expected one of off"):
+        load_config(None, ["compile_training=max-speed"])

@@ -205,3 +205,44 @@ def test_steady_rate_counts_only_what_follows_the_first_step():
     assert steady_rate((12.0, 16), 16, 12.5) is None  # nothing after the first step
     assert steady_rate(None, 0, 1.0) is None
 
+
+
+class CountedLoss:
+    """A loss scalar that counts how often it is read."""
+
+    def __init__(self, value: float):
+        self.value, self.reads = value, 0
+
+    def item(self) -> float:
+        self.reads += 1
+        return self.value
+
+
+def test_loss_total_reads_each_loss_once_and_one_step_late():
+    from amnseg.training import LossTotal
+
+    losses = LossTotal()
+    first, second, third = CountedLoss(0.5), CountedLoss(0.25), CountedLoss(2.0)
+    losses.add(first, 4)
+    assert first.reads == 0 and losses.total == 0.0 and losses.last is None
+    losses.add(second, 2)  # queuing step 2 reads step 1
+    assert (first.reads, second.reads) == (1, 0) and losses.total == 2.0 and losses.last == 0.5
+    losses.read()
+    losses.read()  # nothing left to read
+    assert second.reads == 1 and losses.total == 2.5 and losses.last == 0.25
+    losses.add(third, 3)
+    losses.read()
+    assert [first.reads, second.reads, third.reads] == [1, 1, 1] and losses.total == 8.5
+
+
+def test_train_step_returns_the_accumulated_loss_unread_in_float64():
+    model = CAMNet(tiny_backbone(), 3)
+    optimizer, scheduler = cam_optimizer(model, CamConfig(), total_steps=4)
+    generator = torch.Generator().manual_seed(3)
+    batches = [[torch.randn(2, 3, 32, 32, generator=generator),
+                torch.tensor([[1.0, 0.0, 1.0], [0.0, 1.0, 0.0]])] for _ in range(2)]
+    with torch.no_grad():
+        by_hand = [cam_loss(model, *batch).item() / 2 for batch in batches]
+    loss = train_step(model, batches, cam_loss, optimizer, scheduler)
+    assert isinstance(loss, torch.Tensor) and loss.dtype == torch.float64 and loss.dim() == 0
+    assert loss.item() == by_hand[0] + by_hand[1]
