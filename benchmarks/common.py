@@ -43,8 +43,22 @@ def best_time(fn: Callable[[], object], repeats: int) -> float:
     return min(times)
 
 
+def card_name() -> str | None:
+    """The GPU's model in a few characters ("H100" of "NVIDIA H100 80GB HBM3"), None without
+    one."""
+    if not torch.cuda.is_available():
+        return None
+    full = torch.cuda.get_device_name(0)
+    model = re.search(r"\b([A-Z]{1,3}\d{2,4}[A-Za-z]?)\b", full)
+    return model.group(1) if model else full
+
+
 def write_section(name: str, body: str) -> None:
-    """Replace (or append) the section ``## name`` of RESULTS.md."""
+    """Replace (or append) the section ``## name`` of RESULTS.md; on a machine with a GPU the
+    name ends with the card's model, so that figures of different cards sit side by side."""
+    card = card_name()
+    if card and card not in name:
+        name = f"{name} ({card})"
     module = f"benchmarks.{Path(sys.argv[0]).stem}"
     command = " ".join(["python -m", module, *sys.argv[1:]])
     commit = subprocess.run(
