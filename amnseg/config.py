@@ -205,6 +205,11 @@ class SegConfig:
     iterations: int = 20000
     batch_size: int = 5
     accumulation: int = 2  # gradient accumulation: 5 x 2 = batch 10
+    # One forward pass per step over all its batch_size x accumulation crops, each batch's loss
+    # still averaged over its own labelled pixels: the recipe's gradients up to floating-point
+    # order (BatchNorm has fixed statistics), in larger and faster GPU work (benchmarks/
+    # RESULTS.md, "Segmentation stage"). Off by default: the reference runs two passes.
+    fused_accumulation: bool = False
     lr: float = 2.5e-4
     momentum: float = 0.9
     weight_decay: float = 5e-4
@@ -438,6 +443,11 @@ def validate(config: Config) -> Config:
                                                       seg.msc_scales),
              "seg.msc_scales", seg.msc_scales, "must be a list of numbers > 0")
     _require(bool(seg.masks), "seg.masks", seg.masks, "expected pseudo, gt or a folder")
+    _require(isinstance(seg.fused_accumulation, bool), "seg.fused_accumulation",
+             seg.fused_accumulation, "must be true or false")
+    _require(not seg.fused_accumulation or seg.backbone.norm == "frozen",
+             "seg.fused_accumulation", seg.fused_accumulation,
+             "needs seg.backbone.norm=frozen (BatchNorm that trains would see another batch)")
     ev = config.eval
     _positive(ev, "eval", "sweep_step")
     _fraction(ev, "eval", "sweep_start", "sweep_stop")

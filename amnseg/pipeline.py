@@ -307,7 +307,8 @@ _IRN_TRAIN = tuple(f"irn.{name}" for name in (
 _IRN_WALK = tuple(f"irn.{name}" for name in (
     "infer_pad_size", "walk_radius", "beta", "exp_times", "cam_power", "bg_threshold"))
 _SEG = ("data.val_split", *_TRAINING, *(f"seg.{name}" for name in (
-    "backbone", "init", "iterations", "batch_size", "accumulation", "lr", "momentum",
+    "backbone", "init", "iterations", "batch_size", "accumulation", "fused_accumulation",
+    "lr", "momentum",
     "weight_decay", "poly_power", "lr_decay_every", "aspp_weight_lr_mult", "aspp_bias_lr_mult",
     "crop_size", "rescale", "flip", "msc_scales", "eval_flip", "eval_crf", "crf")))
 

@@ -9,7 +9,7 @@ per variant and reads the crops/s after each epoch's first step from the stage's
 compilation; the stage's wall time includes them.
 
     python -m benchmarks.bench_seg_stage [--images 200] [--iterations 40] [--workers 16]
-        [--variants fp32 bf16 bf16_tuned bf16_compiled bf16_graphs bf16_batch10] [KEY=VALUE ...]
+        [--variants fp32 bf16 ... (see VARIANTS)] [KEY=VALUE ...]
 """
 
 from __future__ import annotations
@@ -39,6 +39,12 @@ VARIANTS = {
     "bf16_graphs": ("bf16 + channels_last + cudnn_benchmark + compile_training=reduce-overhead",
                     ["amp=bf16", "channels_last=true", "cudnn_benchmark=true",
                      "compile_training=reduce-overhead"]),
+    "bf16_fused": ("bf16 + channels_last + seg.fused_accumulation",
+                   ["amp=bf16", "channels_last=true", "seg.fused_accumulation=true"]),
+    "bf16_fused_compiled": ("bf16 + channels_last + seg.fused_accumulation + "
+                            "compile_training=default",
+                            ["amp=bf16", "channels_last=true", "seg.fused_accumulation=true",
+                             "compile_training=default"]),
     # Not the recipe: one batch of 10 instead of 2 x 5 accumulated (the loss is then averaged
     # over the 10 crops' pixels, not over each 5's), for what the batch size costs.
     "bf16_batch10": ("bf16 + channels_last + cudnn_benchmark, batch 10 x 1 (not the recipe)",

@@ -42,7 +42,8 @@ step seg_fp32 50 python3 -m benchmarks.bench_seg --steps 10
 step seg_bf16 50 python3 -m benchmarks.bench_seg --steps 10 --amp --channels-last
 step seg_tuned 150 python3 -m benchmarks.bench_seg --steps 20 --amp --channels-last --cudnn-benchmark
 step seg_compile 300 python3 -m benchmarks.bench_seg --steps 20 --amp --channels-last --compile
-step seg_stage 220 python3 -m benchmarks.bench_seg_stage --images 200 --iterations 40 --workers 16
+step seg_stage 330 python3 -m benchmarks.bench_seg_stage --images 200 --iterations 40 --workers 16 \
+    --variants fp32 bf16 bf16_fused bf16_compiled bf16_fused_compiled
 step demo 300 python3 -m amnseg demo run_dir=/tmp/demo-run data.root=/tmp/demo-data
 if [[ -f /tmp/demo-run/manifest.json ]]; then cp /tmp/demo-run/manifest.json "$out/demo_manifest.json"; fi
 step demo_bf16 240 python3 -m amnseg demo run_dir=/tmp/demo-bf16 data.root=/tmp/demo-data amp=bf16

@@ -615,3 +615,58 @@ def test_train_seg_on_ground_truth_then_evaluate(tiny_dataset, tmp_path):
     assert results[0]["no_crf"]["miou"] == pytest.approx(float(miou(plain)))
     assert results[0]["crf"]["miou"] == pytest.approx(float(miou(refined)))
     assert list(results[0]["crf"]["per_class_iou"]) == ["background", "square", "disc"]
+
+
+def test_msc_loss_in_parts_is_the_mean_of_each_slices_own_msc_loss():
+    generator = torch.Generator().manual_seed(8)
+    outputs = [torch.randn(4, 3, 5, 5, generator=generator),
+               torch.randn(4, 3, 3, 3, generator=generator),
+               torch.randn(4, 3, 5, 5, generator=generator)]
+    targets = (torch.randint(0, 3, (4, 5, 5), generator=generator),
+               torch.randint(0, 3, (4, 3, 3), generator=generator))
+    # The two halves have very different numbers of labelled pixels, so a loss averaged over
+    # the whole batch's pixels (or over other slices) differs from the recipe's.
+    targets[0][0, :4] = 255
+    targets[1][1, :2] = 255
+    halves = [seg_stage.msc_loss([o[k:k + 2] for o in outputs], *(t[k:k + 2] for t in targets))
+              for k in (0, 2)]
+    fused = seg_stage.msc_loss_in_parts(outputs, targets, 2)
+    torch.testing.assert_close(fused, (halves[0] + halves[1]) / 2)
+    assert not torch.allclose(fused, seg_stage.msc_loss(outputs, *targets))
+    torch.testing.assert_close(seg_stage.msc_loss_in_parts(outputs, targets, 1),
+                               seg_stage.msc_loss(outputs, *targets), rtol=0, atol=0)
+
+
+def test_fused_accumulation_trains_the_recipes_weights(tiny_dataset, tmp_path):
+    """One forward pass over both accumulated batches: the same crops, the same per-batch loss
+    normalisation, so the same weights as two passes up to floating-point order."""
+    from conftest import tiny_config, training_log
+
+    weights, logs = [], []
+    for run, overrides in [("two", ["seg.accumulation=2"]),
+                           ("fused", ["seg.accumulation=2", "seg.fused_accumulation=true"]),
+                           ("one", ["seg.accumulation=1", "seg.batch_size=4"])]:
+        config = tiny_config(
+            tiny_dataset, tmp_path / run, "seg.init=null", "seg.iterations=3",
+            "seg.batch_size=2", "seg.crop_size=32", "seg.eval_images=0",
+            "seg.backbone.depth=18", "seg.backbone.width=0.125",
+            "seg.backbone.pretrained=null", "seg.lr=0.05", *overrides)
+        path = seg_stage.train_seg(config, "seg_gt", "gt")
+        weights.append(torch.load(path, weights_only=True)["model"])
+        logs.append(training_log(config, "seg_gt"))
+    two, fused, one = weights
+    assert [r["steps"] for r in logs[0]] == [r["steps"] for r in logs[1]] == [2, 1]
+    for first, second in zip(logs[0], logs[1], strict=True):
+        assert second["loss"] == pytest.approx(first["loss"], rel=1e-5)
+    for key, value in two.items():
+        torch.testing.assert_close(fused[key], value, rtol=1e-4, atol=1e-6)
+    # The same crops as one batch of 4 averaged over all its pixels: other weights, so the
+    # comparison above can tell a wrong loss normalisation apart.
+    assert max((one[k] - two[k]).abs().max().item() for k in two) > 1e-4
+
+
+def test_fused_accumulation_needs_fixed_batchnorm_statistics():
+    from amnseg.config import load_config
+
+    with pytest.raises(AmnsegError, match="seg.fused_accumulation=True: needs seg.backbone.norm"):
+        load_config(None, ["seg.fused_accumulation=true", "seg.backbone.norm=batch"])

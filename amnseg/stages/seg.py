@@ -139,6 +139,17 @@ def msc_loss(outputs: list[torch.Tensor], *targets: torch.Tensor) -> torch.Tenso
     return sum(cross_entropy(logits, target) for logits, target in pairs)
 
 
+def msc_loss_in_parts(outputs: list[torch.Tensor], targets: tuple[torch.Tensor, ...],
+                      parts: int) -> torch.Tensor:
+    """The mean of :func:`msc_loss` over ``parts`` consecutive equal slices of the batch: from
+    one forward pass over ``parts`` accumulated batches, the loss whose gradient is the sum of
+    their gradients, each batch averaged over its own labelled pixels as when it runs alone."""
+    size = outputs[0].shape[0] // parts
+    slices = [slice(k * size, (k + 1) * size) for k in range(parts)]
+    return sum(msc_loss([output[part] for output in outputs], *(t[part] for t in targets))
+               for part in slices) / parts
+
+
 def cross_entropy(logits: torch.Tensor, target: torch.Tensor) -> torch.Tensor:
     """Cross-entropy averaged over the non-ignored pixels of the global batch (all ranks'
     under torchrun, like one process with the whole batch)."""
@@ -232,8 +243,15 @@ def train_seg(config: Config, stage: str = "seg", masks: str | None = None) -> P
             f"{config.data.root} ({stage}): {len(dataset)} training images is fewer than one "
             f"step of {seg_cfg.batch_size} x {seg_cfg.accumulation}"
         )
-    schedule = Schedule(math.ceil(seg_cfg.iterations / steps_per_epoch), seg_cfg.batch_size,
-                        seg_cfg.accumulation, seg_cfg.iterations)
+    epochs = math.ceil(seg_cfg.iterations / steps_per_epoch)
+    if seg_cfg.fused_accumulation:
+        # Each rank's share of every accumulated batch must be a whole slice of its big batch.
+        distributed.per_rank_batch(seg_cfg.batch_size, "seg.batch_size")
+        schedule = Schedule(epochs, per_step, 1, seg_cfg.iterations)
+        parts = seg_cfg.accumulation
+    else:
+        schedule = Schedule(epochs, seg_cfg.batch_size, seg_cfg.accumulation, seg_cfg.iterations)
+        parts = 1
     val_set = _val_dataset(config)
 
     def after_epoch() -> dict[str, float]:
@@ -249,8 +267,8 @@ def train_seg(config: Config, stage: str = "seg", masks: str | None = None) -> P
         return {"val_miou": float(miou(confusion))}
 
     fit(stage, config, model, optimizer, scheduler, AugmentedSet(dataset, items, config.seed),
-        lambda net, images, *targets: msc_loss(net(images), *targets), device, schedule,
-        after_epoch=after_epoch)
+        lambda net, images, *targets: msc_loss_in_parts(net(images), targets, parts),
+        device, schedule, after_epoch=after_epoch)
     checkpoint = {
         "format": "amnseg",
         "stage": "seg",
