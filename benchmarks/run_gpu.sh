@@ -7,11 +7,11 @@
 #   bash benchmarks/run_gpu.sh OUT_DIR [STEP ...]     (default: every step)
 #
 # Steps: gpu_tests walk ddp cam_fp32 cam_bf16 seeds pipeline pipeline_serial seg_fp32 seg_bf16
-# seg_tuned seg_compile seg_stage demo demo_bf16
+# seg_tuned seg_compile seg_stage map_profile demo demo_bf16
 set -u -o pipefail
 out=${1:-/tmp/amnseg-gpu}
 shift || true
-wanted=" ${*:-gpu_tests walk ddp cam_fp32 cam_bf16 seeds pipeline pipeline_serial seg_fp32 seg_bf16 seg_tuned seg_compile seg_stage demo demo_bf16} "
+wanted=" ${*:-gpu_tests walk ddp cam_fp32 cam_bf16 seeds pipeline pipeline_serial seg_fp32 seg_bf16 seg_tuned seg_compile seg_stage map_profile demo demo_bf16} "
 mkdir -p "$out"
 export PYTHONUNBUFFERED=1
 
@@ -44,6 +44,7 @@ step seg_tuned 150 python3 -m benchmarks.bench_seg --steps 20 --amp --channels-l
 step seg_compile 300 python3 -m benchmarks.bench_seg --steps 20 --amp --channels-last --compile
 step seg_stage 330 python3 -m benchmarks.bench_seg_stage --images 200 --iterations 40 --workers 16 \
     --variants fp32 bf16 bf16_fused bf16_compiled bf16_fused_compiled
+step map_profile 150 python3 -m benchmarks.profile_map_stage --images 96 --workers 16 "$out"
 step demo 300 python3 -m amnseg demo run_dir=/tmp/demo-run data.root=/tmp/demo-data
 if [[ -f /tmp/demo-run/manifest.json ]]; then cp /tmp/demo-run/manifest.json "$out/demo_manifest.json"; fi
 step demo_bf16 240 python3 -m amnseg demo run_dir=/tmp/demo-bf16 data.root=/tmp/demo-data amp=bf16
