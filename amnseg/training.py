@@ -3,12 +3,16 @@ augmentation randomness, the training step, epoch checkpoints with resume, and J
 
 from __future__ import annotations
 
+import contextlib
+import importlib.util
 import json
 import math
+import os
 import random
+import shutil
 import sys
 import time
-from collections.abc import Callable
+from collections.abc import Callable, Iterator
 from dataclasses import dataclass
 from pathlib import Path
 from typing import Any
@@ -321,6 +325,90 @@ class LossTotal:
             self._unread = None
 
 
+@dataclass(frozen=True)
+class EpochDone:
+    """What one process's epoch did: images and optimiser steps, the sum of step loss x
+    images, seconds, and images/s after the first step (None: no step after it)."""
+
+    images: int
+    steps: int
+    loss_sum: float
+    seconds: float
+    steady: float | None
+
+
+def run_epoch(
+    net: torch.nn.Module,
+    loader: torch.utils.data.DataLoader,
+    compute_loss: Callable[..., torch.Tensor],
+    optimizer: torch.optim.Optimizer,
+    scheduler: torch.optim.lr_scheduler.LRScheduler,
+    device: torch.device,
+    schedule: Schedule,
+    description: str,
+) -> EpochDone:
+    """The optimiser steps of one epoch over ``loader`` (``schedule.accumulation`` batches per
+    step, none past ``schedule.max_steps``), with a progress bar."""
+    started, seen, steps = time.perf_counter(), 0, 0
+    first_step: tuple[float, int] | None = None  # (when, images) at the first step's end
+    micro_batches: list[list[torch.Tensor]] = []
+    losses = LossTotal()
+    with progress_bar(total=len(loader) // schedule.accumulation, desc=description,
+                      leave=False) as bar:
+        for batch in loader:
+            if schedule.max_steps is not None and scheduler.last_epoch >= schedule.max_steps:
+                break
+            micro_batches.append([tensor.to(device, non_blocking=True) for tensor in batch])
+            if len(micro_batches) < schedule.accumulation:
+                continue
+            loss = train_step(net, micro_batches, compute_loss, optimizer, scheduler)
+            images = sum(len(b[0]) for b in micro_batches)
+            losses.add(loss, images)
+            seen, steps = seen + images, steps + 1
+            if first_step is None:
+                losses.read()  # waits for the step: its end is where the steady rate starts
+                first_step = (time.perf_counter(), seen)
+            micro_batches = []
+            bar.update()
+            if losses.last is not None:
+                bar.set_postfix(loss=f"{losses.last:.4f}")
+        losses.read()
+    ended = time.perf_counter()
+    return EpochDone(seen, steps, losses.total, ended - started,
+                     steady_rate(first_step, seen, ended))
+
+
+@contextlib.contextmanager
+def cudnn_benchmark(on: bool) -> Iterator[None]:
+    """cuDNN's per-shape algorithm search on (or off) inside the block, as before after it: the
+    stages that run next in the same process (maps, evaluation) keep their own setting."""
+    previous = torch.backends.cudnn.benchmark
+    torch.backends.cudnn.benchmark = on
+    try:
+        yield
+    finally:
+        torch.backends.cudnn.benchmark = previous
+
+
+def check_compiler(mode: str, device: torch.device) -> None:
+    """torch.compile's inductor builds C++ on the CPU and Triton kernels on CUDA: say so in one
+    line before training rather than in a compiler traceback at the first step."""
+    if device.type == "cuda":
+        if importlib.util.find_spec("triton") is None:
+            raise AmnsegError(f"compile_training={mode}: torch.compile needs Triton on CUDA "
+                              "(pip install triton), or set compile_training=off")
+        return
+    compilers = [os.environ.get("CXX"), "g++", "clang++", "c++"]
+    if not any(shutil.which(name) for name in compilers if name):
+        raise AmnsegError(f"compile_training={mode}: torch.compile needs a C++ compiler on the "
+                          "CPU (none found: install g++ or set CXX), or set compile_training=off")
+
+
+# The fields of every epoch's log record; the console line shows the others (val_miou, ...).
+_LOG_FIELDS = ("stage", "epoch", "split", "train_images", "steps", "loss", "lr", "images_per_s",
+               "steady_images_per_s", "seconds", "processes")
+
+
 def fit(
     stage: str,
     config: Any,
@@ -348,85 +436,59 @@ def fit(
     first_epoch = state.restore(model, optimizer, scheduler)
     net = for_training(with_precision(model, config, device), device, config.sync_batchnorm)
     if config.compile_training != "off":
+        check_compiler(config.compile_training, device)
         net = torch.compile(net, mode=config.compile_training)
-    torch.backends.cudnn.benchmark = config.cudnn_benchmark
     if distributed.is_main():
         keep_log_lines(log_path(config, stage), first_epoch)
     board = tensorboard_writer(out_dir / "tensorboard") if distributed.is_main() else None
     epochs = schedule.epochs
-    for epoch in range(first_epoch, epochs):
-        # Dropout and other global randomness: seeded per epoch (and rank), so a resumed run
-        # draws what an uninterrupted one drew.
-        torch.manual_seed(epoch_seed(config.seed, epoch) + distributed.rank())
-        model.train()
-        loader = epoch_loader(
-            train_set, epoch, schedule.batch_size, config.data.num_workers, config.seed
-        )
-        started, seen, steps = time.perf_counter(), 0, 0
-        first_step: tuple[float, int] | None = None  # (when, images) at the first step's end
-        micro_batches: list[list[torch.Tensor]] = []
-        losses = LossTotal()
-        with progress_bar(total=len(loader) // schedule.accumulation,
-                          desc=f"{stage} epoch {epoch + 1}/{epochs}", leave=False) as bar:
-            for batch in loader:
-                if schedule.max_steps is not None and scheduler.last_epoch >= schedule.max_steps:
-                    break
-                micro_batches.append([tensor.to(device, non_blocking=True) for tensor in batch])
-                if len(micro_batches) < schedule.accumulation:
-                    continue
-                loss = train_step(net, micro_batches, compute_loss, optimizer, scheduler)
-                images = sum(len(b[0]) for b in micro_batches)
-                losses.add(loss, images)
-                seen, steps = seen + images, steps + 1
-                if first_step is None:
-                    losses.read()  # waits for the step: its end is where the steady rate starts
-                    first_step = (time.perf_counter(), seen)
-                micro_batches = []
-                bar.update()
-                if losses.last is not None:
-                    bar.set_postfix(loss=f"{losses.last:.4f}")
-            losses.read()
-        ended, loss_sum = time.perf_counter(), losses.total
-        elapsed = ended - started
-        steady = steady_rate(first_step, seen, ended)
-        if steady is not None:
-            steady *= distributed.world_size()  # the ranks step together
-        loss_sum, seen = distributed.sum_across([loss_sum, seen])  # every rank sees a NaN
-        if not math.isfinite(loss_sum):
-            raise AmnsegError(
-                f"{stage} epoch {epoch + 1}: the training loss is {loss_sum / max(seen, 1)}: "
-                f"training diverged (lower {stage}'s learning rate); this epoch was not saved, "
-                "so a rerun starts again from it")
-        record: dict[str, Any] = {
-            "stage": stage,
-            "epoch": epoch + 1,
-            "split": getattr(train_set.dataset, "split", None),
-            "train_images": len(train_set),
-            "steps": steps,
-            "loss": loss_sum / max(seen, 1),
-            "lr": [group["lr"] for group in optimizer.param_groups],
-            "images_per_s": seen / elapsed if elapsed > 0 else None,
-            "steady_images_per_s": steady,
-            "seconds": elapsed,
-            "processes": distributed.world_size(),
-        }
-        if after_epoch is not None:
-            record.update(distributed.run_on_main(after_epoch))
+    with cudnn_benchmark(config.cudnn_benchmark):
+        for epoch in range(first_epoch, epochs):
+            # Dropout and other global randomness: seeded per epoch (and rank), so a resumed
+            # run draws what an uninterrupted one drew.
+            torch.manual_seed(epoch_seed(config.seed, epoch) + distributed.rank())
             model.train()
-        if distributed.is_main():
-            log_metrics(log_path(config, stage), record)
-            if board is not None:
-                for key, value in record.items():
-                    if isinstance(value, float):
-                        board.add_scalar(f"{stage}/{key}", value, epoch + 1)
-                board.flush()
-            extras = "".join(
-                f", {key} {value:.4f}" for key, value in record.items()
-                if key not in ("stage", "epoch", "split", "train_images", "steps", "loss", "lr",
-                               "images_per_s", "steady_images_per_s", "seconds", "processes")
-                and isinstance(value, float)
+            loader = epoch_loader(
+                train_set, epoch, schedule.batch_size, config.data.num_workers, config.seed
             )
-            say(f"{stage} epoch {epoch + 1}/{epochs}: loss {record['loss']:.4f}, "
-                f"{seen / max(elapsed, 1e-9):.1f} img/s{extras}")
-            state.save(model, optimizer, scheduler, epoch + 1)
-        distributed.barrier()
+            done = run_epoch(net, loader, compute_loss, optimizer, scheduler, device, schedule,
+                             f"{stage} epoch {epoch + 1}/{epochs}")
+            steady = done.steady
+            if steady is not None:
+                steady *= distributed.world_size()  # the ranks step together
+            # Summed over ranks, so that every rank sees a NaN.
+            loss_sum, seen = distributed.sum_across([done.loss_sum, done.images])
+            if not math.isfinite(loss_sum):
+                raise AmnsegError(
+                    f"{stage} epoch {epoch + 1}: the training loss is "
+                    f"{loss_sum / max(seen, 1)}: training diverged (lower {stage}'s learning "
+                    "rate); this epoch was not saved, so a rerun starts again from it")
+            record: dict[str, Any] = {
+                "stage": stage,
+                "epoch": epoch + 1,
+                "split": getattr(train_set.dataset, "split", None),
+                "train_images": len(train_set),
+                "steps": done.steps,
+                "loss": loss_sum / max(seen, 1),
+                "lr": [group["lr"] for group in optimizer.param_groups],
+                "images_per_s": seen / done.seconds if done.seconds > 0 else None,
+                "steady_images_per_s": steady,
+                "seconds": done.seconds,
+                "processes": distributed.world_size(),
+            }
+            if after_epoch is not None:
+                record.update(distributed.run_on_main(after_epoch))
+                model.train()
+            if distributed.is_main():
+                log_metrics(log_path(config, stage), record)
+                if board is not None:
+                    for key, value in record.items():
+                        if isinstance(value, float):
+                            board.add_scalar(f"{stage}/{key}", value, epoch + 1)
+                    board.flush()
+                extras = "".join(f", {key} {value:.4f}" for key, value in record.items()
+                                 if key not in _LOG_FIELDS and isinstance(value, float))
+                say(f"{stage} epoch {epoch + 1}/{epochs}: loss {record['loss']:.4f}, "
+                    f"{seen / max(done.seconds, 1e-9):.1f} img/s{extras}")
+                state.save(model, optimizer, scheduler, epoch + 1)
+            distributed.barrier()

@@ -279,14 +279,35 @@ def test_compile_and_cudnn_options_reach_the_training_loop(tiny_dataset, tmp_pat
         compiled.append((module, mode))
         return module
 
+    import amnseg.training as training
+
+    searching: list[bool] = []  # cuDNN's algorithm search during each training step
+    original = training.train_step
+
+    def recording_step(*args, **kwargs):
+        searching.append(torch.backends.cudnn.benchmark)
+        return original(*args, **kwargs)
+
     monkeypatch.setattr(torch, "compile", fake_compile)
+    monkeypatch.setattr(training, "train_step", recording_step)
     monkeypatch.setattr(torch.backends.cudnn, "benchmark", False)
     plain = cam_stage.train_cam(tiny_config(tiny_dataset, tmp_path / "plain"))
-    assert compiled == [] and torch.backends.cudnn.benchmark is False
+    assert compiled == [] and searching == [False] * 4
     fast = cam_stage.train_cam(tiny_config(tiny_dataset, tmp_path / "fast",
                                            "compile_training=reduce-overhead",
                                            "cudnn_benchmark=true"))
     assert [mode for _, mode in compiled] == ["reduce-overhead"]
-    assert torch.backends.cudnn.benchmark is True
+    assert searching[4:] == [True] * 4
+    assert torch.backends.cudnn.benchmark is False  # the next stages keep their setting
     plain_weights, fast_weights = load_checkpoint(plain)["model"], load_checkpoint(fast)["model"]
     assert all(torch.equal(plain_weights[key], fast_weights[key]) for key in plain_weights)
+
+
+def test_compile_without_a_compiler_is_a_one_line_error(tiny_dataset, tmp_path, monkeypatch):
+    import shutil
+
+    monkeypatch.setattr(shutil, "which", lambda name: None)
+    monkeypatch.delenv("CXX", raising=False)
+    config = tiny_config(tiny_dataset, tmp_path / "run", "compile_training=default")
+    with pytest.raises(AmnsegError, match="compile_training=default: torch.compile needs a C"):
+        cam_stage.train_cam(config)
