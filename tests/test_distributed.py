@@ -176,3 +176,23 @@ def test_sharded_inference_is_byte_identical_and_a_killed_run_resumes(setup):
     assert len(list(maps.glob("*.npz"))) == 4  # both ranks wrote 2, then hung
     amnseg(driver, 2, *args)
     assert digest(maps) == outputs[1]
+
+
+def test_fused_accumulation_under_torchrun_matches_two_passes_in_one_process(setup):
+    """seg.fused_accumulation on 2 ranks: each rank's batch holds its share of both accumulated
+    batches, sliced back into them for the loss; the weights are those of one process running
+    the two batches one after the other."""
+    root, data, driver = setup
+    seg = ["seg.init=null", "seg.iterations=3", "seg.batch_size=2", "seg.accumulation=2",
+           "seg.crop_size=32", "seg.eval_images=0", "seg.eval_crf=false",
+           "seg.backbone.depth=18", "seg.backbone.width=0.125", "seg.backbone.pretrained=null",
+           "seg.lr=0.01", "seg.upper_bound=true"]
+    runs = {"two passes": root / "seg_two", "fused, 2 ranks": root / "seg_fused"}
+    amnseg(driver, 1, "train-seg-gt", "voc12", f"run_dir={runs['two passes']}",
+           f"data.root={data}", *OVERRIDES, *seg)
+    amnseg(driver, 2, "train-seg-gt", "voc12", f"run_dir={runs['fused, 2 ranks']}",
+           f"data.root={data}", *OVERRIDES, *seg, "seg.fused_accumulation=true", torchrun=True)
+    two, fused = (load_checkpoint(run / "seg_gt" / "seg_gt.pt")["model"] for run in runs.values())
+    for key, value in two.items():
+        torch.testing.assert_close(fused[key].double(), value.double(), rtol=1e-4, atol=1e-6,
+                                   msg=key)
