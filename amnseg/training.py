@@ -328,13 +328,16 @@ class LossTotal:
 @dataclass(frozen=True)
 class EpochDone:
     """What one process's epoch did: images and optimiser steps, the sum of step loss x
-    images, seconds, and images/s after the first step (None: no step after it)."""
+    images, seconds, images/s after the first step (None: no step after it), and the seconds
+    the loop waited for the loader after its first batch (the first also waits for the workers
+    to start): near 0 when data loading keeps up with the steps."""
 
     images: int
     steps: int
     loss_sum: float
     seconds: float
     steady: float | None
+    data_wait: float
 
 
 def run_epoch(
@@ -349,15 +352,20 @@ def run_epoch(
 ) -> EpochDone:
     """The optimiser steps of one epoch over ``loader`` (``schedule.accumulation`` batches per
     step, none past ``schedule.max_steps``), with a progress bar."""
-    started, seen, steps = time.perf_counter(), 0, 0
+    started, seen, steps, data_wait = time.perf_counter(), 0, 0, 0.0
     first_step: tuple[float, int] | None = None  # (when, images) at the first step's end
     micro_batches: list[list[torch.Tensor]] = []
     losses = LossTotal()
+    batches = iter(loader)
     with progress_bar(total=len(loader) // schedule.accumulation, desc=description,
                       leave=False) as bar:
-        for batch in loader:
-            if schedule.max_steps is not None and scheduler.last_epoch >= schedule.max_steps:
+        while schedule.max_steps is None or scheduler.last_epoch < schedule.max_steps:
+            asked = time.perf_counter()
+            batch = next(batches, None)
+            if batch is None:
                 break
+            if seen or micro_batches:
+                data_wait += time.perf_counter() - asked
             micro_batches.append([tensor.to(device, non_blocking=True) for tensor in batch])
             if len(micro_batches) < schedule.accumulation:
                 continue
@@ -375,7 +383,7 @@ def run_epoch(
         losses.read()
     ended = time.perf_counter()
     return EpochDone(seen, steps, losses.total, ended - started,
-                     steady_rate(first_step, seen, ended))
+                     steady_rate(first_step, seen, ended), data_wait)
 
 
 @contextlib.contextmanager
@@ -406,7 +414,7 @@ def check_compiler(mode: str, device: torch.device) -> None:
 
 # The fields of every epoch's log record; the console line shows the others (val_miou, ...).
 _LOG_FIELDS = ("stage", "epoch", "split", "train_images", "steps", "loss", "lr", "images_per_s",
-               "steady_images_per_s", "seconds", "processes")
+               "steady_images_per_s", "seconds", "data_wait_s", "processes")
 
 
 def fit(
@@ -474,6 +482,7 @@ def fit(
                 "images_per_s": seen / done.seconds if done.seconds > 0 else None,
                 "steady_images_per_s": steady,
                 "seconds": done.seconds,
+                "data_wait_s": done.data_wait,  # rank 0's (rank 0 writes the log)
                 "processes": distributed.world_size(),
             }
             if after_epoch is not None:

@@ -103,9 +103,11 @@ def images_per_stage(config, count: int) -> dict[str, int]:
     }
 
 
-def fixed_and_steady(config, stage: str, stage_seconds: float) -> tuple[float, float] | None:
-    """(fixed seconds, steady images/s) of a training stage from its log: the stage's time
-    outside its epochs, and its epochs' rate after their first step (None: not a training
+def fixed_and_steady(config, stage: str, stage_seconds: float
+                     ) -> tuple[float, float, float] | None:
+    """(fixed seconds, steady images/s, fraction of the epochs spent waiting for data) of a
+    training stage from its log: the stage's time outside its epochs, its epochs' rate after
+    their first step, and their loader waits after the first batch (None: not a training
     stage, or too few steps to tell)."""
     path = log_path(config, stage)
     if not path.is_file():
@@ -114,7 +116,9 @@ def fixed_and_steady(config, stage: str, stage_seconds: float) -> tuple[float, f
     rates = [r["steady_images_per_s"] for r in records if r.get("steady_images_per_s")]
     if not rates:
         return None
-    return stage_seconds - sum(r["seconds"] for r in records), sum(rates) / len(rates)
+    epochs_seconds = sum(r["seconds"] for r in records)
+    waiting = sum(r.get("data_wait_s", 0.0) for r in records) / max(epochs_seconds, 1e-9)
+    return stage_seconds - epochs_seconds, sum(rates) / len(rates), waiting
 
 
 def projected_images(stage: str, dataset: str) -> int:
@@ -199,11 +203,13 @@ def main() -> None:
         f"evaluation. Whole run {wall:.0f} s. Training stages are projected as their fixed "
         "costs (the stage's time outside its epochs: model building, checkpoints, evaluation) "
         "plus the reference schedule's images at the steady rate (after each epoch's first "
-        "step); the other stages per image, fixed costs included.",
+        "step); the other stages per image, fixed costs included. Waiting for data: the "
+        "share of a training stage's epochs spent waiting for the loader after its first "
+        "batch (near 0: the loader keeps up with the steps).",
         "",
-        "| stage | images | seconds | images/s | steady images/s | projected VOC (10,582) h | "
-        "projected COCO (82,783) h |",
-        "|---|---|---|---|---|---|---|",
+        "| stage | images | seconds | images/s | steady images/s | waiting for data | "
+        "projected VOC (10,582) h | projected COCO (82,783) h |",
+        "|---|---|---|---|---|---|---|---|",
     ]
     totals = {"voc": 0.0, "coco": 0.0}
     for stage in STAGE_NAMES:
@@ -215,15 +221,15 @@ def main() -> None:
         projection = {name: per_image * projected_images(stage, name) / 3600 for name in totals}
         steady = fixed_and_steady(config, stage, seconds)
         if steady is not None:
-            fixed, rate = steady
+            fixed, rate, _ = steady
             projection = {name: (fixed + projected_images(stage, name) / rate) / 3600
                           for name in totals}
         for name in totals:
             totals[name] += projection[name]
-        steady_text = f"{steady[1]:.1f}" if steady else ""
+        steady_text = f"{steady[1]:.1f} | {steady[2]:.0%}" if steady else " | "
         lines.append(f"| {stage} | {handled[stage]} | {seconds:.1f} | {1 / per_image:.2f} | "
                      f"{steady_text} | {projection['voc']:.2f} | {projection['coco']:.2f} |")
-    lines.append(f"| **whole pipeline** | | | | | **{totals['voc']:.1f}** | "
+    lines.append(f"| **whole pipeline** | | | | | | **{totals['voc']:.1f}** | "
                  f"**{totals['coco']:.1f}** |")
     if args.bare:
         lines += ["", "| map stage | making the maps s | bare forwards s | maps / bare |",

@@ -246,3 +246,52 @@ def test_train_step_returns_the_accumulated_loss_unread_in_float64():
     loss = train_step(model, batches, cam_loss, optimizer, scheduler)
     assert isinstance(loss, torch.Tensor) and loss.dtype == torch.float64 and loss.dim() == 0
     assert loss.item() == by_hand[0] + by_hand[1]
+
+
+class SlowItems(torch.utils.data.Dataset):
+    """Six (input, target) pairs of a linear regression, each taking ``delay`` s to load."""
+
+    def __init__(self, delay: float):
+        self.delay = delay
+        generator = torch.Generator().manual_seed(5)
+        self.inputs = torch.randn(6, 3, generator=generator)
+        self.targets = torch.randn(6, 1, generator=generator)
+
+    def __len__(self) -> int:
+        return 6
+
+    def __getitem__(self, index: int):
+        import time
+
+        time.sleep(self.delay)
+        return self.inputs[index], self.targets[index]
+
+
+def test_run_epoch_counts_steps_losses_and_the_wait_for_data():
+    from amnseg.training import Schedule, run_epoch
+
+    items = SlowItems(delay=0.02)
+    model = torch.nn.Linear(3, 1)
+    optimizer = torch.optim.SGD(model.parameters(), lr=0.0)  # the weights stay as they are
+    scheduler = torch.optim.lr_scheduler.LambdaLR(optimizer, lambda step: 1.0)
+    loader = torch.utils.data.DataLoader(items, batch_size=2)
+
+    def mse(net, inputs, targets):
+        return F.mse_loss(net(inputs), targets)
+
+    done = run_epoch(model, loader, mse, optimizer, scheduler, torch.device("cpu"),
+                     Schedule(1, 2), "test")
+    with torch.no_grad():
+        by_hand = sum(mse(model, items.inputs[k:k + 2], items.targets[k:k + 2]).item() * 2
+                      for k in (0, 2, 4))
+    assert (done.images, done.steps) == (6, 3)
+    assert done.loss_sum == pytest.approx(by_hand, rel=1e-12)
+    # Batches 2 and 3 (4 items of 20 ms) were waited for; the first batch is not counted.
+    assert 0.08 <= done.data_wait <= done.seconds
+    assert done.steady is not None
+
+    # Two batches per step, and at most 1 step: the epoch stops after 4 images.
+    scheduler = torch.optim.lr_scheduler.LambdaLR(optimizer, lambda step: 1.0)  # at step 0
+    done = run_epoch(model, loader, mse, optimizer, scheduler, torch.device("cpu"),
+                     Schedule(1, 2, accumulation=2, max_steps=1), "test")
+    assert (done.images, done.steps) == (4, 1) and done.steady is None
