@@ -641,12 +641,14 @@ class Coverage:
 
 @dataclass(frozen=True)
 class Layout:
-    """Per file: the lines of the statement around each line, memoized functions, and the
-    names that each module-level assignment binds (by line)."""
+    """Per file: the lines of the statement around each line, memoized functions, the names
+    that each module-level assignment binds (by line), and the body lines of the function
+    whose header (signature, defaults) holds a line."""
 
     statement: dict[int, tuple[int, int]]
     memoized: frozenset[int]
     constants: dict[int, tuple[str, ...]] = field(default_factory=dict)
+    bodies: dict[int, tuple[int, int]] = field(default_factory=dict)
 
 
 def bound_names(node: ast.stmt) -> tuple[str, ...]:
@@ -682,6 +684,7 @@ def file_layout(source: str) -> Layout:
     tree = ast.parse(source)
     statement: dict[int, tuple[int, int]] = {}
     memoized: set[int] = set()
+    bodies: dict[int, tuple[int, int]] = {}
     spans = []
     top_level = {id(node) for node in tree.body}
     for node in ast.walk(tree):
@@ -693,6 +696,8 @@ def file_layout(source: str) -> Layout:
             end = max(node.lineno, body[0].lineno - 1)
         spans.append((end - node.lineno, node.lineno, end))
         if isinstance(node, ast.FunctionDef | ast.AsyncFunctionDef):
+            for line in range(node.lineno, end + 1):
+                bodies[line] = (node.body[0].lineno, node.end_lineno or node.lineno)
             for decorator in node.decorator_list:
                 target = decorator.func if isinstance(decorator, ast.Call) else decorator
                 name = target.id if isinstance(target, ast.Name) else getattr(target, "attr", "")
@@ -708,7 +713,7 @@ def file_layout(source: str) -> Layout:
         if names:
             for line in range(node.lineno, (node.end_lineno or node.lineno) + 1):
                 constants[line] = names
-    return Layout(statement, frozenset(memoized), constants)
+    return Layout(statement, frozenset(memoized), constants, bodies)
 
 
 def select_tests(mutant: Mutant, layout: Layout, coverage: Coverage,
@@ -720,7 +725,9 @@ def select_tests(mutant: Mutant, layout: Layout, coverage: Coverage,
     A module-level assignment runs at import, for every test; with ``references`` (see
     :func:`name_references`, over the package and the tests) its mutants run only the tests
     that execute a line reading one of the names it binds, and the test files that read them
-    (every test when such a line runs at import too, e.g. a constant made from another)."""
+    (every test when such a line runs at import too, e.g. a constant made from another).
+    Likewise a function's header runs at import, but its defaults act only when its body runs:
+    its mutants run the tests that execute the body."""
     if mutant.line in layout.memoized:
         return ALL
     start, end = layout.statement.get(mutant.line, (mutant.line, mutant.line))
@@ -735,6 +742,11 @@ def select_tests(mutant: Mutant, layout: Layout, coverage: Coverage,
                     keys.add("file:" + file)
                 elif not (start <= line <= end and file == mutant.file):
                     keys |= coverage.hits.get((file, line), set())
+    if ALL in keys and mutant.line in layout.bodies:
+        body_start, body_end = layout.bodies[mutant.line]
+        keys = set()
+        for line in range(body_start, body_end + 1):
+            keys |= coverage.hits.get((mutant.file, line), set())
     if not keys:
         return None
     if ALL in keys:
