@@ -295,3 +295,24 @@ def test_run_epoch_counts_steps_losses_and_the_wait_for_data():
     done = run_epoch(model, loader, mse, optimizer, scheduler, torch.device("cpu"),
                      Schedule(1, 2, accumulation=2, max_steps=1), "test")
     assert (done.images, done.steps) == (4, 1) and done.steady is None
+
+
+def test_resolve_device_gives_each_torchrun_rank_its_own_gpu_and_leaves_the_cpu_alone(
+        monkeypatch):
+    from amnseg import distributed
+    from amnseg.errors import AmnsegError
+    from amnseg.training import resolve_device
+
+    monkeypatch.setattr(torch.cuda, "is_available", lambda: True)
+    monkeypatch.setattr(distributed, "launched_by_torchrun", lambda: True)
+    monkeypatch.setattr(distributed, "local_rank", lambda: 3)
+    assert resolve_device("cpu") == torch.device("cpu")
+    assert resolve_device("cuda") == torch.device("cuda", 3)
+    assert resolve_device("auto") == torch.device("cuda", 3)
+    assert resolve_device("cuda:1") == torch.device("cuda", 1)  # named by the user: kept
+    monkeypatch.setattr(distributed, "launched_by_torchrun", lambda: False)
+    assert resolve_device("cuda") == torch.device("cuda")
+    monkeypatch.setattr(torch.cuda, "is_available", lambda: False)
+    assert resolve_device("auto") == torch.device("cpu")
+    with pytest.raises(AmnsegError, match="device=cuda: CUDA is not available"):
+        resolve_device("cuda")
