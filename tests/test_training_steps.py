@@ -316,3 +316,14 @@ def test_resolve_device_gives_each_torchrun_rank_its_own_gpu_and_leaves_the_cpu_
     assert resolve_device("auto") == torch.device("cpu")
     with pytest.raises(AmnsegError, match="device=cuda: CUDA is not available"):
         resolve_device("cuda")
+
+
+def test_steps_per_epoch_counts_full_batches_only():
+    from amnseg.errors import AmnsegError
+    from amnseg.training import steps_per_epoch
+
+    assert steps_per_epoch(10, 4, "data (cam)") == 2  # the last 2 images make no batch
+    assert isinstance(steps_per_epoch(10, 4, "data (cam)"), int)
+    assert steps_per_epoch(8, 4, "data (cam)") == 2
+    with pytest.raises(AmnsegError, match="data \\(cam\\): 3 training images is fewer than one"):
+        steps_per_epoch(3, 4, "data (cam)")
