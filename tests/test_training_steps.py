@@ -327,3 +327,19 @@ def test_steps_per_epoch_counts_full_batches_only():
     assert steps_per_epoch(8, 4, "data (cam)") == 2
     with pytest.raises(AmnsegError, match="data \\(cam\\): 3 training images is fewer than one"):
         steps_per_epoch(3, 4, "data (cam)")
+
+
+def test_synchronised_batchnorm_shares_the_layers_parameters_and_settings():
+    from amnseg.training import _synchronise_batchnorm
+
+    model = torch.nn.Sequential(torch.nn.Conv2d(3, 6, 1), torch.nn.BatchNorm2d(6, eps=1e-3,
+                                                                              momentum=0.3))
+    plain = model[1]
+    plain.running_mean.fill_(0.5)
+    _synchronise_batchnorm(model)
+    synced = model[1]
+    assert isinstance(synced, torch.nn.SyncBatchNorm)
+    assert (synced.num_features, synced.eps, synced.momentum) == (6, 1e-3, 0.3)
+    assert synced.weight is plain.weight and synced.bias is plain.bias
+    assert synced.running_mean is plain.running_mean and synced.running_var is plain.running_var
+    assert synced.num_batches_tracked is plain.num_batches_tracked
