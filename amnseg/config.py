@@ -67,6 +67,10 @@ class BackboneConfig:
     dilations: list[int] = field(default_factory=lambda: [1, 1, 1, 1])  # of layer1..layer4
     stride_in_1x1: bool = False  # Caffe's block layout (DeepLab-v2's ResNet-101)
     stem_pool_ceil: bool = False  # Caffe's max-pool rounds up (DeepLab-v2's ResNet-101)
+    # Apply each frozen BatchNorm inside the convolution before it (weight * scale, bias =
+    # shift): the same network up to float rounding, with fewer passes over the activations
+    # (faster on a GPU, benchmarks/RESULTS.md). Off: the reference's exact arithmetic.
+    fold_norm: bool = False
     # ImageNet weights (torchvision layout): a file path, "hub" (torchvision's reference file
     # from the torch hub cache, downloaded and hash-checked on first use), a URL, or null
     # (random init).
@@ -383,6 +387,9 @@ def validate(config: Config) -> Config:
         _positive_list(backbone.strides, f"{prefix}.strides", 4)
         _positive_list(backbone.dilations, f"{prefix}.dilations", 4)
         _choice(backbone.norm, f"{prefix}.norm", ("frozen", "batch"))
+        _require(not backbone.fold_norm or backbone.norm == "frozen", f"{prefix}.fold_norm",
+                 backbone.fold_norm, f"needs {prefix}.norm=frozen (BatchNorm that normalises "
+                 "with batch statistics cannot be folded)")
     cam = config.cam
     _at_least(cam, "cam", 1, "epochs", "batch_size")
     _positive(cam, "cam", "lr", "head_lr_mult")

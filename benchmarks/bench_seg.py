@@ -13,6 +13,7 @@ from __future__ import annotations
 
 import argparse
 import time
+from pathlib import Path
 
 import numpy as np
 import torch
@@ -23,6 +24,35 @@ from amnseg.models.resnet import resnet_from_config
 from amnseg.ops.crf import crf_refine_probabilities
 from amnseg.stages.seg import freeze_batchnorm, msc_loss, predict_probabilities, seg_optimizer
 from benchmarks.common import best_time, write_section
+
+
+def profile_steps(step, sync, args: argparse.Namespace, per_step: float) -> None:
+    """Three training steps under torch.profiler: operators by their own device time, and how
+    much of the steps' wall time the device was busy (what a faster kernel could win)."""
+    activities = [torch.profiler.ProfilerActivity.CPU]
+    on_cuda = torch.device(args.device).type == "cuda"
+    if on_cuda:
+        activities.append(torch.profiler.ProfilerActivity.CUDA)
+    steps = 3
+    with torch.profiler.profile(activities=activities) as profile:
+        for _ in range(steps):
+            step()
+        sync()
+    averages = profile.key_averages()
+    key = "self_device_time_total" if on_cuda else "self_cpu_time_total"
+    busy_us = sum(getattr(event, key) for event in averages)
+    busy = busy_us / 1e6 / steps
+    lines = [
+        f"batch {args.batch}, crop {args.crop}, amp={args.amp}, channels_last="
+        f"{args.channels_last}, cudnn.benchmark={args.cudnn_benchmark}, compile={args.compile}, "
+        f"fold_norm={args.fold_norm}",
+        f"step {per_step * 1000:.1f} ms unprofiled; operators' own {key} {busy * 1000:.1f} ms "
+        f"per step ({busy / per_step:.0%} of the step)", "",
+        averages.table(sort_by=key, row_limit=45),
+    ]
+    args.profile.mkdir(parents=True, exist_ok=True)
+    (args.profile / f"seg_profile_b{args.batch}.txt").write_text("\n".join(lines))
+    print(lines[1], flush=True)
 
 
 def main() -> None:
@@ -39,13 +69,18 @@ def main() -> None:
                         help="let cuDNN time its algorithms for each shape (CUDA)")
     parser.add_argument("--compile", action="store_true",
                         help="torch.compile the training network (inductor; minutes to compile)")
+    parser.add_argument("--fold-norm", action="store_true",
+                        help="apply the frozen BatchNorm inside the convolutions (fold_norm)")
     parser.add_argument("--device", default="cuda" if torch.cuda.is_available() else "cpu")
+    parser.add_argument("--profile", type=Path, metavar="OUT_DIR",
+                        help="also profile 3 training steps: seg_profile_b<batch>.txt in OUT_DIR")
     args = parser.parse_args()
     device = torch.device(args.device)
     torch.backends.cudnn.benchmark = args.cudnn_benchmark
     torch.manual_seed(0)
     backbone = deeplab_backbone()
     backbone.depth = args.depth
+    backbone.fold_norm = args.fold_norm
     model = MSC(DeepLabV2(resnet_from_config(backbone), 21)).to(device)
     freeze_batchnorm(model)
     if args.channels_last:
@@ -83,6 +118,8 @@ def main() -> None:
     sync()
     per_step = (time.perf_counter() - start) / args.steps
     print(f"training: {per_step:.3f} s per step, {args.batch / per_step:.1f} crops/s", flush=True)
+    if args.profile:
+        profile_steps(step, sync, args, per_step)
 
     width, height = (int(v) for v in args.size.split("x"))
     image = np.random.default_rng(0).integers(0, 256, (height, width, 3), dtype=np.uint8)
@@ -99,7 +136,8 @@ def main() -> None:
     mode = ("bf16 autocast" if args.amp else "fp32") + (
         ", channels_last" if args.channels_last else "") + (
         ", cudnn.benchmark" if args.cudnn_benchmark else "") + (
-        ", torch.compile" if args.compile else "")
+        ", torch.compile" if args.compile else "") + (
+        ", fold_norm" if args.fold_norm else "")
     body = (
         f"DeepLab-v2 ResNet-{args.depth} MSC (scales 1, 0.5, 0.75), 21 classes, device "
         f"{device}, {mode}. Training: batch {args.batch} of {args.crop}x{args.crop} crops, "

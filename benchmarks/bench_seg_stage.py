@@ -39,12 +39,23 @@ VARIANTS = {
     "bf16_graphs": ("bf16 + channels_last + cudnn_benchmark + compile_training=reduce-overhead",
                     ["amp=bf16", "channels_last=true", "cudnn_benchmark=true",
                      "compile_training=reduce-overhead"]),
-    "bf16_fused": ("bf16 + channels_last + seg.fused_accumulation",
-                   ["amp=bf16", "channels_last=true", "seg.fused_accumulation=true"]),
-    "bf16_fused_compiled": ("bf16 + channels_last + seg.fused_accumulation + "
-                            "compile_training=default",
-                            ["amp=bf16", "channels_last=true", "seg.fused_accumulation=true",
-                             "compile_training=default"]),
+    "bf16_fused": ("bf16 + channels_last + cudnn_benchmark + seg.fused_accumulation",
+                   ["amp=bf16", "channels_last=true", "cudnn_benchmark=true",
+                    "seg.fused_accumulation=true"]),
+    "bf16_fused_compiled": ("bf16 + channels_last + cudnn_benchmark + seg.fused_accumulation"
+                            " + compile_training=default",
+                            ["amp=bf16", "channels_last=true", "cudnn_benchmark=true",
+                             "seg.fused_accumulation=true", "compile_training=default"]),
+    "bf16_fused_folded": ("bf16 + channels_last + cudnn_benchmark + seg.fused_accumulation + "
+                          "seg.backbone.fold_norm",
+                          ["amp=bf16", "channels_last=true", "cudnn_benchmark=true",
+                           "seg.fused_accumulation=true", "seg.backbone.fold_norm=true"]),
+    "bf16_fused_folded_compiled": ("bf16 + channels_last + cudnn_benchmark + "
+                                   "seg.fused_accumulation + seg.backbone.fold_norm + "
+                                   "compile_training=default",
+                                   ["amp=bf16", "channels_last=true", "cudnn_benchmark=true",
+                                    "seg.fused_accumulation=true", "seg.backbone.fold_norm=true",
+                                    "compile_training=default"]),
     # Not the recipe: one batch of 10 instead of 2 x 5 accumulated (the loss is then averaged
     # over the 10 crops' pixels, not over each 5's), for what the batch size costs.
     "bf16_batch10": ("bf16 + channels_last + cudnn_benchmark, batch 10 x 1 (not the recipe)",

@@ -665,6 +665,32 @@ def test_fused_accumulation_trains_the_recipes_weights(tiny_dataset, tmp_path):
     assert max((one[k] - two[k]).abs().max().item() for k in two) > 1e-4
 
 
+def test_folded_norm_trains_the_same_weights(tiny_dataset, tmp_path):
+    """seg.backbone.fold_norm reaches the stage's network (and its checkpoint), which trains
+    the weights of the unfolded network up to floating-point order."""
+    from conftest import tiny_config, training_log
+
+    from amnseg.checkpoints import load_model
+    from amnseg.models.resnet import FixedStatsBatchNorm2d
+
+    weights, losses = [], []
+    for run, folded in (("plain", "false"), ("folded", "true")):
+        config = tiny_config(
+            tiny_dataset, tmp_path / run, "seg.init=null", "seg.iterations=2",
+            "seg.batch_size=2", "seg.crop_size=32", "seg.eval_images=0",
+            "seg.backbone.depth=18", "seg.backbone.width=0.125",
+            "seg.backbone.pretrained=null", "seg.lr=0.05", f"seg.backbone.fold_norm={folded}")
+        path = seg_stage.train_seg(config, "seg_gt", "gt")
+        weights.append(torch.load(path, weights_only=True)["model"])
+        losses.append([record["loss"] for record in training_log(config, "seg_gt")])
+        norms = [m for m in load_model(path, "seg", ["square", "disc"]).modules()
+                 if isinstance(m, FixedStatsBatchNorm2d)]
+        assert norms and all(m.fold == (folded == "true") for m in norms)
+    assert losses[1] == pytest.approx(losses[0], rel=1e-5)
+    for key, value in weights[0].items():
+        torch.testing.assert_close(weights[1][key], value, rtol=1e-4, atol=1e-6, msg=key)
+
+
 def test_fused_accumulation_needs_fixed_batchnorm_statistics():
     from amnseg.config import load_config
 

@@ -29,10 +29,43 @@ class FixedStatsBatchNorm2d(nn.BatchNorm2d):
     nothing.
     """
 
+    # Set by ``ResNet(fold_norm=True)``: the convolution before this layer applies it (conv_norm).
+    fold = False
+
     def forward(self, x: torch.Tensor) -> torch.Tensor:
         return F.batch_norm(
             x, self.running_mean, self.running_var, self.weight, self.bias, False, 0.0, self.eps
         )
+
+    def scale_shift(self) -> tuple[torch.Tensor, torch.Tensor]:
+        """The per-channel map this layer applies, ``x * scale + shift``; (C,) each."""
+        scale = self.weight * torch.rsqrt(self.running_var + self.eps)
+        return scale, self.bias - self.running_mean * scale
+
+
+def conv_norm(conv: nn.Conv2d, norm: nn.BatchNorm2d, x: torch.Tensor) -> torch.Tensor:
+    """``norm(conv(x))``. When ``norm`` folds (fixed statistics, ``fold`` set), one convolution
+    whose weight and bias carry the norm's per-channel map: the same function up to rounding
+    (gradients reach the conv weight and gamma/beta through the product), without BatchNorm's
+    passes over the activations, forward and backward, which on a GPU cost about as much as
+    the convolutions themselves (benchmarks/RESULTS.md, "Folding the frozen BatchNorm")."""
+    if not getattr(norm, "fold", False):
+        return norm(conv(x))
+    scale, shift = norm.scale_shift()
+    if conv.bias is not None:
+        shift = shift + conv.bias * scale
+    weight = conv.weight * scale.reshape(-1, 1, 1, 1)
+    return F.conv2d(x, weight, shift, conv.stride, conv.padding, conv.dilation, conv.groups)
+
+
+class ConvNorm(nn.Sequential):
+    """A convolution then its norm (keys ``0.*``, ``1.*``, as torchvision's downsample)."""
+
+    def __init__(self, conv: nn.Conv2d, norm: nn.BatchNorm2d):
+        super().__init__(conv, norm)
+
+    def forward(self, x: torch.Tensor) -> torch.Tensor:
+        return conv_norm(self[0], self[1], x)
 
 
 NORMS = ("frozen", "batch")
@@ -69,8 +102,8 @@ class BasicBlock(nn.Module):
 
     def forward(self, x: torch.Tensor) -> torch.Tensor:
         identity = x if self.downsample is None else self.downsample(x)
-        out = self.relu(self.bn1(self.conv1(x)))
-        out = self.bn2(self.conv2(out))
+        out = self.relu(conv_norm(self.conv1, self.bn1, x))
+        out = conv_norm(self.conv2, self.bn2, out)
         return self.relu(out + identity)
 
 
@@ -101,18 +134,17 @@ class Bottleneck(nn.Module):
 
     def forward(self, x: torch.Tensor) -> torch.Tensor:
         identity = x if self.downsample is None else self.downsample(x)
-        out = self.relu(self.bn1(self.conv1(x)))
-        out = self.relu(self.bn2(self.conv2(out)))
-        out = self.bn3(self.conv3(out))
+        out = self.relu(conv_norm(self.conv1, self.bn1, x))
+        out = self.relu(conv_norm(self.conv2, self.bn2, out))
+        out = conv_norm(self.conv3, self.bn3, out)
         return self.relu(out + identity)
 
 
-def _downsample(inplanes: int, outplanes: int, stride: int, norm: str) -> nn.Sequential | None:
+def _downsample(inplanes: int, outplanes: int, stride: int, norm: str) -> ConvNorm | None:
     if stride == 1 and inplanes == outplanes:
         return None
-    return nn.Sequential(
-        nn.Conv2d(inplanes, outplanes, 1, stride, bias=False), make_norm(norm, outplanes)
-    )
+    return ConvNorm(nn.Conv2d(inplanes, outplanes, 1, stride, bias=False),
+                    make_norm(norm, outplanes))
 
 
 ARCHITECTURES: dict[int, tuple[type[BasicBlock] | type[Bottleneck], list[int]]] = {
@@ -134,6 +166,8 @@ class ResNet(nn.Module):
     3x3 convs of layer1..layer4 (every block of a layer; DeepLab-v2: 1, 1, 2, 4).
     ``stride_in_1x1``: Caffe's block layout (stride on the first 1x1 conv).
     ``stem_pool_ceil``: the stem's max-pool rounds its output size up (Caffe, DeepLab-v2).
+    ``fold_norm``: each frozen BatchNorm is applied by the convolution before it (``conv_norm``;
+    needs ``norm="frozen"``).
     """
 
     def __init__(
@@ -146,8 +180,12 @@ class ResNet(nn.Module):
         dilations: tuple[int, ...] | list[int] = (1, 1, 1, 1),
         stride_in_1x1: bool = False,
         stem_pool_ceil: bool = False,
+        fold_norm: bool = False,
     ):
         super().__init__()
+        if fold_norm and norm != "frozen":
+            raise AmnsegError(f"backbone.fold_norm=true needs backbone.norm=frozen, not {norm!r} "
+                              "(BatchNorm that normalises with batch statistics cannot be folded)")
         if depth not in ARCHITECTURES:
             raise AmnsegError(f"backbone.depth={depth}: expected one of {sorted(ARCHITECTURES)}")
         if len(strides) != 4:
@@ -180,6 +218,9 @@ class ResNet(nn.Module):
         ]
         self.output_stride = self.level_strides[-1]
         self._init_weights()
+        for module in self.modules():
+            if isinstance(module, FixedStatsBatchNorm2d):
+                module.fold = fold_norm
         if freeze_stem:
             for parameter in (*self.conv1.parameters(), *self.bn1.parameters()):
                 parameter.requires_grad_(False)
@@ -201,7 +242,7 @@ class ResNet(nn.Module):
 
     def stem(self, x: torch.Tensor) -> torch.Tensor:
         """(B, 3, H, W) -> (B, level_channels[0], H / (2 * strides[0]), ...)."""
-        return self.maxpool(self.relu(self.bn1(self.conv1(x))))
+        return self.maxpool(self.relu(conv_norm(self.conv1, self.bn1, x)))
 
     def forward(self, x: torch.Tensor) -> torch.Tensor:
         x = self.stem(x)
@@ -228,6 +269,7 @@ def resnet_from_config(config) -> ResNet:
         dilations=get("dilations", (1, 1, 1, 1)),
         stride_in_1x1=get("stride_in_1x1", False),
         stem_pool_ceil=get("stem_pool_ceil", False),
+        fold_norm=get("fold_norm", False),
     )
 
 
