@@ -28,39 +28,35 @@ from benchmarks.bench_pipeline import TINY_LEARNING_RATES, make_dataset
 from benchmarks.common import write_section
 
 # Name -> (description, config overrides).
+BF16 = ["amp=bf16", "channels_last=true"]
+TUNED = [*BF16, "cudnn_benchmark=true"]
+FUSED = [*TUNED, "seg.fused_accumulation=true"]
+FOLDED = [*FUSED, "seg.backbone.fold_norm=true"]
 VARIANTS = {
     "fp32": ("fp32 (TF32 convolutions, PyTorch's default)", []),
-    "bf16": ("bf16 autocast + channels_last", ["amp=bf16", "channels_last=true"]),
-    "bf16_tuned": ("bf16 + channels_last + cudnn_benchmark",
-                   ["amp=bf16", "channels_last=true", "cudnn_benchmark=true"]),
+    "bf16": ("bf16 autocast + channels_last", BF16),
+    "bf16_tuned": ("bf16 + channels_last + cudnn_benchmark", TUNED),
     "bf16_compiled": ("bf16 + channels_last + cudnn_benchmark + compile_training=default",
-                      ["amp=bf16", "channels_last=true", "cudnn_benchmark=true",
-                       "compile_training=default"]),
+                      [*TUNED, "compile_training=default"]),
     "bf16_graphs": ("bf16 + channels_last + cudnn_benchmark + compile_training=reduce-overhead",
-                    ["amp=bf16", "channels_last=true", "cudnn_benchmark=true",
-                     "compile_training=reduce-overhead"]),
-    "bf16_fused": ("bf16 + channels_last + cudnn_benchmark + seg.fused_accumulation",
-                   ["amp=bf16", "channels_last=true", "cudnn_benchmark=true",
-                    "seg.fused_accumulation=true"]),
+                    [*TUNED, "compile_training=reduce-overhead"]),
+    "bf16_fused": ("bf16 + channels_last + cudnn_benchmark + seg.fused_accumulation", FUSED),
     "bf16_fused_compiled": ("bf16 + channels_last + cudnn_benchmark + seg.fused_accumulation"
-                            " + compile_training=default",
-                            ["amp=bf16", "channels_last=true", "cudnn_benchmark=true",
-                             "seg.fused_accumulation=true", "compile_training=default"]),
+                            " + compile_training=default", [*FUSED, "compile_training=default"]),
     "bf16_fused_folded": ("bf16 + channels_last + cudnn_benchmark + seg.fused_accumulation + "
-                          "seg.backbone.fold_norm",
-                          ["amp=bf16", "channels_last=true", "cudnn_benchmark=true",
-                           "seg.fused_accumulation=true", "seg.backbone.fold_norm=true"]),
+                          "seg.backbone.fold_norm", FOLDED),
     "bf16_fused_folded_compiled": ("bf16 + channels_last + cudnn_benchmark + "
                                    "seg.fused_accumulation + seg.backbone.fold_norm + "
                                    "compile_training=default",
-                                   ["amp=bf16", "channels_last=true", "cudnn_benchmark=true",
-                                    "seg.fused_accumulation=true", "seg.backbone.fold_norm=true",
-                                    "compile_training=default"]),
+                                   [*FOLDED, "compile_training=default"]),
+    "bf16_fused_folded_graphs": ("bf16 + channels_last + cudnn_benchmark + "
+                                 "seg.fused_accumulation + seg.backbone.fold_norm + "
+                                 "compile_training=reduce-overhead",
+                                 [*FOLDED, "compile_training=reduce-overhead"]),
     # Not the recipe: one batch of 10 instead of 2 x 5 accumulated (the loss is then averaged
     # over the 10 crops' pixels, not over each 5's), for what the batch size costs.
     "bf16_batch10": ("bf16 + channels_last + cudnn_benchmark, batch 10 x 1 (not the recipe)",
-                     ["amp=bf16", "channels_last=true", "cudnn_benchmark=true",
-                      "seg.batch_size=10", "seg.accumulation=1"]),
+                     [*TUNED, "seg.batch_size=10", "seg.accumulation=1"]),
 }
 VOC_CROPS = 20_000 * 10
 # One training crop of 321x321, MSC (3 scales and their max), forward + backward:

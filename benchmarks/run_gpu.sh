@@ -42,8 +42,8 @@ step seg_fp32 50 python3 -m benchmarks.bench_seg --steps 10
 step seg_bf16 50 python3 -m benchmarks.bench_seg --steps 10 --amp --channels-last
 step seg_tuned 150 python3 -m benchmarks.bench_seg --steps 20 --amp --channels-last --cudnn-benchmark
 step seg_compile 300 python3 -m benchmarks.bench_seg --steps 20 --amp --channels-last --compile
-step seg_stage 330 python3 -m benchmarks.bench_seg_stage --images 200 --iterations 40 --workers 16 \
-    --variants fp32 bf16 bf16_fused bf16_compiled bf16_fused_compiled
+step seg_stage 330 python3 -m benchmarks.bench_seg_stage --images 100 --iterations 30 --workers 16 \
+    --variants bf16_tuned bf16_fused_folded_compiled bf16_fused_folded_graphs
 step map_profile 150 python3 -m benchmarks.profile_map_stage --images 96 --workers 16 "$out"
 step demo 300 python3 -m amnseg demo run_dir=/tmp/demo-run data.root=/tmp/demo-data
 if [[ -f /tmp/demo-run/manifest.json ]]; then cp /tmp/demo-run/manifest.json "$out/demo_manifest.json"; fi
