@@ -44,8 +44,10 @@ def test_conv_norm_is_the_convolution_then_the_norm(bias):
     conv = torch.nn.Conv2d(4, 6, 3, stride=2, padding=3, dilation=2, bias=bias).double()
     norm = FixedStatsBatchNorm2d(6).double()
     randomise_norms(norm, 1)
-    norm.fold = True
     x = torch.randn(2, 4, 11, 9, dtype=torch.float64, requires_grad=True)
+    # A norm folds only when asked (ResNet(fold_norm=True)): until then, the layers as they are.
+    torch.testing.assert_close(conv_norm(conv, norm, x), norm(conv(x)), rtol=0, atol=0)
+    norm.fold = True
     folded = conv_norm(conv, norm, x)
     expected = by_hand(x, conv, norm)
     assert folded.shape == expected.shape == (2, 6, 7, 6)
@@ -57,8 +59,6 @@ def test_conv_norm_is_the_convolution_then_the_norm(bias):
     want = torch.autograd.grad(expected, params, upstream)
     for name, a, b in zip(["x", "weight", "gamma", "beta", "bias"], got, want, strict=False):
         torch.testing.assert_close(a, b, rtol=1e-10, atol=1e-10, msg=name)
-    norm.fold = False  # not folding: the layers as they are
-    torch.testing.assert_close(conv_norm(conv, norm, x), norm(conv(x)), rtol=0, atol=0)
 
 
 LAYOUTS = {
