@@ -29,7 +29,8 @@ nvidia-smi -L | tee -a "$out/steps.log"
 python3 -c "import torch, triton; print('torch', torch.__version__, 'triton', triton.__version__)" \
     | tee -a "$out/steps.log"
 step gpu_tests 90 python3 -m pytest -q -p no:cacheprovider -m gpu \
-    tests/test_walk_kernel.py tests/test_walk_cuda.py tests/test_precision.py tests/test_models.py tests/test_cam_stage.py
+    tests/test_walk_kernel.py tests/test_walk_cuda.py tests/test_precision.py tests/test_models.py tests/test_cam_stage.py \
+    tests/test_fold_norm.py
 step walk 90 python3 -m benchmarks.bench_random_walk_gpu
 # BatchNorm that normalises (and a smaller lr) keeps random-weight training finite.
 step ddp 80 python3 -m benchmarks.bench_ddp --images 128 backbone.norm=batch cam.lr=0.01

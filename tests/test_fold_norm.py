@@ -13,16 +13,19 @@ from amnseg.errors import AmnsegError
 from amnseg.models.resnet import FixedStatsBatchNorm2d, ResNet, conv_norm, resnet_from_config
 
 
-def randomise_norms(model: torch.nn.Module, seed: int) -> None:
-    """Statistics and affine far from the identity (variances near eps, so eps counts)."""
+def randomise_norms(model: torch.nn.Module, seed: int, mild: bool = False) -> None:
+    """Statistics and affine far from the identity (variances near eps, so eps counts; values
+    then grow by orders of magnitude through a deep net, which only float64 holds). ``mild``:
+    variances around 1 and gamma below 1, for float32."""
     generator = torch.Generator().manual_seed(seed)
     for module in model.modules():
         if isinstance(module, FixedStatsBatchNorm2d):
             size = module.num_features
+            draw = torch.rand(size, generator=generator)
             with torch.no_grad():
                 module.running_mean.copy_(torch.randn(size, generator=generator))
-                module.running_var.copy_(torch.rand(size, generator=generator) * 0.01 + 1e-4)
-                module.weight.copy_(torch.randn(size, generator=generator))
+                module.running_var.copy_(draw + 0.5 if mild else draw * 0.01 + 1e-4)
+                module.weight.copy_(torch.randn(size, generator=generator) * (0.3 if mild else 1))
                 module.bias.copy_(torch.randn(size, generator=generator))
                 module.eps = 1e-3
 
@@ -131,3 +134,28 @@ def test_the_option_changes_the_fingerprints_of_the_stages_that_train_that_netwo
         differs = {stage.name for stage in STAGES
                    if fingerprint(stage, base, "") != fingerprint(stage, changed, "")}
         assert differs == trained, option
+
+
+@pytest.mark.gpu
+def test_folding_on_cuda_in_channels_last_matches_the_cpu_network():
+    """cuDNN with NHWC weights made by the product: the float64 CPU network's levels."""
+    options = dict(LAYOUTS["deeplab50"], freeze_stem=False)
+    torch.manual_seed(0)
+    plain = ResNet(**options).double()
+    randomise_norms(plain, 3, mild=True)
+    folded = ResNet(**options, fold_norm=True)
+    folded.load_state_dict(plain.state_dict())
+    for module in folded.modules():
+        if isinstance(module, FixedStatsBatchNorm2d):
+            module.eps = 1e-3
+    folded = folded.cuda().to(memory_format=torch.channels_last)
+    images = torch.randn(2, 3, 37, 29, dtype=torch.float64)
+    previous = torch.backends.cudnn.allow_tf32
+    torch.backends.cudnn.allow_tf32 = False
+    try:
+        levels = folded.forward_levels(
+            images.float().cuda().contiguous(memory_format=torch.channels_last))
+    finally:
+        torch.backends.cudnn.allow_tf32 = previous
+    for got, want in zip(levels, plain.forward_levels(images), strict=True):
+        torch.testing.assert_close(got.double().cpu(), want, rtol=1e-4, atol=1e-4)
