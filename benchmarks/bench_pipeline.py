@@ -10,8 +10,12 @@ scales each stage's per-image cost to the reference schedule:
     cam, amn: 5 epochs; irn: 3 epochs; seg: 20k (VOC) / 100k (COCO) iterations of 10 crops;
     maps, seeds, masks: once per training image (VOC train_aug 10,582; COCO train 82,783).
 
-Fixed costs (model building, worker start-up, evaluation of a few images) are counted in the
-per-image rate, so small ``--images`` overstate the projection a little.
+Every stage is projected as its fixed costs (model building, worker start-up, evaluation) plus
+the reference schedule's images at its steady rate: for training stages, the rate of their
+epochs after each epoch's first step (from ``log.jsonl``); for the map, seed and mask stages, the
+rate at which their output files appeared after the first 10 % of them (the files' modification
+times). With the seeds made beside the maps, a map stage ends with its last seed, so its rate is
+that of the seed files, and the seed stage's own (short) time counts as fixed.
 
     python -m benchmarks.bench_pipeline [--images 32] [--device auto] [--seg-steps 2]
         [--workers 4] [--bare] [KEY=VALUE ...]
@@ -36,7 +40,7 @@ from PIL import Image
 
 from amnseg.config import load_config
 from amnseg.data.voc import VOC_CLASSES
-from amnseg.layout import checkpoint_path, log_path
+from amnseg.layout import checkpoint_path, log_path, maps_dir, masks_dir, seeds_dir
 from amnseg.ops.multiscale import grouped_forward
 from amnseg.pipeline import STAGE_NAMES, run_pipeline
 from amnseg.stages.common import MultiscaleInputs, start_inference
@@ -121,6 +125,40 @@ def fixed_and_steady(config, stage: str, stage_seconds: float
     return stage_seconds - epochs_seconds, sum(rates) / len(rates), waiting
 
 
+def steady_rate_from_files(folder: Path, pattern: str, skip: float = 0.1) -> float | None:
+    """Files per second that ``folder`` gained after its first ``skip`` of files matching
+    ``pattern`` (start-up: worker processes, the first batch, cuDNN's choices), from their
+    modification times. None: fewer than 4 files to time, or no time between them."""
+    times = sorted(path.stat().st_mtime for path in folder.glob(pattern))
+    timed = times[max(1, int(len(times) * skip)) - 1:]  # from the last file left out
+    if len(timed) < 4 or timed[-1] <= timed[0]:
+        return None
+    return (len(timed) - 1) / (timed[-1] - timed[0])
+
+
+def per_image_steady_rate(config, stage: str, beside: bool) -> float | None:
+    """Steady images/s of a map, seed or mask stage from its output files (None: another
+    stage, or too few files). With ``beside``, a map stage's is its seeds' (it waits for them)
+    and a seed stage has none (its images were made during the map stage)."""
+    source, _, kind = stage.partition("_")
+    if stage == "masks":
+        return steady_rate_from_files(masks_dir(config), "*.png")
+    if kind == "maps" and not beside:
+        return steady_rate_from_files(maps_dir(config, source), "*.npz")
+    if (kind == "maps" and beside) or (kind == "seeds" and not beside):
+        return steady_rate_from_files(seeds_dir(config, source), "*.png")
+    return None
+
+
+def projected_hours(seconds: float, handled: int, rate: float | None, images: int) -> float:
+    """A stage's projected hours for ``images``: without a steady rate, its measured seconds
+    per image; with one, its fixed seconds (those not spent at that rate on the ``handled``
+    images, at least 0) plus ``images`` at that rate."""
+    if rate is None:
+        return seconds / handled * images / 3600
+    return (max(seconds - handled / rate, 0.0) + images / rate) / 3600
+
+
 def projected_images(stage: str, dataset: str) -> int:
     """Images (training: samples seen) of ``stage`` in a full run on VOC or COCO."""
     train = VOC_TRAIN_AUG if dataset == "voc" else COCO_TRAIN
@@ -194,6 +232,7 @@ def main() -> None:
     manifest = run_pipeline(config)
     wall = time.perf_counter() - started
     handled = images_per_stage(config, args.images)
+    beside = overlap_seeds(config)
 
     lines = [
         f"{args.images} synthetic 500x375 images, 20 classes, `voc12` settings with random "
@@ -203,7 +242,10 @@ def main() -> None:
         f"evaluation. Whole run {wall:.0f} s. Training stages are projected as their fixed "
         "costs (the stage's time outside its epochs: model building, checkpoints, evaluation) "
         "plus the reference schedule's images at the steady rate (after each epoch's first "
-        "step); the other stages per image, fixed costs included. Waiting for data: the "
+        "step); the map, seed and mask stages likewise, their steady rate taken from their "
+        "output files' times after the first 10 % of them"
+        + (" (a map stage's from its seeds', which it waits for; the seed stages' own time is "
+           "counted as fixed)" if beside else "") + ". Waiting for data: the "
         "share of a training stage's epochs spent waiting for the loader after its first "
         "batch (near 0: the loader keeps up with the steps).",
         "",
@@ -218,15 +260,23 @@ def main() -> None:
             continue
         seconds = float(record["seconds"])
         per_image = seconds / handled[stage]
-        projection = {name: per_image * projected_images(stage, name) / 3600 for name in totals}
         steady = fixed_and_steady(config, stage, seconds)
         if steady is not None:
             fixed, rate, _ = steady
             projection = {name: (fixed + projected_images(stage, name) / rate) / 3600
                           for name in totals}
+            steady_text = f"{rate:.1f} | {steady[2]:.0%}"
+        else:
+            rate = per_image_steady_rate(config, stage, beside)
+            if stage.endswith("_seeds") and beside:  # its images were made beside the maps
+                projection = {name: seconds / 3600 for name in totals}
+            else:
+                projection = {name: projected_hours(seconds, handled[stage], rate,
+                                                    projected_images(stage, name))
+                              for name in totals}
+            steady_text = f"{rate:.1f} | " if rate else " | "
         for name in totals:
             totals[name] += projection[name]
-        steady_text = f"{steady[1]:.1f} | {steady[2]:.0%}" if steady else " | "
         lines.append(f"| {stage} | {handled[stage]} | {seconds:.1f} | {1 / per_image:.2f} | "
                      f"{steady_text} | {projection['voc']:.2f} | {projection['coco']:.2f} |")
     lines.append(f"| **whole pipeline** | | | | | | **{totals['voc']:.1f}** | "
@@ -238,7 +288,6 @@ def main() -> None:
             bare = bare_forward_seconds(config, stage)
             made = float(manifest["stages"][f"{stage}_maps"]["metrics"]["make_seconds"])
             lines.append(f"| {stage}_maps | {made:.1f} | {bare:.1f} | {made / bare:.2f} |")
-    beside = overlap_seeds(config)
     if beside:
         lines += ["", "Seeds were made beside the map stages (`seeds.overlap`): a map stage's "
                   "seconds include its seeds up to the last one, the seed stage's only what "

@@ -3,6 +3,7 @@ carry the card's model in the name, so that two cards' figures do not overwrite 
 
 from __future__ import annotations
 
+import pytest
 import torch
 
 from benchmarks import common
@@ -33,3 +34,61 @@ def test_card_name_is_the_model_or_the_whole_name(monkeypatch):
         assert common.card_name() == short
     monkeypatch.setattr(torch.cuda, "is_available", lambda: False)
     assert common.card_name() is None
+
+
+def make_files(folder, times):
+    """Files 000.png, 001.png, ... with the given modification times (seconds)."""
+    import os
+
+    folder.mkdir(parents=True, exist_ok=True)
+    for index, moment in enumerate(times):
+        path = folder / f"{index:03d}.png"
+        path.write_bytes(b"")
+        os.utime(path, (moment, moment))
+
+
+def test_steady_rate_leaves_out_the_start_up(tmp_path):
+    from benchmarks.bench_pipeline import steady_rate_from_files
+
+    # Two slow files (start-up), then one every 0.5 s: 2 files/s from the last one left out.
+    make_files(tmp_path / "out", [1000.0, 1005.0] + [1005.0 + 0.5 * k for k in range(1, 19)])
+    assert steady_rate_from_files(tmp_path / "out", "*.png") == pytest.approx(2.0)
+    assert steady_rate_from_files(tmp_path / "out", "*.npz") is None  # other files only
+    make_files(tmp_path / "few", [1.0, 2.0, 3.0])
+    assert steady_rate_from_files(tmp_path / "few", "*.png") is None
+    make_files(tmp_path / "same", [7.0] * 8)
+    assert steady_rate_from_files(tmp_path / "same", "*.png") is None
+
+
+def test_per_image_stages_read_their_own_files_or_their_seeds_when_beside(tmp_path):
+    from amnseg.config import load_config
+    from amnseg.layout import maps_dir, masks_dir, seeds_dir
+    from benchmarks.bench_pipeline import per_image_steady_rate
+
+    config = load_config(None, [f"run_dir={tmp_path}"])
+    base = 1000.0
+    for folder, pattern, step in ((maps_dir(config, "cam"), "npz", 0.1),
+                                  (seeds_dir(config, "cam"), "png", 0.25),
+                                  (maps_dir(config, "amn"), "npz", 0.2),
+                                  (seeds_dir(config, "amn"), "png", 0.5),
+                                  (masks_dir(config), "png", 1.0)):
+        make_files(folder, [base + step * k for k in range(10)])
+        if pattern == "npz":
+            for path in folder.glob("*.png"):
+                path.rename(path.with_suffix(".npz"))
+    serial = {stage: per_image_steady_rate(config, stage, beside=False)
+              for stage in ("cam_maps", "cam_seeds", "amn_maps", "amn_seeds", "masks", "cam")}
+    assert serial == pytest.approx({"cam_maps": 10.0, "cam_seeds": 4.0, "amn_maps": 5.0,
+                                    "amn_seeds": 2.0, "masks": 1.0, "cam": None})
+    assert per_image_steady_rate(config, "cam_maps", beside=True) == pytest.approx(4.0)
+    assert per_image_steady_rate(config, "amn_maps", beside=True) == pytest.approx(2.0)
+    assert per_image_steady_rate(config, "amn_seeds", beside=True) is None
+
+
+def test_projection_is_fixed_seconds_plus_images_at_the_steady_rate():
+    from benchmarks.bench_pipeline import projected_hours
+
+    # 100 images in 30 s at a steady 5 images/s: 10 s fixed, then 10,000 images take 2,000 s.
+    assert projected_hours(30.0, 100, 5.0, 10_000) == pytest.approx(2010 / 3600)
+    assert projected_hours(30.0, 100, None, 10_000) == pytest.approx(3000 / 3600)
+    assert projected_hours(10.0, 100, 5.0, 1_000) == pytest.approx(200 / 3600)  # fixed >= 0
