@@ -288,12 +288,16 @@ def predict_command(
     crf: bool = typer.Option(True, "--crf/--no-crf", help="Dense CRF on the probabilities."),
     flip: bool = typer.Option(False, "--flip", help="Also average the mirrored image."),
     device: str = typer.Option("auto", help="auto, cpu, cuda or cuda:N."),
+    crf_device: str = typer.Option(
+        "cpu", help="cpu: pydensecrf (the reference); cuda or cuda:N: the same CRF in PyTorch "
+        "on that GPU (marginals equal to ~1e-6)."),
 ) -> None:
     """Label images with a trained segmentation network: <out>/<stem>.png palette PNGs whose
     pixel values are class indices (0 background; VOC colours)."""
     from amnseg.segmenter import Segmenter, predict_files
 
-    segmenter = Segmenter.from_checkpoint(checkpoint, device=device, flip=flip, crf=crf)
+    segmenter = Segmenter.from_checkpoint(checkpoint, device=device, flip=flip, crf=crf,
+                                          crf_device=crf_device)
     written = predict_files(segmenter, images, out, overlay, voc_submission)
     console.print(f"{len(written)} masks: [bold]{written[0].parent if written else out}[/bold]")
 

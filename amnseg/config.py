@@ -125,6 +125,10 @@ class SeedsConfig:
     amn_bg_threshold: float = 0.15
     crf: CrfConfig = field(default_factory=CrfConfig)
     workers: int = 0  # CRF worker processes; 0 = one per CPU core
+    # Where the CRFs run: cpu = pydensecrf (the reference's C++) in ``workers`` processes;
+    # cuda / cuda:N / auto = amnseg's PyTorch mean field (amnseg.ops.permutohedral, the same
+    # algorithm: marginals equal to ~1e-6) on that GPU, the workers loading maps and images.
+    crf_device: str = "cpu"
     # Make each image's seeds as soon as the map stage has written its maps, in worker
     # processes beside it (amnseg run only; the same files): auto | true | false. auto = when
     # the maps are made on a GPU, whose map stage leaves the CPU cores mostly idle.
@@ -230,6 +234,7 @@ class SegConfig:
     eval_crf: bool = True  # evaluation: report with and without the CRF
     crf: CrfConfig = field(default_factory=deeplab_crf)
     crf_workers: int = 0  # CRF worker processes; 0 = one per CPU core
+    crf_device: str = "cpu"  # as seeds.crf_device, for the evaluation's and predict's CRF
     checkpoint: str | None = None  # a trained model (amnseg's or kazuto's file): no training
     # Also train the same network on the ground-truth masks (stage seg_gt): the fully supervised
     # upper bound the pseudo-mask network is measured against.
@@ -408,6 +413,13 @@ def validate(config: Config) -> Config:
                  f"must not exceed seeds.{source}_fg_threshold={fg}")
     _at_least(seeds, "seeds", 0, "workers")
     _choice(seeds.overlap, "seeds.overlap", ("auto", "true", "false"))
+    for key, spec in (("seeds.crf_device", seeds.crf_device),
+                      ("seg.crf_device", config.seg.crf_device)):
+        _require(is_device(spec), key, spec, "must be auto, cpu, cuda or cuda:N")
+    # The seeds made beside the map stage run in forked processes, where CUDA cannot start.
+    _require(seeds.overlap != "true" or str(seeds.crf_device) == "cpu", "seeds.overlap",
+             seeds.overlap, f"seeds beside the maps need seeds.crf_device=cpu, not "
+             f"{seeds.crf_device}")
     for prefix, crf in (("seeds.crf", seeds.crf), ("seg.crf", config.seg.crf)):
         _at_least(crf, prefix, 0, "iterations", "gaussian_compat", "bilateral_compat")
         _positive(crf, prefix, "gaussian_sxy", "bilateral_sxy", "bilateral_srgb")

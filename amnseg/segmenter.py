@@ -28,7 +28,7 @@ from amnseg.io import atomic_path, load_checkpoint, output_file, save_label_png
 from amnseg.models.deeplab import MSC
 from amnseg.progress import progress_bar
 from amnseg.stages.seg import predict_labels, predict_probabilities
-from amnseg.training import resolve_device
+from amnseg.training import crf_device_of, resolve_device
 
 VOC_SUBMISSION_DIR = Path("results/VOC2012/Segmentation/comp6_test_cls")
 
@@ -57,11 +57,12 @@ class Segmenter:
     """A trained segmentation network (MSC DeepLab-v2) that labels images.
 
     ``flip`` also averages the mirrored image's logits; ``crf`` refines the probabilities with
-    the dense CRF (True: DeepLab's test-time parameters, or a ``CrfConfig``).
+    the dense CRF (True: DeepLab's test-time parameters, or a ``CrfConfig``), which runs in
+    pydensecrf (``crf_device="cpu"``) or as PyTorch's mean field on a GPU (``"cuda"``).
     """
 
     def __init__(self, model: MSC, class_names: list[str], device: str | torch.device = "cpu",
-                 flip: bool = False, crf: bool | CrfConfig = False):
+                 flip: bool = False, crf: bool | CrfConfig = False, crf_device: str = "cpu"):
         self.device = resolve_device(str(device))
         self.model = model.to(self.device).eval()
         self.class_names = list(class_names)
@@ -70,10 +71,12 @@ class Segmenter:
             raise AmnsegError(f"crf={crf!r}: expected True (DeepLab's parameters), False or a "
                               "CrfConfig")
         self.crf = deeplab_crf() if crf is True else (crf or None)
+        self.crf_device = crf_device_of(str(crf_device))
 
     @classmethod
     def from_checkpoint(cls, path: str | Path, device: str | torch.device = "cpu",
-                        flip: bool = False, crf: bool | CrfConfig = False) -> Segmenter:
+                        flip: bool = False, crf: bool | CrfConfig = False,
+                        crf_device: str = "cpu") -> Segmenter:
         """A segmenter from an amnseg ``seg`` checkpoint (``amnseg train-seg`` or
         ``amnseg import-checkpoint seg``)."""
         path = Path(path)
@@ -87,7 +90,8 @@ class Segmenter:
                 "first: amnseg import-checkpoint seg FILE OUT --classes voc)"
             )
         checkpoint = load_model_checkpoint(path, "seg", raw.get("class_names"))
-        return cls(build_model(checkpoint, path), checkpoint["class_names"], device, flip, crf)
+        return cls(build_model(checkpoint, path), checkpoint["class_names"], device, flip, crf,
+                   crf_device)
 
     def check_size(self, height: int, width: int, what: str = "image") -> None:
         """A one-line error naming ``what`` when an image of this size is too small for the
@@ -108,7 +112,8 @@ class Segmenter:
         """(H, W) uint8 class indices: 0 background, i = ``class_names[i - 1]``."""
         rgb = as_rgb(image)
         self.check_size(*rgb.shape[:2])
-        return predict_labels(self.model, rgb, self.device, self.flip, self.crf)
+        return predict_labels(self.model, rgb, self.device, self.flip, self.crf,
+                              self.crf_device)
 
 
 def image_files(inputs: Iterable[str | Path]) -> list[Path]:

@@ -47,6 +47,21 @@ def resolve_device(spec: str) -> torch.device:
     return device
 
 
+def crf_on_gpu(spec: str) -> bool:
+    """Whether a ``crf_device`` option puts the CRFs on a GPU on this machine."""
+    if spec == "auto":
+        return torch.cuda.is_available()
+    return torch.device(spec).type == "cuda"
+
+
+def crf_device_of(spec: str) -> torch.device | None:
+    """The device of a ``crf_device`` option: None for the CPU (pydensecrf, the reference's
+    C++; also ``auto`` without a GPU), else the GPU where the PyTorch mean field runs
+    (``amnseg.ops.crf``)."""
+    device = resolve_device(spec)
+    return None if device.type == "cpu" else device
+
+
 def steady_rate(first_step: tuple[float, int] | None, seen: int, ended: float) -> float | None:
     """Images per second after the first step, which ended at ``first_step`` = (time, images
     seen by then), up to ``ended`` with ``seen`` images: an epoch's rate without the loader's

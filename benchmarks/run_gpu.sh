@@ -6,12 +6,12 @@
 #
 #   bash benchmarks/run_gpu.sh OUT_DIR [STEP ...]     (default: every step)
 #
-# Steps: gpu_tests walk ddp cam_fp32 cam_bf16 seeds pipeline pipeline_serial seg_fp32 seg_bf16
-# seg_tuned seg_compile seg_stage map_profile demo demo_bf16
+# Steps: gpu_tests walk ddp cam_fp32 cam_bf16 seeds seeds_gpu pipeline pipeline_crf_gpu
+# pipeline_serial seg_fp32 seg_bf16 seg_tuned seg_compile seg_stage map_profile demo demo_bf16
 set -u -o pipefail
 out=${1:-/tmp/amnseg-gpu}
 shift || true
-wanted=" ${*:-gpu_tests walk ddp cam_fp32 cam_bf16 seeds pipeline pipeline_serial seg_fp32 seg_bf16 seg_tuned seg_compile seg_stage map_profile demo demo_bf16} "
+wanted=" ${*:-gpu_tests walk ddp cam_fp32 cam_bf16 seeds seeds_gpu pipeline pipeline_crf_gpu pipeline_serial seg_fp32 seg_bf16 seg_tuned seg_compile seg_stage map_profile demo demo_bf16} "
 mkdir -p "$out"
 export PYTHONUNBUFFERED=1
 
@@ -30,14 +30,16 @@ python3 -c "import torch, triton; print('torch', torch.__version__, 'triton', tr
     | tee -a "$out/steps.log"
 step gpu_tests 90 python3 -m pytest -q -p no:cacheprovider -m gpu \
     tests/test_walk_kernel.py tests/test_walk_cuda.py tests/test_precision.py tests/test_models.py tests/test_cam_stage.py \
-    tests/test_fold_norm.py
+    tests/test_fold_norm.py tests/test_permutohedral.py
 step walk 90 python3 -m benchmarks.bench_random_walk_gpu
 # BatchNorm that normalises (and a smaller lr) keeps random-weight training finite.
 step ddp 80 python3 -m benchmarks.bench_ddp --images 128 backbone.norm=batch cam.lr=0.01
 step cam_fp32 30 python3 -m benchmarks.bench_cam_inference --device cuda
 step cam_bf16 30 python3 -m benchmarks.bench_cam_inference --device cuda --amp --channels-last
 step seeds 60 python3 -m benchmarks.bench_seeds --images 160 --workers 16 8
+step seeds_gpu 90 python3 -m benchmarks.bench_seeds --images 160 --workers 16 8 --crf-device cuda
 step pipeline 170 python3 -m benchmarks.bench_pipeline --images 160 --workers 16 --bare
+step pipeline_crf_gpu 170 python3 -m benchmarks.bench_pipeline --images 160 --workers 16 seeds.crf_device=cuda
 step pipeline_serial 170 python3 -m benchmarks.bench_pipeline --images 160 --workers 16 seeds.overlap=false
 step seg_fp32 50 python3 -m benchmarks.bench_seg --steps 10
 step seg_bf16 50 python3 -m benchmarks.bench_seg --steps 10 --amp --channels-last

@@ -573,7 +573,7 @@ def test_segmenter_rejects_non_seg_checkpoints_and_bad_arrays(seg_checkpoint, tm
     assert math.isclose(float(as_rgb(np.full((1, 1), 65535, np.uint16))[0, 0, 0]), 255)
 
 
-def test_train_seg_on_ground_truth_then_evaluate(tiny_dataset, tmp_path):
+def test_train_seg_on_ground_truth_then_evaluate(tiny_dataset, tmp_path, monkeypatch):
     from conftest import tiny_config, training_log
 
     from amnseg.checkpoints import load_model
@@ -615,6 +615,11 @@ def test_train_seg_on_ground_truth_then_evaluate(tiny_dataset, tmp_path):
     assert results[0]["no_crf"]["miou"] == pytest.approx(float(miou(plain)))
     assert results[0]["crf"]["miou"] == pytest.approx(float(miou(refined)))
     assert list(results[0]["crf"]["per_class_iou"]) == ["background", "square", "disc"]
+    # seg.crf_device: the PyTorch CRF (here on the CPU, as it would run on a GPU) scores the same.
+    monkeypatch.setattr(seg_stage, "crf_device_of", lambda spec: torch.device("cpu"))
+    on_device = seg_stage.evaluate_seg(
+        tiny_config(tiny_dataset, tmp_path / "run", "seg.crf.iterations=3"), "seg_gt")
+    assert on_device == results[0]
 
 
 def test_msc_loss_in_parts_is_the_mean_of_each_slices_own_msc_loss():

@@ -2,6 +2,9 @@
 and of the segmentation network's probabilities at test time (section 6).
 
 The kernel parameters are a ``CrfConfig`` (``amnseg.config``), whose defaults are the seed CRF's.
+``device=None`` (the default) runs pydensecrf's C++ on the CPU, the reference; a torch device
+runs the same algorithm as tensors on that device (``amnseg.ops.permutohedral``: marginals equal
+to ~1e-6, for GPUs).
 """
 
 from __future__ import annotations
@@ -9,12 +12,15 @@ from __future__ import annotations
 from collections.abc import Sequence
 
 import numpy as np
+import torch
 
 from amnseg.config import CrfConfig
 
+CrfDevice = torch.device | str | None
+
 
 def dense_crf_many(
-    image: np.ndarray, unaries: Sequence[np.ndarray], params: CrfConfig
+    image: np.ndarray, unaries: Sequence[np.ndarray], params: CrfConfig, device: CrfDevice = None
 ) -> list[np.ndarray]:
     """Mean-field marginals (L, H * W) of a fully connected CRF for each unary, on one image.
 
@@ -25,6 +31,8 @@ def dense_crf_many(
     inference (the more colours, the more: benchmarks/RESULTS.md), so they are built once and
     each unary runs on them: every result is exactly the one a CRF of its own would give.
     """
+    if device is not None:
+        return _dense_crf_torch(image, unaries, params, torch.device(device))
     import pydensecrf.densecrf as dcrf
 
     height, width = image.shape[:2]
@@ -47,13 +55,30 @@ def dense_crf_many(
     return marginals
 
 
-def dense_crf(image: np.ndarray, unary: np.ndarray, params: CrfConfig) -> np.ndarray:
+def _torch_crf(image: np.ndarray, params: CrfConfig, device: torch.device):
+    from amnseg.ops.permutohedral import DenseCrf
+
+    return DenseCrf(torch.from_numpy(np.ascontiguousarray(image, dtype=np.uint8)).to(device),
+                    params)
+
+
+def _dense_crf_torch(image: np.ndarray, unaries: Sequence[np.ndarray], params: CrfConfig,
+                     device: torch.device) -> list[np.ndarray]:
+    crf = _torch_crf(image, params, device)
+    # The unaries run as one batch: the kernels filter all their labels at once.
+    energies = torch.from_numpy(np.stack([np.asarray(u, dtype=np.float32) for u in unaries]))
+    return list(crf.inference(energies.to(device), params.iterations).cpu().numpy())
+
+
+def dense_crf(image: np.ndarray, unary: np.ndarray, params: CrfConfig,
+              device: CrfDevice = None) -> np.ndarray:
     """Mean-field marginals (L, H * W) of one unary: :func:`dense_crf_many` of one."""
-    return dense_crf_many(image, [unary], params)[0]
+    return dense_crf_many(image, [unary], params, device)[0]
 
 
 def crf_refine_labels_many(
-    image: np.ndarray, label_maps: Sequence[np.ndarray], num_labels: int, params: CrfConfig
+    image: np.ndarray, label_maps: Sequence[np.ndarray], num_labels: int, params: CrfConfig,
+    device: CrfDevice = None,
 ) -> list[np.ndarray]:
     """Refine hard label maps of one image with a fully connected CRF (its kernels shared).
 
@@ -66,20 +91,41 @@ def crf_refine_labels_many(
     if num_labels < 2:
         # One label: nothing to refine (and the unary of a single label is degenerate).
         return [np.zeros(labels.shape, dtype=np.int64) for labels in label_maps]
+    if device is not None:
+        return _refine_labels_torch(image, label_maps, num_labels, params, torch.device(device))
     unaries = [unary_from_labels(labels, num_labels, gt_prob=params.gt_prob, zero_unsure=False)
                for labels in label_maps]
     return [marginals.argmax(axis=0).reshape(labels.shape) for marginals, labels in
-            zip(dense_crf_many(image, unaries, params), label_maps, strict=True)]
+            zip(dense_crf_many(image, unaries, params, device), label_maps, strict=True)]
+
+
+def _refine_labels_torch(image: np.ndarray, label_maps: Sequence[np.ndarray], num_labels: int,
+                         params: CrfConfig, device: torch.device) -> list[np.ndarray]:
+    """:func:`crf_refine_labels_many` with the unaries made and the marginals' argmax taken on
+    ``device``: only labels cross to it and back."""
+    labels = torch.from_numpy(np.stack([np.asarray(m, dtype=np.int64).reshape(-1)
+                                        for m in label_maps])).to(device)
+    # pydensecrf's "unary from labels": -log(gt_prob) at the label, -log((1 - gt_prob) / (L - 1))
+    # elsewhere, computed in float64 and stored as float32.
+    unaries = torch.full((len(label_maps), num_labels, labels.shape[1]),
+                         float(np.float32(-np.log((1.0 - params.gt_prob) / (num_labels - 1)))),
+                         dtype=torch.float32, device=device)
+    unaries.scatter_(1, labels[:, None], float(np.float32(-np.log(params.gt_prob))))
+    marginals = _torch_crf(image, params, device).inference(unaries, params.iterations)
+    refined = marginals.argmax(dim=1).cpu().numpy()
+    return [labels_of.reshape(m.shape) for labels_of, m in zip(refined, label_maps, strict=True)]
 
 
 def crf_refine_labels(
-    image: np.ndarray, labels: np.ndarray, num_labels: int, params: CrfConfig
+    image: np.ndarray, labels: np.ndarray, num_labels: int, params: CrfConfig,
+    device: CrfDevice = None,
 ) -> np.ndarray:
     """:func:`crf_refine_labels_many` of one label map: (H, W) int64."""
-    return crf_refine_labels_many(image, [labels], num_labels, params)[0]
+    return crf_refine_labels_many(image, [labels], num_labels, params, device)[0]
 
 
-def crf_refine_probabilities(image: np.ndarray, probs: np.ndarray, params: CrfConfig) -> np.ndarray:
+def crf_refine_probabilities(image: np.ndarray, probs: np.ndarray, params: CrfConfig,
+                             device: CrfDevice = None) -> np.ndarray:
     """DeepLab's test-time CRF: (C, H, W) softmax probabilities -> (C, H, W) marginals.
 
     The unary is -log(probs) ("unary from softmax"); ``image`` (H, W, 3) uint8.
@@ -88,4 +134,4 @@ def crf_refine_probabilities(image: np.ndarray, probs: np.ndarray, params: CrfCo
 
     channels, height, width = probs.shape
     unary = unary_from_softmax(np.ascontiguousarray(probs, dtype=np.float32))
-    return dense_crf(image, unary, params).reshape(channels, height, width)
+    return dense_crf(image, unary, params, device).reshape(channels, height, width)

@@ -15,20 +15,22 @@ import os
 from dataclasses import dataclass
 from pathlib import Path
 from types import TracebackType
+from typing import Any
 
 import numpy as np
+import torch
 
 from amnseg import distributed
 from amnseg.config import Config, CrfConfig
 from amnseg.data.base import SegDataset
 from amnseg.data.voc import voc_palette
 from amnseg.errors import AmnsegError
-from amnseg.io import load_score_maps, output_file, save_label_png
+from amnseg.io import BackgroundWriter, ScoreMaps, load_score_maps, output_file, save_label_png
 from amnseg.layout import maps_dir, seeds_dir
 from amnseg.ops.crf import crf_refine_labels_many
 from amnseg.progress import progress_bar
 from amnseg.stages.common import processed_images
-from amnseg.training import resolve_device
+from amnseg.training import crf_device_of, crf_on_gpu, resolve_device
 
 UNSURE = 255
 
@@ -46,17 +48,19 @@ def make_seed(
     fg_threshold: float,
     bg_threshold: float,
     crf: CrfConfig,
+    crf_device: torch.device | None = None,
 ) -> np.ndarray:
     """Seed labels of one image: (H, W) uint8 with 0 = bg, class ids, 255 = unsure.
 
     ``image`` (H, W, 3) uint8; ``scores`` (K, H, W) normalised maps of the image's classes;
-    ``class_ids`` (K,) their ids 1..C.
+    ``class_ids`` (K,) their ids 1..C. ``crf_device``: None = pydensecrf, else the PyTorch
+    mean field on that device (``amnseg.ops.crf``).
     """
     keys = np.concatenate([[0], np.asarray(class_ids, dtype=np.int64)])
     # Both CRFs share the image's kernels (built once): each result is what it is alone.
     fg, bg = (keys[refined] for refined in crf_refine_labels_many(
         image, [threshold_argmax(scores, fg_threshold), threshold_argmax(scores, bg_threshold)],
-        len(keys), crf))
+        len(keys), crf, crf_device))
     seed = fg.astype(np.uint8)
     seed[fg == 0] = UNSURE
     seed[(fg == 0) & (bg == 0)] = 0
@@ -73,7 +77,8 @@ class SeedJob:
     crf: CrfConfig
 
 
-def _seed_one(job: SeedJob, stem: str) -> str:
+def _seed_inputs(job: SeedJob, stem: str) -> tuple[str, np.ndarray, ScoreMaps]:
+    """(stem, image, its score maps), checked to be of one size."""
     maps = load_score_maps(job.maps_dir / f"{stem}.npz")
     image = job.dataset.image(stem)
     if maps.full.shape[1:] != image.shape[:2]:
@@ -81,11 +86,53 @@ def _seed_one(job: SeedJob, stem: str) -> str:
             f"{job.maps_dir / (stem + '.npz')}: maps are {maps.full.shape[2]}x"
             f"{maps.full.shape[1]}, the image is {image.shape[1]}x{image.shape[0]}"
         )
-    seed = make_seed(
-        image, maps.full, maps.class_ids, job.fg_threshold, job.bg_threshold, job.crf
-    )
+    return stem, image, maps
+
+
+def _seed_of(job: SeedJob, inputs: tuple[str, np.ndarray, ScoreMaps],
+             crf_device: torch.device | None = None) -> tuple[str, np.ndarray]:
+    stem, image, maps = inputs
+    return stem, make_seed(image, maps.full, maps.class_ids, job.fg_threshold, job.bg_threshold,
+                           job.crf, crf_device)
+
+
+def _save_seed(job: SeedJob, stem: str, seed: np.ndarray) -> str:
     save_label_png(output_file(job.out_dir, stem, ".png"), seed, voc_palette())
     return stem
+
+
+def _seed_one(job: SeedJob, stem: str) -> str:
+    return _save_seed(job, *_seed_of(job, _seed_inputs(job, stem)))
+
+
+class _SeedInputs(torch.utils.data.Dataset):
+    """Loader-side reading of each image and its maps, for CRFs run in the main process."""
+
+    def __init__(self, job: SeedJob, stems: list[str]):
+        self.job, self.stems = job, stems
+
+    def __len__(self) -> int:
+        return len(self.stems)
+
+    def __getitem__(self, index: int) -> tuple[str, np.ndarray, ScoreMaps]:
+        return _seed_inputs(self.job, self.stems[index])
+
+
+def _as_is(item: Any) -> Any:
+    return item
+
+
+def _seeds_on_device(job: SeedJob, stems: list[str], crf_device: torch.device, workers: int,
+                     bar: Any) -> None:
+    """The seeds of ``stems`` with the PyTorch CRF on ``crf_device``, in this process; loader
+    workers read the maps and images, threads write the PNGs."""
+    inputs = torch.utils.data.DataLoader(
+        _SeedInputs(job, stems), batch_size=None, collate_fn=_as_is, num_workers=workers,
+        multiprocessing_context="fork" if workers else None)
+    with BackgroundWriter(min(workers, 4)) as writer:
+        for item in inputs:
+            writer.submit(_save_seed, job, *_seed_of(job, item, crf_device))
+            bar.update()
 
 
 # The job of this worker process, set once when the pool starts: sending it with every task
@@ -113,7 +160,10 @@ def _start_follower_worker(job: SeedJob, niceness: int) -> None:
 def overlap_seeds(config: Config) -> bool:
     """Whether seeds are made while the map stage runs (``seeds.overlap``): ``auto`` does it
     when the maps are made on a GPU, whose stage leaves the CPU cores mostly idle; on the CPU
-    the network needs every core itself."""
+    the network needs every core itself. Never with the CRFs on a GPU (``seeds.crf_device``):
+    they are made after the maps, in the seed stage's process."""
+    if crf_on_gpu(config.seeds.crf_device):
+        return False  # the CRFs run on a GPU, in the seed stage's own process
     if config.seeds.overlap == "auto":
         return resolve_device(config.device).type == "cuda"
     return config.seeds.overlap == "true"
@@ -187,7 +237,8 @@ def make_seeds(
     of the run, with that source's thresholds.
 
     Defaults: the run's ``<source>/maps`` -> ``seeds/<source>``. Existing seed files are kept
-    (resume). ``workers``: processes (default: ``seeds.workers``, 0 = one per core).
+    (resume). ``workers``: processes (default: ``seeds.workers``, 0 = one per core): CRF
+    workers, or with ``seeds.crf_device`` a GPU, loader workers.
     """
     fg_threshold, bg_threshold = seed_thresholds(config, source)
     source_maps = source_maps or maps_dir(config, source)
@@ -207,8 +258,12 @@ def make_seeds(
     job = SeedJob(dataset, source_maps, out_dir, fg_threshold, bg_threshold, config.seeds.crf)
     workers = config.seeds.workers if workers is None else workers
     workers = min(workers or distributed.cores_per_process(), max(len(todo), 1))
-    bar = progress_bar(total=len(todo), desc=f"seeds ({workers} workers)")
-    if workers == 1:
+    crf_device = crf_device_of(config.seeds.crf_device)
+    where = f"CRFs on {crf_device}" if crf_device else f"{workers} workers"
+    bar = progress_bar(total=len(todo), desc=f"seeds ({where})")
+    if crf_device is not None:
+        _seeds_on_device(job, todo, crf_device, workers if workers > 1 else 0, bar)
+    elif workers == 1:
         for stem in todo:
             _seed_one(job, stem)
             bar.update()

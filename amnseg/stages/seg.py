@@ -48,7 +48,14 @@ from amnseg.models.resnet import build_backbone, resnet_from_config
 from amnseg.ops.crf import crf_refine_probabilities
 from amnseg.precision import with_precision
 from amnseg.progress import progress_bar
-from amnseg.training import AugmentedSet, Schedule, fit, resolve_device, start_stage
+from amnseg.training import (
+    AugmentedSet,
+    Schedule,
+    crf_device_of,
+    fit,
+    resolve_device,
+    start_stage,
+)
 
 # --- the network and where it starts from ---------------------------------------------------
 
@@ -304,12 +311,13 @@ def predict_probabilities(
 
 def predict_labels(
     model: MSC, image: np.ndarray, device: torch.device | str = "cpu", flip: bool = False,
-    crf: CrfConfig | None = None,
+    crf: CrfConfig | None = None, crf_device: torch.device | None = None,
 ) -> np.ndarray:
-    """(H, W) class indices (0 = background); refined by the dense CRF when ``crf`` is given."""
+    """(H, W) class indices (0 = background); refined by the dense CRF when ``crf`` is given
+    (pydensecrf, or the PyTorch mean field on ``crf_device``)."""
     probs = predict_probabilities(model, image, device, flip).cpu().numpy()
     if crf is not None:
-        probs = crf_refine_probabilities(image, probs, crf)
+        probs = crf_refine_probabilities(image, probs, crf, crf_device)
     return probs.argmax(axis=0).astype(np.uint8)
 
 
@@ -327,9 +335,10 @@ def _gt(dataset: SegDataset, stem: str) -> np.ndarray:
     return mask
 
 
-def _crf_confusion(job: tuple[np.ndarray, np.ndarray, np.ndarray, CrfConfig, int]) -> np.ndarray:
-    image, probs, gt, params, count = job
-    labels = crf_refine_probabilities(image, probs, params).argmax(axis=0)
+def _crf_confusion(job: tuple[np.ndarray, np.ndarray, np.ndarray, CrfConfig, int,
+                              torch.device | None]) -> np.ndarray:
+    image, probs, gt, params, count, crf_device = job
+    labels = crf_refine_probabilities(image, probs, params, crf_device).argmax(axis=0)
     return confusion_matrix(labels, gt, count)
 
 
@@ -366,6 +375,7 @@ def evaluate_seg(config: Config, stage: str = "seg", checkpoint: Path | None = N
     model = with_precision(model, config, device)
     count = dataset.num_classes + 1
     plain = np.zeros((count, count), dtype=np.int64)
+    crf_device = crf_device_of(seg_cfg.crf_device)
 
     def jobs() -> Iterator:
         nonlocal plain
@@ -374,9 +384,10 @@ def evaluate_seg(config: Config, stage: str = "seg", checkpoint: Path | None = N
             probs = predict_probabilities(model, image, device, seg_cfg.eval_flip).cpu().numpy()
             plain += confusion_matrix(probs.argmax(axis=0), gt, count)
             if seg_cfg.eval_crf:
-                yield image, probs, gt, seg_cfg.crf, count
+                yield image, probs, gt, seg_cfg.crf, count, crf_device
 
-    workers = seg_cfg.crf_workers or distributed.cores_per_process()
+    # pydensecrf's CRFs in worker processes; the PyTorch ones in this process, on their device.
+    workers = (seg_cfg.crf_workers or distributed.cores_per_process()) if crf_device is None else 1
     refined = np.zeros((count, count), dtype=np.int64)
     for confusion in _in_workers(jobs(), _crf_confusion, workers if seg_cfg.eval_crf else 1):
         refined += confusion

@@ -1,0 +1,208 @@
+"""The PyTorch dense CRF (amnseg/ops/permutohedral.py) against pydensecrf, the reference: the
+lattice's filter alone (through pydensecrf's unnormalised kernels, any feature dimension), whole
+mean-field marginals on images, and the seed stage's files with the CRFs run that way."""
+
+from __future__ import annotations
+
+import numpy as np
+import pydensecrf.densecrf as dcrf
+import pytest
+import torch
+from conftest import tiny_config, write_tiny_folder_dataset
+from pydensecrf.utils import unary_from_labels, unary_from_softmax
+
+from amnseg.config import CrfConfig, deeplab_crf, load_config
+from amnseg.data import build_dataset
+from amnseg.data.base import read_index_png
+from amnseg.errors import AmnsegError
+from amnseg.io import ScoreMaps, save_score_maps
+from amnseg.ops.crf import crf_refine_labels_many, crf_refine_probabilities, dense_crf_many
+from amnseg.ops.permutohedral import DenseCrf, PermutohedralLattice, _pack, _unpack
+from amnseg.progress import progress_bar
+from amnseg.stages import seeds as seeds_stage
+from amnseg.training import crf_device_of
+
+
+def reference_filtered_step(features: np.ndarray, first: np.ndarray, compat: float) -> np.ndarray:
+    """One mean-field step of a two-label pydensecrf CRF with one unnormalised kernel over
+    ``features`` (N, d), starting from marginals (first, 1 - first): softmax of
+    log(Q) + compat * K Q, with K pydensecrf's lattice filter."""
+    count = len(first)
+    marginals = np.stack([first, 1 - first]).astype(np.float32)
+    crf = dcrf.DenseCRF(count, 2)
+    crf.setUnaryEnergy(np.ascontiguousarray(-np.log(marginals)))
+    crf.addPairwiseEnergy(np.ascontiguousarray(features.T, dtype=np.float32), compat=compat,
+                          kernel=dcrf.DIAG_KERNEL, normalization=dcrf.NO_NORMALIZATION)
+    return np.asarray(crf.inference(1))
+
+
+@pytest.mark.parametrize("dims", [1, 2, 3, 5])
+@pytest.mark.parametrize("grid", [False, True])
+def test_lattice_filter_equals_pydensecrfs(dims, grid):
+    rng = np.random.default_rng(dims)
+    count = 400
+    if grid:  # integer positions over a kernel width, as images give: ties in every rank
+        features = (rng.integers(0, 12, (count, dims)) / np.float32(3.0)).astype(np.float32)
+    else:
+        features = (rng.random((count, dims)) * 6).astype(np.float32)
+    first = rng.uniform(0.05, 0.95, count).astype(np.float32)
+    compat = 0.2 if dims < 5 else 1.0  # sparser points in 5-d: a stronger kernel to see them
+    expected = reference_filtered_step(features, first, compat)
+
+    lattice = PermutohedralLattice(torch.from_numpy(features))
+    marginals = torch.from_numpy(np.stack([first, 1 - first], axis=1))
+    filtered = lattice.filter(marginals)
+    got = torch.softmax(torch.log(marginals) + compat * filtered, dim=1).numpy().T
+    np.testing.assert_allclose(got, expected, atol=2e-6)
+    # The step moved the marginals: the kernel's values, not only the unary, were compared.
+    assert np.abs(expected - np.stack([first, 1 - first])).max() > 0.05
+    # Each point's weights over its simplex's vertices are barycentric: they sum to 1.
+    torch.testing.assert_close(lattice.weights.sum(1), torch.ones(count), atol=1e-5, rtol=0)
+
+
+def test_lattice_filter_is_linear():
+    features = torch.rand(300, 3, generator=torch.Generator().manual_seed(0)) * 4
+    lattice = PermutohedralLattice(features)
+    first, second = torch.rand(300, 2), torch.rand(300, 2)
+    torch.testing.assert_close(lattice.filter(2 * first + second),
+                               2 * lattice.filter(first) + lattice.filter(second))
+    # Every point's own value reaches it (its vertices carry it), at most once.
+    own = lattice.filter(torch.eye(300)).diagonal()
+    assert (own > 0).all() and own.max() <= 1.0
+
+
+def image_scene(height: int, width: int, kind: str, seed: int = 0) -> np.ndarray:
+    rng = np.random.default_rng(seed)
+    if kind == "noise":
+        return rng.integers(0, 256, (height, width, 3), dtype=np.uint8)
+    blocks = rng.integers(0, 256, (height // 9 + 1, width // 9 + 1, 3)).astype(np.float32)
+    image = np.kron(blocks, np.ones((9, 9, 1)))[:height, :width]
+    return np.clip(image + rng.normal(0, 10, image.shape), 0, 255).astype(np.uint8)
+
+
+def smooth_logits(labels: int, height: int, width: int, seed: int) -> np.ndarray:
+    coarse = torch.from_numpy(np.random.default_rng(seed).normal(
+        0, 2.5, (1, labels, height // 8 + 2, width // 8 + 2)).astype(np.float32))
+    return torch.nn.functional.interpolate(coarse, (height, width), mode="bilinear")[0].numpy()
+
+
+@pytest.mark.parametrize("params", [CrfConfig(), deeplab_crf(),
+                                    CrfConfig(iterations=3, gaussian_sxy=1.5, bilateral_srgb=13)])
+@pytest.mark.parametrize(("height", "width", "labels", "kind"),
+                         [(45, 61, 3, "blocks"), (37, 29, 2, "noise"), (40, 52, 6, "blocks")])
+def test_crf_marginals_equal_pydensecrfs(params, height, width, labels, kind):
+    image = image_scene(height, width, kind, seed=labels)
+    logits = smooth_logits(labels, height, width, seed=height)
+    probs = torch.softmax(torch.from_numpy(logits), dim=0).numpy()
+    unaries = [unary_from_labels(logits.argmax(0), labels, gt_prob=0.7, zero_unsure=False),
+               unary_from_softmax(probs)]
+    expected = dense_crf_many(image, unaries, params)  # pydensecrf
+
+    got = DenseCrf(torch.from_numpy(image), params).inference(
+        torch.from_numpy(np.stack(unaries)), params.iterations).numpy()
+    for ours, theirs, unary in zip(got, expected, unaries, strict=True):
+        # float32 sums in another order: ~1e-7 typically, up to ~1e-4 where mean field amplifies
+        difference = np.abs(ours - theirs)
+        assert difference.max() < 1e-4 and difference.mean() < 1e-6
+        np.testing.assert_array_equal(ours.argmax(0), theirs.argmax(0))
+        # The CRF changed something: its kernels were compared, not only the unary.
+        assert np.abs(theirs - torch.softmax(torch.from_numpy(-unary), 0).numpy()).max() > 0.1
+    # The dispatch: a torch device runs this module, None pydensecrf.
+    for ours, theirs in zip(dense_crf_many(image, unaries, params, device="cpu"), got,
+                            strict=True):
+        np.testing.assert_array_equal(ours, theirs)
+
+
+def test_crf_refinements_on_a_device_equal_pydensecrfs():
+    image = image_scene(33, 47, "blocks", seed=3)
+    logits = smooth_logits(4, 33, 47, seed=5)
+    maps = [logits.argmax(0), np.roll(logits.argmax(0), 3, axis=1)]
+    for ours, theirs in zip(crf_refine_labels_many(image, maps, 4, CrfConfig(), device="cpu"),
+                            crf_refine_labels_many(image, maps, 4, CrfConfig()), strict=True):
+        np.testing.assert_array_equal(ours, theirs)
+    probs = torch.softmax(torch.from_numpy(logits), dim=0).numpy()
+    np.testing.assert_allclose(crf_refine_probabilities(image, probs, deeplab_crf(), "cpu"),
+                               crf_refine_probabilities(image, probs, deeplab_crf()), atol=2e-5)
+
+
+def test_lattice_keys_that_do_not_fit_are_a_clear_error():
+    # Spans whose product is 2^62 are refused; one less fits, and packs reversibly.
+    keys = torch.tensor([[0, 0, 0, 0, 0], [2**12 - 1, 2**12 - 1, 2**12 - 1, 2**13 - 1, 2**13 - 1]])
+    with pytest.raises(AmnsegError, match="do not fit 62 bits"):
+        _pack(keys)
+    keys[1, 4] -= 1
+    codes, lows, spans = _pack(keys)
+    assert codes[1] == 2**62 - 2**49 - 1 and (_unpack(codes, lows, spans) == keys).all()
+    with pytest.raises(ValueError, match="float32"):
+        PermutohedralLattice(torch.zeros(4, 2, dtype=torch.float64))
+    with pytest.raises(ValueError, match="pixels"):
+        DenseCrf(torch.zeros(4, 5, 3, dtype=torch.uint8), CrfConfig()).inference(
+            torch.zeros(1, 2, 21), 1)
+
+
+@pytest.mark.parametrize("workers", [0, 2])
+def test_seed_files_with_crfs_on_a_device_equal_pydensecrfs(tmp_path, workers):
+    data = write_tiny_folder_dataset(tmp_path / "data", count=5, size=40)
+    config = tiny_config(data, tmp_path / "run")
+    dataset = build_dataset(config.data, "train")
+    rng = np.random.default_rng(7)
+    for stem in dataset.stems:
+        class_ids = np.flatnonzero(dataset.label(stem)) + 1
+        full = rng.random((len(class_ids), 40, 40)).astype(np.float32) ** 2
+        save_score_maps(tmp_path / "run" / "cam" / "maps" / f"{stem}.npz",
+                        ScoreMaps(class_ids, full[:, ::4, ::4], full))
+    reference = seeds_stage.make_seeds(config, "cam", out_dir=tmp_path / "reference", workers=1)
+    job = seeds_stage.SeedJob(dataset, tmp_path / "run" / "cam" / "maps", tmp_path / "device",
+                              0.30, 0.05, CrfConfig())
+    (tmp_path / "device").mkdir()
+    bar = progress_bar(total=len(dataset))
+    seeds_stage._seeds_on_device(job, dataset.stems, torch.device("cpu"), workers, bar)
+    assert bar.n == len(dataset)
+    for stem in dataset.stems:
+        expected = read_index_png(reference / f"{stem}.png")
+        np.testing.assert_array_equal(read_index_png(tmp_path / "device" / f"{stem}.png"),
+                                      expected)
+    assert len({int(v) for stem in dataset.stems
+                for v in np.unique(read_index_png(reference / f"{stem}.png"))}) >= 3
+
+
+def test_crf_device_options_are_checked(tmp_path):
+    with pytest.raises(AmnsegError, match="seeds.crf_device"):
+        load_config(overrides=[f"run_dir={tmp_path}", "seeds.crf_device=gpu"])
+    with pytest.raises(AmnsegError, match="seg.crf_device"):
+        load_config(overrides=[f"run_dir={tmp_path}", "seg.crf_device=tpu"])
+    with pytest.raises(AmnsegError, match="seeds beside the maps need seeds.crf_device=cpu"):
+        load_config(overrides=[f"run_dir={tmp_path}", "seeds.overlap=true",
+                               "seeds.crf_device=cuda"])
+    config = load_config(overrides=[f"run_dir={tmp_path}", "seeds.crf_device=cuda",
+                                    "device=cuda"])
+    assert not seeds_stage.overlap_seeds(config)  # made after the maps, on the GPU
+    assert crf_device_of("cpu") is None and crf_device_of("cpu:0") is None  # pydensecrf
+    assert (crf_device_of("auto") is None) == (not torch.cuda.is_available())
+    if not torch.cuda.is_available():
+        with pytest.raises(AmnsegError, match="CUDA is not available"):
+            crf_device_of("cuda")
+
+
+@pytest.mark.gpu
+def test_crf_on_cuda_equals_pydensecrf_on_a_voc_size_image():
+    image = image_scene(375, 500, "blocks", seed=11)
+    logits = smooth_logits(3, 375, 500, seed=12)
+    unaries = [unary_from_labels(logits.argmax(0), 3, gt_prob=0.7, zero_unsure=False),
+               unary_from_labels(np.roll(logits.argmax(0), 9, axis=0), 3, gt_prob=0.7,
+                                 zero_unsure=False)]
+    expected = dense_crf_many(image, unaries, CrfConfig())
+    got = dense_crf_many(image, unaries, CrfConfig(), device="cuda")
+    for ours, theirs in zip(got, expected, strict=True):
+        np.testing.assert_allclose(ours, theirs, atol=1e-4)
+        assert (ours.argmax(0) == theirs.argmax(0)).mean() >= 0.9999
+    # The lattice on the GPU is the CPU's: same vertices, same weights.
+    for params in (CrfConfig(), deeplab_crf()):
+        on_cpu = DenseCrf(torch.from_numpy(image), params)
+        on_gpu = DenseCrf(torch.from_numpy(image).cuda(), params)
+        for (cpu_lattice, cpu_norm, _), (gpu_lattice, gpu_norm, _) in zip(
+                on_cpu.kernels, on_gpu.kernels, strict=True):
+            assert torch.equal(cpu_lattice._keys, gpu_lattice._keys.cpu())
+            assert torch.equal(cpu_lattice.offsets, gpu_lattice.offsets.cpu())
+            assert torch.equal(cpu_lattice.weights, gpu_lattice.weights.cpu())
+            torch.testing.assert_close(cpu_norm, gpu_norm.cpu(), rtol=1e-5, atol=0)
