@@ -129,6 +129,7 @@ class SeedsConfig:
     # cuda / cuda:N / auto = amnseg's PyTorch mean field (amnseg.ops.permutohedral, the same
     # algorithm: marginals equal to ~1e-6) on that GPU, the workers loading maps and images.
     crf_device: str = "cpu"
+    crf_batch_images: int = 8  # images per call of the PyTorch CRF (crf_device on a GPU)
     # Make each image's seeds as soon as the map stage has written its maps, in worker
     # processes beside it (amnseg run only; the same files): auto | true | false. auto = when
     # the maps are made on a GPU, whose map stage leaves the CPU cores mostly idle.
@@ -412,6 +413,7 @@ def validate(config: Config) -> Config:
         _require(bg <= fg, f"seeds.{source}_bg_threshold", bg,
                  f"must not exceed seeds.{source}_fg_threshold={fg}")
     _at_least(seeds, "seeds", 0, "workers")
+    _at_least(seeds, "seeds", 1, "crf_batch_images")
     _choice(seeds.overlap, "seeds.overlap", ("auto", "true", "false"))
     for key, spec in (("seeds.crf_device", seeds.crf_device),
                       ("seg.crf_device", config.seg.crf_device)):

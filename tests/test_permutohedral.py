@@ -16,7 +16,12 @@ from amnseg.data import build_dataset
 from amnseg.data.base import read_index_png
 from amnseg.errors import AmnsegError
 from amnseg.io import ScoreMaps, save_score_maps
-from amnseg.ops.crf import crf_refine_labels_many, crf_refine_probabilities, dense_crf_many
+from amnseg.ops.crf import (
+    crf_refine_labels_batch,
+    crf_refine_labels_many,
+    crf_refine_probabilities,
+    dense_crf_many,
+)
 from amnseg.ops.permutohedral import DenseCrf, PermutohedralLattice, _pack, _unpack
 from amnseg.progress import progress_bar
 from amnseg.stages import seeds as seeds_stage
@@ -98,8 +103,8 @@ def test_crf_marginals_equal_pydensecrfs(params, height, width, labels, kind):
                unary_from_softmax(probs)]
     expected = dense_crf_many(image, unaries, params)  # pydensecrf
 
-    got = DenseCrf(torch.from_numpy(image), params).inference(
-        torch.from_numpy(np.stack(unaries)), params.iterations).numpy()
+    got = DenseCrf([torch.from_numpy(image)], params).inference(
+        [torch.from_numpy(np.stack(unaries))], params.iterations)[0].numpy()
     for ours, theirs, unary in zip(got, expected, unaries, strict=True):
         # float32 sums in another order: ~1e-7 typically, up to ~1e-4 where mean field amplifies
         difference = np.abs(ours - theirs)
@@ -125,6 +130,32 @@ def test_crf_refinements_on_a_device_equal_pydensecrfs():
                                crf_refine_probabilities(image, probs, deeplab_crf()), atol=2e-5)
 
 
+def test_crfs_of_a_batch_of_images_are_each_images_own():
+    # Images of different sizes and label counts (one with a single label) in one lattice.
+    shapes = [(31, 40, 3), (22, 57, 5), (30, 30, 1), (18, 25, 2)]
+    images = [image_scene(h, w, "blocks", seed=k) for k, (h, w, _) in enumerate(shapes)]
+    maps = [[smooth_logits(count, h, w, seed=k).argmax(0),
+             smooth_logits(count, h, w, seed=k + 10).argmax(0)]
+            for k, (h, w, count) in enumerate(shapes)]
+    counts = [count for _, _, count in shapes]
+    params = CrfConfig(iterations=5)
+    batched = crf_refine_labels_batch(images, maps, counts, params, "cpu")
+    for image, image_maps, count, got in zip(images, maps, counts, batched, strict=True):
+        alone = crf_refine_labels_many(image, image_maps, count, params)  # pydensecrf
+        for ours, theirs in zip(got, alone, strict=True):
+            np.testing.assert_array_equal(ours, theirs)
+    # Marginals too: padding the 2-label image to 5 labels adds only zeros to its sums.
+    energies = [torch.from_numpy(np.stack([
+        unary_from_labels(m, count, gt_prob=0.7, zero_unsure=False) for m in image_maps]))
+        for image_maps, count in zip(maps, counts, strict=True) if count >= 2]
+    kept = [image for image, count in zip(images, counts, strict=True) if count >= 2]
+    together = DenseCrf([torch.from_numpy(i) for i in kept], params).inference(energies, 5)
+    for image, energy, marginals in zip(kept, energies, together, strict=True):
+        alone = DenseCrf([torch.from_numpy(image)], params).inference([energy], 5)[0]
+        assert marginals.shape == energy.shape
+        torch.testing.assert_close(marginals, alone, atol=1e-5, rtol=0)  # float order only
+
+
 def test_lattice_keys_that_do_not_fit_are_a_clear_error():
     # Spans whose product is 2^62 are refused; one less fits, and packs reversibly.
     keys = torch.tensor([[0, 0, 0, 0, 0], [2**12 - 1, 2**12 - 1, 2**12 - 1, 2**13 - 1, 2**13 - 1]])
@@ -136,12 +167,12 @@ def test_lattice_keys_that_do_not_fit_are_a_clear_error():
     with pytest.raises(ValueError, match="float32"):
         PermutohedralLattice(torch.zeros(4, 2, dtype=torch.float64))
     with pytest.raises(ValueError, match="pixels"):
-        DenseCrf(torch.zeros(4, 5, 3, dtype=torch.uint8), CrfConfig()).inference(
-            torch.zeros(1, 2, 21), 1)
+        DenseCrf([torch.zeros(4, 5, 3, dtype=torch.uint8)], CrfConfig()).inference(
+            [torch.zeros(1, 2, 21)], 1)
 
 
-@pytest.mark.parametrize("workers", [0, 2])
-def test_seed_files_with_crfs_on_a_device_equal_pydensecrfs(tmp_path, workers):
+@pytest.mark.parametrize(("workers", "batch_images"), [(0, 1), (2, 3)])
+def test_seed_files_with_crfs_on_a_device_equal_pydensecrfs(tmp_path, workers, batch_images):
     data = write_tiny_folder_dataset(tmp_path / "data", count=5, size=40)
     config = tiny_config(data, tmp_path / "run")
     dataset = build_dataset(config.data, "train")
@@ -156,7 +187,8 @@ def test_seed_files_with_crfs_on_a_device_equal_pydensecrfs(tmp_path, workers):
                               0.30, 0.05, CrfConfig())
     (tmp_path / "device").mkdir()
     bar = progress_bar(total=len(dataset))
-    seeds_stage._seeds_on_device(job, dataset.stems, torch.device("cpu"), workers, bar)
+    seeds_stage._seeds_on_device(job, dataset.stems, torch.device("cpu"), workers,
+                                 batch_images, bar)
     assert bar.n == len(dataset)
     for stem in dataset.stems:
         expected = read_index_png(reference / f"{stem}.png")
@@ -169,6 +201,8 @@ def test_seed_files_with_crfs_on_a_device_equal_pydensecrfs(tmp_path, workers):
 def test_crf_device_options_are_checked(tmp_path):
     with pytest.raises(AmnsegError, match="seeds.crf_device"):
         load_config(overrides=[f"run_dir={tmp_path}", "seeds.crf_device=gpu"])
+    with pytest.raises(AmnsegError, match="seeds.crf_batch_images"):
+        load_config(overrides=[f"run_dir={tmp_path}", "seeds.crf_batch_images=0"])
     with pytest.raises(AmnsegError, match="seg.crf_device"):
         load_config(overrides=[f"run_dir={tmp_path}", "seg.crf_device=tpu"])
     with pytest.raises(AmnsegError, match="seeds beside the maps need seeds.crf_device=cpu"):
@@ -198,8 +232,8 @@ def test_crf_on_cuda_equals_pydensecrf_on_a_voc_size_image():
         assert (ours.argmax(0) == theirs.argmax(0)).mean() >= 0.9999
     # The lattice on the GPU is the CPU's: same vertices, same weights.
     for params in (CrfConfig(), deeplab_crf()):
-        on_cpu = DenseCrf(torch.from_numpy(image), params)
-        on_gpu = DenseCrf(torch.from_numpy(image).cuda(), params)
+        on_cpu = DenseCrf([torch.from_numpy(image)], params)
+        on_gpu = DenseCrf([torch.from_numpy(image).cuda()], params)
         for (cpu_lattice, cpu_norm, _), (gpu_lattice, gpu_norm, _) in zip(
                 on_cpu.kernels, on_gpu.kernels, strict=True):
             assert torch.equal(cpu_lattice._keys, gpu_lattice._keys.cpu())

@@ -55,19 +55,20 @@ def dense_crf_many(
     return marginals
 
 
-def _torch_crf(image: np.ndarray, params: CrfConfig, device: torch.device):
+def _torch_crf(images: Sequence[np.ndarray], params: CrfConfig, device: torch.device):
     from amnseg.ops.permutohedral import DenseCrf
 
-    return DenseCrf(torch.from_numpy(np.ascontiguousarray(image, dtype=np.uint8)).to(device),
-                    params)
+    return DenseCrf([torch.from_numpy(np.ascontiguousarray(image, dtype=np.uint8)).to(device)
+                     for image in images], params)
 
 
 def _dense_crf_torch(image: np.ndarray, unaries: Sequence[np.ndarray], params: CrfConfig,
                      device: torch.device) -> list[np.ndarray]:
-    crf = _torch_crf(image, params, device)
     # The unaries run as one batch: the kernels filter all their labels at once.
     energies = torch.from_numpy(np.stack([np.asarray(u, dtype=np.float32) for u in unaries]))
-    return list(crf.inference(energies.to(device), params.iterations).cpu().numpy())
+    marginals = _torch_crf([image], params, device).inference([energies.to(device)],
+                                                               params.iterations)[0]
+    return list(marginals.cpu().numpy())
 
 
 def dense_crf(image: np.ndarray, unary: np.ndarray, params: CrfConfig,
@@ -92,28 +93,48 @@ def crf_refine_labels_many(
         # One label: nothing to refine (and the unary of a single label is degenerate).
         return [np.zeros(labels.shape, dtype=np.int64) for labels in label_maps]
     if device is not None:
-        return _refine_labels_torch(image, label_maps, num_labels, params, torch.device(device))
+        return crf_refine_labels_batch([image], [label_maps], [num_labels], params, device)[0]
     unaries = [unary_from_labels(labels, num_labels, gt_prob=params.gt_prob, zero_unsure=False)
                for labels in label_maps]
     return [marginals.argmax(axis=0).reshape(labels.shape) for marginals, labels in
-            zip(dense_crf_many(image, unaries, params, device), label_maps, strict=True)]
+            zip(dense_crf_many(image, unaries, params), label_maps, strict=True)]
 
 
-def _refine_labels_torch(image: np.ndarray, label_maps: Sequence[np.ndarray], num_labels: int,
-                         params: CrfConfig, device: torch.device) -> list[np.ndarray]:
-    """:func:`crf_refine_labels_many` with the unaries made and the marginals' argmax taken on
-    ``device``: only labels cross to it and back."""
+def crf_refine_labels_batch(
+    images: Sequence[np.ndarray], label_maps: Sequence[Sequence[np.ndarray]],
+    num_labels: Sequence[int], params: CrfConfig, device: torch.device | str,
+) -> list[list[np.ndarray]]:
+    """:func:`crf_refine_labels_many` of several images at once, by the PyTorch mean field on
+    ``device``: one lattice per kernel for all of them, so a GPU runs few, large operations.
+    The unaries are made and the marginals' argmax taken on ``device``; only labels cross."""
+    device = torch.device(device)
+    refined = [[np.zeros(np.shape(labels), dtype=np.int64) for labels in maps]
+               for maps in label_maps]  # one label: nothing to refine
+    todo = [k for k, count in enumerate(num_labels) if count >= 2]
+    if not todo:
+        return refined
+    unaries = [_unaries_from_labels(label_maps[k], num_labels[k], params.gt_prob, device)
+               for k in todo]
+    marginals = _torch_crf([images[k] for k in todo], params, device).inference(
+        unaries, params.iterations)
+    for k, image_marginals in zip(todo, marginals, strict=True):
+        best = image_marginals.argmax(dim=1).cpu().numpy()
+        refined[k] = [labels.reshape(np.shape(m)) for labels, m in
+                      zip(best, label_maps[k], strict=True)]
+    return refined
+
+
+def _unaries_from_labels(label_maps: Sequence[np.ndarray], num_labels: int, gt_prob: float,
+                         device: torch.device) -> torch.Tensor:
+    """pydensecrf's "unary from labels" (label 0 a real label) of each map, made on ``device``:
+    (maps, L, H * W) float32, -log(gt_prob) at the label and -log((1 - gt_prob) / (L - 1))
+    elsewhere, computed in float64 and stored as float32 as pydensecrf does."""
     labels = torch.from_numpy(np.stack([np.asarray(m, dtype=np.int64).reshape(-1)
                                         for m in label_maps])).to(device)
-    # pydensecrf's "unary from labels": -log(gt_prob) at the label, -log((1 - gt_prob) / (L - 1))
-    # elsewhere, computed in float64 and stored as float32.
     unaries = torch.full((len(label_maps), num_labels, labels.shape[1]),
-                         float(np.float32(-np.log((1.0 - params.gt_prob) / (num_labels - 1)))),
+                         float(np.float32(-np.log((1.0 - gt_prob) / (num_labels - 1)))),
                          dtype=torch.float32, device=device)
-    unaries.scatter_(1, labels[:, None], float(np.float32(-np.log(params.gt_prob))))
-    marginals = _torch_crf(image, params, device).inference(unaries, params.iterations)
-    refined = marginals.argmax(dim=1).cpu().numpy()
-    return [labels_of.reshape(m.shape) for labels_of, m in zip(refined, label_maps, strict=True)]
+    return unaries.scatter_(1, labels[:, None], float(np.float32(-np.log(gt_prob))))
 
 
 def crf_refine_labels(

@@ -17,6 +17,8 @@ maps differ only where two labels' marginals tie to that precision (tests/test_p
 
 from __future__ import annotations
 
+from collections.abc import Sequence
+
 import numpy as np
 import torch
 
@@ -30,19 +32,24 @@ class PermutohedralLattice:
     ``features``: (N, d) float32, already divided by the kernel's standard deviations.
     ``filter(values)``: (N, V) -> (N, V), the approximate sum over all points j of
     exp(-|f_i - f_j|^2 / 2) * values_j (point i itself included), as pydensecrf's
-    ``Permutohedral::compute``.
+    ``Permutohedral::compute``. ``groups`` (N,) int64, optional: points of different groups
+    (images) never meet, as if each group had a lattice of its own; one filter call serves all.
     """
 
-    def __init__(self, features: torch.Tensor):
+    def __init__(self, features: torch.Tensor, groups: torch.Tensor | None = None):
         if features.dim() != 2 or features.dtype != torch.float32:
             raise ValueError(f"features must be (N, d) float32, got {features.dtype} "
                              f"{tuple(features.shape)}")
         count, dims = features.shape
         self.dims = dims
         self.weights, keys = _simplex_vertices(features)
+        if groups is None:
+            groups = torch.zeros(count, dtype=torch.int64, device=features.device)
+        # The group is a key's first coordinate, which the blur never changes.
+        keys = torch.cat([groups.view(count, 1, 1).expand(count, dims + 1, 1), keys], dim=2)
         # Vertex ids: the distinct keys in sorted order (pydensecrf numbers them by first use;
         # the numbering changes nothing but the order of float sums).
-        packed, self._lows, self._spans = _pack(keys.reshape(-1, dims))
+        packed, self._lows, self._spans = _pack(keys.reshape(-1, dims + 1))
         self._keys, vertex = torch.unique(packed, sorted=True, return_inverse=True)
         # Row 0 of the vertex values stays zero: it stands for "no such vertex".
         self.offsets = vertex.view(count, dims + 1) + 1
@@ -55,13 +62,14 @@ class PermutohedralLattice:
         """(d + 1, 2, M + 1) row indices of each vertex's two neighbours along each axis
         (0 where the neighbour is not a vertex; row 0's are 0)."""
         dims = self.dims
-        coords = _unpack(self._keys, self._lows, self._spans)  # (M, d)
+        coords = _unpack(self._keys, self._lows, self._spans)  # (M, 1 + d): group, key
         rows = []
         for axis in range(dims + 1):
             lower, upper = coords - 1, coords + 1
+            lower[:, 0] = upper[:, 0] = coords[:, 0]
             if axis < dims:  # the (d+1)-th coordinate is implied by the others
-                lower[:, axis] = coords[:, axis] + dims
-                upper[:, axis] = coords[:, axis] - dims
+                lower[:, 1 + axis] = coords[:, 1 + axis] + dims
+                upper[:, 1 + axis] = coords[:, 1 + axis] - dims
             rows.append(torch.stack([self._find(lower), self._find(upper)]))
         found = torch.stack(rows)
         return torch.nn.functional.pad(found, (1, 0))  # row 0 -> 0
@@ -166,21 +174,21 @@ def _divided(values: torch.Tensor, divisor: float) -> torch.Tensor:
 
 
 class DenseCrf:
-    """The two kernels of pydensecrf's ``DenseCRF2D`` for one image, ready for mean field.
+    """The two kernels of pydensecrf's ``DenseCRF2D`` for each of a batch of images, ready for
+    mean field: what each image's own CRF object would hold, in one lattice per kernel.
 
-    ``image``: (H, W, 3) uint8 RGB tensor on the device to compute on. Kernels (symmetric
+    ``images``: (H_b, W_b, 3) uint8 RGB tensors on the device to compute on. Kernels (symmetric
     normalisation, Potts compatibility): Gaussian over positions / ``gaussian_sxy`` and
     bilateral over (positions / ``bilateral_sxy``, RGB / ``bilateral_srgb``).
     """
 
-    def __init__(self, image: torch.Tensor, params: CrfConfig):
-        height, width = image.shape[:2]
-        rows, cols = torch.meshgrid(
-            torch.arange(height, dtype=torch.float32, device=image.device),
-            torch.arange(width, dtype=torch.float32, device=image.device), indexing="ij")
-        positions = torch.stack([cols.reshape(-1), rows.reshape(-1)], dim=1)  # (N, 2): x, y
-        colours = image.reshape(-1, 3).float()
-        self.count = height * width
+    def __init__(self, images: Sequence[torch.Tensor], params: CrfConfig):
+        device = images[0].device
+        self.sizes = [image.shape[0] * image.shape[1] for image in images]
+        positions = torch.cat([_positions(*image.shape[:2], device) for image in images])
+        colours = torch.cat([image.reshape(-1, 3) for image in images]).float()
+        groups = torch.repeat_interleave(torch.arange(len(images), device=device),
+                                         torch.tensor(self.sizes, device=device))
         self.kernels = []
         for features, compat in (
             (_divided(positions, params.gaussian_sxy), params.gaussian_compat),
@@ -188,28 +196,44 @@ class DenseCrf:
                         _divided(colours, params.bilateral_srgb)], dim=1),
              params.bilateral_compat),
         ):
-            lattice = PermutohedralLattice(features)
+            lattice = PermutohedralLattice(features, groups)
             density = lattice.filter(torch.ones_like(features[:, :1]))
             norm = (1.0 / torch.sqrt(density.double() + 1e-20)).float()  # (N, 1)
             self.kernels.append((lattice, norm, float(np.float32(compat))))
 
-    def inference(self, unaries: torch.Tensor, iterations: int) -> torch.Tensor:
-        """Mean-field marginals (B, L, N) of B CRFs on this image's kernels, from their
-        (B, L, N) float32 unary energies (negative log-probabilities)."""
-        batch, labels, count = unaries.shape
-        if count != self.count:
-            raise ValueError(f"unaries of {count} pixels for an image of {self.count}")
-        scores = -unaries.permute(2, 0, 1).reshape(count, batch * labels)
-        marginals = _softmax_per_crf(scores, batch)
+    def inference(self, unaries: Sequence[torch.Tensor], iterations: int) -> list[torch.Tensor]:
+        """Mean-field marginals of C CRFs on each image's kernels: ``unaries[b]`` is image b's
+        (C, L_b, N_b) float32 unary energies (negative log-probabilities), the result its
+        (C, L_b, N_b) marginals. Images with fewer labels than the most are padded with labels
+        of probability 0, which add only zeros: each result is that of the image alone, up to
+        the order of float sums."""
+        if len(unaries) != len(self.sizes):
+            raise ValueError(f"unaries for {len(unaries)} images, kernels for {len(self.sizes)}")
+        crfs = unaries[0].shape[0]
+        most = max(u.shape[1] for u in unaries)
+        scores = []
+        for unary, size in zip(unaries, self.sizes, strict=True):
+            if unary.dim() != 3 or unary.shape[0] != crfs or unary.shape[2] != size:
+                raise ValueError(f"unaries of shape {tuple(unary.shape)} for an image of "
+                                 f"{size} pixels and {crfs} CRFs")
+            padded = unary.new_full((crfs, most, size), -torch.inf)
+            padded[:, :unary.shape[1]] = -unary
+            scores.append(padded.permute(2, 0, 1))  # (N_b, C, L)
+        scores = torch.cat(scores)
+        marginals = torch.softmax(scores, dim=2)
         for _ in range(iterations):
             update = scores
             for lattice, norm, compat in self.kernels:
-                update = update + compat * (lattice.filter(marginals * norm) * norm)
-            marginals = _softmax_per_crf(update, batch)
-        return marginals.view(count, batch, labels).permute(1, 2, 0)
+                message = lattice.filter((marginals * norm[:, :, None]).flatten(1))
+                update = update + compat * (message.view_as(marginals) * norm[:, :, None])
+            marginals = torch.softmax(update, dim=2)
+        return [part.permute(1, 2, 0)[:, :unary.shape[1]]
+                for part, unary in zip(marginals.split(self.sizes), unaries, strict=True)]
 
 
-def _softmax_per_crf(scores: torch.Tensor, batch: int) -> torch.Tensor:
-    """(N, B * L) -> the same with a softmax over each CRF's L labels."""
-    count = scores.shape[0]
-    return torch.softmax(scores.view(count, batch, -1), dim=2).view(count, -1)
+def _positions(height: int, width: int, device: torch.device) -> torch.Tensor:
+    """(H * W, 2) float32 (x, y) of every pixel, row by row."""
+    rows, cols = torch.meshgrid(torch.arange(height, dtype=torch.float32, device=device),
+                                torch.arange(width, dtype=torch.float32, device=device),
+                                indexing="ij")
+    return torch.stack([cols.reshape(-1), rows.reshape(-1)], dim=1)

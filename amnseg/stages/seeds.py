@@ -12,6 +12,7 @@ from __future__ import annotations
 
 import multiprocessing
 import os
+from collections.abc import Sequence
 from dataclasses import dataclass
 from pathlib import Path
 from types import TracebackType
@@ -27,7 +28,7 @@ from amnseg.data.voc import voc_palette
 from amnseg.errors import AmnsegError
 from amnseg.io import BackgroundWriter, ScoreMaps, load_score_maps, output_file, save_label_png
 from amnseg.layout import maps_dir, seeds_dir
-from amnseg.ops.crf import crf_refine_labels_many
+from amnseg.ops.crf import crf_refine_labels_batch, crf_refine_labels_many
 from amnseg.progress import progress_bar
 from amnseg.stages.common import processed_images
 from amnseg.training import crf_device_of, crf_on_gpu, resolve_device
@@ -48,19 +49,44 @@ def make_seed(
     fg_threshold: float,
     bg_threshold: float,
     crf: CrfConfig,
-    crf_device: torch.device | None = None,
 ) -> np.ndarray:
     """Seed labels of one image: (H, W) uint8 with 0 = bg, class ids, 255 = unsure.
 
     ``image`` (H, W, 3) uint8; ``scores`` (K, H, W) normalised maps of the image's classes;
-    ``class_ids`` (K,) their ids 1..C. ``crf_device``: None = pydensecrf, else the PyTorch
-    mean field on that device (``amnseg.ops.crf``).
+    ``class_ids`` (K,) their ids 1..C. The CRFs run in pydensecrf.
     """
-    keys = np.concatenate([[0], np.asarray(class_ids, dtype=np.int64)])
     # Both CRFs share the image's kernels (built once): each result is what it is alone.
-    fg, bg = (keys[refined] for refined in crf_refine_labels_many(
-        image, [threshold_argmax(scores, fg_threshold), threshold_argmax(scores, bg_threshold)],
-        len(keys), crf, crf_device))
+    refined = crf_refine_labels_many(image, _thresholded(scores, fg_threshold, bg_threshold),
+                                     len(class_ids) + 1, crf)
+    return _seed_from(class_ids, refined)
+
+
+def make_seed_batch(
+    images: Sequence[np.ndarray],
+    scores: Sequence[np.ndarray],
+    class_ids: Sequence[np.ndarray],
+    fg_threshold: float,
+    bg_threshold: float,
+    crf: CrfConfig,
+    device: torch.device,
+) -> list[np.ndarray]:
+    """:func:`make_seed` of each image, the CRFs of all of them run at once by the PyTorch mean
+    field on ``device`` (``amnseg.ops.crf.crf_refine_labels_batch``)."""
+    refined = crf_refine_labels_batch(
+        images, [_thresholded(image_scores, fg_threshold, bg_threshold) for image_scores in scores],
+        [len(ids) + 1 for ids in class_ids], crf, device)
+    return [_seed_from(ids, pair) for ids, pair in zip(class_ids, refined, strict=True)]
+
+
+def _thresholded(scores: np.ndarray, fg_threshold: float, bg_threshold: float
+                 ) -> list[np.ndarray]:
+    return [threshold_argmax(scores, fg_threshold), threshold_argmax(scores, bg_threshold)]
+
+
+def _seed_from(class_ids: np.ndarray, refined: Sequence[np.ndarray]) -> np.ndarray:
+    """The seed from the refined (foreground, background) channel maps (0 = bg, k = class k)."""
+    keys = np.concatenate([[0], np.asarray(class_ids, dtype=np.int64)])
+    fg, bg = (keys[channels] for channels in refined)
     seed = fg.astype(np.uint8)
     seed[fg == 0] = UNSURE
     seed[(fg == 0) & (bg == 0)] = 0
@@ -89,11 +115,10 @@ def _seed_inputs(job: SeedJob, stem: str) -> tuple[str, np.ndarray, ScoreMaps]:
     return stem, image, maps
 
 
-def _seed_of(job: SeedJob, inputs: tuple[str, np.ndarray, ScoreMaps],
-             crf_device: torch.device | None = None) -> tuple[str, np.ndarray]:
+def _seed_of(job: SeedJob, inputs: tuple[str, np.ndarray, ScoreMaps]) -> tuple[str, np.ndarray]:
     stem, image, maps = inputs
     return stem, make_seed(image, maps.full, maps.class_ids, job.fg_threshold, job.bg_threshold,
-                           job.crf, crf_device)
+                           job.crf)
 
 
 def _save_seed(job: SeedJob, stem: str, seed: np.ndarray) -> str:
@@ -118,21 +143,22 @@ class _SeedInputs(torch.utils.data.Dataset):
         return _seed_inputs(self.job, self.stems[index])
 
 
-def _as_is(item: Any) -> Any:
-    return item
-
-
 def _seeds_on_device(job: SeedJob, stems: list[str], crf_device: torch.device, workers: int,
-                     bar: Any) -> None:
-    """The seeds of ``stems`` with the PyTorch CRF on ``crf_device``, in this process; loader
-    workers read the maps and images, threads write the PNGs."""
+                     batch_images: int, bar: Any) -> None:
+    """The seeds of ``stems`` with the PyTorch CRF on ``crf_device``, ``batch_images`` images
+    per call, in this process; loader workers read the maps and images, threads write PNGs."""
     inputs = torch.utils.data.DataLoader(
-        _SeedInputs(job, stems), batch_size=None, collate_fn=_as_is, num_workers=workers,
-        multiprocessing_context="fork" if workers else None)
+        _SeedInputs(job, stems), batch_size=batch_images, collate_fn=list,
+        num_workers=workers, multiprocessing_context="fork" if workers else None)
     with BackgroundWriter(min(workers, 4)) as writer:
-        for item in inputs:
-            writer.submit(_save_seed, job, *_seed_of(job, item, crf_device))
-            bar.update()
+        for batch in inputs:
+            seeds = make_seed_batch([image for _, image, _ in batch],
+                                    [maps.full for _, _, maps in batch],
+                                    [maps.class_ids for _, _, maps in batch],
+                                    job.fg_threshold, job.bg_threshold, job.crf, crf_device)
+            for (stem, _, _), seed in zip(batch, seeds, strict=True):
+                writer.submit(_save_seed, job, stem, seed)
+            bar.update(len(batch))
 
 
 # The job of this worker process, set once when the pool starts: sending it with every task
@@ -262,7 +288,8 @@ def make_seeds(
     where = f"CRFs on {crf_device}" if crf_device else f"{workers} workers"
     bar = progress_bar(total=len(todo), desc=f"seeds ({where})")
     if crf_device is not None:
-        _seeds_on_device(job, todo, crf_device, workers if workers > 1 else 0, bar)
+        _seeds_on_device(job, todo, crf_device, workers if workers > 1 else 0,
+                         config.seeds.crf_batch_images, bar)
     elif workers == 1:
         for stem in todo:
             _seed_one(job, stem)
