@@ -57,6 +57,7 @@ class PermutohedralLattice:
         self.neighbours = self._blur_neighbours()
         # pydensecrf's "alpha": the slice's scale so that the lattice's blur has unit gain.
         self.alpha = float(np.float32(1.0) / (np.float32(1.0) + np.float32(2.0) ** -dims))
+        self._slice_weights = (self.weights * self.alpha)[:, :, None]
 
     def _blur_neighbours(self) -> torch.Tensor:
         """(d + 1, 2, M + 1) row indices of each vertex's two neighbours along each axis
@@ -88,9 +89,9 @@ class PermutohedralLattice:
         lattice = values.new_zeros(self.vertices + 1, width)
         lattice.index_add_(0, self.offsets.reshape(-1),
                            (self.weights[:, :, None] * values[:, None, :]).reshape(-1, width))
-        for lower, upper in self.neighbours:
-            lattice = lattice + 0.5 * (lattice[lower] + lattice[upper])
-        return ((self.weights * self.alpha)[:, :, None] * lattice[self.offsets]).sum(dim=1)
+        for pair in self.neighbours:  # (2, M + 1) rows: one gather for both neighbours
+            lattice = torch.add(lattice, lattice[pair].sum(dim=0), alpha=0.5)
+        return (self._slice_weights * lattice[self.offsets]).sum(dim=1)
 
 
 def _simplex_vertices(features: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
