@@ -6,12 +6,12 @@
 #
 #   bash benchmarks/run_gpu.sh OUT_DIR [STEP ...]     (default: every step)
 #
-# Steps: gpu_tests walk ddp cam_fp32 cam_bf16 seeds seeds_gpu pipeline pipeline_crf_gpu
+# Steps: gpu_tests walk ddp cam_fp32 cam_bf16 seeds crf seeds_gpu pipeline pipeline_crf_gpu
 # pipeline_serial seg_fp32 seg_bf16 seg_tuned seg_compile seg_stage map_profile demo demo_bf16
 set -u -o pipefail
 out=${1:-/tmp/amnseg-gpu}
 shift || true
-wanted=" ${*:-gpu_tests walk ddp cam_fp32 cam_bf16 seeds seeds_gpu pipeline pipeline_crf_gpu pipeline_serial seg_fp32 seg_bf16 seg_tuned seg_compile seg_stage map_profile demo demo_bf16} "
+wanted=" ${*:-gpu_tests walk ddp cam_fp32 cam_bf16 seeds crf seeds_gpu pipeline pipeline_crf_gpu pipeline_serial seg_fp32 seg_bf16 seg_tuned seg_compile seg_stage map_profile demo demo_bf16} "
 mkdir -p "$out"
 export PYTHONUNBUFFERED=1
 
@@ -37,6 +37,7 @@ step ddp 80 python3 -m benchmarks.bench_ddp --images 128 backbone.norm=batch cam
 step cam_fp32 30 python3 -m benchmarks.bench_cam_inference --device cuda
 step cam_bf16 30 python3 -m benchmarks.bench_cam_inference --device cuda --amp --channels-last
 step seeds 60 python3 -m benchmarks.bench_seeds --images 160 --workers 16 8
+step crf 90 python3 -m benchmarks.bench_crf --images 32 --batches 1 8 16 32 --cpu-images 2
 step seeds_gpu 90 python3 -m benchmarks.bench_seeds --images 160 --workers 16 8 --crf-device cuda
 step pipeline 170 python3 -m benchmarks.bench_pipeline --images 160 --workers 16 --bare
 step pipeline_crf_gpu 170 python3 -m benchmarks.bench_pipeline --images 160 --workers 16 seeds.crf_device=cuda
