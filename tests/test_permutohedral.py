@@ -23,7 +23,6 @@ from amnseg.ops.crf import (
     dense_crf_many,
 )
 from amnseg.ops.permutohedral import DenseCrf, PermutohedralLattice, _pack, _unpack
-from amnseg.progress import progress_bar
 from amnseg.stages import seeds as seeds_stage
 from amnseg.training import crf_device_of
 
@@ -171,10 +170,11 @@ def test_lattice_keys_that_do_not_fit_are_a_clear_error():
             [torch.zeros(1, 2, 21)], 1)
 
 
-@pytest.mark.parametrize(("workers", "batch_images"), [(0, 1), (2, 3)])
-def test_seed_files_with_crfs_on_a_device_equal_pydensecrfs(tmp_path, workers, batch_images):
+@pytest.mark.parametrize(("workers", "batch_images"), [(1, 1), (2, 3)])
+def test_seed_files_with_crfs_on_a_device_equal_pydensecrfs(tmp_path, monkeypatch, workers,
+                                                           batch_images):
     data = write_tiny_folder_dataset(tmp_path / "data", count=5, size=40)
-    config = tiny_config(data, tmp_path / "run")
+    config = tiny_config(data, tmp_path / "run", f"seeds.crf_batch_images={batch_images}")
     dataset = build_dataset(config.data, "train")
     rng = np.random.default_rng(7)
     for stem in dataset.stems:
@@ -183,17 +183,19 @@ def test_seed_files_with_crfs_on_a_device_equal_pydensecrfs(tmp_path, workers, b
         save_score_maps(tmp_path / "run" / "cam" / "maps" / f"{stem}.npz",
                         ScoreMaps(class_ids, full[:, ::4, ::4], full))
     reference = seeds_stage.make_seeds(config, "cam", out_dir=tmp_path / "reference", workers=1)
-    job = seeds_stage.SeedJob(dataset, tmp_path / "run" / "cam" / "maps", tmp_path / "device",
-                              0.30, 0.05, CrfConfig())
-    (tmp_path / "device").mkdir()
-    bar = progress_bar(total=len(dataset))
-    seeds_stage._seeds_on_device(job, dataset.stems, torch.device("cpu"), workers,
-                                 batch_images, bar)
-    assert bar.n == len(dataset)
+    # seeds.crf_device=cuda, its device made the CPU: the stage's whole GPU path, here.
+    config.seeds.crf_device = "cuda"
+    monkeypatch.setattr(seeds_stage, "crf_device_of", lambda spec: torch.device("cpu"))
+    calls = []
+    batch = seeds_stage.make_seed_batch
+    monkeypatch.setattr(seeds_stage, "make_seed_batch",
+                        lambda images, *rest: calls.append(len(images)) or batch(images, *rest))
+    on_device = seeds_stage.make_seeds(config, "cam", out_dir=tmp_path / "device",
+                                       workers=workers)
+    assert calls == ([1] * 5 if batch_images == 1 else [3, 2])
     for stem in dataset.stems:
         expected = read_index_png(reference / f"{stem}.png")
-        np.testing.assert_array_equal(read_index_png(tmp_path / "device" / f"{stem}.png"),
-                                      expected)
+        np.testing.assert_array_equal(read_index_png(on_device / f"{stem}.png"), expected)
     assert len({int(v) for stem in dataset.stems
                 for v in np.unique(read_index_png(reference / f"{stem}.png"))}) >= 3
 
