@@ -22,7 +22,7 @@ from amnseg.ops.crf import (
     crf_refine_probabilities,
     dense_crf_many,
 )
-from amnseg.ops.permutohedral import DenseCrf, PermutohedralLattice, _pack, _unpack
+from amnseg.ops.permutohedral import DenseCrf, PermutohedralLattice, _pack, _pack_with, _unpack
 from amnseg.stages import seeds as seeds_stage
 from amnseg.training import crf_device_of
 
@@ -73,6 +73,24 @@ def test_lattice_filter_is_linear():
     # Every point's own value reaches it (its vertices carry it), at most once.
     own = lattice.filter(torch.eye(300)).diagonal()
     assert (own > 0).all() and own.max() <= 1.0
+
+
+def test_lattice_finds_its_vertices_and_no_key_outside_their_range():
+    generator = torch.Generator().manual_seed(3)
+    features = torch.rand(600, 1, generator=generator) * 5
+    lattice = PermutohedralLattice(features, torch.arange(600) % 3)  # three groups
+    coords = _unpack(lattice._keys, lattice._lows, lattice._spans)
+    torch.testing.assert_close(lattice._find(coords), torch.arange(1, lattice.vertices + 1))
+    highs = lattice._lows + lattice._spans - 1
+    aliased = 0
+    for column in range(coords.shape[1]):
+        for edge, step in ((lattice._lows, -1), (highs, 1)):
+            past = coords[coords[:, column] == edge[column]].clone()
+            past[:, column] += step
+            assert (lattice._find(past) == 0).all()
+            codes = _pack_with(past, lattice._lows, lattice._spans)
+            aliased += int(torch.isin(codes, lattice._keys).sum())
+    assert aliased > 0  # some keys past the range have another vertex's code: not found
 
 
 def image_scene(height: int, width: int, kind: str, seed: int = 0) -> np.ndarray:
