@@ -178,6 +178,8 @@ def test_lattice_keys_that_do_not_fit_are_a_clear_error():
     keys = torch.tensor([[0, 0, 0, 0, 0], [2**12 - 1, 2**12 - 1, 2**12 - 1, 2**13 - 1, 2**13 - 1]])
     with pytest.raises(AmnsegError, match="do not fit 62 bits"):
         _pack(keys)
+    with pytest.raises(AmnsegError, match="do not fit 62 bits"):  # 2^65: no int64 wrap-around
+        _pack(torch.tensor([[0] * 5, [2**13] * 5]))
     keys[1, 4] -= 1
     codes, lows, spans = _pack(keys)
     assert codes[1] == 2**62 - 2**49 - 1 and (_unpack(codes, lows, spans) == keys).all()
