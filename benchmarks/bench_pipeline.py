@@ -125,28 +125,34 @@ def fixed_and_steady(config, stage: str, stage_seconds: float
     return stage_seconds - epochs_seconds, sum(rates) / len(rates), waiting
 
 
-def steady_rate_from_files(folder: Path, pattern: str, skip: float = 0.1) -> float | None:
+def steady_rate_from_files(folder: Path, pattern: str, skip: float = 0.1,
+                           least_seconds: float = 0.0) -> float | None:
     """Files per second that ``folder`` gained after its first ``skip`` of files matching
     ``pattern`` (start-up: worker processes, the first batch, cuDNN's choices), from their
-    modification times. None: fewer than 4 files to time, or no time between them."""
+    modification times. None: fewer than 4 files to time, or less than ``least_seconds``
+    between them (files written in a few bursts, e.g. all maps of one group at once, give no
+    rate)."""
     times = sorted(path.stat().st_mtime for path in folder.glob(pattern))
     timed = times[max(1, int(len(times) * skip)) - 1:]  # from the last file left out
-    if len(timed) < 4 or timed[-1] <= timed[0]:
+    if len(timed) < 4 or timed[-1] - timed[0] <= max(least_seconds, 0.0):
         return None
     return (len(timed) - 1) / (timed[-1] - timed[0])
 
 
-def per_image_steady_rate(config, stage: str, beside: bool) -> float | None:
+def per_image_steady_rate(config, stage: str, beside: bool, seconds: float = 0.0
+                          ) -> float | None:
     """Steady images/s of a map, seed or mask stage from its output files (None: another
-    stage, or too few files). With ``beside``, a map stage's is its seeds' (it waits for them)
-    and a seed stage has none (its images were made during the map stage)."""
+    stage, or too few files, or files spread over less than a quarter of the stage's
+    ``seconds``). With ``beside``, a map stage's is its seeds' (it waits for them) and a seed
+    stage has none (its images were made during the map stage)."""
     source, _, kind = stage.partition("_")
+    least = seconds / 4
     if stage == "masks":
-        return steady_rate_from_files(masks_dir(config), "*.png")
+        return steady_rate_from_files(masks_dir(config), "*.png", least_seconds=least)
     if kind == "maps" and not beside:
-        return steady_rate_from_files(maps_dir(config, source), "*.npz")
+        return steady_rate_from_files(maps_dir(config, source), "*.npz", least_seconds=least)
     if (kind == "maps" and beside) or (kind == "seeds" and not beside):
-        return steady_rate_from_files(seeds_dir(config, source), "*.png")
+        return steady_rate_from_files(seeds_dir(config, source), "*.png", least_seconds=least)
     return None
 
 
@@ -267,7 +273,7 @@ def main() -> None:
                           for name in totals}
             steady_text = f"{rate:.1f} | {steady[2]:.0%}"
         else:
-            rate = per_image_steady_rate(config, stage, beside)
+            rate = per_image_steady_rate(config, stage, beside, seconds)
             if stage.endswith("_seeds") and beside:  # its images were made beside the maps
                 projection = {name: seconds / 3600 for name in totals}
             else:
@@ -289,7 +295,8 @@ def main() -> None:
             made = float(manifest["stages"][f"{stage}_maps"]["metrics"]["make_seconds"])
             # At VOC's scale the start-up is paid once: the maps' own steady rate (from their
             # files' times) against the bare forwards, which are timed after a warm-up.
-            rate = steady_rate_from_files(maps_dir(config, stage), "*.npz")
+            rate = steady_rate_from_files(maps_dir(config, stage), "*.npz",
+                                          least_seconds=made / 4)
             steady = f"{handled[f'{stage}_maps'] / (rate * bare):.2f}" if rate else ""
             lines.append(f"| {stage}_maps | {made:.1f} | {bare:.1f} | {made / bare:.2f} | "
                          f"{steady} |")

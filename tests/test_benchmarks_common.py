@@ -58,6 +58,11 @@ def test_steady_rate_leaves_out_the_start_up(tmp_path):
     assert steady_rate_from_files(tmp_path / "few", "*.png") is None
     make_files(tmp_path / "same", [7.0] * 8)
     assert steady_rate_from_files(tmp_path / "same", "*.png") is None
+    # Files in one burst at the end of a 5 s stage: their 0.07 s says nothing of a rate.
+    make_files(tmp_path / "burst", [1000.0 + 0.01 * k for k in range(8)])
+    assert steady_rate_from_files(tmp_path / "burst", "*.png", least_seconds=5 / 4) is None
+    assert steady_rate_from_files(tmp_path / "out", "*.png", least_seconds=2.0) == \
+        pytest.approx(2.0)  # 9 s of steady files
 
 
 def test_per_image_stages_read_their_own_files_or_their_seeds_when_beside(tmp_path):
@@ -83,6 +88,9 @@ def test_per_image_stages_read_their_own_files_or_their_seeds_when_beside(tmp_pa
     assert per_image_steady_rate(config, "cam_maps", beside=True) == pytest.approx(4.0)
     assert per_image_steady_rate(config, "amn_maps", beside=True) == pytest.approx(2.0)
     assert per_image_steady_rate(config, "amn_seeds", beside=True) is None
+    # cam_maps' files span 0.9 s: a rate for a stage of 3.6 s at most, none for a longer one.
+    assert per_image_steady_rate(config, "cam_maps", False, 3.5) == pytest.approx(10.0)
+    assert per_image_steady_rate(config, "cam_maps", False, 3.7) is None
 
 
 def test_projection_is_fixed_seconds_plus_images_at_the_steady_rate():
