@@ -207,8 +207,8 @@ def test_seed_files_with_crfs_on_a_device_equal_pydensecrfs(tmp_path, monkeypatc
     config.seeds.crf_device = "cuda"
     monkeypatch.setattr(seeds_stage, "crf_device_of", lambda spec: torch.device("cpu"))
     calls = []
-    batch = seeds_stage.make_seed_batch
-    monkeypatch.setattr(seeds_stage, "make_seed_batch",
+    batch = seeds_stage.seeds_from_thresholded
+    monkeypatch.setattr(seeds_stage, "seeds_from_thresholded",
                         lambda images, *rest: calls.append(len(images)) or batch(images, *rest))
     on_device = seeds_stage.make_seeds(config, "cam", out_dir=tmp_path / "device",
                                        workers=workers)

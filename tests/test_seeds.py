@@ -160,6 +160,19 @@ def test_seed_crfs_share_one_lattice_and_equal_separate_crfs(monkeypatch):
             unary, unary_from_labels(labels, 3, gt_prob=0.7, zero_unsure=False))
 
 
+@pytest.mark.parametrize("channels", [0, 1, 3])
+def test_threshold_pair_is_two_threshold_argmaxes_ties_included(channels):
+    rng = np.random.default_rng(channels)
+    # Scores on a coarse grid: many equal to a threshold or to each other.
+    scores = (rng.integers(0, 8, (channels, 9, 11)) / 20).astype(np.float32)
+    assert (scores == np.float32(0.30)).any() or channels == 0
+    # Python floats, as the config gives: float32(0.3) > 0.3 in float64, not in float32.
+    fg, bg = seeds_stage.threshold_pair(scores, 0.30, 0.05)
+    np.testing.assert_array_equal(fg, seeds_stage.threshold_argmax(scores, 0.30))
+    np.testing.assert_array_equal(bg, seeds_stage.threshold_argmax(scores, 0.05))
+    assert fg.shape == bg.shape == (9, 11)
+
+
 def test_crf_accepts_read_only_images():
     # Images decoded by PIL and memory-mapped arrays can be read-only; pydensecrf needs a
     # writable buffer, so the CRF works on its own copy.

@@ -4,7 +4,8 @@ For each image: foreground labels = argmax over [t_fg, maps] refined by a dense 
 labels = the same with t_bg; seed = the foreground class where the first says foreground, 0
 where both say background, 255 (unsure) elsewhere. Works on any ``<stem>.npz`` score maps (CAM
 or AMN). Images run in worker processes; each image's seed depends on that image alone, so the
-output does not depend on the number of workers. Seeds are made for every image of the run
+output does not depend on the number of workers. With ``seeds.crf_device`` on a GPU, the CRFs
+run there instead (PyTorch's mean field, a batch of images per call), fed by loader workers. Seeds are made for every image of the run
 (``processed_images``): the training split's seeds train AMN (from CAMs) and IRN (from AMN maps).
 """
 
@@ -56,31 +57,37 @@ def make_seed(
     ``class_ids`` (K,) their ids 1..C. The CRFs run in pydensecrf.
     """
     # Both CRFs share the image's kernels (built once): each result is what it is alone.
-    refined = crf_refine_labels_many(image, _thresholded(scores, fg_threshold, bg_threshold),
+    refined = crf_refine_labels_many(image, threshold_pair(scores, fg_threshold, bg_threshold),
                                      len(class_ids) + 1, crf)
     return _seed_from(class_ids, refined)
 
 
-def make_seed_batch(
+def seeds_from_thresholded(
     images: Sequence[np.ndarray],
-    scores: Sequence[np.ndarray],
+    label_pairs: Sequence[Sequence[np.ndarray]],
     class_ids: Sequence[np.ndarray],
-    fg_threshold: float,
-    bg_threshold: float,
     crf: CrfConfig,
     device: torch.device,
 ) -> list[np.ndarray]:
-    """:func:`make_seed` of each image, the CRFs of all of them run at once by the PyTorch mean
-    field on ``device`` (``amnseg.ops.crf.crf_refine_labels_batch``)."""
-    refined = crf_refine_labels_batch(
-        images, [_thresholded(image_scores, fg_threshold, bg_threshold) for image_scores in scores],
-        [len(ids) + 1 for ids in class_ids], crf, device)
+    """:func:`make_seed` of each image from its :func:`threshold_pair`, the CRFs of all of them
+    run at once by the PyTorch mean field on ``device`` (``crf_refine_labels_batch``)."""
+    refined = crf_refine_labels_batch(images, label_pairs, [len(ids) + 1 for ids in class_ids],
+                                      crf, device)
     return [_seed_from(ids, pair) for ids, pair in zip(class_ids, refined, strict=True)]
 
 
-def _thresholded(scores: np.ndarray, fg_threshold: float, bg_threshold: float
-                 ) -> list[np.ndarray]:
-    return [threshold_argmax(scores, fg_threshold), threshold_argmax(scores, bg_threshold)]
+def threshold_pair(scores: np.ndarray, fg_threshold: float, bg_threshold: float
+                   ) -> list[np.ndarray]:
+    """[threshold_argmax(scores, fg_threshold), threshold_argmax(scores, bg_threshold)] from one
+    max and argmax over the channels (a fifth of the time at VOC size): the threshold channel
+    comes first, so it wins ties, and a channel wins where its score exceeds it."""
+    if len(scores) == 0:
+        return [np.zeros(scores.shape[1:], dtype=np.int64) for _ in range(2)]
+    best = scores.argmax(axis=0) + 1
+    top = scores.max(axis=0)
+    # In the scores' precision, as threshold_argmax's threshold channel.
+    return [np.where(top > scores.dtype.type(threshold), best, 0)
+            for threshold in (fg_threshold, bg_threshold)]
 
 
 def _seed_from(class_ids: np.ndarray, refined: Sequence[np.ndarray]) -> np.ndarray:
@@ -130,8 +137,9 @@ def _seed_one(job: SeedJob, stem: str) -> str:
     return _save_seed(job, *_seed_of(job, _seed_inputs(job, stem)))
 
 
-class _SeedInputs(torch.utils.data.Dataset):
-    """Loader-side reading of each image and its maps, for CRFs run in the main process."""
+class _ThresholdedInputs(torch.utils.data.Dataset):
+    """Loader-side reading and thresholding of each image's maps, for CRFs run in the main
+    process. Items: (stem, image, class ids, its threshold_pair as uint8 label maps)."""
 
     def __init__(self, job: SeedJob, stems: list[str]):
         self.job, self.stems = job, stems
@@ -139,24 +147,26 @@ class _SeedInputs(torch.utils.data.Dataset):
     def __len__(self) -> int:
         return len(self.stems)
 
-    def __getitem__(self, index: int) -> tuple[str, np.ndarray, ScoreMaps]:
-        return _seed_inputs(self.job, self.stems[index])
+    def __getitem__(self, index: int) -> tuple[str, np.ndarray, np.ndarray, list[np.ndarray]]:
+        stem, image, maps = _seed_inputs(self.job, self.stems[index])
+        pair = threshold_pair(maps.full, self.job.fg_threshold, self.job.bg_threshold)
+        # At most 1 + 255 labels (COCO has 81): uint8 sends an eighth of int64's bytes.
+        return stem, image, maps.class_ids, [labels.astype(np.uint8) for labels in pair]
 
 
 def _seeds_on_device(job: SeedJob, stems: list[str], crf_device: torch.device, workers: int,
                      batch_images: int, bar: Any) -> None:
     """The seeds of ``stems`` with the PyTorch CRF on ``crf_device``, ``batch_images`` images
-    per call, in this process; loader workers read the maps and images, threads write PNGs."""
+    per call, in this process; loader workers read and threshold the maps and read the images,
+    threads write the PNGs."""
     inputs = torch.utils.data.DataLoader(
-        _SeedInputs(job, stems), batch_size=batch_images, collate_fn=list,
+        _ThresholdedInputs(job, stems), batch_size=batch_images, collate_fn=list,
         num_workers=workers, multiprocessing_context="fork" if workers else None)
     with BackgroundWriter(min(workers, 4)) as writer:
         for batch in inputs:
-            seeds = make_seed_batch([image for _, image, _ in batch],
-                                    [maps.full for _, _, maps in batch],
-                                    [maps.class_ids for _, _, maps in batch],
-                                    job.fg_threshold, job.bg_threshold, job.crf, crf_device)
-            for (stem, _, _), seed in zip(batch, seeds, strict=True):
+            stems_of, images, class_ids, label_pairs = zip(*batch, strict=True)
+            seeds = seeds_from_thresholded(images, label_pairs, class_ids, job.crf, crf_device)
+            for stem, seed in zip(stems_of, seeds, strict=True):
                 writer.submit(_save_seed, job, stem, seed)
             bar.update(len(batch))
 
