@@ -32,16 +32,16 @@ from amnseg.precision import with_precision
 from amnseg.progress import progress_bar, say
 
 
-def resolve_device(spec: str) -> torch.device:
+def resolve_device(spec: str, option: str = "device") -> torch.device:
     """``auto`` -> a CUDA device when there is one, else the CPU. Under torchrun, ``auto`` and
-    ``cuda`` mean this process's GPU (``LOCAL_RANK``)."""
+    ``cuda`` mean this process's GPU (``LOCAL_RANK``). Errors name ``option``."""
     if spec == "auto":
         spec = "cuda" if torch.cuda.is_available() else "cpu"
     if not is_device(spec):
-        raise AmnsegError(f"device={spec}: expected auto, cpu, cuda or cuda:N")
+        raise AmnsegError(f"{option}={spec}: expected auto, cpu, cuda or cuda:N")
     device = torch.device(spec)
     if device.type == "cuda" and not torch.cuda.is_available():
-        raise AmnsegError(f"device={spec}: CUDA is not available on this machine")
+        raise AmnsegError(f"{option}={spec}: CUDA is not available on this machine")
     if device.type == "cuda" and device.index is None and distributed.launched_by_torchrun():
         device = torch.device("cuda", distributed.local_rank())
     return device
@@ -54,11 +54,11 @@ def crf_on_gpu(spec: str) -> bool:
     return torch.device(spec).type == "cuda"
 
 
-def crf_device_of(spec: str) -> torch.device | None:
+def crf_device_of(spec: str, option: str = "crf_device") -> torch.device | None:
     """The device of a ``crf_device`` option: None for the CPU (pydensecrf, the reference's
     C++; also ``auto`` without a GPU), else the GPU where the PyTorch mean field runs
     (``amnseg.ops.crf``)."""
-    device = resolve_device(spec)
+    device = resolve_device(spec, option)
     return None if device.type == "cpu" else device
 
 

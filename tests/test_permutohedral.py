@@ -205,7 +205,7 @@ def test_seed_files_with_crfs_on_a_device_equal_pydensecrfs(tmp_path, monkeypatc
     reference = seeds_stage.make_seeds(config, "cam", out_dir=tmp_path / "reference", workers=1)
     # seeds.crf_device=cuda, its device made the CPU: the stage's whole GPU path, here.
     config.seeds.crf_device = "cuda"
-    monkeypatch.setattr(seeds_stage, "crf_device_of", lambda spec: torch.device("cpu"))
+    monkeypatch.setattr(seeds_stage, "crf_device_of", lambda spec, option: torch.device("cpu"))
     calls = []
     batch = seeds_stage.seeds_from_thresholded
     monkeypatch.setattr(seeds_stage, "seeds_from_thresholded",
@@ -236,8 +236,10 @@ def test_crf_device_options_are_checked(tmp_path):
     assert crf_device_of("cpu") is None and crf_device_of("cpu:0") is None  # pydensecrf
     assert (crf_device_of("auto") is None) == (not torch.cuda.is_available())
     if not torch.cuda.is_available():
-        with pytest.raises(AmnsegError, match="CUDA is not available"):
+        with pytest.raises(AmnsegError, match="crf_device=cuda: CUDA is not available"):
             crf_device_of("cuda")
+    with pytest.raises(AmnsegError, match="seg.crf_device=tpu: expected"):
+        crf_device_of("tpu", "seg.crf_device")
 
 
 @pytest.mark.gpu

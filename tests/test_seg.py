@@ -616,7 +616,7 @@ def test_train_seg_on_ground_truth_then_evaluate(tiny_dataset, tmp_path, monkeyp
     assert results[0]["crf"]["miou"] == pytest.approx(float(miou(refined)))
     assert list(results[0]["crf"]["per_class_iou"]) == ["background", "square", "disc"]
     # seg.crf_device: the PyTorch CRF (here on the CPU, as it would run on a GPU) scores the same.
-    monkeypatch.setattr(seg_stage, "crf_device_of", lambda spec: torch.device("cpu"))
+    monkeypatch.setattr(seg_stage, "crf_device_of", lambda spec, option: torch.device("cpu"))
     on_device = seg_stage.evaluate_seg(
         tiny_config(tiny_dataset, tmp_path / "run", "seg.crf.iterations=3"), "seg_gt")
     assert on_device == results[0]

@@ -5,8 +5,9 @@ labels = the same with t_bg; seed = the foreground class where the first says fo
 where both say background, 255 (unsure) elsewhere. Works on any ``<stem>.npz`` score maps (CAM
 or AMN). Images run in worker processes; each image's seed depends on that image alone, so the
 output does not depend on the number of workers. With ``seeds.crf_device`` on a GPU, the CRFs
-run there instead (PyTorch's mean field, a batch of images per call), fed by loader workers. Seeds are made for every image of the run
-(``processed_images``): the training split's seeds train AMN (from CAMs) and IRN (from AMN maps).
+run there instead (PyTorch's mean field, a batch of images per call), fed by loader workers.
+Seeds are made for every image of the run (``processed_images``): the training split's seeds
+train AMN (from CAMs) and IRN (from AMN maps).
 """
 
 from __future__ import annotations
@@ -294,7 +295,7 @@ def make_seeds(
     job = SeedJob(dataset, source_maps, out_dir, fg_threshold, bg_threshold, config.seeds.crf)
     workers = config.seeds.workers if workers is None else workers
     workers = min(workers or distributed.cores_per_process(), max(len(todo), 1))
-    crf_device = crf_device_of(config.seeds.crf_device)
+    crf_device = crf_device_of(config.seeds.crf_device, "seeds.crf_device")
     where = f"CRFs on {crf_device}" if crf_device else f"{workers} workers"
     bar = progress_bar(total=len(todo), desc=f"seeds ({where})")
     if crf_device is not None:

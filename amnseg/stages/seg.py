@@ -375,7 +375,7 @@ def evaluate_seg(config: Config, stage: str = "seg", checkpoint: Path | None = N
     model = with_precision(model, config, device)
     count = dataset.num_classes + 1
     plain = np.zeros((count, count), dtype=np.int64)
-    crf_device = crf_device_of(seg_cfg.crf_device)
+    crf_device = crf_device_of(seg_cfg.crf_device, "seg.crf_device")
 
     def jobs() -> Iterator:
         nonlocal plain
