@@ -190,9 +190,10 @@ def test_lattice_keys_that_do_not_fit_are_a_clear_error():
             [torch.zeros(1, 2, 21)], 1)
 
 
-@pytest.mark.parametrize(("workers", "batch_images"), [(1, 1), (2, 3)])
+@pytest.mark.parametrize(("workers", "batch_images", "device"), [
+    (1, 1, "cpu"), (2, 3, "cpu"), pytest.param(2, 3, "cuda", marks=pytest.mark.gpu)])
 def test_seed_files_with_crfs_on_a_device_equal_pydensecrfs(tmp_path, monkeypatch, workers,
-                                                           batch_images):
+                                                           batch_images, device):
     data = write_tiny_folder_dataset(tmp_path / "data", count=5, size=40)
     config = tiny_config(data, tmp_path / "run", f"seeds.crf_batch_images={batch_images}")
     dataset = build_dataset(config.data, "train")
@@ -203,9 +204,11 @@ def test_seed_files_with_crfs_on_a_device_equal_pydensecrfs(tmp_path, monkeypatc
         save_score_maps(tmp_path / "run" / "cam" / "maps" / f"{stem}.npz",
                         ScoreMaps(class_ids, full[:, ::4, ::4], full))
     reference = seeds_stage.make_seeds(config, "cam", out_dir=tmp_path / "reference", workers=1)
-    # seeds.crf_device=cuda, its device made the CPU: the stage's whole GPU path, here.
+    # seeds.crf_device=cuda; without a GPU its device made the CPU: the stage's whole GPU path.
     config.seeds.crf_device = "cuda"
-    monkeypatch.setattr(seeds_stage, "crf_device_of", lambda spec, option: torch.device("cpu"))
+    if device == "cpu":
+        monkeypatch.setattr(seeds_stage, "crf_device_of",
+                            lambda spec, option: torch.device("cpu"))
     calls = []
     batch = seeds_stage.seeds_from_thresholded
     monkeypatch.setattr(seeds_stage, "seeds_from_thresholded",
