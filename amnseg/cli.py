@@ -290,7 +290,7 @@ def predict_command(
     device: str = typer.Option("auto", help="auto, cpu, cuda or cuda:N."),
     crf_device: str = typer.Option(
         "cpu", help="cpu: pydensecrf (the reference); cuda or cuda:N: the same CRF in PyTorch "
-        "on that GPU (marginals equal to ~1e-6)."),
+        "on that GPU (marginals equal to ~1e-6, at most 5e-4)."),
 ) -> None:
     """Label images with a trained segmentation network: <out>/<stem>.png palette PNGs whose
     pixel values are class indices (0 background; VOC colours)."""

@@ -127,7 +127,8 @@ class SeedsConfig:
     workers: int = 0  # CRF worker processes; 0 = one per CPU core
     # Where the CRFs run: cpu = pydensecrf (the reference's C++) in ``workers`` processes;
     # cuda / cuda:N / auto = amnseg's PyTorch mean field (amnseg.ops.permutohedral, the same
-    # algorithm: marginals equal to ~1e-6) on that GPU, the workers loading maps and images.
+    # algorithm: marginals equal to ~1e-6, at most 5e-4) on that GPU, the workers loading maps
+    # and images.
     crf_device: str = "cpu"
     crf_batch_images: int = 8  # images per call of the PyTorch CRF (crf_device on a GPU)
     # Make each image's seeds as soon as the map stage has written its maps, in worker

@@ -123,19 +123,15 @@ def _seed_inputs(job: SeedJob, stem: str) -> tuple[str, np.ndarray, ScoreMaps]:
     return stem, image, maps
 
 
-def _seed_of(job: SeedJob, inputs: tuple[str, np.ndarray, ScoreMaps]) -> tuple[str, np.ndarray]:
-    stem, image, maps = inputs
-    return stem, make_seed(image, maps.full, maps.class_ids, job.fg_threshold, job.bg_threshold,
-                           job.crf)
-
-
 def _save_seed(job: SeedJob, stem: str, seed: np.ndarray) -> str:
     save_label_png(output_file(job.out_dir, stem, ".png"), seed, voc_palette())
     return stem
 
 
 def _seed_one(job: SeedJob, stem: str) -> str:
-    return _save_seed(job, *_seed_of(job, _seed_inputs(job, stem)))
+    _, image, maps = _seed_inputs(job, stem)
+    return _save_seed(job, stem, make_seed(image, maps.full, maps.class_ids, job.fg_threshold,
+                                           job.bg_threshold, job.crf))
 
 
 class _ThresholdedInputs(torch.utils.data.Dataset):
