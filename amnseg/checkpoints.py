@@ -358,17 +358,23 @@ def ours_to_deeplab(key: str) -> str:
     raise AmnsegError(f"{key}: not a DeepLab-v2 parameter")
 
 
+def deeplab_tensors(source: Path) -> dict[str, Any]:
+    """The tensors of a DeepLab-v2 file under its own keys (unwrapped from ``state_dict``)."""
+    state = load_checkpoint(source)
+    if isinstance(state, dict) and "state_dict" in state and isinstance(state["state_dict"], dict):
+        state = state["state_dict"]
+    if not isinstance(state, dict) or not is_deeplab_state(state):
+        raise AmnsegError(f"{source}: not a DeepLab-v2 file (no layer1.conv1.conv.weight)")
+    return state
+
+
 def read_deeplab_state(source: Path, backbone: BackboneConfig, num_outputs: int | None,
                        ) -> tuple[dict[str, Any], bool]:
     """The tensors of a DeepLab-v2 file under our MSC keys, checked against the model of
     ``backbone``: (state, whether it has a usable ASPP head). Every backbone tensor must be
     there with the right shape; an unknown key is an error. The ASPP is kept when its output
     count is ``num_outputs`` (None: any)."""
-    state = load_checkpoint(source)
-    if isinstance(state, dict) and "state_dict" in state and isinstance(state["state_dict"], dict):
-        state = state["state_dict"]
-    if not isinstance(state, dict) or not is_deeplab_state(state):
-        raise AmnsegError(f"{source}: not a DeepLab-v2 file (no layer1.conv1.conv.weight)")
+    state = deeplab_tensors(source)
     trained = all(k.startswith("base.") for k in state)
     mapped: dict[str, Any] = {}
     for key, tensor in state.items():
@@ -407,18 +413,20 @@ def import_deeplab(
     backbone = backbone or deeplab_backbone()
     state, has_head = read_deeplab_state(source, backbone, len(class_names) + 1)
     if not has_head:
-        raw = load_checkpoint(source)
-        found = {tuple(v.shape)[0] for k, v in raw.items() if ".aspp." in f".{k}"}
-        if found:
+        head = {k: v for k, v in deeplab_tensors(source).items() if ".aspp." in f".{k}"}
+        found = {int(v.shape[0]) for v in head.values()}
+        if found and found != {len(class_names) + 1}:
             raise AmnsegError(
                 f"{source}: checkpoint is for {min(found) - 1} classes, "
                 f"{len(class_names)} class names given"
             )
+        if found:
+            raise AmnsegError(f"{source}: incomplete ASPP head ({len(head)} of its 8 tensors)")
         raise AmnsegError(
             f"{source}: no ASPP head (an init file: give it as seg.init to train from it)"
         )
     model = new_model("seg", resnet_from_config(backbone), len(class_names))
-    model.load_state_dict(state, strict=False)
+    model.load_state_dict(state, strict=True)
     checkpoint = {
         "format": "amnseg",
         "stage": "seg",

@@ -5,13 +5,19 @@
 # manifest are copied to OUT_DIR after every step.
 #
 #   bash benchmarks/run_gpu.sh OUT_DIR [STEP ...]     (default: every step)
+#   bash benchmarks/run_gpu.sh OUT_DIR open           (what the open issues still need
+#                                                      measured, about 9 minutes)
 #
 # Steps: gpu_tests walk ddp cam_fp32 cam_bf16 seeds crf seeds_gpu pipeline pipeline_crf_gpu
-# pipeline_serial seg_fp32 seg_bf16 seg_tuned seg_compile seg_stage map_profile demo demo_bf16
+# pipeline_serial seg_fp32 seg_bf16 seg_tuned seg_compile seg_stage seg_best map_profile demo demo_bf16
 set -u -o pipefail
 out=${1:-/tmp/amnseg-gpu}
 shift || true
+# `open`: issue 13's GPU CRF (tests, kernel rate, the seed stage, the pipeline with it) and
+# issue 11's best seg-stage setting on this card.
+open_steps="gpu_tests crf seeds_gpu pipeline_crf_gpu seg_best"
 wanted=" ${*:-gpu_tests walk ddp cam_fp32 cam_bf16 seeds crf seeds_gpu pipeline pipeline_crf_gpu pipeline_serial seg_fp32 seg_bf16 seg_tuned seg_compile seg_stage map_profile demo demo_bf16} "
+wanted=${wanted/ open / $open_steps }
 mkdir -p "$out"
 export PYTHONUNBUFFERED=1
 
@@ -48,6 +54,8 @@ step seg_tuned 150 python3 -m benchmarks.bench_seg --steps 20 --amp --channels-l
 step seg_compile 300 python3 -m benchmarks.bench_seg --steps 20 --amp --channels-last --compile
 step seg_stage 330 python3 -m benchmarks.bench_seg_stage --images 100 --iterations 30 --workers 16 \
     --variants bf16_tuned bf16_fused_folded_compiled bf16_fused_folded_graphs
+step seg_best 200 python3 -m benchmarks.bench_seg_stage --images 100 --iterations 30 --workers 16 \
+    --variants bf16_fused_folded_compiled
 step map_profile 150 python3 -m benchmarks.profile_map_stage --images 96 --workers 16 "$out"
 step demo 300 python3 -m amnseg demo run_dir=/tmp/demo-run data.root=/tmp/demo-data
 if [[ -f /tmp/demo-run/manifest.json ]]; then cp /tmp/demo-run/manifest.json "$out/demo_manifest.json"; fi

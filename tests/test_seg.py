@@ -353,6 +353,16 @@ def test_deeplab_file_errors(tmp_path):
     torch.save(state, tmp_path / "voc.pth")
     with pytest.raises(AmnsegError, match="checkpoint is for 20 classes, 80 class names given"):
         import_deeplab(tmp_path / "voc.pth", [f"c{i}" for i in range(80)])
+    # The same inside a training script's {"state_dict": ...} wrapper.
+    torch.save({"state_dict": state, "iteration": 20000}, tmp_path / "wrapped.pth")
+    with pytest.raises(AmnsegError, match="checkpoint is for 20 classes, 80 class names given"):
+        import_deeplab(tmp_path / "wrapped.pth", [f"c{i}" for i in range(80)])
+    assert torch.equal(import_deeplab(tmp_path / "wrapped.pth", classes)["model"][
+        "base.aspp.c3.weight"], state["base.aspp.c3.weight"])
+    partial = {k: v for k, v in state.items() if k != "base.aspp.c1.bias"}
+    torch.save(partial, tmp_path / "partial.pth")
+    with pytest.raises(AmnsegError, match=r"partial\.pth: incomplete ASPP head \(7 of its 8"):
+        import_deeplab(tmp_path / "partial.pth", classes)
     init = synthetic_deeplab(prefix="")
     init = {k: v for k, v in init.items() if not k.startswith("aspp.")}
     torch.save(init, tmp_path / "init.pth")
