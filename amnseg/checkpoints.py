@@ -18,7 +18,7 @@ from torch import nn
 from amnseg import distributed
 from amnseg.config import BackboneConfig, deeplab_backbone
 from amnseg.errors import AmnsegError
-from amnseg.io import load_checkpoint, save_checkpoint
+from amnseg.io import check_tensors, load_checkpoint, save_checkpoint
 from amnseg.models.amn import AMN
 from amnseg.models.cam import CAMNet
 from amnseg.models.deeplab import MSC, MSC_SCALES, DeepLabV2
@@ -63,6 +63,9 @@ def load_model_checkpoint(path: Path, stage: str, class_names: list[str]) -> dic
     exactly ``class_names`` (count, names and order)."""
     checkpoint = load_checkpoint(path)
     if checkpoint.get("format") != "amnseg" and any(k.startswith("resnet50.") for k in checkpoint):
+        if stage not in REFERENCE_PREFIXES:
+            kind = reference_kind(checkpoint) or "ResNet-50"
+            raise AmnsegError(f"{path}: an authors' {kind} checkpoint, not a {stage} one")
         # An authors' checkpoint: convert it on the fly.
         return import_reference(stage, path, class_names)
     if checkpoint.get("format") != "amnseg" and stage == "seg" and is_deeplab_state(checkpoint):
@@ -214,16 +217,28 @@ def reference_kind(state: dict[str, Any]) -> str | None:
 
 
 def reference_class_count(stage: str, state: dict[str, Any]) -> int | None:
-    if stage == "cam" and "classifier.weight" in state:
+    """The class count an authors' ``stage`` file was trained for, None where its head does not
+    tell (IRN's boundary branch does not depend on the classes; a damaged head is found by the
+    shape checks)."""
+    if stage == "cam" and "classifier.weight" in state and state["classifier.weight"].dim() == 4:
         return int(state["classifier.weight"].shape[0])
-    if stage == "amn" and "label_enc.weight" in state:
+    if stage == "amn" and "label_enc.weight" in state and state["label_enc.weight"].dim() == 2:
         return int(state["label_enc.weight"].shape[1])
-    return None  # IRN's boundary branch does not depend on the classes
+    return None
 
 
-def _fingerprint(tensor) -> tuple:
-    return (tuple(tensor.shape), str(tensor.dtype), tensor.double().sum().item(),
-            tensor.double().abs().sum().item())
+def _unmatched_alias(aliases: dict[str, torch.Tensor], canonical: dict[str, torch.Tensor]
+                     ) -> str | None:
+    """The first alias equal to no canonical tensor (compared exactly, among those of its
+    shape and dtype), or None."""
+    by_kind: dict[tuple, list[torch.Tensor]] = {}
+    for tensor in canonical.values():
+        by_kind.setdefault((tuple(tensor.shape), tensor.dtype), []).append(tensor)
+    for key, tensor in aliases.items():
+        candidates = by_kind.get((tuple(tensor.shape), tensor.dtype), [])
+        if not any(torch.equal(tensor, other) for other in candidates):
+            return key
+    return None
 
 
 def import_reference(
@@ -241,6 +256,7 @@ def import_reference(
         raise AmnsegError(f"{source}: already an amnseg checkpoint (nothing to import)")
     if stage not in REFERENCE_PREFIXES:
         raise AmnsegError(f"unknown checkpoint kind {stage!r}: expected cam, amn or irn")
+    check_tensors(state, source, "a reference checkpoint")
     prefixes = REFERENCE_PREFIXES[stage]
     kind = reference_kind(state)
     if kind is not None and kind != stage:
@@ -260,12 +276,11 @@ def import_reference(
             canonical[target] = tensor
         elif not key.startswith(UNUSED_PREFIXES):
             aliases[key] = tensor
-    known = {_fingerprint(t) for t in canonical.values()}
-    for key, tensor in aliases.items():
-        if hasattr(tensor, "shape") and tensor.numel() > 1 and _fingerprint(tensor) not in known:
-            raise AmnsegError(
-                f"{source}: aliased tensor {key} matches no canonical tensor (corrupt file?)"
-            )
+    unmatched = _unmatched_alias(aliases, canonical)
+    if unmatched is not None:
+        raise AmnsegError(
+            f"{source}: aliased tensor {unmatched} matches no canonical tensor (corrupt file?)"
+        )
     model = new_model(stage, ResNet(depth=50), len(class_names))
     expected = model.state_dict()
     missing = sorted(k for k in expected if k not in canonical)
@@ -319,7 +334,7 @@ DEEPLAB_PARTS = {"reduce": ("conv1", "bn1"), "conv3x3": ("conv2", "bn2"),
 
 
 def is_deeplab_state(state: dict[str, Any]) -> bool:
-    return any(k.endswith("layer1.conv1.conv.weight") for k in state)
+    return any(isinstance(k, str) and k.endswith("layer1.conv1.conv.weight") for k in state)
 
 
 def deeplab_to_ours(key: str) -> str | None:
@@ -365,6 +380,7 @@ def deeplab_tensors(source: Path) -> dict[str, Any]:
         state = state["state_dict"]
     if not isinstance(state, dict) or not is_deeplab_state(state):
         raise AmnsegError(f"{source}: not a DeepLab-v2 file (no layer1.conv1.conv.weight)")
+    check_tensors(state, source, "a DeepLab-v2 file")
     return state
 
 
@@ -377,28 +393,33 @@ def read_deeplab_state(source: Path, backbone: BackboneConfig, num_outputs: int 
     state = deeplab_tensors(source)
     trained = all(k.startswith("base.") for k in state)
     mapped: dict[str, Any] = {}
+    names: dict[str, str] = {}  # ours -> the file's key, for messages
     for key, tensor in state.items():
         ours = deeplab_to_ours(key.removeprefix("base.") if trained else key)
         if ours is None:
             raise AmnsegError(f"{source}: unexpected key {key} (not in the DeepLab-v2 layout)")
-        mapped[ours] = tensor
+        mapped[ours], names[ours] = tensor, key
     expected = new_model("seg", resnet_from_config(backbone), 1).state_dict()
-    for key, value in expected.items():
-        if key.startswith("base.aspp."):
-            continue
-        if key not in mapped:
-            raise AmnsegError(f"{source}: {ours_to_deeplab(key)} is missing")
-        if tuple(mapped[key].shape) != tuple(value.shape):
-            raise AmnsegError(
-                f"{source}: {ours_to_deeplab(key)} has shape {tuple(mapped[key].shape)}, "
-                f"expected {tuple(value.shape)}"
-            )
-    extra = sorted(k for k in mapped if k not in expected and not k.startswith("base.aspp."))
+    extra = [k for k in mapped if k not in expected]
     if extra:
-        raise AmnsegError(f"{source}: unexpected key {ours_to_deeplab(extra[0])}")
+        raise AmnsegError(f"{source}: unexpected key {names[extra[0]]} (the network has no such "
+                          "weight)")
+    for key, value in expected.items():
+        if key not in mapped:
+            if key.startswith("base.aspp."):
+                continue
+            raise AmnsegError(f"{source}: {ours_to_deeplab(key)} is missing")
+        # An ASPP head has as many outputs as its classes (+ background): any count is read.
+        shape, wanted = tuple(mapped[key].shape), tuple(value.shape)
+        if key.startswith("base.aspp.") and shape[:1] and shape[1:] == wanted[1:]:
+            continue
+        if shape != wanted:
+            what = "(outputs, " + ", ".join(map(str, wanted[1:])) + ")" \
+                if key.startswith("base.aspp.") else str(wanted)
+            raise AmnsegError(f"{source}: {names[key]} has shape {shape}, expected {what}")
     head = [k for k in mapped if k.startswith("base.aspp.")]
     outputs = {int(mapped[k].shape[0]) for k in head}
-    usable = bool(head) and len(head) == 8 and (num_outputs is None or outputs == {num_outputs})
+    usable = len(head) == 8 and (num_outputs is None or outputs == {num_outputs})
     if not usable:
         mapped = {k: v for k, v in mapped.items() if not k.startswith("base.aspp.")}
     return mapped, usable

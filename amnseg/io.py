@@ -203,7 +203,25 @@ def load_checkpoint(path: str | Path) -> dict[str, Any]:
         raise AmnsegError(f"{path}: is a folder; expected a checkpoint file (.pt or .pth)")
     if not path.is_file():
         raise AmnsegError(f"{path}: checkpoint not found")
-    return load_tensors(path, "checkpoint")
+    checkpoint = load_tensors(path, "checkpoint")
+    if not isinstance(checkpoint, dict):
+        raise AmnsegError(f"{path}: not a checkpoint (it holds a {type(checkpoint).__name__}, "
+                          "not a record of named tensors)")
+    odd = next((key for key in checkpoint if not isinstance(key, str)), None)
+    if odd is not None:
+        raise AmnsegError(f"{path}: not a checkpoint (a key {odd!r} that is not a name)")
+    return checkpoint
+
+
+def check_tensors(state: dict, source: Path | str, what: str) -> None:
+    """Every entry of ``state`` is a tensor under a name, or one line says which is not."""
+    for key, value in state.items():
+        if not isinstance(key, str):
+            raise AmnsegError(f"{source}: a key {key!r} that is not a name (not {what})")
+        if not isinstance(value, torch.Tensor):
+            raise AmnsegError(f"{source}: {key} is not a tensor but {type(value).__name__} "
+                              f"(not {what})")
+
 
 
 @dataclass

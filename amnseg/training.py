@@ -189,10 +189,20 @@ class TrainingState:
         if mismatch:
             raise AmnsegError(f"{self.path}: this training state does not fit the stage's "
                               f"network ({mismatch}); delete it to train the stage afresh")
+        absent = next((key for key in ("optimizer", "scheduler", "epochs_done")
+                       if key not in state), None)
+        if absent:
+            raise AmnsegError(f"{self.path}: not a whole training state (no {absent}); delete "
+                              "it to train the stage afresh")
         model.load_state_dict(state["model"])
-        optimizer.load_state_dict(state["optimizer"])
-        scheduler.load_state_dict(state["scheduler"])
-        return int(state["epochs_done"])
+        try:
+            optimizer.load_state_dict(state["optimizer"])
+            scheduler.load_state_dict(state["scheduler"])
+            return int(state["epochs_done"])
+        except (KeyError, TypeError, ValueError, RuntimeError, AttributeError) as exc:
+            raise AmnsegError(f"{self.path}: damaged training state (its optimiser or schedule "
+                              f"does not load: {type(exc).__name__}); delete it to train "
+                              "the stage afresh") from None
 
     def save(self, model, optimizer, scheduler, epochs_done: int) -> None:
         save_checkpoint(

@@ -716,6 +716,26 @@ def test_training_state_of_another_stage_is_named(tmp_path):
         TrainingState(path).restore(torch.nn.Linear(2, 2), None, None)
 
 
+def test_training_state_without_or_with_a_damaged_optimiser_is_named(tmp_path):
+    from amnseg.io import save_checkpoint
+    from amnseg.training import TrainingState
+
+    model = torch.nn.Linear(2, 2)
+    optimizer = torch.optim.SGD(model.parameters(), lr=0.1, momentum=0.9)
+    scheduler = torch.optim.lr_scheduler.LambdaLR(optimizer, lambda step: 1.0)
+    path = tmp_path / "last.pt"
+    save_checkpoint(path, {"model": model.state_dict(), "epochs_done": 1})
+    with pytest.raises(AmnsegError, match=r"last.pt: not a whole training state \(no "
+                       r"optimizer\); delete it"):
+        TrainingState(path).restore(model, optimizer, scheduler)
+    other = torch.optim.SGD([*model.parameters(), torch.nn.Parameter(torch.zeros(1))], lr=0.1)
+    save_checkpoint(path, {"model": model.state_dict(), "optimizer": other.state_dict(),
+                           "scheduler": scheduler.state_dict(), "epochs_done": 1})
+    with pytest.raises(AmnsegError, match=r"last.pt: damaged training state \(its optimiser or "
+                       r"schedule does not load: ValueError\); delete it"):
+        TrainingState(path).restore(model, optimizer, scheduler)
+
+
 def test_evaluated_split_with_some_masks_missing_is_named_before_any_stage(data, tmp_path,
                                                                           capsys):
     (data / "masks" / "img 03.png").unlink()

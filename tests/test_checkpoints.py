@@ -223,3 +223,86 @@ def test_pipeline_with_published_checkpoints_trains_nothing(tmp_path):
     assert len(list((run / "irn" / "masks").glob("*.png"))) == 4
     cam = build_model(load_checkpoint(run / "cam" / "cam.pt"))
     assert torch.equal(cam.classifier.weight, synthetic_reference("cam")["classifier.weight"])
+
+
+def test_an_irn_file_is_named_whatever_kind_it_is_imported_as(tmp_path):
+    path = save(tmp_path, synthetic_reference("irn"), "res50_irn.pth")
+    for other in ("cam", "amn"):
+        with pytest.raises(AmnsegError, match=rf"res50_irn.pth: a reference irn checkpoint, "
+                           rf"not {other} \(import it as irn\)"):
+            import_reference(other, path, VOC_LIKE)
+
+
+def test_amn_file_for_other_classes_names_both_counts(tmp_path):
+    path = save(tmp_path, synthetic_reference("amn"), "res50_amn.pth")
+    with pytest.raises(AmnsegError, match="res50_amn.pth: checkpoint is for 20 classes, 3 class "
+                       "names given"):
+        import_reference("amn", path, ["a", "b", "c"])
+
+
+def test_aliases_are_compared_value_by_value(tmp_path):
+    """An alias with the same values in another order (same sums, same absolute sums) or with
+    one value's sign flipped against another's is not the canonical tensor; 1-element and
+    integer aliases are compared too."""
+    for name, edit in {
+        "reversed": lambda t: t.flatten().flip(0).reshape(t.shape),
+        "swapped_signs": lambda t: torch.cat([-t.flatten()[:1], t.flatten()[1:]]).reshape(
+            t.shape),
+    }.items():
+        state = synthetic_reference("cam")
+        state["stage1.0.weight"] = edit(state["stage1.0.weight"])
+        with pytest.raises(AmnsegError, match="aliased tensor stage1.0.weight matches no"):
+            import_reference("cam", save(tmp_path, state, f"{name}.pth"), VOC_LIKE)
+    for alias, value in {"stage1.0.bn.num_batches_tracked": torch.tensor(12345),
+                         "stage1.0.one": torch.tensor([0.5])}.items():
+        state = synthetic_reference("cam")
+        state[alias] = value
+        with pytest.raises(AmnsegError, match=f"aliased tensor {alias} matches no"):
+            import_reference("cam", save(tmp_path, state, "scalar.pth"), VOC_LIKE)
+    # The same scalar as a canonical one is an alias that agrees.
+    state = synthetic_reference("cam")
+    state["stage1.0.bn.num_batches_tracked"] = state["resnet50.bn1.num_batches_tracked"].clone()
+    import_reference("cam", save(tmp_path, state, "fine.pth"), VOC_LIKE)
+
+
+def test_imported_networks_keep_the_reference_stem_frozen(tmp_path):
+    """The release never trains conv1 and bn1; a stage that starts from an imported network's
+    backbone (backbone_init=cam) must not either."""
+    checkpoint = import_reference("cam", save(tmp_path, synthetic_reference("cam"), "c.pth"),
+                                  VOC_LIKE)
+    backbone = build_model(checkpoint).backbone
+    frozen = {name for name, p in backbone.named_parameters() if not p.requires_grad}
+    assert frozen == {"conv1.weight", "bn1.weight", "bn1.bias"}
+
+
+@pytest.mark.parametrize("content, words", [
+    ([1, 2], "not a checkpoint (it holds a list"),
+    (torch.zeros(3), "not a checkpoint (it holds a Tensor"),
+    ({1: torch.zeros(1)}, "not a checkpoint (a key 1 that is not a name)"),
+    ({"resnet50.conv1.weight": 5}, "resnet50.conv1.weight is not a tensor but int"),
+])
+def test_files_that_are_not_state_dicts_are_named(tmp_path, content, words):
+    from amnseg.checkpoints import import_deeplab, load_model
+
+    path = tmp_path / "odd.pth"
+    torch.save(content, path)
+    for load in (lambda: import_reference("cam", path, VOC_LIKE),
+                 lambda: load_model(path, "cam", VOC_LIKE)):
+        with pytest.raises(AmnsegError, match=rf"odd.pth: .*{re_escape(words)}"):
+            load()
+    with pytest.raises(AmnsegError, match="odd.pth: "):
+        import_deeplab(path, VOC_LIKE)
+
+
+def test_authors_file_given_for_the_seg_stage_is_named(tmp_path):
+    from amnseg.checkpoints import load_model
+
+    path = save(tmp_path, synthetic_reference("cam"), "res50_cam.pth")
+    with pytest.raises(AmnsegError, match="res50_cam.pth: an authors' cam checkpoint, not a seg"):
+        load_model(path, "seg", VOC_LIKE)
+
+
+def re_escape(text: str) -> str:
+    import re
+
+    return re.escape(text)

@@ -5,6 +5,7 @@ CRF against pydensecrf, DeepLab-v2 files, a tiny net that learns, predict and th
 from __future__ import annotations
 
 import math
+import re
 from pathlib import Path
 
 import numpy as np
@@ -368,6 +369,32 @@ def test_deeplab_file_errors(tmp_path):
     torch.save(init, tmp_path / "init.pth")
     with pytest.raises(AmnsegError, match="no ASPP head.*seg.init"):
         import_deeplab(tmp_path / "init.pth", classes)
+
+
+@pytest.mark.parametrize("key, words", [
+    ("base.layerx.block1.reduce.conv.weight", "not in the DeepLab-v2 layout"),
+    ("base.layer2.blockx.reduce.conv.weight", "not in the DeepLab-v2 layout"),
+    ("base.layer1.block1.reduce.conv.weight", "not in the DeepLab-v2 layout"),  # the stem's
+    ("base.layer6.block1.reduce.conv.weight", "not in the DeepLab-v2 layout"),
+    ("base.layer2.block0.reduce.conv.weight", "not in the DeepLab-v2 layout"),
+    ("base.layer5.block4.reduce.conv.weight", "the network has no such weight"),
+    ("base.aspp.c4.weight", "the network has no such weight"),
+])
+def test_deeplab_keys_outside_the_network_are_named_as_in_the_file(tmp_path, key, words):
+    state = {**synthetic_deeplab(), key: torch.zeros(4, 4, 1, 1)}
+    torch.save(state, tmp_path / "odd.pth")
+    with pytest.raises(AmnsegError, match=rf"odd.pth: unexpected key {re.escape(key)} "
+                       rf"\({words}\)"):
+        import_deeplab(tmp_path / "odd.pth", [f"c{i}" for i in range(20)])
+
+
+def test_deeplab_head_of_another_shape_is_named(tmp_path):
+    state = synthetic_deeplab()
+    state["base.aspp.c2.weight"] = torch.zeros(21, 1024, 3, 3)
+    torch.save(state, tmp_path / "head.pth")
+    with pytest.raises(AmnsegError, match=r"head.pth: base.aspp.c2.weight has shape "
+                       r"\(21, 1024, 3, 3\), expected \(outputs, 2048, 3, 3\)"):
+        import_deeplab(tmp_path / "head.pth", [f"c{i}" for i in range(20)])
 
 
 def test_init_files_without_prefix_or_with_another_head_load_their_backbone(tmp_path):

@@ -16,7 +16,7 @@ import torch.nn.functional as F
 from torch import nn
 
 from amnseg.errors import AmnsegError
-from amnseg.io import load_tensors
+from amnseg.io import check_tensors, load_tensors
 
 
 class FixedStatsBatchNorm2d(nn.BatchNorm2d):
@@ -337,6 +337,7 @@ def load_imagenet_weights(
         state = state["state_dict"]
     if not isinstance(state, dict):
         raise AmnsegError(f"{where}: not a state dict of weights")
+    check_tensors(state, where, "a state dict of weights")
     state = {k: v for k, v in state.items() if not k.startswith("fc.")}
     own = model.state_dict()
     missing = sorted(k for k in own if k not in state and not k.endswith("num_batches_tracked"))
