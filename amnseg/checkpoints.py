@@ -378,7 +378,10 @@ def deeplab_tensors(source: Path) -> dict[str, Any]:
     state = load_checkpoint(source)
     if isinstance(state, dict) and "state_dict" in state and isinstance(state["state_dict"], dict):
         state = state["state_dict"]
-    if not isinstance(state, dict) or not is_deeplab_state(state):
+    if state.get("format") == "amnseg":
+        raise AmnsegError(f"{source}: an amnseg {state.get('stage')} checkpoint, not a "
+                          "DeepLab-v2 file")
+    if not is_deeplab_state(state):
         raise AmnsegError(f"{source}: not a DeepLab-v2 file (no layer1.conv1.conv.weight)")
     check_tensors(state, source, "a DeepLab-v2 file")
     return state

@@ -58,7 +58,7 @@ from amnseg.stages.common import processed_images
 from amnseg.stages.evaluate import evaluate_label_maps, evaluate_maps
 from amnseg.stages.irn import make_masks, train_irn
 from amnseg.stages.seeds import SeedFollower, make_seeds, overlap_seeds
-from amnseg.stages.seg import SEG_INIT_WORDS, evaluate_seg, train_seg
+from amnseg.stages.seg import SEG_INIT_WORDS, check_init_file, evaluate_seg, train_seg
 
 MANIFEST = "manifest.json"
 
@@ -500,6 +500,17 @@ def _check_given_paths(config: Config, stages: list[str]) -> None:
         path = Path(value)
         if not (path.is_file() if kind == "file" else path.is_dir()):
             raise AmnsegError(f"{option}={value}: {kind} not found")
+    # Their contents too: a run whose options changed clears the stage's outputs before it
+    # runs, and a file that cannot serve must not cost the ones there.
+    class_names = None
+    for option, value, _ in given:
+        stage = option.split(".")[0]
+        if option.endswith(".checkpoint"):
+            class_names = class_names or build_dataset(config.data,
+                                                       config.data.train_split).class_names
+            load_model_checkpoint(Path(value), stage, class_names)
+        elif option == "seg.init":
+            check_init_file(config)
 
 
 def _fingerprints(config: Config, signatures: dict[str, str]) -> dict[str | None, str]:

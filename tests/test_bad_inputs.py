@@ -937,3 +937,38 @@ def test_ctrl_c_says_how_to_resume(data, tmp_path, capsys, monkeypatch):
     assert status == 130
     assert err.strip().splitlines()[-1] == ("amnseg: error: interrupted; the same command "
                                              "resumes where it stopped")
+
+
+@pytest.mark.parametrize("option", ["seg.init", "amn.checkpoint", "irn.checkpoint"])
+def test_given_files_that_cannot_serve_are_named_before_any_stage(data, tmp_path, capsys,
+                                                                  option):
+    run = tmp_path / "run"
+    odd = tmp_path / "odd.pth"
+    torch.save({"a": torch.zeros(3)}, odd)
+    line = one_error_line(capsys, "run", "demo", *folder_args(data, run), f"{option}={odd}")
+    assert "odd.pth: " in line
+    assert not (run / "cam").exists()
+
+
+def test_an_amnseg_checkpoint_as_seg_init_is_named(data, tmp_path, capsys):
+    from test_seg import save_tiny_seg_checkpoint
+
+    path = save_tiny_seg_checkpoint(tmp_path / "seg.pt")
+    line = one_error_line(capsys, "run", "demo", *folder_args(data, tmp_path / "run"),
+                          f"seg.init={path}")
+    assert "seg.pt: an amnseg seg checkpoint, not a DeepLab-v2 file" in line
+
+
+def test_a_bad_checkpoint_option_on_a_finished_run_keeps_its_outputs(data, tmp_path, capsys):
+    run = tmp_path / "run"
+    status, _, err = amnseg(capsys, "run", "demo", *folder_args(data, run), "--to", "cam")
+    assert status == 0, err
+    before = {p: p.read_bytes() for p in (run / "cam").rglob("*.pt")}
+    assert run / "cam" / "cam.pt" in before
+    odd = tmp_path / "odd.pth"
+    torch.save({"a": torch.zeros(3)}, odd)
+    line = one_error_line(capsys, "run", "demo", *folder_args(data, run), "--to", "cam",
+                          f"cam.checkpoint={odd}")
+    assert "odd.pth: expected an amnseg cam checkpoint" in line
+    assert {p: p.read_bytes() for p in (run / "cam").rglob("*.pt")} == before
+    assert json.loads((run / "manifest.json").read_text())["stages"]["cam"]["status"] == "done"

@@ -99,6 +99,13 @@ def initial_seg_model(
     return model, backbone_cfg, f"DeepLab-v2 file {init} ({head})"
 
 
+def check_init_file(config: Config) -> None:
+    """``seg.init``'s DeepLab-v2 file read and checked against ``seg.backbone`` (before any
+    stage runs)."""
+    read_deeplab_state(Path(config.seg.init),
+                       dataclasses.replace(config.seg.backbone, pretrained=None), None)
+
+
 def _class_names(config: Config) -> list[str]:
     return build_dataset(config.data, config.data.train_split).class_names
 
