@@ -506,9 +506,11 @@ def one_line(error: BaseException) -> str:
     """The message of a user error as one line. An error raised in a data-loader worker comes
     back wrapped in the worker's traceback; its last line is the original message."""
     text = str(error).strip()
-    if "\n" in text:
-        text = text.splitlines()[-1].split("AmnsegError: ", 1)[-1]
-    return text
+    if "Traceback (most recent call last)" in text and "AmnsegError: " in text:
+        text = text.rsplit("AmnsegError: ", 1)[-1].strip()
+    # A newline or control character inside a file name or a line of a file is shown escaped,
+    # so that the one line still names the file and the problem.
+    return "".join(char if char.isprintable() else repr(char)[1:-1] for char in text)
 
 
 def _fail(message: str, status: int = 2) -> None:

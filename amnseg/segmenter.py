@@ -20,9 +20,9 @@ from PIL import Image
 
 from amnseg.checkpoints import build_model, load_model_checkpoint
 from amnseg.config import CrfConfig, deeplab_crf
-from amnseg.data.base import read_rgb, read_size, rgb_array
+from amnseg.data.base import read_rgb, rgb_array
 from amnseg.data.folder import IMAGE_SUFFIXES
-from amnseg.data.voc import voc_palette
+from amnseg.data.voc import VOC_CLASSES, voc_palette
 from amnseg.errors import AmnsegError
 from amnseg.io import atomic_path, load_checkpoint, output_file, save_label_png
 from amnseg.models.deeplab import MSC
@@ -131,6 +131,11 @@ def image_files(inputs: Iterable[str | Path]) -> list[Path]:
             files.append(item)
         else:
             raise AmnsegError(f"{item}: no such image file or folder")
+    # A file given twice (by name and in its folder) is labelled once.
+    unique: dict[Path, Path] = {}
+    for path in files:
+        unique.setdefault(path.resolve(), path)
+    files = list(unique.values())
     stems: dict[str, Path] = {}
     for path in files:
         if path.stem in stems and stems[path.stem] != path:
@@ -153,9 +158,14 @@ def predict_files(segmenter: Segmenter, inputs: Iterable[str | Path], out_dir: P
     Default: ``<out>/<stem>.png`` palette PNGs (pixel value = class index, VOC colours).
     ``voc_submission``: ``<out>/results/VOC2012/Segmentation/comp6_test_cls/<stem>.png`` raw
     class indices, the layout the VOC evaluation server takes (tar the ``results`` folder).
-    ``with_overlay``: also ``<out>/overlay/<stem>.png`` blends. Every input's header is read
+    ``with_overlay``: also ``<out>/overlay/<stem>.png`` blends. Every input is decoded
     first, and no output may replace an input: a bad input stops the run before it writes.
     """
+    if voc_submission and list(segmenter.class_names) != list(VOC_CLASSES):
+        raise AmnsegError(
+            "--voc-submission: the checkpoint's classes are not VOC's 20 "
+            f"({', '.join(segmenter.class_names[:3])}, ...); the server would read its class "
+            "indices as VOC classes")
     files = image_files(inputs)
     masks_dir = out_dir / VOC_SUBMISSION_DIR if voc_submission else out_dir
     inputs_resolved = {path.resolve() for path in files}
@@ -163,7 +173,8 @@ def predict_files(segmenter: Segmenter, inputs: Iterable[str | Path], out_dir: P
     if with_overlay and overlay_dir.exists() and not overlay_dir.is_dir():
         raise AmnsegError(f"{overlay_dir}: exists and is not a folder (--overlay writes there)")
     for path in files:
-        segmenter.check_size(*read_size(path), str(path))
+        # Decoded in full, not only its header: a file cut short shows only then.
+        segmenter.check_size(*read_rgb(path).shape[:2], str(path))
         for target in (output_file(masks_dir, path.stem, ".png"),
                        *([output_file(overlay_dir, path.stem, ".png")]
                          if with_overlay else [])):

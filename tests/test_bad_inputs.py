@@ -188,6 +188,10 @@ def test_missing_image_of_a_split_is_named(tmp_path, capsys):
     ("img 00,square,disc", "expected 2 columns"),
     ("ghost,square", "image 'ghost' not found"),
     (",square", "empty image stem"),
+    # A stray quote runs the row into the next ones.
+    ('"img 00,square', "a quoted field runs on to line 9 (a stray '\"'?)"),
+    ("img 00\tsquare", "one column, with a tab in it: columns are separated by commas"),
+    ("img 00;square", "one column, with ';' in it"),
 ])
 def test_bad_label_rows_are_named_with_their_line(data, tmp_path, capsys, row, words):
     labels = data / "labels.csv"
@@ -972,3 +976,23 @@ def test_a_bad_checkpoint_option_on_a_finished_run_keeps_its_outputs(data, tmp_p
     assert "odd.pth: expected an amnseg cam checkpoint" in line
     assert {p: p.read_bytes() for p in (run / "cam").rglob("*.pt")} == before
     assert json.loads((run / "manifest.json").read_text())["stages"]["cam"]["status"] == "done"
+
+
+def test_labels_that_name_no_class_at_all_are_refused(data, tmp_path, capsys):
+    labels = data / "labels.csv"
+    rows = labels.read_text().splitlines()
+    labels.write_text("\n".join([rows[0], *[row.split(",")[0] + "," for row in rows[1:]]]) + "\n")
+    line = one_error_line(capsys, "run", "voc12", *folder_args(data, tmp_path / "run"))
+    assert "labels.csv: no row names a class" in line
+
+
+def test_error_lines_escape_newlines_and_control_characters():
+    from amnseg.cli import one_line
+
+    assert one_line(AmnsegError("in/a\nb.png: unreadable image")) == \
+        "in/a\\nb.png: unreadable image"
+    assert one_line(AmnsegError("class 'a\x00b' or 'café'")) == "class 'a\\x00b' or 'café'"
+    wrapped = RuntimeError("Caught AmnsegError in DataLoader worker process 0.\nOriginal "
+                           "Traceback (most recent call last):\n  File \"x.py\", line 1\n"
+                           "amnseg.errors.AmnsegError: x.png: unreadable image\n")
+    assert one_line(wrapped) == "x.png: unreadable image"

@@ -511,16 +511,18 @@ def test_tiny_network_overfits_a_few_demo_images(tmp_path):
 # --- prediction and the Python API ----------------------------------------------------------
 
 
-def save_tiny_seg_checkpoint(path: Path) -> Path:
-    """An amnseg seg checkpoint of ``tiny_msc(3, seed=4)`` for classes cat and dog."""
+def save_tiny_seg_checkpoint(path: Path, class_names: tuple[str, ...] = ("cat", "dog")
+                             ) -> Path:
+    """An amnseg seg checkpoint of ``tiny_msc(len(class_names) + 1, seed=4)``."""
     from amnseg.io import save_checkpoint
 
     backbone = {"depth": 50, "width": 0.125, "strides": [2, 2, 1, 1], "dilations": [1, 1, 2, 4],
                 "stride_in_1x1": True, "stem_pool_ceil": True, "freeze_stem": False,
                 "norm": "frozen"}
-    save_checkpoint(path, {"format": "amnseg", "stage": "seg", "class_names": ["cat", "dog"],
+    save_checkpoint(path, {"format": "amnseg", "stage": "seg", "class_names": list(class_names),
                            "backbone": backbone,
-                           "model": tiny_msc(num_outputs=3, seed=4).state_dict(),
+                           "model": tiny_msc(num_outputs=len(class_names) + 1,
+                                             seed=4).state_dict(),
                            "msc_scales": [0.5, 0.75], "init": "test"})
     return path
 
@@ -581,11 +583,18 @@ def test_predict_reads_any_image_mode(seg_checkpoint, tmp_path):
 
 
 def test_voc_submission_layout(seg_checkpoint, tmp_path):
+    from amnseg.data.voc import VOC_CLASSES
     from amnseg.segmenter import Segmenter, predict_files
 
     image = np.random.default_rng(2).integers(0, 256, (20, 24, 3), dtype=np.uint8)
     Image.fromarray(image).save(tmp_path / "2008_000001.jpg")
-    segmenter = Segmenter.from_checkpoint(seg_checkpoint, crf=True)
+    with pytest.raises(AmnsegError, match="--voc-submission: the checkpoint's classes are not "
+                       "VOC's 20 .cat, dog, ...."):
+        predict_files(Segmenter.from_checkpoint(seg_checkpoint), [tmp_path / "2008_000001.jpg"],
+                      tmp_path / "sub", voc_submission=True)
+    assert not (tmp_path / "sub").exists()
+    voc = save_tiny_seg_checkpoint(tmp_path / "voc.pt", VOC_CLASSES)
+    segmenter = Segmenter.from_checkpoint(voc, crf=True)
     written = predict_files(segmenter, [tmp_path / "2008_000001.jpg"], tmp_path / "sub",
                             voc_submission=True)
     target = tmp_path / "sub" / "results/VOC2012/Segmentation/comp6_test_cls/2008_000001.png"
@@ -738,3 +747,23 @@ def test_fused_accumulation_needs_fixed_batchnorm_statistics():
 
     with pytest.raises(AmnsegError, match="seg.fused_accumulation=True: needs seg.backbone.norm"):
         load_config(None, ["seg.fused_accumulation=true", "seg.backbone.norm=batch"])
+
+
+def test_predict_decodes_every_input_before_writing_and_labels_a_file_once(seg_checkpoint,
+                                                                          tmp_path):
+    from amnseg.segmenter import Segmenter, predict_files
+
+    inputs = tmp_path / "in"
+    inputs.mkdir()
+    image = np.random.default_rng(5).integers(0, 256, (30, 40, 3), dtype=np.uint8)
+    Image.fromarray(image).save(inputs / "a.png")
+    Image.fromarray(image).save(tmp_path / "whole.png")
+    (inputs / "b.png").write_bytes((tmp_path / "whole.png").read_bytes()[:300])  # cut short
+    segmenter = Segmenter.from_checkpoint(seg_checkpoint)
+    with pytest.raises(AmnsegError, match="b.png: "):
+        predict_files(segmenter, [inputs], tmp_path / "out")
+    assert not (tmp_path / "out").exists() or not any((tmp_path / "out").iterdir())
+    (inputs / "b.png").unlink()
+    written = predict_files(segmenter, [inputs / "a.png", inputs, inputs / "." / "a.png"],
+                            tmp_path / "out")
+    assert written == [tmp_path / "out" / "a.png"]

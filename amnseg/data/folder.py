@@ -145,11 +145,20 @@ def _read_labels(
     first = True
     # Lines keep their endings so that a quoted field may span lines.
     reader = csv.reader(_read_text(path).splitlines(keepends=True))
+    end = 0
     for row in reader:
-        line_number = reader.line_num  # right even when a quoted field spans lines
+        line_number, end = end + 1, reader.line_num  # a quoted field may span lines
         cells = [cell.strip() for cell in row]
         if not any(cells):
             continue
+        if end > line_number and any("\n" in cell for cell in cells):
+            raise AmnsegError(f"{path}:{line_number}: a quoted field runs on to line {end} "
+                              "(a stray '\"'?)")
+        if len(cells) == 1 and ("\t" in cells[0] or ";" in cells[0]):
+            separator = "a tab" if "\t" in cells[0] else "';'"
+            raise AmnsegError(f"{path}:{line_number}: one column, with {separator} in it: "
+                              "columns are separated by commas (stem,classes), several "
+                              "classes by ';'")
         if first and [c.lower() for c in cells] == ["stem", "classes"]:
             first = False
             continue
@@ -181,6 +190,9 @@ def _read_labels(
         lines[stem] = line_number
     if not labels:
         raise AmnsegError(f"{path}: no image rows")
+    if not any(label.any() for label in labels.values()):
+        raise AmnsegError(f"{path}: no row names a class (image-level labels are what the "
+                          "method learns from)")
     return labels, lines
 
 
