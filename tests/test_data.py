@@ -429,6 +429,22 @@ def test_training_samples_never_read_ground_truth_masks(tiny_dataset, monkeypatc
     (lambda d: d["annotations"][2].update(segmentation={"counts": [1]}),
      "annotation 3: an RLE segmentation needs counts and size"),
     (lambda d: d.update(categories=[], annotations=[]), "no categories"),
+    (lambda d: d["images"][1].pop("file_name"), "image id 10 has no file_name"),
+    (lambda d: d["images"][1].update(file_name=5), "image id 10 has no file_name"),
+    (lambda d: d["categories"][1].pop("name"), "category id 1 has no name"),
+    (lambda d: d["categories"][2].update(name="person"),
+     "categories 1 and 3 are both named 'person'"),
+    (lambda d: d["annotations"][0].update(area="big"), "annotation 1: area 'big' is not a"),
+    (lambda d: d["annotations"][0].update(iscrowd="no"), "annotation 1: iscrowd 'no' is not"),
+    (lambda d: d["annotations"][0].pop("category_id"), "annotation file ('category_id')"),
+    (lambda d: d["annotations"][2]["segmentation"].update(counts=[1, 2, 3]),
+     "annotation 3: an RLE's run lengths add up to 6, not to its 16x20 pixels"),
+    (lambda d: d["annotations"][2]["segmentation"].update(counts=[-1, 321]),
+     "annotation 3: an RLE's counts must be run lengths"),
+    (lambda d: d["annotations"][2]["segmentation"].update(size=[16, 21]),
+     "annotation 3: an RLE of size 16x21 for an image of 16x20"),
+    (lambda d: d["annotations"][2]["segmentation"].update(size="16x20"),
+     "annotation 3: an RLE's size must be [height, width]"),
 ])
 def test_coco_fields_that_pycocotools_assumes_are_checked_at_load(tmp_path, edit, words):
     root = write_coco(tmp_path)
@@ -440,6 +456,19 @@ def test_coco_fields_that_pycocotools_assumes_are_checked_at_load(tmp_path, edit
         COCODataset(root, "train")
     message = single_line(exc)
     assert "instances_train2014.json: " in message and words in message
+
+
+def test_coco_compressed_rle_that_does_not_decode_is_named(tmp_path):
+    root = write_coco(tmp_path)
+    path = root / "annotations" / "instances_train2014.json"
+    data = json.loads(path.read_text())
+    data["annotations"][2]["segmentation"] = {"counts": "zzzz!!", "size": [H, W]}
+    path.write_text(json.dumps(data))
+    dataset = COCODataset(root, "train")
+    with pytest.raises(AmnsegError) as exc:
+        dataset.mask(COCO_IMG)
+    assert "instances_train2014.json: annotation 3: its segmentation does not decode" in \
+        single_line(exc)
 
 
 def test_coco_size_that_disagrees_with_the_image_file_is_found_by_the_check(tmp_path):

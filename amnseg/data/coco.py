@@ -104,13 +104,27 @@ class COCODataset(SegDataset):
         where = self.annotation_file
         if not self.coco.cats:
             raise AmnsegError(f"{where}: no categories (a COCO file lists its classes there)")
+        names: dict[str, Any] = {}
+        for cat_id, category in self.coco.cats.items():
+            name = category.get("name")
+            if not isinstance(name, str) or not name.strip():
+                raise AmnsegError(f"{where}: category id {cat_id} has no name")
+            if name in names:
+                raise AmnsegError(f"{where}: categories {names[name]} and {cat_id} are both "
+                                  f"named '{name}'")
+            names[name] = cat_id
         for info in self.coco.imgs.values():
+            if not isinstance(info.get("file_name"), str):  # an empty one: check_stem
+                raise AmnsegError(f"{where}: image id {info.get('id')} has no file_name")
             size = (info.get("height"), info.get("width"))
             if not all(isinstance(v, int) and not isinstance(v, bool) and v > 0 for v in size):
                 raise AmnsegError(f"{where}: image id {info.get('id')} "
                                   f"({info.get('file_name')}) has no valid height and width")
         for annotation in self.coco.anns.values():
-            problem = _segmentation_problem(annotation.get("segmentation"))
+            image = self.coco.imgs.get(annotation.get("image_id"), {})
+            problem = (_segmentation_problem(annotation.get("segmentation"),
+                                             (image.get("height"), image.get("width")))
+                       or _field_problem(annotation))
             if problem:
                 raise AmnsegError(f"{where}: annotation {annotation.get('id')}: {problem}")
 
@@ -168,7 +182,12 @@ class COCODataset(SegDataset):
             with warnings.catch_warnings():
                 # pycocotools' decoder trips a numpy 2 DeprecationWarning on every call.
                 warnings.simplefilter("ignore", DeprecationWarning)
-                region = self.coco.annToMask(annotation).astype(bool)
+                try:
+                    region = self.coco.annToMask(annotation).astype(bool)
+                except (ValueError, TypeError) as exc:  # a compressed RLE that does not decode
+                    raise AmnsegError(f"{self.annotation_file}: annotation "
+                                      f"{annotation.get('id')}: its segmentation does not "
+                                      f"decode ({exc})") from None
             if region.shape != mask.shape:  # an RLE whose "size" disagrees with the image
                 raise AmnsegError(
                     f"{self.annotation_file}: annotation {annotation.get('id')} is "
@@ -183,12 +202,29 @@ class COCODataset(SegDataset):
         return mask
 
 
-def _segmentation_problem(segmentation: Any) -> str | None:
+def _segmentation_problem(segmentation: Any, image_size: tuple[Any, Any]) -> str | None:
     """What is wrong with an annotation's ``segmentation`` (polygons: lists of at least 3
-    x, y pairs; or an RLE: ``counts`` and ``size``), None when nothing is."""
+    x, y pairs; or an RLE: ``counts`` and ``size``, an uncompressed one's run lengths adding
+    up to its size), None when nothing is."""
     if isinstance(segmentation, dict):
         if "counts" not in segmentation or "size" not in segmentation:
             return "an RLE segmentation needs counts and size"
+        size, counts = segmentation["size"], segmentation["counts"]
+        if (not isinstance(size, list) or len(size) != 2
+                or not all(isinstance(v, int) and not isinstance(v, bool) for v in size)):
+            return "an RLE's size must be [height, width]"
+        if image_size[0] is not None and tuple(size) != tuple(image_size):
+            return f"an RLE of size {size[0]}x{size[1]} for an image of {image_size[0]}x" \
+                   f"{image_size[1]} (height x width)"
+        if isinstance(counts, list):
+            if not all(isinstance(v, int) and not isinstance(v, bool) and v >= 0
+                       for v in counts):
+                return "an RLE's counts must be run lengths (non-negative integers)"
+            if sum(counts) != size[0] * size[1]:
+                return f"an RLE's run lengths add up to {sum(counts)}, not to its " \
+                       f"{size[0]}x{size[1]} pixels"
+        elif not isinstance(counts, str):
+            return "an RLE's counts must be run lengths or a compressed string"
         return None
     if not isinstance(segmentation, list) or not segmentation:
         return "no segmentation (polygons or an RLE)"
@@ -196,4 +232,16 @@ def _segmentation_problem(segmentation: Any) -> str | None:
         if (not isinstance(polygon, list) or len(polygon) < 6 or len(polygon) % 2
                 or not all(isinstance(v, (int, float)) for v in polygon)):
             return "a polygon must list at least 3 x, y pairs of numbers"
+    return None
+
+
+def _field_problem(annotation: dict[str, Any]) -> str | None:
+    """What is wrong with the fields besides the segmentation that amnseg reads."""
+    if "category_id" not in annotation:
+        return "no category_id"
+    area = annotation.get("area", 0)
+    if not isinstance(area, (int, float)) or isinstance(area, bool):
+        return f"area {area!r} is not a number"
+    if annotation.get("iscrowd", 0) not in (0, 1):  # True and False are 1 and 0
+        return f"iscrowd {annotation['iscrowd']!r} is not 0 or 1"
     return None
