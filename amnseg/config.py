@@ -392,6 +392,12 @@ def validate(config: Config) -> Config:
         _choice(backbone.depth, f"{prefix}.depth", (18, 34, 50, 101))
         _positive(backbone, prefix, "width")
         _positive_list(backbone.strides, f"{prefix}.strides", 4)
+        # The stem's stride 2 (with its max-pool, stride 4) is what the IRN boundary maps, the
+        # stride-4 score maps and DeepLab's output stride are built on; each layer halves the
+        # resolution or keeps it.
+        _require(backbone.strides[0] == 2 and all(v in (1, 2) for v in backbone.strides[1:]),
+                 f"{prefix}.strides", backbone.strides,
+                 "must be [2, s2, s3, s4] with each s 1 or 2 (the stem's stride is 2)")
         _positive_list(backbone.dilations, f"{prefix}.dilations", 4)
         _choice(backbone.norm, f"{prefix}.norm", ("frozen", "batch"))
         _require(not backbone.fold_norm or backbone.norm == "frozen", f"{prefix}.fold_norm",

@@ -265,6 +265,9 @@ def test_mask_of_another_size_and_rgb_mask(data, tmp_path, capsys):
     ("data=3", "data is a section of options, not a value: set its options one by one"),
     ("cam=null", "cam: is a section of options and cannot be null"),
     ("=3", "an override needs an option name before '='"),
+    ("backbone.strides=[3,3,3,3]", "backbone.strides=[3, 3, 3, 3]: must be [2, s2, s3, s4]"),
+    ("backbone.strides=[1,2,2,1]", "backbone.strides=[1, 2, 2, 1]: must be [2, s2, s3, s4]"),
+    ("seg.backbone.strides=[2,2,4,1]", "seg.backbone.strides=[2, 2, 4, 1]: must be [2, s2,"),
 ])
 def test_bad_config_values_are_refused_at_load_time(tmp_path, capsys, override, words):
     run = tmp_path / "run"
@@ -457,6 +460,23 @@ def test_skip_policy_finishes_and_lists_every_skipped_file(data, tmp_path, capsy
                             "--on-bad-image", "skip", "--to", "cam_seeds")
     assert status == 0, err
     assert set(json.loads((run / "skipped_images.json").read_text())) == {"img 03", "img 06"}
+    # Result files edited into something else are named by the report.
+    skipped = run / "skipped_images.json"
+    skipped.write_text(json.dumps({"img 03": 5}))
+    line = one_error_line(capsys, "report", run)
+    assert "skipped_images.json: expected image names and the reason" in line
+    skipped.unlink()
+    sweep = run / "eval" / "cam_sweep.json"
+    good = sweep.read_text()
+    sweep.write_text(json.dumps({"a": 1}))
+    assert "cam_sweep.json: no thresholds" in one_error_line(capsys, "report", run)
+    sweep.write_text(json.dumps({**json.loads(good), "thresholds": "many"}))
+    line = one_error_line(capsys, "report", run)
+    assert "a result file of the run holds something else than amnseg wrote" in line
+    sweep.write_text(json.dumps({**json.loads(good), "optimal_threshold_mean": None,
+                                 "optimal_threshold_std": None}))
+    status, _, err = amnseg(capsys, "report", run)
+    assert status == 0, err
 
 
 # --- random bytes and rows ------------------------------------------------------------------

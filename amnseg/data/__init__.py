@@ -110,7 +110,11 @@ def skipped_images(config: Any) -> dict[str, str]:
     path = skipped_images_path(config)
     if not path.is_file():
         return {}
-    return load_json(path, dict)
+    skipped = load_json(path, dict)
+    if not all(isinstance(why, str) for why in skipped.values()):
+        raise AmnsegError(f"{path}: expected image names and the reason each is skipped; "
+                          "delete it to check the images again")
+    return skipped
 
 
 def run_dataset(config: Any, split: str) -> SegDataset:

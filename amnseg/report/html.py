@@ -66,12 +66,37 @@ def _pct(value: float | None) -> str:
     )
 
 
+# The fields the report reads from each kind of evaluation file.
+REPORTED_FIELDS = {
+    "sweep": ("thresholds", "miou", "best_miou", "best_threshold", "per_class_iou_at_best",
+              "oracle_miou", "miou_range", "optimal_threshold_mean", "optimal_threshold_std",
+              "fg_bg_gap"),
+    "labels": ("miou", "per_class_iou"),
+    "seg": ("images", "split", "no_crf"),
+}
+
+
+def _number(value: float | None, digits: int = 2) -> str:
+    """A value of an evaluation file, "–" where there is none (no image with ground truth)."""
+    return "–" if value is None else f"{value:.{digits}f}"
+
+
+def _load_result(path: Path, kind: str) -> dict[str, Any]:
+    """An evaluation file with the fields the report reads, or one line naming it."""
+    result = load_json(path, dict)
+    absent = next((field for field in REPORTED_FIELDS[kind] if field not in result), None)
+    if absent is not None:
+        raise AmnsegError(f"{path}: no {absent} (not an amnseg evaluation file, or damaged: "
+                          "delete it and run the stage's evaluation again)")
+    return result
+
+
 def _load_results(eval_dir: Path) -> dict[str, dict[str, Any]]:
     results = {}
-    for stem, _ in EVAL_FILES:
+    for stem, kind in EVAL_FILES:
         path = eval_dir / f"{stem}.json"
         if path.is_file():
-            results[stem] = load_json(path, dict)
+            results[stem] = _load_result(path, kind)
     return results
 
 
@@ -111,8 +136,9 @@ def _robustness_table(results: dict[str, dict]) -> str:
         rows.append(
             f"<tr><th>{name}</th><td>{best}</td><td>{_pct(r['best_miou'])}</td>"
             f"<td>{_pct(r['oracle_miou'])}</td><td>{_pct(r['miou_range'])}</td>"
-            f"<td>{r['optimal_threshold_mean']:.2f} ± {r['optimal_threshold_std']:.2f}</td>"
-            f"<td>{r['fg_bg_gap']:.3f}</td></tr>"
+            f"<td>{_number(r['optimal_threshold_mean'])} ± "
+            f"{_number(r['optimal_threshold_std'])}</td>"
+            f"<td>{_number(r['fg_bg_gap'], 3)}</td></tr>"
         )
     if not rows:
         return ""
@@ -132,7 +158,7 @@ def _segmentation_table(eval_dir: Path) -> str:
         path = eval_dir / f"{stem}.json"
         if not path.is_file():
             continue
-        r = found[stem] = load_json(path, dict)
+        r = found[stem] = _load_result(path, "seg")
         crf = r["crf"]["miou"] if r.get("crf") else None
         rows.append(
             f"<tr><th>{html.escape(title)}</th><td>{html.escape(str(r.get('init')))}</td>"
@@ -242,7 +268,17 @@ window.addEventListener("load", () => {
 
 def build_report(run_dir: Path, gallery_count: int = 4) -> Path:
     """Write ``<run_dir>/report.html`` and return its path."""
-    run_dir = Path(run_dir)
+    try:
+        return _build_report(Path(run_dir), gallery_count)
+    except (KeyError, TypeError, ValueError, AttributeError, IndexError) as exc:
+        # A result file edited into other fields or types (each file's fields are checked when
+        # read; what they hold is not).
+        raise AmnsegError(f"{run_dir}: a result file of the run holds something else than "
+                          f"amnseg wrote ({type(exc).__name__}: {exc}); rerun the stage that "
+                          "wrote it") from None
+
+
+def _build_report(run_dir: Path, gallery_count: int) -> Path:
     config_path = run_dir / "config.json"
     if not config_path.is_file():
         raise AmnsegError(f"{run_dir}: no config.json (not an amnseg run folder)")
