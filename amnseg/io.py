@@ -251,19 +251,52 @@ def save_score_maps(path: str | Path, maps: ScoreMaps, compress: bool = True) ->
         )
 
 
-def load_score_maps(path: str | Path) -> ScoreMaps:
+def load_score_maps(path: str | Path, num_classes: int | None = None) -> ScoreMaps:
+    """The maps of one image, checked (class ids within 1..``num_classes`` when given)."""
     path = Path(path)
     try:
         with open(path, "rb") as f:
             if f.read(4) != ZIP_MAGIC:  # np.load would take anything else for a pickle
                 raise AmnsegError(f"{path}: not a valid score map file (not an .npz archive)")
         with np.load(path, allow_pickle=False) as data:
-            return ScoreMaps(data["class_ids"], data["strided"], data["full"])
+            maps = ScoreMaps(data["class_ids"], data["strided"], data["full"])
     except FileNotFoundError:
         raise AmnsegError(f"{path}: score map file not found") from None
     except (OSError, KeyError, ValueError) as exc:
         reason = " ".join(str(exc).split())
         raise AmnsegError(f"{path}: not a valid score map file ({reason})") from exc
+    problem = _score_map_problem(maps, num_classes)
+    if problem:
+        raise AmnsegError(f"{path}: {problem}")
+    return maps
+
+
+def _score_map_problem(maps: ScoreMaps, num_classes: int | None) -> str | None:
+    """What is wrong with the arrays of a map file (as ``save_score_maps`` writes them), or
+    None."""
+    ids = maps.class_ids
+    if ids.ndim != 1 or not np.issubdtype(ids.dtype, np.integer):
+        return f"class ids of shape {ids.shape} and type {ids.dtype}, not a list of integers"
+    if len(np.unique(ids)) != len(ids):
+        return f"class ids {ids.tolist()} name a class twice"
+    highest = num_classes if num_classes is not None else np.inf
+    if ids.size and (ids.min() < 1 or ids.max() > highest):
+        return f"class ids {ids.tolist()} outside 1..{num_classes or 'C'}"
+    for name in ("full", "strided"):
+        scores = getattr(maps, name)
+        if (scores.ndim != 3 or len(scores) != len(ids)
+                or not np.issubdtype(scores.dtype, np.floating)):
+            return (f"{name} maps of shape {scores.shape} and type {scores.dtype} do not match "
+                    f"{len(ids)} class ids")
+        if not np.isfinite(scores).all():
+            return ("the maps hold NaN or infinite values (did the network that made them "
+                    "diverge?)")
+    height, width = maps.full.shape[1:]
+    expected = ((height - 1) // 4 + 1, (width - 1) // 4 + 1)
+    if maps.strided.shape[1:] != expected:
+        return (f"stride-4 maps of {maps.strided.shape[2]}x{maps.strided.shape[1]} for full "
+                f"maps of {width}x{height} (expected {expected[1]}x{expected[0]})")
+    return None
 
 
 def save_label_png(path: str | Path, labels: np.ndarray, palette: list[int] | None = None) -> None:

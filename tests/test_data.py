@@ -386,6 +386,31 @@ def test_folder_missing_folders(tmp_path: Path) -> None:
     assert str(root / "images") in single_line(exc)
 
 
+def test_folder_masks_in_any_case_of_png_and_only_png(tmp_path: Path) -> None:
+    root = write_folder(tmp_path)
+    mask = np.zeros((H, W), np.uint8)
+    mask[2:5, 3:9] = 2
+    save_index_png(root / "masks" / "007.PNG", mask)
+    dataset = FolderDataset(root, "train")
+    assert dataset.mask_path("007") == root / "masks" / "007.PNG"
+    np.testing.assert_array_equal(dataset.mask("007"), mask)
+    (root / "masks" / "notes.txt").write_text("masks drawn by hand")  # not a mask: left alone
+    assert FolderDataset(root, "train").mask_path("007") is not None
+    Image.fromarray(mask).save(root / "masks" / "a,b.jpg")
+    with pytest.raises(AmnsegError) as exc:
+        FolderDataset(root, "train")
+    assert "masks/a,b.jpg: masks must be PNG index images" in single_line(exc)
+
+
+@pytest.mark.parametrize("folder", ["masks", "splits"])
+def test_folder_masks_or_splits_that_are_files_are_named(tmp_path: Path, folder: str) -> None:
+    root = write_folder(tmp_path, with_masks=False)
+    (root / folder).write_text("not a folder")
+    with pytest.raises(AmnsegError) as exc:
+        FolderDataset(root, "train")
+    assert f"{folder}: is a file; {folder}/ is a folder" in single_line(exc)
+
+
 def test_folder_mask_size_mismatch_names_the_mask(tmp_path: Path) -> None:
     root = write_folder(tmp_path)
     save_index_png(root / "masks" / "my photo-01.png", np.zeros((10, 10), np.uint8))

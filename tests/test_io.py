@@ -4,6 +4,7 @@ from __future__ import annotations
 
 import threading
 
+import numpy as np
 import pytest
 
 from amnseg.io import BackgroundWriter
@@ -50,3 +51,32 @@ def test_background_writer_without_threads_writes_in_the_caller():
     with BackgroundWriter(0) as writer:
         writer.submit(lambda: threads.append(threading.current_thread()))
     assert threads == [threading.main_thread()]
+
+
+@pytest.mark.parametrize("edit, words", [
+    (dict(class_ids=np.array(["a"])), "class ids of shape (1,) and type <U1, not a list of"),
+    (dict(class_ids=np.array([1.5])), "type float64, not a list of integers"),
+    (dict(class_ids=np.array([[1]])), "class ids of shape (1, 1)"),
+    (dict(class_ids=np.array([1, 1])), "class ids [1, 1] name a class twice"),
+    (dict(class_ids=np.array([0])), "class ids [0] outside 1..3"),
+    (dict(class_ids=np.array([7])), "class ids [7] outside 1..3"),
+    (dict(full=np.zeros((2, 9, 13), np.float32)), "full maps of shape (2, 9, 13) and type "
+     "float32 do not match 1 class ids"),
+    (dict(strided=np.zeros((1, 9, 13), np.float32)), "stride-4 maps of 13x9 for full maps of "
+     "13x9 (expected 4x3)"),
+    (dict(full=np.zeros((1, 9, 13), np.int32)), "full maps of shape (1, 9, 13) and type int32"),
+    (dict(full=np.full((1, 9, 13), np.nan, np.float32)), "the maps hold NaN or infinite"),
+    (dict(strided=np.full((1, 3, 4), np.inf, np.float32)), "the maps hold NaN or infinite"),
+])
+def test_score_map_files_are_checked_when_read(tmp_path, edit, words):
+    from amnseg.errors import AmnsegError
+    from amnseg.io import load_score_maps
+
+    arrays = dict(class_ids=np.array([2]), strided=np.zeros((1, 3, 4), np.float32),
+                  full=np.zeros((1, 9, 13), np.float32))
+    np.savez(tmp_path / "good.npz", **arrays)
+    assert load_score_maps(tmp_path / "good.npz", 3).class_ids.tolist() == [2]
+    np.savez(tmp_path / "bad.npz", **{**arrays, **edit})
+    with pytest.raises(AmnsegError) as exc:
+        load_score_maps(tmp_path / "bad.npz", 3)
+    assert str(exc.value).startswith(f"{tmp_path / 'bad.npz'}: ") and words in str(exc.value)

@@ -46,10 +46,15 @@ class FolderDataset(SegDataset):
                 )
         self.stems = self._read_split(split, labels_file)
         mask_dir = self.root / "masks"
+        if mask_dir.exists() and not mask_dir.is_dir():
+            raise AmnsegError(f"{mask_dir}: is a file; masks/ is a folder of <stem>.png masks")
         self._mask_dir = mask_dir if mask_dir.is_dir() else None
+        self._masks = _index_masks(mask_dir, set(self._labels)) if self._mask_dir else {}
 
     def _read_split(self, split: str, labels_file: Path) -> list[str]:
         split_dir = self.root / "splits"
+        if split_dir.exists() and not split_dir.is_dir():
+            raise AmnsegError(f"{split_dir}: is a file; splits/ is a folder of <split>.txt lists")
         if not split_dir.is_dir():
             return list(self._labels)
         path = split_dir / f"{split}.txt"
@@ -84,10 +89,7 @@ class FolderDataset(SegDataset):
 
     def mask_path(self, stem: str) -> Path | None:
         """``masks/<stem>.png`` when that file exists (masks may cover only some images)."""
-        if self._mask_dir is None:
-            return None
-        path = self._mask_dir / f"{stem}.png"
-        return path if path.is_file() else None
+        return self._masks.get(stem)
 
     @property
     def has_masks(self) -> bool:
@@ -194,6 +196,25 @@ def _read_labels(
         raise AmnsegError(f"{path}: no row names a class (image-level labels are what the "
                           "method learns from)")
     return labels, lines
+
+
+def _index_masks(mask_dir: Path, stems: set[str]) -> dict[str, Path]:
+    """stem -> mask file (``.png`` in any case), from one scan of ``mask_dir``; a mask of a
+    listed image in another format is an error (masks are lossless index images)."""
+    masks: dict[str, Path] = {}
+    for path in sorted(mask_dir.iterdir()):
+        if path.stem not in stems or not path.is_file():
+            continue
+        if path.suffix.lower() != ".png":
+            if path.suffix.lower() in IMAGE_SUFFIXES:
+                raise AmnsegError(f"{path}: masks must be PNG index images (a lossy or "
+                                  "colour format changes class numbers)")
+            continue
+        if path.stem in masks:
+            raise AmnsegError(f"{mask_dir}: two masks for '{path.stem}' ({masks[path.stem].name}"
+                              f", {path.name})")
+        masks[path.stem] = path
+    return masks
 
 
 def _index_images(image_dir: Path) -> dict[str, Path]:

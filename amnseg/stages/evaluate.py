@@ -95,21 +95,8 @@ def _iterate_maps(
     stems = _stems_with(maps_dir, dataset, ".npz")
     for stem in progress_bar(stems, desc=desc, unit="img", leave=False):
         path = maps_dir / f"{stem}.npz"
-        maps = load_score_maps(path)
+        maps = load_score_maps(path, dataset.num_classes)
         scores = maps.full if use == "full" else maps.strided
-        if scores.ndim != 3 or len(scores) != len(maps.class_ids):
-            raise AmnsegError(
-                f"{path}: {use} maps of shape {scores.shape} do not match "
-                f"{len(maps.class_ids)} class ids"
-            )
-        if not np.isfinite(scores).all():
-            raise AmnsegError(f"{path}: the maps hold NaN or infinite values (did the "
-                              "network that made them diverge?)")
-        ids = np.asarray(maps.class_ids)
-        if ids.size and (ids.min() < 1 or ids.max() > dataset.num_classes):
-            raise AmnsegError(
-                f"{path}: class ids {ids.tolist()} outside 1..{dataset.num_classes}"
-            )
         gt = _gt(dataset, stem, scores.shape[1:], path, 1 if use == "full" else STRIDE)
         yield stem, path, maps, scores, gt
 

@@ -289,7 +289,7 @@ def make_masks(
         config.data.num_workers, "pseudo masks",
     ):
         maps_file = amn_maps_dir / f"{stem}.npz"
-        score_maps = load_score_maps(maps_file)
+        score_maps = load_score_maps(maps_file, job.dataset.num_classes)
         boundary = boundary_from_logits(logits, size)
         try:
             check_boundary_size(score_maps.strided, boundary)

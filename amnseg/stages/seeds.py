@@ -113,7 +113,7 @@ class SeedJob:
 
 def _seed_inputs(job: SeedJob, stem: str) -> tuple[str, np.ndarray, ScoreMaps]:
     """(stem, image, its score maps), checked to be of one size."""
-    maps = load_score_maps(job.maps_dir / f"{stem}.npz")
+    maps = load_score_maps(job.maps_dir / f"{stem}.npz", job.dataset.num_classes)
     image = job.dataset.image(stem)
     if maps.full.shape[1:] != image.shape[:2]:
         raise AmnsegError(
