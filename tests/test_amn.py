@@ -325,3 +325,27 @@ def test_aspp_skips_only_padding_taps(height, width):
     direct_grads = torch.autograd.grad((direct * weights).sum(), inputs)
     for grad, direct_grad in zip(grads, direct_grads, strict=True):
         torch.testing.assert_close(grad, direct_grad, rtol=1e-12, atol=1e-12)
+
+
+def test_amn_loss_default_smoothing_and_one_pixel_classes():
+    """The default eps is METHOD.md's 0.4; a class with one seed pixel is averaged over that
+    one pixel."""
+    torch.manual_seed(1)
+    logits = torch.randn(1, 3, 2, 3, dtype=torch.float64)
+    seeds = torch.tensor([[[0, 255, 255], [255, 2, 255]]])  # one background, one foreground
+    assert amn_loss(logits, seeds).item() == pytest.approx(hand_loss(logits, seeds, 0.4),
+                                                           rel=1e-12)
+
+
+def test_amn_loss_is_the_global_batch_mean_under_torchrun(monkeypatch):
+    """With R ranks holding the same batch, each rank's loss is R x its own pixels' sum over the
+    global count, which DDP's gradient averaging turns into the global mean: the same value."""
+    from amnseg import distributed
+
+    torch.manual_seed(2)
+    logits = torch.randn(2, 4, 3, 5, dtype=torch.float64)
+    seeds = torch.randint(0, 4, (2, 3, 5))
+    alone = amn_loss(logits, seeds, 0.4).item()
+    monkeypatch.setattr(distributed, "loss_scale", lambda: 3)
+    monkeypatch.setattr(distributed, "global_count", lambda count: count * 3)
+    assert amn_loss(logits, seeds, 0.4).item() == pytest.approx(alone, rel=1e-12)

@@ -487,3 +487,21 @@ def test_masks_stage_groups_give_each_images_own_pseudo_mask(tiny_dataset, tmp_p
     victim.unlink()
     make_masks(config)
     assert victim.read_bytes() == before
+
+
+def test_irn_loss_epsilons_on_single_pairs_and_under_torchrun(monkeypatch):
+    """One pair per term: the 1e-5 of each mean's denominator shows at 1e-5 relative."""
+    from amnseg import distributed
+
+    aff = torch.tensor([[[[0.3, 0.8, 0.6]]]], dtype=torch.float64)
+    bg, fg, neg = (torch.tensor([[[[float(i == k) for i in range(3)]]]], dtype=torch.float64)
+                   for k in range(3))
+    values = aff.flatten().tolist()
+    expected = ((-math.log(values[0] + 1e-5) / (1 + 1e-5) - math.log(values[1] + 1e-5)
+                 / (1 + 1e-5)) / 2 - math.log(1 + 1e-5 - values[2]) / (1 + 1e-5)) / 2
+    assert irn_affinity_loss(aff, bg, fg, neg).item() == pytest.approx(expected, rel=1e-12)
+    monkeypatch.setattr(distributed, "loss_scale", lambda: 4)
+    monkeypatch.setattr(distributed, "global_count", lambda count: count * 4)
+    assert irn_affinity_loss(aff, bg, fg, neg).item() == pytest.approx(
+        ((-math.log(values[0] + 1e-5) / (4 + 1e-5) - math.log(values[1] + 1e-5) / (4 + 1e-5))
+         / 2 - math.log(1 + 1e-5 - values[2]) / (4 + 1e-5)) / 2 * 4, rel=1e-12)
