@@ -145,6 +145,8 @@ def status_command(run_dir: Path = typer.Argument(..., help="A run folder.")) ->
     """Print a run folder's manifest: stages, status, timings, metrics."""
     from amnseg.pipeline import MANIFEST, load_manifest
 
+    if not run_dir.is_dir():
+        raise AmnsegError(f"{run_dir}: run folder not found")
     if not (run_dir / MANIFEST).is_file():
         raise AmnsegError(f"{run_dir}: no {MANIFEST} (not a run folder made by `amnseg run`)")
     console.print(manifest_table(load_manifest(run_dir)))
@@ -158,6 +160,8 @@ def report_command(
     """Write <run>/report.html: results, threshold curves, histograms, gallery, config."""
     from amnseg.report.html import build_report
 
+    if not run_dir.is_dir():
+        raise AmnsegError(f"{run_dir}: run folder not found")
     page = build_report(run_dir)
     console.print(f"report: [bold]{page}[/bold]")
     if png is not None:
@@ -266,8 +270,14 @@ def eval_seg_command(
 ) -> None:
     """mIoU of the segmentation network on data.val_split: MSC (seg.eval_flip adds the mirror),
     without and with the dense CRF (seg.eval_crf, parameters seg.crf.*)."""
+    from amnseg.layout import checkpoint_path
     from amnseg.stages.seg import evaluate_seg
 
+    if checkpoint is None:  # said before the run folder is made
+        trained = checkpoint_path(load_config(config, overrides or []), "seg")
+        if not trained.is_file():
+            raise AmnsegError(f"{trained}: no trained segmentation network in this run (train "
+                              "it with amnseg train-seg, or give --checkpoint)")
     result = evaluate_seg(_load(config, overrides), checkpoint=checkpoint)
     line = f"{result['name']}: mIoU {100 * result['no_crf']['miou']:.2f}"
     if result["crf"] is not None:

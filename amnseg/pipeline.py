@@ -159,6 +159,13 @@ def check_data(config: Config, signatures: dict[str, str], manifest: dict[str, A
         tmp.write_text(json.dumps(problems, indent=2) + "\n")
     if problems:
         progress(f"skipping {len(problems)} bad images (why: {skipped_images_path(config)})")
+        splits = [data.train_split, data.infer_split,
+                  *([data.val_split] if signatures.get("val", "absent") != "absent" else [])]
+        for split in dict.fromkeys(splits):
+            dataset = build_dataset(data, split)
+            if all(stem in problems for stem in dataset.stems):
+                raise AmnsegError(f"split {split!r}: all its {len(dataset)} images are bad and "
+                                  f"skipped (why: {skipped_images_path(config)})")
     manifest["checked"] = {"key": key, "skipped": len(problems)}
 
 

@@ -1016,3 +1016,14 @@ def test_error_lines_escape_newlines_and_control_characters():
                            "Traceback (most recent call last):\n  File \"x.py\", line 1\n"
                            "amnseg.errors.AmnsegError: x.png: unreadable image\n")
     assert one_line(wrapped) == "x.png: unreadable image"
+
+
+def test_a_split_whose_every_image_is_skipped_is_named_before_any_stage(data, tmp_path, capsys):
+    for stem in (data / "splits" / "val.txt").read_text().split("\n"):
+        if stem.strip():
+            next((data / "images").glob(f"{stem.strip()}.*")).write_bytes(b"not an image")
+    run = tmp_path / "run"
+    line = one_error_line(capsys, "run", "voc12", *folder_args(data, run),
+                          "--on-bad-image", "skip")
+    assert "split 'val': all its" in line and "images are bad and skipped (why: " in line
+    assert no_outputs(run)

@@ -199,13 +199,18 @@ def test_cli_sweep_and_status(finished_run):
         (["train-cam", "voc12", "data.root=/nonexistent/voc"], "/nonexistent/voc: VOC2012 folder"),
         (["train-cam", "voc12", "cam.epochz=3"], "cam.epochz: unknown option (did you mean"),
         (["run", "voc12", "--from", "nope"], "unknown stage 'nope'"),
-        (["status", "/nonexistent/run"], "/nonexistent/run: no manifest.json"),
+        (["status", "/nonexistent/run"], "/nonexistent/run: run folder not found"),
+        (["report", "/nonexistent/run"], "/nonexistent/run: run folder not found"),
+        (["status", "/"], "/: no manifest.json"),
+        (["eval-seg", "demo"], "seg/seg.pt: no trained segmentation network in this run"),
     ],
 )
 def test_cli_errors_are_one_line(args, message, tmp_path):
-    if args[0] != "status":
+    if args[0] not in ("status", "report"):
         args = [*args, f"run_dir={tmp_path / 'run'}"]  # nothing is written into the checkout
     result = amnseg_cli(*args)
+    if args[0] == "eval-seg":
+        assert not (tmp_path / "run").exists()
     assert result.returncode == 2
     lines = result.stderr.strip().splitlines()
     assert len(lines) == 1 and lines[0].startswith("amnseg: error:") and message in lines[0]
