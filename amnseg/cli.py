@@ -324,6 +324,8 @@ def import_checkpoint_command(
     amnseg checkpoint."""
     from amnseg.checkpoints import import_deeplab, import_reference
 
+    if kind not in ("cam", "amn", "irn", "seg"):
+        raise AmnsegError(f"unknown checkpoint kind {kind!r}: expected cam, amn, irn or seg")
     if destination.resolve() == source.resolve():
         raise AmnsegError(f"{destination}: the destination is the file to import; write the "
                           "amnseg checkpoint elsewhere (the original stays as it is)")

@@ -419,6 +419,11 @@ def test_folder_mask_size_mismatch_names_the_mask(tmp_path: Path) -> None:
         dataset[0]
     message = single_line(exc)
     assert str(root / "masks" / "my photo-01.png") in message and "10x10" in message
+    assert "EXIF" not in message
+    save_index_png(root / "masks" / "my photo-01.png", np.zeros((W, H), np.uint8))
+    with pytest.raises(AmnsegError) as exc:
+        FolderDataset(root, "train")[0]
+    assert "turned a quarter: the image may carry an EXIF rotation" in single_line(exc)
 
 
 def test_training_samples_never_read_ground_truth_masks(tiny_dataset, monkeypatch):

@@ -429,6 +429,11 @@ def test_evaluate_maps_errors(tmp_path, maps_set):
     no_gt = ArrayDataset(dict.fromkeys(dataset.stems))
     with pytest.raises(AmnsegError, match="no ground-truth masks"):
         evaluate_maps(maps_dir, no_gt, GRID, out)
+    ignored = ArrayDataset({stem: np.full_like(mask, 255) for stem, mask in
+                            dataset.masks.items()})
+    with pytest.raises(AmnsegError, match=r"the ground-truth masks of the 3 "
+                       r"evaluated images label no pixel \(all 255, ignored\)"):
+        evaluate_maps(maps_dir, ignored, GRID, out)
     with pytest.raises(AmnsegError, match="use="):
         evaluate_maps(maps_dir, dataset, GRID, out, use="half")
     # Class ids must lie in 1..C (0 is the background, which maps files do not hold).

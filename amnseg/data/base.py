@@ -56,9 +56,14 @@ class SegDataset(ABC):
         image = self.image(stem)
         mask = self.mask(stem) if with_mask else None
         if mask is not None and mask.shape != image.shape[:2]:
+            # Photos turned by an EXIF tag show rotated; their pixels (what is read, as the
+            # reference reads them) are not.
+            hint = (" (turned a quarter: the image may carry an EXIF rotation, which amnseg "
+                    "does not apply; save the image rotated)"
+                    if mask.shape == image.shape[1::-1] else "")
             raise AmnsegError(
                 f"{self.mask_source(stem)}: mask size {mask.shape[1]}x{mask.shape[0]} "
-                f"differs from image size {image.shape[1]}x{image.shape[0]}"
+                f"differs from image size {image.shape[1]}x{image.shape[0]}{hint}"
             )
         return Sample(stem=stem, image=image, label=self.label(stem), mask=mask)
 

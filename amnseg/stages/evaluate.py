@@ -182,7 +182,9 @@ def evaluate_maps(
 
     curve = np.asarray(miou(total), dtype=np.float64)
     if np.all(np.isnan(curve)):
-        raise AmnsegError(f"{maps_dir}: the ground truth of its images has no labelled pixel")
+        raise AmnsegError(f"{_dataset_name(dataset)}: the ground-truth masks of the "
+                          f"{images} evaluated images label no pixel (all 255, ignored); "
+                          f"nothing to score the maps of {maps_dir} on")
     best_index = int(np.nanargmax(curve[:count]))  # first maximum = lowest threshold
     low, high = (float(v) for v in robust_range)
     inside = [m for t, m in zip(sweep, curve, strict=False)
