@@ -258,6 +258,9 @@ def import_reference(
         raise AmnsegError(f"unknown checkpoint kind {stage!r}: expected cam, amn or irn")
     check_tensors(state, source, "a reference checkpoint")
     prefixes = REFERENCE_PREFIXES[stage]
+    if not any(key.startswith("resnet50.") for key in state):
+        raise AmnsegError(f"{source}: not an authors' {stage} checkpoint (no resnet50.* "
+                          "weights)")
     kind = reference_kind(state)
     if kind is not None and kind != stage:
         raise AmnsegError(f"{source}: a reference {kind} checkpoint, not {stage} (import it as "

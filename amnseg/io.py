@@ -14,6 +14,7 @@ import pickle
 import threading
 import uuid
 import warnings
+import zipfile
 from collections.abc import Callable, Iterator
 from contextlib import contextmanager
 from dataclasses import dataclass
@@ -175,6 +176,18 @@ def load_tensors(path: Path, what: str) -> Any:
     if not (head == ZIP_MAGIC or head[:1] == b"\x80"):
         raise AmnsegError(f"{path}: not a readable {what} (not a PyTorch file: neither a zip "
                           "archive nor a pickle)")
+    if head == ZIP_MAGIC:
+        # torch.save's archive holds <name>/data.pkl; other zips (.npz, ...) and archives cut
+        # short fail deep inside torch.load with C++ messages.
+        try:
+            with zipfile.ZipFile(path) as archive:
+                names = archive.namelist()
+        except (zipfile.BadZipFile, OSError):
+            raise AmnsegError(f"{path}: not a readable {what} (a zip archive cut short or "
+                              "damaged)") from None
+        if not any(name.endswith("data.pkl") for name in names):
+            raise AmnsegError(f"{path}: not a readable {what} (a zip archive, but not one "
+                              "torch.save wrote: no data.pkl)")
     try:
         with warnings.catch_warnings():
             # Printed for every file saved with pickle protocol 4 or later (most .pth files),

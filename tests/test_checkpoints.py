@@ -306,3 +306,25 @@ def re_escape(text: str) -> str:
     import re
 
     return re.escape(text)
+
+
+def test_zips_that_torch_did_not_write_and_cut_archives_are_named(tmp_path):
+    import numpy as np
+
+    np.savez(tmp_path / "maps.npz", a=np.zeros(3))
+    with pytest.raises(AmnsegError, match=r"maps.npz: not a readable checkpoint \(a zip "
+                       r"archive, but not one torch.save wrote: no data.pkl\)"):
+        import_reference("cam", tmp_path / "maps.npz", VOC_LIKE)
+    whole = save(tmp_path, synthetic_reference("cam"), "whole.pth").read_bytes()
+    (tmp_path / "cut.pth").write_bytes(whole[: len(whole) // 2])
+    with pytest.raises(AmnsegError, match=r"cut.pth: not a readable checkpoint \(a zip archive "
+                       r"cut short or damaged\)"):
+        import_reference("cam", tmp_path / "cut.pth", VOC_LIKE)
+
+
+def test_a_state_dict_without_resnet_weights_is_not_called_corrupt(tmp_path):
+    path = save(tmp_path, {"a": torch.zeros(3)}, "rand.pth")
+    for kind in ("cam", "amn", "irn"):
+        with pytest.raises(AmnsegError, match=rf"rand.pth: not an authors' {kind} checkpoint "
+                           r"\(no resnet50.\* weights\)"):
+            import_reference(kind, path, VOC_LIKE)

@@ -459,6 +459,7 @@ def test_training_samples_never_read_ground_truth_masks(tiny_dataset, monkeypatc
     (lambda d: d["annotations"][2].update(segmentation={"counts": [1]}),
      "annotation 3: an RLE segmentation needs counts and size"),
     (lambda d: d.update(categories=[], annotations=[]), "no categories"),
+    (lambda d: d.update(annotations=[]), "no annotations (the image labels and masks"),
     (lambda d: d["images"][1].pop("file_name"), "image id 10 has no file_name"),
     (lambda d: d["images"][1].update(file_name=5), "image id 10 has no file_name"),
     (lambda d: d["categories"][1].pop("name"), "category id 1 has no name"),

@@ -94,6 +94,9 @@ class COCODataset(SegDataset):
                 )
             self._info[stem] = info
         self.stems = list(self._info)
+        if not self.coco.anns:
+            raise AmnsegError(f"{self.annotation_file}: no annotations (the image labels and "
+                              "masks come from them)")
         self.semantic_dir = Path(semantic_dir) if semantic_dir else None
         if self.semantic_dir is not None:
             require_dir(self.semantic_dir, "COCO semantic mask")
