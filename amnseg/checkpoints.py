@@ -73,6 +73,9 @@ def load_model_checkpoint(path: Path, stage: str, class_names: list[str]) -> dic
     if checkpoint.get("format") != "amnseg" or checkpoint.get("stage") != stage:
         found = checkpoint.get("stage", "unknown") if checkpoint.get("format") == "amnseg" else None
         what = f"an amnseg {found} checkpoint" if found else "not an amnseg checkpoint"
+        if not found and {"optimizer", "epochs_done"} <= checkpoint.keys():
+            what = (f"a training state (last.pt: resumes training; the trained network is "
+                    f"<run_dir>/{stage}/{stage}.pt)")
         raise AmnsegError(f"{path}: expected an amnseg {stage} checkpoint, found {what}")
     check_amnseg_fields(checkpoint, path)
     saved = list(checkpoint["class_names"])

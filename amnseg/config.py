@@ -570,12 +570,14 @@ def _words_from_booleans(config: Config) -> Config:
 def _read_config_file(path: Path) -> Any:
     """A config file's options (a YAML mapping); a bad file is one AmnsegError line."""
     try:
+        # OmegaConf reads a bare word as {word: None}: the mapping is checked on the YAML.
+        raw = yaml.safe_load(path.read_text(encoding="utf-8"))
         loaded = OmegaConf.load(path)
     except yaml.YAMLError as exc:
         raise AmnsegError(f"{path}: not valid YAML ({' '.join(str(exc).split())})") from None
     except (OSError, UnicodeDecodeError) as exc:
         raise AmnsegError(f"{path}: unreadable config file ({exc})") from None
-    if not isinstance(loaded, DictConfig):
+    if not isinstance(loaded, DictConfig) or not isinstance(raw, dict | None):
         raise AmnsegError(f"{path}: expected a mapping of options (key: value) at the top level")
     return loaded
 

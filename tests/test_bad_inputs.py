@@ -279,6 +279,7 @@ def test_bad_config_values_are_refused_at_load_time(tmp_path, capsys, override, 
 @pytest.mark.parametrize("content, words", [
     (b"cam: [unclosed\n", "not valid YAML (while parsing a flow sequence"),
     (b"- 1\n- 2\n", "expected a mapping of options (key: value) at the top level"),
+    (b"hello\n", "expected a mapping of options (key: value) at the top level"),
     (b"cam:\n  epochs: 2\n\xff\xfe\n", "unreadable config file ('utf-8' codec"),
 ])
 def test_malformed_config_files_are_one_line_errors(tmp_path, capsys, content, words):

@@ -328,3 +328,14 @@ def test_a_state_dict_without_resnet_weights_is_not_called_corrupt(tmp_path):
         with pytest.raises(AmnsegError, match=rf"rand.pth: not an authors' {kind} checkpoint "
                            r"\(no resnet50.\* weights\)"):
             import_reference(kind, path, VOC_LIKE)
+
+
+def test_a_training_state_given_as_a_checkpoint_points_to_the_stage_file(tmp_path):
+    from amnseg.checkpoints import load_model
+
+    path = save(tmp_path, {"model": {}, "optimizer": {}, "scheduler": {}, "epochs_done": 3},
+                "last.pt")
+    with pytest.raises(AmnsegError, match=r"last.pt: expected an amnseg amn checkpoint, found a "
+                       r"training state \(last.pt: resumes training; the trained network is "
+                       r"<run_dir>/amn/amn.pt\)"):
+        load_model(path, "amn", VOC_LIKE)
