@@ -80,3 +80,27 @@ def test_score_map_files_are_checked_when_read(tmp_path, edit, words):
     with pytest.raises(AmnsegError) as exc:
         load_score_maps(tmp_path / "bad.npz", 3)
     assert str(exc.value).startswith(f"{tmp_path / 'bad.npz'}: ") and words in str(exc.value)
+
+
+def test_written_files_get_the_usual_permissions(tmp_path):
+    import os
+
+    from amnseg.io import save_json
+
+    old = os.umask(0o022)
+    try:
+        save_json(tmp_path / "a.json", {"a": 1})
+    finally:
+        os.umask(old)
+    assert (tmp_path / "a.json").stat().st_mode & 0o777 == 0o644  # 0666 less the umask
+
+
+@pytest.mark.parametrize("threads, on_caller", [(0, True), (1, False), (3, False)])
+def test_background_writer_writes_beside_the_caller_when_given_threads(tmp_path, threads,
+                                                                       on_caller):
+    where = []
+    with BackgroundWriter(threads) as writer:
+        for _ in range(4):
+            writer.submit(lambda: where.append(threading.current_thread()))
+    assert len(where) == 4
+    assert all((thread is threading.main_thread()) == on_caller for thread in where)
