@@ -104,3 +104,47 @@ def test_background_writer_writes_beside_the_caller_when_given_threads(tmp_path,
             writer.submit(lambda: where.append(threading.current_thread()))
     assert len(where) == 4
     assert all((thread is threading.main_thread()) == on_caller for thread in where)
+
+
+def test_json_files_keep_their_key_order_and_two_space_indent(tmp_path):
+    from amnseg.io import save_json
+
+    save_json(tmp_path / "a.json", {"zeta": 1, "alpha": {"b": [1, 2]}})
+    assert (tmp_path / "a.json").read_text() == (
+        '{\n  "zeta": 1,\n  "alpha": {\n    "b": [\n      1,\n      2\n    ]\n  }\n}\n')
+
+
+def test_background_writer_does_not_wait_for_earlier_writes_to_take_more():
+    started, release, order = threading.Event(), threading.Event(), []
+
+    def slow():
+        started.set()
+        release.wait(5)
+        order.append("slow write")
+
+    with BackgroundWriter(1) as writer:
+        writer.submit(slow)
+        started.wait(5)
+        writer.submit(lambda: None)  # queued behind the slow one; the caller goes on
+        order.append("caller")
+        release.set()
+    assert order == ["caller", "slow write"]
+
+
+def test_background_writer_on_an_error_finishes_started_writes_and_drops_the_rest(tmp_path):
+    import time
+
+    started, ran = threading.Event(), []
+
+    def started_write():
+        started.set()
+        time.sleep(0.3)
+        (tmp_path / "whole.txt").write_text("done")
+
+    with pytest.raises(RuntimeError, match="stage failed"), BackgroundWriter(1) as writer:
+        writer.submit(started_write)
+        writer.submit(lambda: ran.append("queued"))
+        started.wait(5)
+        raise RuntimeError("stage failed")
+    assert (tmp_path / "whole.txt").read_text() == "done"  # finished before the error left
+    assert ran == []  # never started
