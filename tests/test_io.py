@@ -148,3 +148,42 @@ def test_background_writer_on_an_error_finishes_started_writes_and_drops_the_res
         raise RuntimeError("stage failed")
     assert (tmp_path / "whole.txt").read_text() == "done"  # finished before the error left
     assert ran == []  # never started
+
+
+class _Payload:
+    """Unpickling it would write a marker file."""
+
+    def __init__(self, marker):
+        self.marker = str(marker)
+
+    def __reduce__(self):
+        return (open, (self.marker, "w"))
+
+
+def test_map_files_with_pickled_objects_are_refused_unread(tmp_path):
+    from amnseg.errors import AmnsegError
+    from amnseg.io import load_score_maps
+
+    marker = tmp_path / "ran"
+    payload = np.empty(1, dtype=object)
+    payload[0] = _Payload(marker)
+    np.savez(tmp_path / "evil.npz", class_ids=payload, strided=np.zeros((1, 1, 1), np.float32),
+             full=np.zeros((1, 1, 1), np.float32))
+    with pytest.raises(AmnsegError, match="evil.npz: not a valid score map file"):
+        load_score_maps(tmp_path / "evil.npz")
+    assert not marker.exists()
+
+
+def test_map_files_are_compressed_unless_asked(tmp_path):
+    import zipfile
+
+    from amnseg.io import ScoreMaps, load_score_maps, save_score_maps
+
+    maps = ScoreMaps(np.array([1]), np.zeros((1, 3, 4), np.float32),
+                     np.zeros((1, 9, 13), np.float32))
+    save_score_maps(tmp_path / "packed.npz", maps)
+    save_score_maps(tmp_path / "plain.npz", maps, compress=False)
+    for name, method in (("packed", zipfile.ZIP_DEFLATED), ("plain", zipfile.ZIP_STORED)):
+        with zipfile.ZipFile(tmp_path / f"{name}.npz") as archive:
+            assert {info.compress_type for info in archive.infolist()} == {method}
+        np.testing.assert_array_equal(load_score_maps(tmp_path / f"{name}.npz").full, maps.full)
