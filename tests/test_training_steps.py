@@ -204,6 +204,7 @@ def test_steady_rate_counts_only_what_follows_the_first_step():
     assert steady_rate((12.0, 16), 80, 14.0) == pytest.approx(32.0)
     assert steady_rate((12.0, 16), 16, 12.5) is None  # nothing after the first step
     assert steady_rate(None, 0, 1.0) is None
+    assert steady_rate((12.0, 16), 80, 12.0) is None  # no time after it (not a division by 0)
 
 
 
@@ -343,3 +344,18 @@ def test_synchronised_batchnorm_shares_the_layers_parameters_and_settings():
     assert synced.weight is plain.weight and synced.bias is plain.bias
     assert synced.running_mean is plain.running_mean and synced.running_var is plain.running_var
     assert synced.num_batches_tracked is plain.num_batches_tracked
+
+
+def test_augmented_set_starts_at_epoch_zero(tiny_dataset):
+    from amnseg.data.folder import FolderDataset
+    from amnseg.training import AugmentedSet
+
+    def draw(sample, rng):
+        return float(rng.random())
+
+    fresh = AugmentedSet(FolderDataset(tiny_dataset, "train"), draw, seed=3)
+    before = [fresh[i] for i in range(len(fresh))]
+    fresh.set_epoch(0)
+    assert [fresh[i] for i in range(len(fresh))] == before
+    fresh.set_epoch(1)
+    assert [fresh[i] for i in range(len(fresh))] != before
