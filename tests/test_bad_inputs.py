@@ -633,6 +633,10 @@ def test_log_line_cut_short_by_a_kill_is_dropped_on_resume(tmp_path):
     log.write_text('{"epoch": 1, "loss": 0.5}\n{"epoch": 2, "loss": 0.4}\n{"epoch": 3, "lo')
     keep_log_lines(log, epochs_done=2)
     assert log.read_text() == '{"epoch": 1, "loss": 0.5}\n{"epoch": 2, "loss": 0.4}\n'
+    # A record without an epoch (a note added by hand) belongs to none: kept even at epoch 0.
+    log.write_text('{"note": "lr raised"}\n{"epoch": 1, "loss": 0.5}\n')
+    keep_log_lines(log, epochs_done=0)
+    assert log.read_text() == '{"note": "lr raised"}\n'
 
 
 def test_reversed_stage_range_and_bad_threshold(data, tmp_path, capsys):

@@ -359,3 +359,13 @@ def test_augmented_set_starts_at_epoch_zero(tiny_dataset):
     assert [fresh[i] for i in range(len(fresh))] == before
     fresh.set_epoch(1)
     assert [fresh[i] for i in range(len(fresh))] != before
+
+
+def test_epoch_sampler_alone_is_rank_zero_of_one():
+    from amnseg.training import EpochSampler
+
+    alone = EpochSampler(23, 4, seed=5, epoch=2)
+    assert list(alone) == list(EpochSampler(23, 4, seed=5, epoch=2, rank=0, world_size=1))
+    assert len(alone) == 20 and len(set(alone)) == 20  # the last incomplete batch is dropped
+    halves = [list(EpochSampler(23, 4, 5, 2, rank, 2)) for rank in range(2)]
+    assert sorted(halves[0] + halves[1]) == sorted(alone)
