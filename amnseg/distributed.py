@@ -31,6 +31,7 @@ def setup(device_spec: str = "auto") -> None:
     """Join torchrun's process group (once); a no-op outside torchrun."""
     if not launched_by_torchrun() or dist.is_initialized():
         return
+    _check_launcher_variables()
     wants_cuda = device_spec.startswith("cuda") or (
         device_spec == "auto" and torch.cuda.is_available())
     if wants_cuda:
@@ -40,6 +41,26 @@ def setup(device_spec: str = "auto") -> None:
     # at exit can abort there ("terminate called without an active exception", seen once in
     # the 2-rank test on CI-like load), after all its work is written.
     atexit.register(_leave)
+
+
+def _check_launcher_variables() -> None:
+    """torchrun's variables, read as it sets them; anything else (a launcher script's typo, a
+    shell's leftovers) is one line before the process group would fail or wait forever."""
+    numbers = {}
+    for name in ("RANK", "WORLD_SIZE", "MASTER_PORT", "LOCAL_RANK", "LOCAL_WORLD_SIZE"):
+        text = os.environ.get(name)
+        if text is None and name in ("RANK", "WORLD_SIZE", "MASTER_PORT"):
+            raise AmnsegError(f"{name} is not set, but RANK, WORLD_SIZE and MASTER_ADDR are: "
+                              "start several processes with torchrun, or unset them")
+        if text is not None:
+            if not text.strip().isdigit():
+                raise AmnsegError(f"{name}={text!r}: expected a whole number (torchrun sets it)")
+            numbers[name] = int(text)
+    if numbers["WORLD_SIZE"] < 1 or numbers["RANK"] >= numbers["WORLD_SIZE"]:
+        raise AmnsegError(f"RANK={numbers['RANK']}, WORLD_SIZE={numbers['WORLD_SIZE']}: a rank "
+                          "must lie in 0 .. WORLD_SIZE - 1 (torchrun sets them)")
+    if numbers.get("LOCAL_WORLD_SIZE", 1) < 1:
+        raise AmnsegError("LOCAL_WORLD_SIZE=0: expected at least 1 (torchrun sets it)")
 
 
 def _leave() -> None:
@@ -67,7 +88,9 @@ def local_rank() -> int:
 def cores_per_process() -> int:
     """CPU cores for this process's worker pools: the machine's, split between the processes
     torchrun started on it."""
-    return max(1, (os.cpu_count() or 1) // int(os.environ.get("LOCAL_WORLD_SIZE", "1")))
+    text = os.environ.get("LOCAL_WORLD_SIZE", "1").strip()
+    processes = int(text) if text.isdigit() and int(text) > 0 else 1  # not torchrun's: one
+    return max(1, (os.cpu_count() or 1) // processes)
 
 
 def is_main() -> bool:

@@ -15,6 +15,7 @@ import threading
 import uuid
 import warnings
 import zipfile
+import zlib
 from collections.abc import Callable, Iterator
 from contextlib import contextmanager
 from dataclasses import dataclass
@@ -275,9 +276,10 @@ def load_score_maps(path: str | Path, num_classes: int | None = None) -> ScoreMa
             maps = ScoreMaps(data["class_ids"], data["strided"], data["full"])
     except FileNotFoundError:
         raise AmnsegError(f"{path}: score map file not found") from None
-    except (OSError, KeyError, ValueError) as exc:
-        reason = " ".join(str(exc).split())
-        raise AmnsegError(f"{path}: not a valid score map file ({reason})") from exc
+    except (OSError, KeyError, ValueError, EOFError, zipfile.BadZipFile, zlib.error) as exc:
+        reason = " ".join(str(exc).split()) or type(exc).__name__
+        raise AmnsegError(f"{path}: not a valid score map file ({reason}); delete it and "
+                          "the stage that wrote it makes it again") from None
     problem = _score_map_problem(maps, num_classes)
     if problem:
         raise AmnsegError(f"{path}: {problem}")

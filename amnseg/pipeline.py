@@ -59,6 +59,7 @@ from amnseg.stages.evaluate import evaluate_label_maps, evaluate_maps
 from amnseg.stages.irn import make_masks, train_irn
 from amnseg.stages.seeds import SeedFollower, make_seeds, overlap_seeds
 from amnseg.stages.seg import SEG_INIT_WORDS, check_init_file, evaluate_seg, train_seg
+from amnseg.training import crf_device_of
 
 MANIFEST = "manifest.json"
 
@@ -580,8 +581,13 @@ def _run_stages(
     manifest = load_manifest(run_dir)
     records = manifest.setdefault("stages", {})
     signatures = distributed.run_on_main(data_signatures, config)
-    _check_given_paths(config, [stage.name for stage in STAGES[first:last + 1]
-                                if stage.enabled(config)])
+    running = [stage.name for stage in STAGES[first:last + 1] if stage.enabled(config)]
+    _check_given_paths(config, running)
+    # The CRF devices are resolved when their stage starts: said now, not after the others.
+    if {"cam_seeds", "amn_seeds"} & set(running):
+        crf_device_of(config.seeds.crf_device, "seeds.crf_device")
+    if {"seg", "seg_gt"} & set(running) and config.seg.eval_crf:
+        crf_device_of(config.seg.crf_device, "seg.crf_device")
     if signatures.get("val") == "absent" and any(
             "val" in stage.data and stage.enabled(config) for stage in STAGES[first:last + 1]):
         # A stage of this call reads the val split: say what is wrong with it now, not after

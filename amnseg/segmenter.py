@@ -33,8 +33,10 @@ from amnseg.training import crf_device_of, resolve_device
 VOC_SUBMISSION_DIR = Path("results/VOC2012/Segmentation/comp6_test_cls")
 
 
-def as_rgb(image: Image.Image | np.ndarray) -> np.ndarray:
-    """A PIL image or numpy array as (H, W, 3) uint8 RGB."""
+def as_rgb(image: Image.Image | np.ndarray | str | Path) -> np.ndarray:
+    """A PIL image, numpy array or image file as (H, W, 3) uint8 RGB."""
+    if isinstance(image, (str, Path)):
+        return read_rgb(Path(image))
     if isinstance(image, Image.Image):
         return rgb_array(image)
     array = np.asarray(image)
@@ -66,6 +68,8 @@ class Segmenter:
         self.device = resolve_device(str(device))
         self.model = model.to(self.device).eval()
         self.class_names = list(class_names)
+        if not isinstance(flip, bool):
+            raise AmnsegError(f"flip={flip!r}: expected True or False")
         self.flip = flip
         if not isinstance(crf, (bool, CrfConfig)) and crf is not None:
             raise AmnsegError(f"crf={crf!r}: expected True (DeepLab's parameters), False or a "
@@ -102,13 +106,13 @@ class Segmenter:
                 f"{what}: {width}x{height} pixels is too small to segment (at least "
                 f"{math.ceil(1 / smallest)} pixels a side, for the input scale {smallest:g})")
 
-    def probabilities(self, image: Image.Image | np.ndarray) -> np.ndarray:
+    def probabilities(self, image: Image.Image | np.ndarray | str | Path) -> np.ndarray:
         """(C + 1, H, W) float32 class probabilities (before any CRF)."""
         rgb = as_rgb(image)
         self.check_size(*rgb.shape[:2])
         return predict_probabilities(self.model, rgb, self.device, self.flip).cpu().numpy()
 
-    def __call__(self, image: Image.Image | np.ndarray) -> np.ndarray:
+    def __call__(self, image: Image.Image | np.ndarray | str | Path) -> np.ndarray:
         """(H, W) uint8 class indices: 0 background, i = ``class_names[i - 1]``."""
         rgb = as_rgb(image)
         self.check_size(*rgb.shape[:2])

@@ -12,6 +12,7 @@ import errno
 import json
 import os
 import pickle
+import re
 import struct
 import subprocess
 import sys
@@ -1032,3 +1033,61 @@ def test_a_split_whose_every_image_is_skipped_is_named_before_any_stage(data, tm
                           "--on-bad-image", "skip")
     assert "split 'val': all its" in line and "images are bad and skipped (why: " in line
     assert no_outputs(run)
+
+
+@pytest.mark.parametrize("root", [".", "", ".."])
+def test_demo_into_the_current_folder_is_refused_and_leaves_nothing(tmp_path, monkeypatch,
+                                                                    root):
+    from amnseg.data.demo import generate_demo
+
+    work = tmp_path / "work"
+    work.mkdir()
+    monkeypatch.chdir(work)
+    with pytest.raises(AmnsegError, match="cannot be the demo data folder"):
+        generate_demo(root, num_train=2, num_val=1)
+    assert list(tmp_path.iterdir()) == [work] and not list(work.iterdir())
+
+
+@pytest.mark.parametrize("env, words", [
+    ({"RANK": "0", "WORLD_SIZE": "1"}, "MASTER_PORT is not set"),
+    ({"RANK": "x", "WORLD_SIZE": "1", "MASTER_PORT": "29500"}, "RANK='x': expected a whole"),
+    ({"RANK": "0", "WORLD_SIZE": "abc", "MASTER_PORT": "29500"}, "WORLD_SIZE='abc'"),
+    ({"RANK": "0", "WORLD_SIZE": "1", "MASTER_PORT": "port"}, "MASTER_PORT='port'"),
+    ({"RANK": "1", "WORLD_SIZE": "1", "MASTER_PORT": "29500"},
+     "RANK=1, WORLD_SIZE=1: a rank must lie in 0 .. WORLD_SIZE - 1"),
+    ({"RANK": "0", "WORLD_SIZE": "1", "MASTER_PORT": "29500", "LOCAL_WORLD_SIZE": "0"},
+     "LOCAL_WORLD_SIZE=0"),
+])
+def test_launcher_variables_that_torchrun_would_not_set_are_one_line(monkeypatch, env, words):
+    from amnseg import distributed
+
+    for name in ("RANK", "WORLD_SIZE", "MASTER_PORT", "LOCAL_RANK", "LOCAL_WORLD_SIZE"):
+        monkeypatch.delenv(name, raising=False)
+    monkeypatch.setenv("MASTER_ADDR", "localhost")
+    for name, value in env.items():
+        monkeypatch.setenv(name, value)
+    with pytest.raises(AmnsegError, match=re.escape(words)):
+        distributed.setup("cpu")
+    assert not distributed.active()
+
+
+def test_cores_per_process_ignores_a_local_world_size_torchrun_would_not_set(monkeypatch):
+    import os
+
+    from amnseg import distributed
+
+    for value in ("0", "abc", "-2"):
+        monkeypatch.setenv("LOCAL_WORLD_SIZE", value)
+        assert distributed.cores_per_process() == max(1, os.cpu_count() or 1)
+    monkeypatch.setenv("LOCAL_WORLD_SIZE", "2")
+    assert distributed.cores_per_process() == max(1, (os.cpu_count() or 1) // 2)
+
+
+@pytest.mark.skipif(torch.cuda.is_available(), reason="needs a machine without CUDA")
+@pytest.mark.parametrize("option", ["seeds.crf_device", "seg.crf_device"])
+def test_crf_device_without_cuda_is_named_before_any_stage(data, tmp_path, capsys, option):
+    run = tmp_path / "run"
+    line = one_error_line(capsys, "run", "demo", *folder_args(data, run), f"{option}=cuda",
+                          "seeds.overlap=false")
+    assert f"{option}=cuda: CUDA is not available" in line
+    assert not (run / "cam").exists()

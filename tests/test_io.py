@@ -187,3 +187,23 @@ def test_map_files_are_compressed_unless_asked(tmp_path):
         with zipfile.ZipFile(tmp_path / f"{name}.npz") as archive:
             assert {info.compress_type for info in archive.infolist()} == {method}
         np.testing.assert_array_equal(load_score_maps(tmp_path / f"{name}.npz").full, maps.full)
+
+
+@pytest.mark.parametrize("damage", ["cut", "flipped"])
+def test_damaged_map_files_are_one_line(tmp_path, damage):
+    from amnseg.errors import AmnsegError
+    from amnseg.io import ScoreMaps, load_score_maps, save_score_maps
+
+    rng = np.random.default_rng(0)
+    path = tmp_path / "m.npz"
+    save_score_maps(path, ScoreMaps(np.array([1]), rng.random((1, 30, 40), np.float32),
+                                    rng.random((1, 120, 160), np.float32)))
+    data = bytearray(path.read_bytes())
+    if damage == "cut":
+        data = data[:100]
+    else:
+        middle = len(data) // 2
+        data[middle:middle + 64] = bytes(64)
+    path.write_bytes(bytes(data))
+    with pytest.raises(AmnsegError, match=r"m.npz: not a valid score map file .*delete it"):
+        load_score_maps(path)

@@ -767,3 +767,18 @@ def test_predict_decodes_every_input_before_writing_and_labels_a_file_once(seg_c
     written = predict_files(segmenter, [inputs / "a.png", inputs, inputs / "." / "a.png"],
                             tmp_path / "out")
     assert written == [tmp_path / "out" / "a.png"]
+
+
+def test_segmenter_takes_image_files_and_checks_flip(seg_checkpoint, tmp_path):
+    from amnseg.segmenter import Segmenter
+
+    image = np.random.default_rng(6).integers(0, 256, (21, 30, 3), dtype=np.uint8)
+    Image.fromarray(image).save(tmp_path / "photo.png")
+    segmenter = Segmenter.from_checkpoint(seg_checkpoint)
+    expected = segmenter(image)
+    np.testing.assert_array_equal(segmenter(tmp_path / "photo.png"), expected)
+    np.testing.assert_array_equal(segmenter(str(tmp_path / "photo.png")), expected)
+    with pytest.raises(AmnsegError, match="nowhere.png"):
+        segmenter(tmp_path / "nowhere.png")
+    with pytest.raises(AmnsegError, match="flip='no': expected True or False"):
+        Segmenter.from_checkpoint(seg_checkpoint, flip="no")

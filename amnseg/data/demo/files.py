@@ -48,6 +48,10 @@ def generate_demo(
     root = Path(root)
     if not 0 <= int(seed) < 2**32:
         raise AmnsegError(f"demo seed {seed}: must be an integer in 0 .. 2^32 - 1")
+    if str(root) in ("", ".") or Path.cwd().resolve().is_relative_to(root.resolve()):
+        # The demo is renamed into place as a whole: it needs a folder of its own.
+        raise AmnsegError(f"{root or '.'}: the current folder (or one holding it) cannot be "
+                          "the demo data folder; name a folder of its own, e.g. data/demo")
     params = DemoParams(
         seed=int(seed),
         num_train=int(num_train),
