@@ -29,7 +29,7 @@ from typing import Any
 from amnseg import distributed
 from amnseg.checkpoints import load_model_checkpoint, save_once
 from amnseg.config import Config, config_to_dict
-from amnseg.data import build_dataset, build_splits, run_dataset
+from amnseg.data import build_dataset, build_splits, run_dataset, skipped_images
 from amnseg.data.base import SegDataset
 from amnseg.data.check import check_dataset
 from amnseg.data.signature import data_signature
@@ -521,6 +521,17 @@ def _check_given_paths(config: Config, stages: list[str]) -> None:
             check_init_file(config)
 
 
+def _with_skipped(config: Config, signatures: dict[str, str]) -> dict[str, str]:
+    """The data signatures with the images the run skips: a stage trained or run with an image
+    is out of date once it is skipped, and the other way round. Unchanged when none is skipped
+    (the fingerprints of runs without skipped images stay as they were)."""
+    skipped = sorted(skipped_images(config))
+    if not skipped:
+        return signatures
+    digest = hashlib.sha256(json.dumps(skipped).encode()).hexdigest()[:16]
+    return {name: f"{value}|skipping {digest}" for name, value in signatures.items()}
+
+
 def _fingerprints(config: Config, signatures: dict[str, str]) -> dict[str | None, str]:
     """Every stage's fingerprint (None: the empty upstream of the stages that read only data)."""
     hashes: dict[str | None, str] = {None: ""}
@@ -598,7 +609,7 @@ def _run_stages(
         manifest["data"] = signatures
         check_data(config, signatures, manifest, progress)
     distributed.barrier()
-    hashes = _fingerprints(config, signatures)
+    hashes = _fingerprints(config, _with_skipped(config, signatures))
     for index, stage in enumerate(STAGES):
         stage_hash = hashes[stage.name]
         record = records.get(stage.name, {})

@@ -1091,3 +1091,26 @@ def test_crf_device_without_cuda_is_named_before_any_stage(data, tmp_path, capsy
                           "seeds.overlap=false")
     assert f"{option}=cuda: CUDA is not available" in line
     assert not (run / "cam").exists()
+
+
+def test_skipping_an_image_reruns_the_stages_that_used_it(data, tmp_path, capsys):
+    big = data / "images" / "img 05.png"
+    Image.fromarray(np.zeros((40, 40, 3), np.uint8)).save(big)
+    Image.fromarray(np.zeros((40, 40), np.uint8)).save(data / "masks" / "img 05.png")
+    run = tmp_path / "run"
+    status, _, err = amnseg(capsys, "run", "voc12", *folder_args(data, run), "--to", "cam")
+    assert status == 0, err
+    trained = (run / "cam" / "cam.pt").read_bytes()
+    # A pixel limit that the 40x40 image exceeds, with the skip policy: the image is left out,
+    # so the classifier trained with it is out of date.
+    status, out, err = amnseg(capsys, "run", "voc12", *folder_args(data, run), "--to", "cam",
+                              "data.max_pixels=1500", "--on-bad-image", "skip")
+    assert status == 0, err
+    assert "skipping 1 bad images" in out and "[skip] cam: up to date" not in out
+    manifest = json.loads((run / "manifest.json").read_text())
+    assert manifest["stages"]["cam"]["metrics"]["train_images"] == 7
+    assert (run / "cam" / "cam.pt").read_bytes() != trained
+    # The same options again: nothing to do.
+    status, out, err = amnseg(capsys, "run", "voc12", *folder_args(data, run), "--to", "cam",
+                              "data.max_pixels=1500", "--on-bad-image", "skip")
+    assert status == 0 and "[skip] cam: up to date" in out, err
