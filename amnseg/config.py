@@ -384,6 +384,9 @@ def validate(config: Config) -> Config:
     for name in ("train_split", "infer_split"):
         _require(bool(getattr(data, name)), f"data.{name}", getattr(data, name), "must be set")
     _at_least(data, "data", 0, "num_workers")
+    most = max(64, 8 * (os.cpu_count() or 1))  # beyond it only memory and start-up grow
+    _require(data.num_workers <= most, "data.num_workers", data.num_workers,
+             f"at most {most} loader processes on this machine of {os.cpu_count()} cores")
     _require(data.signature in ("stat", "content"), "data.signature", data.signature,
              "expected stat or content")
     _at_least(data, "data", 0, "max_pixels")

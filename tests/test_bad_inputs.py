@@ -266,6 +266,7 @@ def test_mask_of_another_size_and_rgb_mask(data, tmp_path, capsys):
     ("data=3", "data is a section of options, not a value: set its options one by one"),
     ("cam=null", "cam: is a section of options and cannot be null"),
     ("=3", "an override needs an option name before '='"),
+    ("data.num_workers=100000", "data.num_workers=100000: at most"),
     ("backbone.strides=[3,3,3,3]", "backbone.strides=[3, 3, 3, 3]: must be [2, s2, s3, s4]"),
     ("backbone.strides=[1,2,2,1]", "backbone.strides=[1, 2, 2, 1]: must be [2, s2, s3, s4]"),
     ("seg.backbone.strides=[2,2,4,1]", "seg.backbone.strides=[2, 2, 4, 1]: must be [2, s2,"),
