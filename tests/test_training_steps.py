@@ -373,3 +373,30 @@ def test_epoch_sampler_alone_is_rank_zero_of_one():
     assert len(alone) == 20 and len(set(alone)) == 20  # the last incomplete batch is dropped
     halves = [list(EpochSampler(23, 4, 5, 2, rank, 2)) for rank in range(2)]
     assert sorted(halves[0] + halves[1]) == sorted(alone)
+
+
+def test_fit_seeds_each_epoch_from_the_run_seed_and_the_epoch(tiny_dataset, tmp_path):
+    """Dropout and other global randomness of epoch e draw from epoch_seed(seed, e) (+ rank):
+    what a resumed run needs to draw what an uninterrupted one drew."""
+    from amnseg.config import load_config
+    from amnseg.data.folder import FolderDataset
+    from amnseg.training import AugmentedSet, Schedule, epoch_seed, fit
+
+    config = load_config("demo", [f"run_dir={tmp_path / 'run'}", "data.num_workers=0",
+                                  "seed=7", "device=cpu"])
+    model = torch.nn.Linear(1, 1)
+    optimizer = torch.optim.SGD(model.parameters(), lr=0.0)
+    scheduler = torch.optim.lr_scheduler.LambdaLR(optimizer, lambda step: 1.0)
+    seeds = []
+
+    def loss(net, inputs):
+        seeds.append(torch.initial_seed())
+        return net(inputs).sum()
+
+    train_set = AugmentedSet(FolderDataset(tiny_dataset, "train"),
+                             lambda sample, rng: (torch.ones(1),), seed=7)
+    fit("toy", config, model, optimizer, scheduler, train_set, loss, torch.device("cpu"),
+        Schedule(epochs=3, batch_size=4))
+    per_epoch = len(seeds) // 3
+    assert seeds == [epoch_seed(7, epoch) for epoch in range(3) for _ in range(per_epoch)]
+    assert len(set(seeds)) == 3 and epoch_seed(7, 1) != epoch_seed(1, 7)
