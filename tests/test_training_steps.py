@@ -400,3 +400,12 @@ def test_fit_seeds_each_epoch_from_the_run_seed_and_the_epoch(tiny_dataset, tmp_
     per_epoch = len(seeds) // 3
     assert seeds == [epoch_seed(7, epoch) for epoch in range(3) for _ in range(per_epoch)]
     assert len(set(seeds)) == 3 and epoch_seed(7, 1) != epoch_seed(1, 7)
+    # The log: one line per epoch, its rate the epoch's images over its seconds.
+    import json
+
+    records = [json.loads(line) for line in
+               (tmp_path / "run" / "toy" / "log.jsonl").read_text().splitlines()]
+    assert [r["epoch"] for r in records] == [1, 2, 3]
+    for record in records:
+        images = record["steps"] * 4
+        assert record["images_per_s"] == pytest.approx(images / record["seconds"])
