@@ -104,6 +104,17 @@ def test_split_id_that_climbs_out_is_refused(tmp_path, capsys):
     assert no_outputs(run)
 
 
+def test_a_stem_with_a_control_character_is_named_as_such():
+    from amnseg.data.base import check_stem
+
+    with pytest.raises(AmnsegError, match=r"train.txt:3: '2007_000032\\x00' is not a plain "
+                       r"image name \(it holds a control character\)"):
+        check_stem("2007_000032\x00", "train.txt:3")
+    with pytest.raises(AmnsegError, match=r"no folders allowed"):
+        check_stem("a/b", "train.txt:4")
+    assert check_stem("2007_000032", "train.txt:5") == "2007_000032"
+
+
 @pytest.mark.parametrize("name", ["/etc/passwd", "..", "a/b", "a\\b", ""])
 def test_coco_file_names_with_folders_are_refused(tmp_path, name):
     from amnseg.data.coco import COCODataset

@@ -256,8 +256,10 @@ def check_stem(stem: str, where: str) -> str:
     """``stem`` if it is a plain file name (it names image and output files), else a one-line
     error naming ``where`` it came from: no folder separators, no "." or "..", no control
     characters."""
-    if (not stem or stem in (".", "..") or "/" in stem or "\\" in stem
-            or any(ord(ch) < 32 for ch in stem)):
+    if any(ord(ch) < 32 for ch in stem):
+        raise AmnsegError(f"{where}: {stem!r} is not a plain image name (it holds a control "
+                          "character)")
+    if not stem or stem in (".", "..") or "/" in stem or "\\" in stem:
         raise AmnsegError(f"{where}: {stem!r} is not a plain image name (no folders allowed)")
     return stem
 
