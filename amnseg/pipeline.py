@@ -58,7 +58,13 @@ from amnseg.stages.common import processed_images
 from amnseg.stages.evaluate import evaluate_label_maps, evaluate_maps
 from amnseg.stages.irn import make_masks, train_irn
 from amnseg.stages.seeds import SeedFollower, make_seeds, overlap_seeds
-from amnseg.stages.seg import SEG_INIT_WORDS, check_init_file, evaluate_seg, train_seg
+from amnseg.stages.seg import (
+    SEG_INIT_WORDS,
+    check_init_file,
+    evaluate_seg,
+    mask_source,
+    train_seg,
+)
 from amnseg.training import crf_device_of
 
 MANIFEST = "manifest.json"
@@ -610,6 +616,11 @@ def _run_stages(
         check_data(config, signatures, manifest, progress)
     distributed.barrier()
     hashes = _fingerprints(config, _with_skipped(config, signatures))
+    if "seg" in running and config.seg.masks != "gt" and (
+            "masks" not in running or config.seg.masks != "pseudo"):
+        # The masks seg trains on exist already: a missing one is said before the stage's
+        # earlier outputs are cleared.
+        mask_source(config, config.seg.masks, run_dataset(config, config.data.train_split))
     for index, stage in enumerate(STAGES):
         stage_hash = hashes[stage.name]
         record = records.get(stage.name, {})

@@ -250,3 +250,22 @@ def test_eval_threshold_defaults_to_the_map_kinds_own(tmp_path):
     assert _threshold(config, "amn", 0.4) == 0.4
     with pytest.raises(AmnsegError, match="--kind irn"):
         map_kind(tmp_path, "irn")
+
+
+def test_from_seg_with_a_pseudo_mask_gone_keeps_the_seg_outputs(finished_run, tmp_path):
+    import shutil
+
+    from amnseg.errors import AmnsegError
+
+    config, _, _ = finished_run
+    run = tmp_path / "run"
+    shutil.copytree(config.run_dir, run)
+    from amnseg.config import load_config
+
+    moved = load_config(str(run / "config.json"), [f"run_dir={run}", "seg.iterations=4"])
+    gone = sorted((run / "irn" / "masks").glob("*.png"))[0]
+    gone.unlink()
+    before = (run / "seg" / "seg.pt").read_bytes()
+    with pytest.raises(AmnsegError, match=rf"{gone.name}: mask not found"):
+        run_pipeline(moved, start="seg", progress=lambda line: None)
+    assert (run / "seg" / "seg.pt").read_bytes() == before
