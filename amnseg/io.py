@@ -237,7 +237,6 @@ def check_tensors(state: dict, source: Path | str, what: str) -> None:
                               f"(not {what})")
 
 
-
 @dataclass
 class ScoreMaps:
     """Per-image score maps of the image's classes.

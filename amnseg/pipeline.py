@@ -518,11 +518,10 @@ def _check_given_paths(config: Config, stages: list[str]) -> None:
     # runs, and a file that cannot serve must not cost the ones there.
     class_names = None
     for option, value, _ in given:
-        stage = option.split(".")[0]
         if option.endswith(".checkpoint"):
             class_names = class_names or build_dataset(config.data,
                                                        config.data.train_split).class_names
-            load_model_checkpoint(Path(value), stage, class_names)
+            load_model_checkpoint(Path(value), option.split(".")[0], class_names)
         elif option == "seg.init":
             check_init_file(config)
 
@@ -606,7 +605,7 @@ def _run_stages(
     if {"seg", "seg_gt"} & set(running) and config.seg.eval_crf:
         crf_device_of(config.seg.crf_device, "seg.crf_device")
     if signatures.get("val") == "absent" and any(
-            "val" in stage.data and stage.enabled(config) for stage in STAGES[first:last + 1]):
+            "val" in stage.data for stage in STAGES[first:last + 1] if stage.name in running):
         # A stage of this call reads the val split: say what is wrong with it now, not after
         # the stages before it have run.
         build_dataset(config.data, config.data.val_split)
