@@ -489,6 +489,21 @@ def test_coco_fields_that_pycocotools_assumes_are_checked_at_load(tmp_path, edit
     assert "instances_train2014.json: " in message and words in message
 
 
+def test_coco_rle_whose_first_pixel_is_inside_starts_with_an_empty_run(tmp_path):
+    """COCO's run lengths start with background: a region at the first pixel gives a leading
+    0, which is valid (only negative runs are not)."""
+    root = write_coco(tmp_path)
+    path = root / "annotations" / "instances_train2014.json"
+    data = json.loads(path.read_text())
+    corner = np.zeros((H, W), bool)
+    corner[0:3, 0:2] = True
+    data["annotations"][2]["segmentation"] = uncompressed_rle(corner)
+    assert data["annotations"][2]["segmentation"]["counts"][0] == 0
+    path.write_text(json.dumps(data))
+    mask = COCODataset(root, "train").mask(COCO_IMG)
+    assert (mask[0:3, 0:2] == 255).all()  # a crowd: ignored
+
+
 def test_coco_compressed_rle_that_does_not_decode_is_named(tmp_path):
     root = write_coco(tmp_path)
     path = root / "annotations" / "instances_train2014.json"
