@@ -143,13 +143,21 @@ def config_show_command(
 @app.command("status")
 def status_command(run_dir: Path = typer.Argument(..., help="A run folder.")) -> None:
     """Print a run folder's manifest: stages, status, timings, metrics."""
-    from amnseg.pipeline import MANIFEST, load_manifest
+    from amnseg.pipeline import MANIFEST, RUN_CONFIG, load_manifest, load_run_config, stale_stages
 
     if not run_dir.is_dir():
         raise AmnsegError(f"{run_dir}: run folder not found")
     if not (run_dir / MANIFEST).is_file():
         raise AmnsegError(f"{run_dir}: no {MANIFEST} (not a run folder made by `amnseg run`)")
-    console.print(manifest_table(load_manifest(run_dir)))
+    manifest = load_manifest(run_dir)
+    stale: list[str] = []
+    if (run_dir / RUN_CONFIG).is_file():
+        # Which stages the run's config (that of its last command) would make differently.
+        stale = stale_stages(load_run_config(run_dir), manifest)
+    console.print(manifest_table(manifest, stale))
+    if stale:
+        _print_plain(f"out of date: {', '.join(stale)} (made with other options or data than "
+                     "the run's config.json; `amnseg run` makes them again)")
 
 
 @app.command("report")
@@ -385,7 +393,11 @@ def _class_names(spec: str) -> list[str]:
     return read_class_names(path)  # the rules of a dataset's classes.txt
 
 
-def manifest_table(manifest: dict) -> Table:
+def manifest_table(manifest: dict, stale: list[str] = ()) -> Table:
+    """The manifest's stages: status ("out of date" for those in ``stale``), seconds and
+    metrics."""
+    from amnseg.pipeline import stage_status
+
     table = Table(title="Pipeline")
     for column in ("stage", "status", "seconds", "metrics"):
         table.add_column(column)
@@ -400,7 +412,7 @@ def manifest_table(manifest: dict) -> Table:
             if isinstance(value, (int, float))
         )
         seconds = record.get("seconds", 0)
-        table.add_row(name, str(record.get("status", "?")),
+        table.add_row(name, stage_status(record, name in stale),
                       f"{seconds:.1f}" if isinstance(seconds, (int, float)) else "?", metrics)
     return table
 

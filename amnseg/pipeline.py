@@ -8,6 +8,13 @@ fingerprint downstream: those stages' outputs are cleared and recomputed. A stag
 interrupted (status ``running`` with the same fingerprint) resumes: map, seed and mask stages
 skip the images already written, training stages restart from their last epoch checkpoint.
 
+A stage's evaluation (mIoU on the split with ground truth) has its own fingerprint: the
+evaluation options (thresholds, sweeps, the segmentation net's flip and CRF, the val split) and
+the data evaluated. When only that changes, the stage's outputs are kept and only evaluated
+again. Each record also keeps the option values it was made with (``options``), so that a
+report labels its rows with the values that made them, and ``status`` can say which stages the
+run's current config would make differently (``stale_stages``).
+
 To add a stage: write its function ``(config) -> metrics`` and append a ``Stage`` to
 ``STAGES`` with its command name, the config options it reads and the paths it owns.
 """
@@ -28,7 +35,7 @@ from typing import Any
 
 from amnseg import distributed
 from amnseg.checkpoints import load_model_checkpoint, save_once
-from amnseg.config import Config, config_to_dict
+from amnseg.config import Config, config_from_dict, config_to_dict
 from amnseg.data import build_dataset, build_splits, run_dataset, skipped_images
 from amnseg.data.base import SegDataset
 from amnseg.data.check import check_dataset
@@ -84,6 +91,11 @@ class Stage:
     upstream: str | None = PREVIOUS  # the stage whose outputs it reads (None: only the data)
     enabled: Callable[[Config], bool] = lambda config: True
     data: tuple[str, ...] = ()  # the image sets it reads directly: "processed" and/or "val"
+    # Its evaluation (metrics for the manifest, files in <run>/eval), run after ``run`` and on
+    # its own when only the options and image sets of the evaluation changed.
+    evaluate: Callable[[Config], dict[str, Any]] | None = None
+    evaluation: tuple[str, ...] = ()  # the options the evaluation reads
+    evaluation_data: tuple[str, ...] = ()  # the image sets it reads
     # The files that must exist for the stage to count as done (besides its record).
     expected: Callable[[Config], list[Path]] = lambda config: []
     # The next stage, when its per-image work can start as soon as this one has written an
@@ -105,15 +117,34 @@ def _pick(config: Config, dotted: str) -> Any:
     return value
 
 
+def stage_options(stage: Stage, config: Config) -> dict[str, Any]:
+    """The values of the options ``stage``'s outputs depend on, by dotted name."""
+    return {key: _pick(config, key) for key in stage.options}
+
+
+def _hash(*parts: Any) -> str:
+    text = json.dumps(parts, sort_keys=True, default=str)
+    return hashlib.sha256(text.encode()).hexdigest()[:16]
+
+
 def fingerprint(
     stage: Stage, config: Config, upstream: str, signatures: dict[str, str] | None = None
 ) -> str:
     """Hash of the stage's options, the signatures of the data it reads and its upstream's
     fingerprint."""
-    payload = {key: _pick(config, key) for key in stage.options}
     data = {name: (signatures or {}).get(name) for name in stage.data}
-    text = json.dumps([upstream, stage.name, payload, data], sort_keys=True, default=str)
-    return hashlib.sha256(text.encode()).hexdigest()[:16]
+    return _hash(upstream, stage.name, stage_options(stage, config), data)
+
+
+def evaluation_fingerprint(stage: Stage, config: Config,
+                           signatures: dict[str, str] | None = None) -> str:
+    """Hash of the options and the data signatures that ``stage``'s evaluation reads ("" for a
+    stage without one)."""
+    if stage.evaluate is None:
+        return ""
+    payload = {key: _pick(config, key) for key in stage.evaluation}
+    data = {name: (signatures or {}).get(name) for name in stage.evaluation_data}
+    return _hash(stage.name, payload, data)
 
 
 def data_signatures(config: Config) -> dict[str, str]:
@@ -244,8 +275,7 @@ def _maps(source: str, make: Callable[[Config, Callable[[str], None] | None], Pa
         make(config, on_saved)
         # The stage's time without its evaluation (this run's share, if it resumed).
         made = round(time.perf_counter() - started, 2)
-        metrics = distributed.run_on_main(_evaluate_maps, config, source)
-        return {"images": len(processed_images(config)), "make_seconds": made, **metrics}
+        return {"images": len(processed_images(config)), "make_seconds": made}
 
     return run
 
@@ -254,36 +284,35 @@ def _seed_stage(source: str, description: str) -> Stage:
     """The stage that makes CRF seeds from the ``source`` (cam or amn) maps."""
 
     def run(config: Config) -> dict[str, Any]:
-        out_dir = make_seeds(config, source)
-        return distributed.run_on_main(_evaluate_labels, config, f"{source}_seeds", out_dir)
+        make_seeds(config, source)
+        return {}
 
     options = (f"seeds.{source}_fg_threshold", f"seeds.{source}_bg_threshold", "seeds.crf")
+    folder = lambda config: seeds_dir(config, source)  # noqa: E731
     return Stage(f"{source}_seeds", f"make-{source}-seeds", run, options,
-                 lambda config: (seeds_dir(config, source),), description,
-                 expected=_per_image(lambda config: seeds_dir(config, source), ".png"))
+                 lambda config: (folder(config),), description,
+                 expected=_per_image(folder, ".png"),
+                 evaluate=lambda config: _evaluate_labels(config, f"{source}_seeds",
+                                                          folder(config)))
 
 
 def _masks(config: Config) -> dict[str, Any]:
-    out_dir = make_masks(config)
-    metrics = distributed.run_on_main(_evaluate_labels, config, "pseudo_masks", out_dir)
-    return {"images": len(processed_images(config)), **metrics}
+    make_masks(config)
+    return {"images": len(processed_images(config))}
 
 
 def _train_seg(stage: str, masks: str | None) -> Callable[[Config], dict[str, Any]]:
-    """Train the segmentation network (or take ``seg.checkpoint``), then evaluate it."""
+    """Train the segmentation network (or take ``seg.checkpoint``)."""
 
     def run(config: Config) -> dict[str, Any]:
         dataset = run_dataset(config, config.data.train_split)  # without skipped images
-        metrics: dict[str, Any]
         if config.seg.checkpoint and stage == "seg":
             checkpoint = load_model_checkpoint(Path(config.seg.checkpoint), "seg",
                                                dataset.class_names)
             save_once(checkpoint_path(config, stage), checkpoint)
-            metrics = {"checkpoint": config.seg.checkpoint}
-        else:
-            train_seg(config, stage, masks)
-            metrics = {"train_split": config.data.train_split, "train_images": len(dataset)}
-        return {**metrics, **distributed.run_on_main(_evaluate_seg, config, stage)}
+            return {"checkpoint": config.seg.checkpoint}
+        train_seg(config, stage, masks)
+        return {"train_split": config.data.train_split, "train_images": len(dataset)}
 
     return run
 
@@ -320,11 +349,17 @@ _IRN_TRAIN = tuple(f"irn.{name}" for name in (
     "crop_size", "rescale", "flip", "backbone_init", "checkpoint"))
 _IRN_WALK = tuple(f"irn.{name}" for name in (
     "infer_pad_size", "walk_radius", "beta", "exp_times", "cam_power", "bg_threshold"))
-_SEG = ("data.val_split", *_TRAINING, *(f"seg.{name}" for name in (
+_SEG = (*_TRAINING, *(f"seg.{name}" for name in (
     "backbone", "init", "iterations", "batch_size", "accumulation", "fused_accumulation",
     "lr", "momentum",
     "weight_decay", "poly_power", "lr_decay_every", "aspp_weight_lr_mult", "aspp_bias_lr_mult",
-    "crop_size", "rescale", "flip", "msc_scales", "eval_flip", "eval_crf", "crf")))
+    "crop_size", "rescale", "flip", "msc_scales")))
+# What the segmentation net's evaluation reads besides the network (the per-iteration val
+# check during training only logs, so the val split is not an option of the training).
+_SEG_EVALUATION = ("data.val_split", "seg.msc_scales", "seg.eval_flip", "seg.eval_crf",
+                   "seg.crf")
+# The threshold sweep and the robust range of every map evaluation.
+_SWEEP = ("eval",)
 
 def _training_stage(name: str, train: Callable[[Config], Path], options: tuple[str, ...],
                     description: str, **extra: Any) -> Stage:
@@ -341,7 +376,19 @@ def _map_stage(source: str, command: str,
                  lambda config: (maps_dir(config, source),), description,
                  expected=_per_image(lambda config: maps_dir(config, source), ".npz"),
                  follower=Follower(f"{source}_seeds",
-                                   lambda config: SeedFollower(config, source), overlap_seeds))
+                                   lambda config: SeedFollower(config, source), overlap_seeds),
+                 evaluate=lambda config: _evaluate_maps(config, source),
+                 evaluation=(f"{source}.eval_threshold", *_SWEEP))
+
+
+def _seg_stage(name: str, masks: str | None, options: tuple[str, ...], description: str,
+               **extra: Any) -> Stage:
+    return Stage(name, f"train-{name.replace('_', '-')}", _train_seg(name, masks), options,
+                 lambda config: (*_training_outputs(name)(config),
+                                 eval_dir(config) / f"{name}.json"),
+                 description, expected=lambda config: [checkpoint_path(config, name)],
+                 evaluate=lambda config: _evaluate_seg(config, name),
+                 evaluation=_SEG_EVALUATION, evaluation_data=("val",), **extra)
 
 
 STAGES: tuple[Stage, ...] = (
@@ -362,21 +409,31 @@ STAGES: tuple[Stage, ...] = (
                     "train IRN on the AMN seeds of data.train_split"),
     Stage("masks", "make-masks", _masks, (*_PRECISION, *_IRN_WALK),
           lambda config: (masks_dir(config),),
-          "random walk -> pseudo masks", expected=_per_image(masks_dir, ".png")),
-    Stage("seg", "train-seg", _train_seg("seg", None), (*_SEG, "seg.masks", "seg.checkpoint"),
-          lambda config: (*_training_outputs("seg")(config), eval_dir(config) / "seg.json"),
-          "train DeepLab-v2 on the pseudo masks of data.train_split, evaluate on "
-          "data.val_split", data=("val",),
-          expected=lambda config: [checkpoint_path(config, "seg")]),
-    Stage("seg_gt", "train-seg-gt", _train_seg("seg_gt", "gt"), (*_DATA, *_SEG),
-          lambda config: (*_training_outputs("seg_gt")(config),
-                          eval_dir(config) / "seg_gt.json"),
-          "the same network on the ground-truth masks (upper bound; seg.upper_bound=true)",
-          upstream=None, enabled=lambda config: config.seg.upper_bound,
-          data=("processed", "val"),
-          expected=lambda config: [checkpoint_path(config, "seg_gt")]),
+          "random walk -> pseudo masks", expected=_per_image(masks_dir, ".png"),
+          evaluate=lambda config: _evaluate_labels(config, "pseudo_masks", masks_dir(config))),
+    _seg_stage("seg", None, (*_SEG, "seg.masks", "seg.checkpoint"),
+               "train DeepLab-v2 on the pseudo masks of data.train_split, evaluate on "
+               "data.val_split"),
+    _seg_stage("seg_gt", "gt", (*_DATA, *_SEG),
+               "the same network on the ground-truth masks (upper bound; seg.upper_bound=true)",
+               upstream=None, enabled=lambda config: config.seg.upper_bound,
+               data=("processed",)),
 )
 STAGE_NAMES = tuple(stage.name for stage in STAGES)
+
+
+RUN_CONFIG = "config.json"
+
+
+def load_run_config(run_dir: Path) -> Config:
+    """The config of a run folder's last command (its ``config.json``), with ``run_dir`` set to
+    where the folder is now (it may have moved since)."""
+    path = run_dir / RUN_CONFIG
+    if not path.is_file():
+        raise AmnsegError(f"{run_dir}: no {RUN_CONFIG} (not an amnseg run folder)")
+    config = config_from_dict(load_json(path, dict))
+    config.run_dir = str(run_dir)
+    return config
 
 
 def load_manifest(run_dir: Path) -> dict[str, Any]:
@@ -475,8 +532,10 @@ def _silent(line: str) -> None:
 
 
 def _plan(stage: Stage, index: int, first: int, last: int, config: Config, record: dict,
-          stage_hash: str, require_upstream: bool, run_dir: Path) -> tuple[str, str]:
-    """(what to do, why): "skip", "run", "resume" or "error" (the why is the message)."""
+          stage_hash: str, require_upstream: bool, run_dir: Path,
+          eval_hash: str = "") -> tuple[str, str]:
+    """(what to do, why): "skip", "run", "resume", "evaluate" (outputs up to date, evaluation
+    options changed) or "error" (the why is the message)."""
     same = record.get("fingerprint") == stage_hash
     if not stage.enabled(config):
         return "skip", "not enabled by this config" if first <= index <= last else ""
@@ -488,6 +547,8 @@ def _plan(stage: Stage, index: int, first: int, last: int, config: Config, recor
         return "skip", ""
     missing = [path for path in stage.expected(config) if not path.is_file()]
     if same and record.get("status") == "done" and not missing:
+        if record.get("eval_fingerprint", "") != eval_hash:
+            return "evaluate", " (its evaluation options or data changed: evaluating again)"
         return "skip", "up to date"
     if not same:
         # Outputs made with other options or data are replaced: say so, they may be wanted.
@@ -548,12 +609,42 @@ def _fingerprints(config: Config, signatures: dict[str, str]) -> dict[str | None
     return hashes
 
 
-def _start_record(records: dict[str, Any], name: str, stage_hash: str, action: str
-                  ) -> dict[str, Any]:
+def stale_stages(config: Config, manifest: dict[str, Any]) -> list[str]:
+    """The stages recorded as done whose outputs (or evaluation) ``config`` would make
+    differently, with the data signatures the manifest recorded: e.g. the stages after an
+    ``amnseg run --to`` whose options changed, until they run again."""
+    recorded = manifest.get("data")
+    signatures = _with_skipped(config, recorded if isinstance(recorded, dict) else {})
+    hashes = _fingerprints(config, signatures)
+    records = manifest.get("stages")
+    stale = []
+    for stage in STAGES:
+        record = records.get(stage.name) if isinstance(records, dict) else None
+        if not isinstance(record, dict) or record.get("status") != "done":
+            continue
+        if not stage.enabled(config) or record.get("fingerprint") != hashes[stage.name] or (
+                record.get("eval_fingerprint", "")
+                != evaluation_fingerprint(stage, config, signatures)):
+            stale.append(stage.name)
+    return stale
+
+
+def stage_status(record: Any, stale: bool = False) -> str:
+    """A manifest record's status as shown to users; "out of date" for a stale stage."""
+    if not isinstance(record, dict):
+        return "?"  # a hand-edited manifest
+    status = str(record.get("status", "?"))
+    return f"{status}, out of date" if stale else status
+
+
+def _start_record(records: dict[str, Any], name: str, stage_hash: str, action: str,
+                  config: Config) -> dict[str, Any]:
     """The manifest record of a stage that starts ("run") or resumes ("resume") now; a resumed
     one keeps its seconds so far and the count of outputs made beside the stage before it."""
+    stage = STAGES[STAGE_NAMES.index(name)]
     record: dict[str, Any] = {"fingerprint": stage_hash, "status": "running",
-                              "started": time.strftime("%Y-%m-%dT%H:%M:%S"), "seconds": 0.0}
+                              "started": time.strftime("%Y-%m-%dT%H:%M:%S"), "seconds": 0.0,
+                              "options": stage_options(stage, config)}
     if action == "resume":
         earlier = records.get(name, {})
         record["seconds"] = earlier.get("seconds", 0.0)
@@ -583,10 +674,31 @@ def _start_follower_record(
         return False
     if action == "run":
         _clear_outputs(config, following)
-    _start_record(records, following.name, hashes[following.name], action)
+    _start_record(records, following.name, hashes[following.name], action, config)
     progress(f"[beside] {following.name}: {following.description}, as {stage.name} writes "
              "each image")
     return True
+
+
+def _evaluation(stage: Stage, config: Config, eval_hash: str) -> dict[str, Any]:
+    """The stage's evaluation, as manifest record fields: its metrics, the fingerprint of what
+    it read and which metrics it made ({} for a stage without one)."""
+    if stage.evaluate is None:
+        return {}
+    metrics = distributed.run_on_main(stage.evaluate, config)
+    return {"metrics": metrics, "eval_fingerprint": eval_hash, "eval_metrics": sorted(metrics)}
+
+
+def _evaluate_again(stage: Stage, config: Config, record: dict[str, Any], eval_hash: str
+                    ) -> None:
+    """Evaluate a stage whose outputs are up to date; its record gets the new metrics in place
+    of the ones its last evaluation made."""
+    evaluated = _evaluation(stage, config, eval_hash)
+    if distributed.is_main():
+        previous = set(record.get("eval_metrics", ()))
+        kept = {key: value for key, value in (record.get("metrics") or {}).items()
+                if key not in previous}
+        record.update(metrics={**kept, **evaluated.pop("metrics")}, **evaluated)
 
 
 def _run_stages(
@@ -605,16 +717,18 @@ def _run_stages(
     if {"seg", "seg_gt"} & set(running) and config.seg.eval_crf:
         crf_device_of(config.seg.crf_device, "seg.crf_device")
     if signatures.get("val") == "absent" and any(
-            "val" in stage.data for stage in STAGES[first:last + 1] if stage.name in running):
+            "val" in (*stage.data, *stage.evaluation_data)
+            for stage in STAGES[first:last + 1] if stage.name in running):
         # A stage of this call reads the val split: say what is wrong with it now, not after
         # the stages before it have run.
         build_dataset(config.data, config.data.val_split)
     if main:
-        save_json(run_dir / "config.json", config_to_dict(config))
+        save_json(run_dir / RUN_CONFIG, config_to_dict(config))
         manifest["data"] = signatures
         check_data(config, signatures, manifest, progress)
     distributed.barrier()
-    hashes = _fingerprints(config, _with_skipped(config, signatures))
+    signatures = _with_skipped(config, signatures)
+    hashes = _fingerprints(config, signatures)
     if "seg" in running and config.seg.masks != "gt" and (
             "masks" not in running or config.seg.masks != "pseudo"):
         # The masks seg trains on exist already: a missing one is said before the stage's
@@ -622,22 +736,30 @@ def _run_stages(
         mask_source(config, config.seg.masks, run_dataset(config, config.data.train_split))
     for index, stage in enumerate(STAGES):
         stage_hash = hashes[stage.name]
+        eval_hash = evaluation_fingerprint(stage, config, signatures)
         record = records.get(stage.name, {})
         action, why = distributed.run_on_main(
             _plan, stage, index, first, last, config, record, stage_hash, require_upstream,
-            run_dir)
+            run_dir, eval_hash)
         if action == "error":
             raise AmnsegError(why)
         if action == "skip":
             if why:
                 progress(f"[skip] {stage.name}: {why}")
             continue
+        if action == "evaluate":
+            progress(f"[evaluate] {stage.name}{why}")
+            _evaluate_again(stage, config, record, eval_hash)
+            if main:
+                save_json(run_dir / MANIFEST, manifest)
+            distributed.barrier()
+            continue
         if main:
             if action == "run":
                 # Stages that read this one's outputs have changed fingerprints too and rerun.
                 _clear_outputs(config, stage)
             progress(f"[run] {stage.name}: {stage.description}{why}")
-            record = _start_record(records, stage.name, stage_hash, action)
+            record = _start_record(records, stage.name, stage_hash, action, config)
         follower = stage.follower if distributed.run_on_main(
             _start_follower_record, stage, first, last, config, records, hashes,
             require_upstream, run_dir, progress) else None
@@ -657,6 +779,7 @@ def _run_stages(
                 if beside.failure:
                     progress(f"[beside] {follower.stage} stopped ({beside.failure}); it "
                              "makes the rest when it runs")
+            evaluated = _evaluation(stage, config, eval_hash)
         except BaseException as error:
             # The manifest says what happened; the error itself goes on to the caller.
             if main:
@@ -668,9 +791,9 @@ def _run_stages(
                 save_json(run_dir / MANIFEST, manifest)
             raise
         if main:
-            record.update(status="done", metrics=metrics,
+            record.update(status="done", metrics={**metrics, **evaluated.pop("metrics", {})},
                           seconds=record["seconds"] + time.perf_counter() - started,
-                          finished=time.strftime("%Y-%m-%dT%H:%M:%S"))
+                          finished=time.strftime("%Y-%m-%dT%H:%M:%S"), **evaluated)
             save_json(run_dir / MANIFEST, manifest)
         distributed.barrier()
     return manifest

@@ -269,3 +269,77 @@ def test_from_seg_with_a_pseudo_mask_gone_keeps_the_seg_outputs(finished_run, tm
     with pytest.raises(AmnsegError, match=rf"{gone.name}: mask not found"):
         run_pipeline(moved, start="seg", progress=lambda line: None)
     assert (run / "seg" / "seg.pt").read_bytes() == before
+
+
+def test_changed_evaluation_options_evaluate_again_and_keep_the_outputs(finished_run, tmp_path):
+    """The threshold of the map evaluation and the segmentation net's test-time options are
+    evaluation options: changing them evaluates again; nothing is made or trained again."""
+    import json
+    import shutil
+
+    config, _, _ = finished_run
+    run = tmp_path / "run"
+    shutil.copytree(config.run_dir, run)
+    outputs, network = digest(run), (run / "seg" / "seg.pt").read_bytes()
+    changed = tiny_config(Path(config.data.root), run, *FAST, "cam.eval_threshold=0.35",
+                          "seg.eval_flip=true", "seg.eval_crf=false")
+    messages: list[str] = []
+    manifest = run_pipeline(changed, progress=messages.append)
+    why = " (its evaluation options or data changed: evaluating again)"
+    assert [m for m in messages if not m.startswith("[skip]")] == [
+        f"[evaluate] cam_maps{why}", f"[evaluate] seg{why}"]
+    assert digest(run) == outputs and (run / "seg" / "seg.pt").read_bytes() == network
+    sweep = json.loads((run / "eval" / "cam_sweep.json").read_text())
+    metrics = manifest["stages"]["cam_maps"]["metrics"]
+    assert sweep["threshold"] == 0.35
+    assert metrics["cam_miou_at_threshold"] == sweep["miou"][sweep["thresholds"].index(0.35)]
+    assert metrics["images"] == 8  # what the stage itself recorded is kept
+    seg = json.loads((run / "eval" / "seg.json").read_text())
+    assert seg["flip"] is True and seg["crf"] is None
+    metrics = manifest["stages"]["seg"]["metrics"]
+    # The CRF figure of the earlier evaluation is gone with it; the training's record stays.
+    assert "seg_crf_miou" not in metrics and metrics["seg_miou"] == seg["no_crf"]["miou"]
+    assert metrics["train_images"] == 8
+    messages.clear()
+    run_pipeline(changed, progress=messages.append)
+    assert all(m.startswith("[skip]") for m in messages)
+    # A record from before evaluations had fingerprints is evaluated once.
+    del manifest["stages"]["masks"]["eval_fingerprint"]
+    (run / "manifest.json").write_text(json.dumps(manifest))
+    messages.clear()
+    run_pipeline(changed, progress=messages.append)
+    assert [m for m in messages if not m.startswith("[skip]")] == [f"[evaluate] masks{why}"]
+
+
+def test_stages_made_with_other_options_are_out_of_date_in_status_and_report(finished_run,
+                                                                              tmp_path):
+    """After `run --to cam_seeds` with other seed thresholds, the later stages were made from
+    the old seeds: status and the report say so, and the report labels every seed row with the
+    thresholds that made it."""
+    import shutil
+
+    from amnseg.pipeline import load_run_config, stale_stages
+
+    config, _, _ = finished_run
+    run = tmp_path / "run"
+    shutil.copytree(config.run_dir, run)
+    changed = tiny_config(Path(config.data.root), run, *FAST, "seeds.cam_fg_threshold=0.35")
+    manifest = run_pipeline(changed, stop="cam_seeds", progress=lambda line: None)
+    assert manifest["stages"]["cam_seeds"]["options"]["seeds.cam_fg_threshold"] == 0.35
+    assert manifest["stages"]["amn_seeds"]["options"]["seeds.amn_fg_threshold"] == 0.45
+    later = ["amn", "amn_maps", "amn_seeds", "irn", "masks", "seg"]
+    assert stale_stages(load_run_config(run), manifest) == later
+    # Against the config that made the later stages, only the new seeds are out of date.
+    assert stale_stages(tiny_config(Path(config.data.root), run, *FAST), manifest) == [
+        "cam_seeds"]
+    status = amnseg_cli("status", str(run))
+    assert status.returncode == 0, status.stderr
+    assert f"out of date: {', '.join(later)} (made with other options" in status.stdout
+    assert "done, out of date" in status.stdout
+    text = build_report(run).read_text()
+    assert "CAM seeds (CRF, 0.35/0.05)</th>" in text
+    assert "AMN seeds (CRF, 0.45/0.15) ⚠ out of date" in text
+    assert "Pseudo masks (IRN random walk) ⚠ out of date" in text
+    assert "CAM maps (best threshold) t=" in text and "CAM maps (best threshold) ⚠" not in text
+    assert "trained on the pseudo masks ⚠ out of date" in text
+    assert text.count("<td>done, out of date</td>") == len(later)

@@ -15,7 +15,7 @@ from typing import Any
 
 import numpy as np
 
-from amnseg.config import Config, config_from_dict
+from amnseg.config import Config, config_to_dict
 from amnseg.data import run_dataset, skipped_images
 from amnseg.data.base import SegDataset, read_index_png
 from amnseg.errors import AmnsegError
@@ -23,24 +23,45 @@ from amnseg.io import atomic_path, load_json, load_score_maps
 from amnseg.layout import eval_dir as layout_eval_dir
 from amnseg.layout import maps_dir, masks_dir, seeds_dir
 from amnseg.metrics import foreground_background_gap
+from amnseg.pipeline import load_manifest, load_run_config, stage_status, stale_stages
 from amnseg.report.figures import activation_histograms, colorize_labels, heatmap, png_bytes
 from amnseg.report.plots import plot_optimal_threshold_histogram, plot_sweep
 
 # Evaluation files the report shows (eval file stem, kind), in pipeline order.
 EVAL_FILES = (("cam_sweep", "sweep"), ("cam_seeds", "labels"), ("amn_sweep", "sweep"),
               ("amn_seeds", "labels"), ("pseudo_masks", "labels"))
+# The stage that writes each of them.
+EVAL_STAGES = {"cam_sweep": "cam_maps", "cam_seeds": "cam_seeds", "amn_sweep": "amn_maps",
+               "amn_seeds": "amn_seeds", "pseudo_masks": "masks", "seg": "seg",
+               "seg_gt": "seg_gt"}
+OUT_OF_DATE = " ⚠ out of date (the run's config has changed since: run it again)"
 
 
-def _stage_labels(config: Config) -> dict[str, str]:
-    """Row titles of the stage table, with the run's own seed thresholds."""
-    s = config.seeds
-    return {
+def _stage_labels(config: Config, records: dict[str, Any], stale: list[str]
+                  ) -> dict[str, str]:
+    """Row titles of the stage table: the seed thresholds each seed stage was made with (its
+    manifest record's, else the config's), and a warning on the rows of stages that the run's
+    config (that of its last command) would make differently."""
+
+    def seed_thresholds(source: str) -> str:
+        record = records.get(f"{source}_seeds")
+        made_with = record.get("options") if isinstance(record, dict) else None
+        values = []
+        for which in ("fg", "bg"):
+            key = f"{source}_{which}_threshold"
+            value = (made_with or {}).get(f"seeds.{key}", getattr(config.seeds, key))
+            values.append(f"{value:.2f}" if isinstance(value, (int, float)) else "?")
+        return "/".join(values)
+
+    labels = {
         "cam_sweep": "CAM maps (best threshold)",
-        "cam_seeds": f"CAM seeds (CRF, {s.cam_fg_threshold:.2f}/{s.cam_bg_threshold:.2f})",
+        "cam_seeds": f"CAM seeds (CRF, {seed_thresholds('cam')})",
         "amn_sweep": "AMN maps (best threshold)",
-        "amn_seeds": f"AMN seeds (CRF, {s.amn_fg_threshold:.2f}/{s.amn_bg_threshold:.2f})",
+        "amn_seeds": f"AMN seeds (CRF, {seed_thresholds('amn')})",
         "pseudo_masks": "Pseudo masks (IRN random walk)",
     }
+    return {stem: label + (OUT_OF_DATE if EVAL_STAGES[stem] in stale else "")
+            for stem, label in labels.items()}
 
 
 def _gallery_columns(config: Config) -> tuple[tuple[str, Path, str], ...]:
@@ -78,7 +99,7 @@ REPORTED_FIELDS = {
 
 def _number(value: float | None, digits: int = 2) -> str:
     """A value of an evaluation file, "–" where there is none (no image with ground truth)."""
-    return "–" if value is None else f"{value:.{digits}f}"
+    return f"{value:.{digits}f}" if isinstance(value, (int, float)) else "–"
 
 
 def _load_result(path: Path, kind: str) -> dict[str, Any]:
@@ -149,7 +170,7 @@ def _robustness_table(results: dict[str, dict]) -> str:
             f"<th>FG−BG gap</th></tr>{''.join(rows)}</table>")
 
 
-def _segmentation_table(eval_dir: Path) -> str:
+def _segmentation_table(eval_dir: Path, stale: list[str]) -> str:
     """The segmentation networks on the val split: what they learnt from, their init (it moves
     VOC results by 2-3 points), mIoU without and with the CRF, and pseudo vs ground truth."""
     rows, found = [], {}
@@ -158,6 +179,8 @@ def _segmentation_table(eval_dir: Path) -> str:
         path = eval_dir / f"{stem}.json"
         if not path.is_file():
             continue
+        if EVAL_STAGES[stem] in stale:
+            title += OUT_OF_DATE
         r = found[stem] = _load_result(path, "seg")
         crf = r["crf"]["miou"] if r.get("crf") else None
         rows.append(
@@ -279,12 +302,8 @@ def build_report(run_dir: Path, gallery_count: int = 4) -> Path:
 
 
 def _build_report(run_dir: Path, gallery_count: int) -> Path:
-    config_path = run_dir / "config.json"
-    if not config_path.is_file():
-        raise AmnsegError(f"{run_dir}: no config.json (not an amnseg run folder)")
-    config_dict = load_json(config_path, dict)
-    config = config_from_dict(config_dict)
-    config.run_dir = str(run_dir)  # the folder may have moved since the run
+    config = load_run_config(run_dir)
+    config_dict = config_to_dict(config)
     dataset = run_dataset(config, config.data.infer_split)
     eval_dir = layout_eval_dir(config)
     results = _load_results(eval_dir)
@@ -302,21 +321,24 @@ def _build_report(run_dir: Path, gallery_count: int) -> Path:
         _img_tag(p.read_bytes(), p.stem, css="wide" if p.stem == "activations" else None)
         for p in figures
     )
-    manifest_path = run_dir / "manifest.json"
+    manifest = load_manifest(run_dir)
+    records = manifest.get("stages", {})
+    stale = stale_stages(config, manifest)
     timings = ""
-    if manifest_path.is_file():
-        stages = load_json(manifest_path, dict).get("stages", {})
+    if records:
         timings = "<table><tr><th>stage</th><th>status</th><th>seconds</th></tr>" + "".join(
-            f"<tr><th>{html.escape(n)}</th><td>{r.get('status')}</td>"
-            f"<td>{r.get('seconds', 0):.1f}</td></tr>" for n, r in stages.items()) + "</table>"
+            f"<tr><th>{html.escape(n)}</th><td>{html.escape(stage_status(r, n in stale))}</td>"
+            f"<td>{_number(r.get('seconds') if isinstance(r, dict) else None, 1)}</td></tr>"
+            for n, r in records.items()
+        ) + "</table>"
     body = f"""
 <h1>amnseg run report</h1>
 <p class="muted">{html.escape(str(run_dir))} · dataset {html.escape(config.data.kind)}
  {html.escape(config.data.root)} ({html.escape(config.data.infer_split)}, {len(dataset)} images)</p>
 <h2>mIoU per stage and class (%)</h2>
-{_stage_table(results, dataset.class_names, _stage_labels(config))}
+{_stage_table(results, dataset.class_names, _stage_labels(config, records, stale))}
 <h2>Segmentation network (DeepLab-v2)</h2>
-{_segmentation_table(eval_dir)}
+{_segmentation_table(eval_dir, stale)}
 <h2>Robustness to the threshold</h2>
 {_robustness_table(results)}
 <div class="figures">{figure_tags}</div>
