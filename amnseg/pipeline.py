@@ -541,7 +541,9 @@ def _plan(stage: Stage, index: int, first: int, last: int, config: Config, recor
         return "skip", "not enabled by this config" if first <= index <= last else ""
     if index < first or index > last:
         done = same and record.get("status") == "done"
-        if index < first and require_upstream and not done:
+        needed = _upstream_of([later.name for later in STAGES[first:last + 1]
+                               if later.enabled(config)])
+        if index < first and require_upstream and not done and stage.name in needed:
             return "error", (f"{run_dir}: stage {stage.name} is not done with this config; "
                              f"run without --from (or --from {stage.name}) first")
         return "skip", ""
@@ -557,6 +559,20 @@ def _plan(stage: Stage, index: int, first: int, last: int, config: Config, recor
     if record.get("status") == "done":
         return "resume", f" ({len(missing)} output files missing, first {missing[0]}; resuming)"
     return "resume", " (resuming)"
+
+
+def _upstream_of(names: list[str]) -> set[str]:
+    """The stages whose outputs the stages ``names`` read, directly or through others."""
+    found: set[str] = set()
+    for name in names:
+        index = STAGE_NAMES.index(name)
+        while True:
+            upstream = STAGES[index].upstream
+            if upstream is None or index == 0:
+                break
+            index = index - 1 if upstream == PREVIOUS else STAGE_NAMES.index(upstream)
+            found.add(STAGE_NAMES[index])
+    return found
 
 
 def _check_given_paths(config: Config, stages: list[str]) -> None:
@@ -729,10 +745,15 @@ def _run_stages(
     distributed.barrier()
     signatures = _with_skipped(config, signatures)
     hashes = _fingerprints(config, signatures)
+    masks_record = records.get("masks", {})
+    masks_made = (masks_record.get("status") == "done"
+                  and masks_record.get("fingerprint") == hashes["masks"])
     if "seg" in running and config.seg.masks != "gt" and (
-            "masks" not in running or config.seg.masks != "pseudo"):
+            "masks" not in running or config.seg.masks != "pseudo") and (
+            masks_made or config.seg.masks != "pseudo" or not require_upstream):
         # The masks seg trains on exist already: a missing one is said before the stage's
-        # earlier outputs are cleared.
+        # earlier outputs are cleared. (Pseudo masks not made yet under --from: the stages
+        # that make them are named below.)
         mask_source(config, config.seg.masks, run_dataset(config, config.data.train_split))
     for index, stage in enumerate(STAGES):
         stage_hash = hashes[stage.name]

@@ -343,3 +343,20 @@ def test_stages_made_with_other_options_are_out_of_date_in_status_and_report(fin
     assert "CAM maps (best threshold) t=" in text and "CAM maps (best threshold) ⚠" not in text
     assert "trained on the pseudo masks ⚠ out of date" in text
     assert text.count("<td>done, out of date</td>") == len(later)
+
+
+def test_from_seg_gt_needs_none_of_the_pseudo_mask_stages(tmp_path):
+    """The upper bound trains on the ground truth: `run --from seg_gt` on a new folder trains
+    it alone, while `--from seg` still wants the stages that make its masks."""
+    from amnseg.errors import AmnsegError
+
+    data = write_tiny_folder_dataset(tmp_path / "data", count=4)
+    config = tiny_config(data, tmp_path / "run", *FAST, "seg.upper_bound=true")
+    with pytest.raises(AmnsegError, match="stage cam is not done with this config"):
+        run_pipeline(config, start="seg", progress=lambda line: None)
+    messages: list[str] = []
+    manifest = run_pipeline(config, start="seg_gt", progress=messages.append)
+    assert list(manifest["stages"]) == ["seg_gt"]
+    assert manifest["stages"]["seg_gt"]["status"] == "done"
+    assert (tmp_path / "run" / "seg_gt" / "seg_gt.pt").is_file()
+    assert messages[-1].startswith("[run] seg_gt")
