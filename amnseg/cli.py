@@ -151,13 +151,19 @@ def status_command(run_dir: Path = typer.Argument(..., help="A run folder.")) ->
         raise AmnsegError(f"{run_dir}: no {MANIFEST} (not a run folder made by `amnseg run`)")
     manifest = load_manifest(run_dir)
     stale: list[str] = []
+    unknown = ""
     if (run_dir / RUN_CONFIG).is_file():
         # Which stages the run's config (that of its last command) would make differently.
-        stale = stale_stages(load_run_config(run_dir), manifest)
+        try:
+            stale = stale_stages(load_run_config(run_dir), manifest)
+        except AmnsegError as error:  # the manifest is still worth showing
+            unknown = f"which stages are out of date is unknown: {one_line(error)}"
     console.print(manifest_table(manifest, stale))
     if stale:
-        _print_plain(f"out of date: {', '.join(stale)} (made with other options or data than "
-                     "the run's config.json; `amnseg run` makes them again)")
+        _print_plain(f"out of date: {', '.join(stale)} (made with other options than the run's "
+                     "config.json; `amnseg run` makes them again)")
+    if unknown:
+        _print_plain(unknown)
 
 
 @app.command("report")

@@ -334,7 +334,8 @@ def test_stages_made_with_other_options_are_out_of_date_in_status_and_report(fin
         "cam_seeds"]
     status = amnseg_cli("status", str(run))
     assert status.returncode == 0, status.stderr
-    assert f"out of date: {', '.join(later)} (made with other options" in status.stdout
+    said = " ".join(status.stdout.split())  # lines wrapped at the terminal's width
+    assert f"out of date: {', '.join(later)} (made with other options" in said
     assert "done, out of date" in status.stdout
     text = build_report(run).read_text()
     assert "CAM seeds (CRF, 0.35/0.05)</th>" in text
@@ -360,3 +361,18 @@ def test_from_seg_gt_needs_none_of_the_pseudo_mask_stages(tmp_path):
     assert manifest["stages"]["seg_gt"]["status"] == "done"
     assert (tmp_path / "run" / "seg_gt" / "seg_gt.pt").is_file()
     assert messages[-1].startswith("[run] seg_gt")
+
+
+def test_status_with_a_damaged_config_still_shows_the_manifest(finished_run, tmp_path):
+    import shutil
+
+    config, _, _ = finished_run
+    run = tmp_path / "run"
+    shutil.copytree(config.run_dir, run)
+    (run / "config.json").write_text("{not json")
+    status = amnseg_cli("status", str(run))
+    assert status.returncode == 0, status.stderr
+    assert "pseudo_masks_miou" in status.stdout
+    said = " ".join(status.stdout.split())  # lines wrapped at the terminal's width
+    assert "which stages are out of date is unknown:" in said
+    assert "config.json: not valid JSON" in said
