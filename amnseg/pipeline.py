@@ -711,8 +711,10 @@ def _evaluate_again(stage: Stage, config: Config, record: dict[str, Any], eval_h
     of the ones its last evaluation made."""
     evaluated = _evaluation(stage, config, eval_hash)
     if distributed.is_main():
-        previous = set(record.get("eval_metrics", ()))
-        kept = {key: value for key, value in (record.get("metrics") or {}).items()
+        made, previous = record.get("metrics"), record.get("eval_metrics")
+        previous = {key for key in previous if isinstance(key, str)} if isinstance(
+            previous, list) else set()  # (a hand-edited manifest may hold anything)
+        kept = {key: value for key, value in (made if isinstance(made, dict) else {}).items()
                 if key not in previous}
         record.update(metrics={**kept, **evaluated.pop("metrics")}, **evaluated)
 
