@@ -315,13 +315,17 @@ def predict_command(
     crf_device: str = typer.Option(
         "cpu", help="cpu: pydensecrf (the reference); cuda or cuda:N: the same CRF in PyTorch "
         "on that GPU (marginals equal to ~1e-6, at most 5e-4)."),
+    exif_orientation: bool = typer.Option(
+        False, "--exif-orientation", help="Read images turned as their EXIF orientation tag "
+        "says (masks as the photos show in a viewer)."),
 ) -> None:
     """Label images with a trained segmentation network: <out>/<stem>.png palette PNGs whose
     pixel values are class indices (0 background; VOC colours)."""
     from amnseg.segmenter import Segmenter, predict_files
 
     segmenter = Segmenter.from_checkpoint(checkpoint, device=device, flip=flip, crf=crf,
-                                          crf_device=crf_device)
+                                          crf_device=crf_device,
+                                          exif_orientation=exif_orientation)
     written = predict_files(segmenter, images, out, overlay, voc_submission)
     console.print(f"{len(written)} masks: [bold]{written[0].parent if written else out}[/bold]")
 

@@ -51,6 +51,10 @@ class DataConfig:
     # no class): "error" stops the run naming the file; "skip" leaves the image out and lists
     # it in the run's summary and report (skipped_images.json).
     on_bad_image: str = "error"
+    # Read images as photo viewers show them: turned or mirrored as their EXIF orientation tag
+    # says (phone photos; masks drawn in tools that apply the tag). Off: the stored pixels, as
+    # the reference reads VOC and COCO.
+    exif_orientation: bool = False
 
 
 @dataclass

@@ -119,7 +119,9 @@ def _pick(config: Config, dotted: str) -> Any:
 
 def stage_options(stage: Stage, config: Config) -> dict[str, Any]:
     """The values of the options ``stage``'s outputs depend on, by dotted name."""
-    return {key: _pick(config, key) for key in stage.options}
+    values = {key: _pick(config, key) for key in stage.options}
+    return {key: value for key, value in values.items()
+            if key not in _ADDED_LATER or value != _ADDED_LATER[key]}
 
 
 def _hash(*parts: Any) -> str:
@@ -170,6 +172,8 @@ def check_data(config: Config, signatures: dict[str, str], manifest: dict[str, A
     ``skip`` the bad ones are listed in ``skipped_images.json`` and left out of every stage."""
     data = config.data
     key = [signatures, data.on_bad_image, data.max_pixels]
+    if data.exif_orientation:  # (without it, the key of the folders checked before it existed)
+        key.append("exif_orientation")
     if manifest.get("checked", {}).get("key") == key and skipped_images_path(config).is_file():
         return  # checked before (the list of skipped images is part of that check's result)
     skip = data.on_bad_image == "skip"
@@ -337,7 +341,11 @@ def _training_outputs(stage: str) -> Callable[[Config], tuple[Path, ...]]:
 _PRECISION = ("amp", "channels_last")
 _TRAINING = (*_PRECISION, "compile_training", "cudnn_benchmark")
 _DATA = ("seed", "data.kind", "data.root", "data.train_split", "data.infer_split",
-         "data.aug_mask_dir", "data.semantic_dir")
+         "data.aug_mask_dir", "data.semantic_dir", "data.exif_orientation")
+# Options added after run folders existed, with the value that computes what was computed
+# before them: at that value they stay out of the fingerprints, so that those folders'
+# stages stay up to date.
+_ADDED_LATER = {"data.exif_orientation": False}
 _CAM_TRAIN = tuple(f"cam.{name}" for name in (
     "epochs", "batch_size", "lr", "head_lr_mult", "weight_decay", "momentum", "poly_power",
     "resize_long", "crop_size", "flip", "checkpoint"))

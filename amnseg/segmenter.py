@@ -33,10 +33,12 @@ from amnseg.training import crf_device_of, resolve_device
 VOC_SUBMISSION_DIR = Path("results/VOC2012/Segmentation/comp6_test_cls")
 
 
-def as_rgb(image: Image.Image | np.ndarray | str | Path) -> np.ndarray:
-    """A PIL image, numpy array or image file as (H, W, 3) uint8 RGB."""
+def as_rgb(image: Image.Image | np.ndarray | str | Path, exif_orientation: bool = False
+           ) -> np.ndarray:
+    """A PIL image, numpy array or image file as (H, W, 3) uint8 RGB (a file turned as its EXIF
+    orientation tag says, with ``exif_orientation``)."""
     if isinstance(image, (str, Path)):
-        return read_rgb(Path(image))
+        return read_rgb(Path(image), exif_orientation)
     if isinstance(image, Image.Image):
         return rgb_array(image)
     array = np.asarray(image)
@@ -61,16 +63,21 @@ class Segmenter:
     ``flip`` also averages the mirrored image's logits; ``crf`` refines the probabilities with
     the dense CRF (True: DeepLab's test-time parameters, or a ``CrfConfig``), which runs in
     pydensecrf (``crf_device="cpu"``) or as PyTorch's mean field on a GPU (``"cuda"``).
+    ``exif_orientation``: image files are read turned as their EXIF orientation tag says (the
+    masks then match the images as viewers show them).
     """
 
     def __init__(self, model: MSC, class_names: list[str], device: str | torch.device = "cpu",
-                 flip: bool = False, crf: bool | CrfConfig = False, crf_device: str = "cpu"):
+                 flip: bool = False, crf: bool | CrfConfig = False, crf_device: str = "cpu",
+                 exif_orientation: bool = False):
         self.device = resolve_device(str(device))
         self.model = model.to(self.device).eval()
         self.class_names = list(class_names)
-        if not isinstance(flip, bool):
-            raise AmnsegError(f"flip={flip!r}: expected True or False")
+        for name, value in (("flip", flip), ("exif_orientation", exif_orientation)):
+            if not isinstance(value, bool):
+                raise AmnsegError(f"{name}={value!r}: expected True or False")
         self.flip = flip
+        self.exif_orientation = exif_orientation
         if not isinstance(crf, (bool, CrfConfig)) and crf is not None:
             raise AmnsegError(f"crf={crf!r}: expected True (DeepLab's parameters), False or a "
                               "CrfConfig")
@@ -80,7 +87,7 @@ class Segmenter:
     @classmethod
     def from_checkpoint(cls, path: str | Path, device: str | torch.device = "cpu",
                         flip: bool = False, crf: bool | CrfConfig = False,
-                        crf_device: str = "cpu") -> Segmenter:
+                        crf_device: str = "cpu", exif_orientation: bool = False) -> Segmenter:
         """A segmenter from an amnseg ``seg`` checkpoint (``amnseg train-seg`` or
         ``amnseg import-checkpoint seg``)."""
         path = Path(path)
@@ -95,7 +102,7 @@ class Segmenter:
             )
         checkpoint = load_model_checkpoint(path, "seg", raw.get("class_names"))
         return cls(build_model(checkpoint, path), checkpoint["class_names"], device, flip, crf,
-                   crf_device)
+                   crf_device, exif_orientation)
 
     def check_size(self, height: int, width: int, what: str = "image") -> None:
         """A one-line error naming ``what`` when an image of this size is too small for the
@@ -108,13 +115,13 @@ class Segmenter:
 
     def probabilities(self, image: Image.Image | np.ndarray | str | Path) -> np.ndarray:
         """(C + 1, H, W) float32 class probabilities (before any CRF)."""
-        rgb = as_rgb(image)
+        rgb = as_rgb(image, self.exif_orientation)
         self.check_size(*rgb.shape[:2])
         return predict_probabilities(self.model, rgb, self.device, self.flip).cpu().numpy()
 
     def __call__(self, image: Image.Image | np.ndarray | str | Path) -> np.ndarray:
         """(H, W) uint8 class indices: 0 background, i = ``class_names[i - 1]``."""
-        rgb = as_rgb(image)
+        rgb = as_rgb(image, self.exif_orientation)
         self.check_size(*rgb.shape[:2])
         return predict_labels(self.model, rgb, self.device, self.flip, self.crf,
                               self.crf_device)
@@ -178,7 +185,7 @@ def predict_files(segmenter: Segmenter, inputs: Iterable[str | Path], out_dir: P
         raise AmnsegError(f"{overlay_dir}: exists and is not a folder (--overlay writes there)")
     for path in files:
         # Decoded in full, not only its header: a file cut short shows only then.
-        segmenter.check_size(*read_rgb(path).shape[:2], str(path))
+        segmenter.check_size(*read_rgb(path, segmenter.exif_orientation).shape[:2], str(path))
         for target in (output_file(masks_dir, path.stem, ".png"),
                        *([output_file(overlay_dir, path.stem, ".png")]
                          if with_overlay else [])):
@@ -187,7 +194,7 @@ def predict_files(segmenter: Segmenter, inputs: Iterable[str | Path], out_dir: P
                                   "choose an output folder that holds no input image")
     written = []
     for path in progress_bar(files, desc="predict", unit="img"):
-        image = read_rgb(path)
+        image = read_rgb(path, segmenter.exif_orientation)
         labels = segmenter(image)
         target = output_file(masks_dir, path.stem, ".png")
         save_label_png(target, labels, None if voc_submission else voc_palette())

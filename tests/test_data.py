@@ -527,3 +527,83 @@ def test_coco_size_that_disagrees_with_the_image_file_is_found_by_the_check(tmp_
     assert "instances_train2014.json (image " in message
     assert f"the annotations give the image {W + 4}x{H} pixels" in message
     assert f"is {W}x{H}" in message
+
+
+def _save_with_orientation(path: Path, pixels: np.ndarray, orientation: int) -> None:
+    exif = Image.Exif()
+    exif[0x0112] = orientation
+    path.parent.mkdir(parents=True, exist_ok=True)
+    Image.fromarray(pixels).save(path, exif=exif)  # PNG: lossless, with an eXIf chunk
+
+
+# The stored pixels as a viewer shows them, for each EXIF orientation (the EXIF standard's
+# table): 2 mirrored, 3 turned half, 4 upside down, 5 transposed, 6 turned a quarter
+# clockwise, 7 transposed across the other diagonal, 8 turned a quarter anticlockwise.
+SHOWN = {
+    1: lambda a: a,
+    2: lambda a: a[:, ::-1],
+    3: lambda a: a[::-1, ::-1],
+    4: lambda a: a[::-1],
+    5: lambda a: a.transpose(1, 0, 2),
+    6: lambda a: np.rot90(a, -1),
+    7: lambda a: a[::-1, ::-1].transpose(1, 0, 2),
+    8: lambda a: np.rot90(a, 1),
+}
+
+
+@pytest.mark.parametrize("orientation", sorted(SHOWN))
+def test_exif_orientation_reads_images_as_viewers_show_them(tmp_path: Path, orientation: int
+                                                            ) -> None:
+    from amnseg.data.base import read_rgb, read_size
+
+    stored = np.random.default_rng(orientation).integers(0, 256, (6, 10, 3), dtype=np.uint8)
+    path = tmp_path / "photo.png"
+    _save_with_orientation(path, stored, orientation)
+    shown = SHOWN[orientation](stored)
+    np.testing.assert_array_equal(read_rgb(path), stored)  # default: the stored pixels
+    assert read_size(path) == (6, 10)
+    np.testing.assert_array_equal(read_rgb(path, exif_orientation=True), shown)
+    assert read_size(path, exif_orientation=True) == shown.shape[:2]
+
+
+def test_folder_dataset_with_exif_orientation_matches_masks_drawn_on_the_shown_photo(
+        tmp_path: Path) -> None:
+    """A phone photo stored sideways with orientation 6 and its mask drawn as it shows: the
+    default reads the stored pixels and names the option; with it, image and mask agree."""
+    from amnseg.config import load_config
+    from amnseg.data import build_splits
+    from amnseg.data.check import check_dataset
+    from amnseg.pipeline import STAGES, stage_options
+
+    root = write_folder(tmp_path)
+    stored = np.random.default_rng(9).integers(0, 256, (W, H, 3), dtype=np.uint8)  # sideways
+    (root / "images" / "my photo-01.JPG").unlink()
+    _save_with_orientation(root / "images" / "my photo-01.png", stored, 6)
+    dataset = FolderDataset(root, "train")
+    with pytest.raises(AmnsegError) as exc:
+        check_dataset(dataset, max_pixels=0)
+    message = single_line(exc)
+    assert f"mask size {W}x{H} differs from image size {H}x{W}" in message
+    assert "data.exif_orientation=true reads images as viewers show them" in message
+    with pytest.raises(AmnsegError, match="data.exif_orientation=true"):
+        dataset[0]
+    config = DataConfig(kind="folder", root=str(root), train_split="train",
+                        exif_orientation=True)
+    turned = build_dataset(config, "train")
+    assert turned.exif_orientation and not dataset.exif_orientation
+    check_dataset(turned, max_pixels=0)
+    sample = turned[0]
+    np.testing.assert_array_equal(sample.image, np.rot90(stored, -1))
+    assert sample.mask.shape == (H, W) and turned.image_size("my photo-01") == (H, W)
+    (root / "splits").mkdir(exist_ok=True)
+    (root / "splits" / "a.txt").write_text("007\n")
+    (root / "splits" / "b.txt").write_text("my photo-01\n")
+    union = build_splits(config, ["a", "b"])
+    assert union.exif_orientation and union.image_size("my photo-01") == (H, W)
+    # The option is part of every stage's fingerprint when set, and absent at its default
+    # (the fingerprints of run folders made before it existed stay as they were).
+    defaults = load_config(None, [])
+    turned_config = load_config(None, ["data.exif_orientation=true"])
+    cam = STAGES[0]
+    assert "data.exif_orientation" not in stage_options(cam, defaults)
+    assert stage_options(cam, turned_config)["data.exif_orientation"] is True

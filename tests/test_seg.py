@@ -782,3 +782,22 @@ def test_segmenter_takes_image_files_and_checks_flip(seg_checkpoint, tmp_path):
         segmenter(tmp_path / "nowhere.png")
     with pytest.raises(AmnsegError, match="flip='no': expected True or False"):
         Segmenter.from_checkpoint(seg_checkpoint, flip="no")
+
+
+def test_segmenter_and_predict_can_read_files_as_viewers_show_them(seg_checkpoint, tmp_path):
+    from amnseg.segmenter import Segmenter, predict_files
+
+    stored = np.random.default_rng(8).integers(0, 256, (21, 30, 3), dtype=np.uint8)
+    exif = Image.Exif()
+    exif[0x0112] = 8  # shown turned a quarter anticlockwise
+    Image.fromarray(stored).save(tmp_path / "photo.png", exif=exif)
+    plain = Segmenter.from_checkpoint(seg_checkpoint)
+    turned = Segmenter.from_checkpoint(seg_checkpoint, exif_orientation=True)
+    np.testing.assert_array_equal(plain(tmp_path / "photo.png"), plain(stored))
+    np.testing.assert_array_equal(turned(tmp_path / "photo.png"), plain(np.rot90(stored, 1)))
+    # Arrays and PIL images are taken as given.
+    np.testing.assert_array_equal(turned(stored), plain(stored))
+    [written] = predict_files(turned, [tmp_path / "photo.png"], tmp_path / "out")
+    assert Image.open(written).size == (21, 30)
+    with pytest.raises(AmnsegError, match="exif_orientation=1: expected True or False"):
+        Segmenter.from_checkpoint(seg_checkpoint, exif_orientation=1)

@@ -26,20 +26,24 @@ def build_dataset(data_config: DataConfig, split: str) -> SegDataset:
     users never import pycocotools.
     """
     kind = data_config.kind
+    dataset: SegDataset
     if kind == "voc":
         from amnseg.data.voc import VOCDataset
 
-        return VOCDataset(data_config.root, split, data_config.aug_mask_dir)
-    if kind == "coco":
+        dataset = VOCDataset(data_config.root, split, data_config.aug_mask_dir)
+    elif kind == "coco":
         from amnseg.data.coco import COCODataset
 
-        return COCODataset(data_config.root, split, data_config.semantic_dir)
-    if kind == "folder":
+        dataset = COCODataset(data_config.root, split, data_config.semantic_dir)
+    elif kind == "folder":
         from amnseg.data.folder import FolderDataset
 
-        return FolderDataset(data_config.root, split)
-    raise AmnsegError(f"data.kind={kind!r}: unknown dataset kind, expected one of "
-                      f"{', '.join(DATASET_KINDS)}")
+        dataset = FolderDataset(data_config.root, split)
+    else:
+        raise AmnsegError(f"data.kind={kind!r}: unknown dataset kind, expected one of "
+                          f"{', '.join(DATASET_KINDS)}")
+    dataset.exif_orientation = bool(getattr(data_config, "exif_orientation", False))
+    return dataset
 
 
 class SplitUnion(SegDataset):
@@ -55,6 +59,7 @@ class SplitUnion(SegDataset):
                     "other classes than the first split"
                 )
         self.root = getattr(parts[0], "root", None)
+        self.exif_orientation = parts[0].exif_orientation
         self.split = "+".join(str(getattr(part, "split", "?")) for part in parts)
         self._parts = parts
         self._owner: dict[str, SegDataset] = {}

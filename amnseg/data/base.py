@@ -16,7 +16,7 @@ from dataclasses import dataclass
 from pathlib import Path
 
 import numpy as np
-from PIL import Image, UnidentifiedImageError
+from PIL import Image, ImageOps, UnidentifiedImageError
 
 from amnseg.errors import AmnsegError
 
@@ -37,6 +37,8 @@ class SegDataset(ABC):
 
     class_names: list[str]
     stems: list[str]
+    # Images are read turned as their EXIF orientation tag says (data.exif_orientation).
+    exif_orientation: bool = False
 
     @property
     def num_classes(self) -> int:
@@ -56,27 +58,31 @@ class SegDataset(ABC):
         image = self.image(stem)
         mask = self.mask(stem) if with_mask else None
         if mask is not None and mask.shape != image.shape[:2]:
-            # Photos turned by an EXIF tag show rotated; their pixels (what is read, as the
-            # reference reads them) are not.
-            hint = (" (turned a quarter: the image may carry an EXIF rotation, which amnseg "
-                    "does not apply; save the image rotated)"
-                    if mask.shape == image.shape[1::-1] else "")
-            raise AmnsegError(
-                f"{self.mask_source(stem)}: mask size {mask.shape[1]}x{mask.shape[0]} "
-                f"differs from image size {image.shape[1]}x{image.shape[0]}{hint}"
-            )
+            raise AmnsegError(self.size_mismatch(stem, mask.shape, image.shape[:2]))
         return Sample(stem=stem, image=image, label=self.label(stem), mask=mask)
+
+    def size_mismatch(self, stem: str, mask_size: tuple[int, ...],
+                      image_size: tuple[int, ...]) -> str:
+        """The error for a mask of (H, W) ``mask_size`` on an image of ``image_size``."""
+        hint = ""
+        if tuple(mask_size) == tuple(image_size)[::-1] and not self.exif_orientation:
+            # Photos turned by an EXIF tag show rotated; their stored pixels (what is read by
+            # default, as the reference reads them) are not.
+            hint = (" (turned a quarter: the image may carry an EXIF rotation; "
+                    "data.exif_orientation=true reads images as viewers show them)")
+        return (f"{self.mask_source(stem)}: mask size {mask_size[1]}x{mask_size[0]} differs "
+                f"from image size {image_size[1]}x{image_size[0]}{hint}")
 
     @abstractmethod
     def image_path(self, stem: str) -> Path:
         """Path of the image file of ``stem``."""
 
     def image(self, stem: str) -> np.ndarray:
-        return read_rgb(self.image_path(stem))
+        return read_rgb(self.image_path(stem), self.exif_orientation)
 
     def image_size(self, stem: str) -> tuple[int, int]:
         """(H, W) of ``stem``'s image, from its file header (no decoding)."""
-        return read_size(self.image_path(stem))
+        return read_size(self.image_path(stem), self.exif_orientation)
 
     @abstractmethod
     def label(self, stem: str) -> np.ndarray:
@@ -191,16 +197,32 @@ def _reason(exc: BaseException) -> str:
     return f"{exc.__class__.__name__}{': ' + reason if reason else ''}"
 
 
-def read_rgb(path: Path) -> np.ndarray:
-    """(H, W, 3) uint8 RGB, or a one-line AmnsegError naming the file."""
+EXIF_ORIENTATION = 0x0112  # the EXIF tag: 1 as stored, 2-8 mirrored and/or turned
+QUARTER_TURNS = (5, 6, 7, 8)  # the orientations that swap width and height
+
+
+def read_rgb(path: Path, exif_orientation: bool = False) -> np.ndarray:
+    """(H, W, 3) uint8 RGB, or a one-line AmnsegError naming the file. ``exif_orientation``:
+    turned and mirrored as the file's EXIF orientation tag says (as viewers show it)."""
     with opened_image(path) as image:
+        if exif_orientation:
+            image = ImageOps.exif_transpose(image)
         return rgb_array(image, str(path))
 
 
-def read_size(path: Path) -> tuple[int, int]:
-    """(H, W) of an image file from its header, or a one-line AmnsegError naming the file."""
+def oriented_size(image: Image.Image, exif_orientation: bool = False) -> tuple[int, int]:
+    """(H, W) of an open image, from its header; with ``exif_orientation``, as viewers show it
+    (width and height swap for a quarter turn)."""
+    if exif_orientation and image.getexif().get(EXIF_ORIENTATION) in QUARTER_TURNS:
+        return image.width, image.height
+    return image.height, image.width
+
+
+def read_size(path: Path, exif_orientation: bool = False) -> tuple[int, int]:
+    """(H, W) of an image file from its header (turned as ``read_rgb`` turns it), or a
+    one-line AmnsegError naming the file."""
     with opened_image(path) as image:
-        return image.height, image.width
+        return oriented_size(image, exif_orientation)
 
 
 def read_index_png(path: Path) -> np.ndarray:

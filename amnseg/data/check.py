@@ -9,7 +9,7 @@ An image without a mask file has its label read (VOC's XML annotation), which mu
 
 from __future__ import annotations
 
-from amnseg.data.base import SegDataset, opened_image
+from amnseg.data.base import SegDataset, opened_image, oriented_size
 from amnseg.errors import AmnsegError
 from amnseg.progress import progress_bar
 
@@ -20,7 +20,7 @@ def check_sample(dataset: SegDataset, stem: str, max_pixels: int, decode: bool) 
     """Raise a one-line AmnsegError naming the file if sample ``stem`` cannot be used."""
     path = dataset.image_path(stem)
     with opened_image(path) as image:
-        width, height = image.size
+        height, width = oriented_size(image, dataset.exif_orientation)
         if decode:
             image.load()
     if min(width, height) < MIN_SIDE:
@@ -44,10 +44,7 @@ def check_sample(dataset: SegDataset, stem: str, max_pixels: int, decode: bool) 
         return
     mask = dataset.mask(stem)  # reads and checks the values
     if mask is not None and mask.shape != (height, width):
-        raise AmnsegError(
-            f"{dataset.mask_source(stem)}: mask size {mask.shape[1]}x{mask.shape[0]} differs "
-            f"from image size {width}x{height}"
-        )
+        raise AmnsegError(dataset.size_mismatch(stem, mask.shape, (height, width)))
 
 
 def check_dataset(
