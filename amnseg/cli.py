@@ -106,14 +106,15 @@ def run_command(
     Every option of the config can be overridden as key=value; `amnseg config show CONFIG`
     prints them all, resolved, with their values.
     """
-    from amnseg.pipeline import run_pipeline
+    from amnseg.pipeline import run_pipeline, stale_stages
 
     extra = [f"data.on_bad_image={on_bad_image}"] if on_bad_image else []
     loaded = _load(config, [*(overrides or []), *extra])
     manifest = run_pipeline(loaded, start, stop, progress=_print_plain)
 
     if distributed.is_main():
-        console.print(manifest_table(manifest))
+        # Stages after --to made with other options are out of date (they run next time).
+        console.print(manifest_table(manifest, stale_stages(loaded, manifest)))
         _print_skipped(loaded)
 
 
