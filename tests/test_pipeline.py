@@ -337,6 +337,9 @@ def test_stages_made_with_other_options_are_out_of_date_in_status_and_report(fin
     said = " ".join(status.stdout.split())  # lines wrapped at the terminal's width
     assert f"out of date: {', '.join(later)} (made with other options" in said
     assert "done, out of date" in status.stdout
+    again = amnseg_cli("run", str(run / "config.json"), "--to", "cam_seeds")
+    assert again.returncode == 0, again.stderr
+    assert again.stdout.count("done, out of date") == len(later)
     text = build_report(run).read_text()
     assert "CAM seeds (CRF, 0.35/0.05)</th>" in text
     assert "AMN seeds (CRF, 0.45/0.15) ⚠ out of date" in text
