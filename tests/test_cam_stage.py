@@ -63,6 +63,32 @@ def test_random_resize_long_draws_every_long_side_in_the_range():
     assert random_resize_long(tiny, 4, 4, rng).shape[:2] == (4, 4)
 
 
+def test_cam_training_transform_draws_the_long_side_flips_and_pads_with_zero():
+    """The reference's CAM augmentation through the transform itself: long side drawn from the
+    whole range, a horizontal flip by default, the ImageNet normalisation, zero padding."""
+    from amnseg.data.transforms import IMAGENET_MEAN, IMAGENET_STD, ClassificationTrainTransform
+
+    image = np.zeros((40, 20, 3), np.uint8)
+    image[:, :10] = 255  # left half white: a flip moves it to the right
+    transform = ClassificationTrainTransform((30, 32), crop_size=36)
+    assert transform.flip is True
+    rng = np.random.default_rng(3)
+    sizes, white_sides = set(), set()
+    white = (1.0 - IMAGENET_MEAN) / IMAGENET_STD
+    for _ in range(200):
+        crop = transform(image, rng).numpy()
+        assert crop.shape == (3, 36, 36)
+        inside = crop[0] != 0  # the pad is 0, both halves of the image are not
+        rows, cols = np.flatnonzero(inside.any(axis=1)), np.flatnonzero(inside.any(axis=0))
+        sizes.add((len(rows), len(cols)))
+        middle = crop[:, rows[len(rows) // 2]]
+        left, right = middle[:, cols[0]], middle[:, cols[-1]]
+        white_sides.add("left" if np.allclose(left, white, atol=1e-5) else
+                        "right" if np.allclose(right, white, atol=1e-5) else "?")
+    assert sizes == {(30, 15), (31, 16), (32, 16)}
+    assert white_sides == {"left", "right"}
+
+
 def test_poly_schedule_matches_formula():
     schedule = poly_lr_lambda(100, 0.9)
     assert schedule(0) == 1.0
