@@ -349,3 +349,35 @@ def test_amn_loss_is_the_global_batch_mean_under_torchrun(monkeypatch):
     monkeypatch.setattr(distributed, "loss_scale", lambda: 3)
     monkeypatch.setattr(distributed, "global_count", lambda count: count * 3)
     assert amn_loss(logits, seeds, 0.4).item() == pytest.approx(alone, rel=1e-12)
+
+
+def test_segmentation_transform_draws_the_rescale_range_flips_half_and_keeps_pairs_aligned():
+    """AMN's and IRN's augmentation: a scale uniform in ``rescale`` (both ends reached), a flip
+    half the time, image and labels moved together, pads 0 and 255."""
+    from amnseg.data.transforms import IMAGENET_MEAN, IMAGENET_STD, SegmentationTrainTransform
+
+    image = np.zeros((20, 20, 3), np.uint8)
+    image[:, :10] = 255
+    labels = np.full((20, 20), 2, np.uint8)
+    labels[:, :10] = 1  # class 1 where the image is white
+    transform = SegmentationTrainTransform((0.5, 1.5), crop_size=40)
+    assert transform.flip is True
+    white = (1.0 - IMAGENET_MEAN) / IMAGENET_STD
+    rng = np.random.default_rng(4)
+    sides, flipped = [], 0
+    for _ in range(300):
+        crop, label_crop = transform(image, labels, rng)
+        crop, label_crop = crop.numpy(), label_crop.numpy()
+        inside = label_crop != 255
+        rows, cols = np.flatnonzero(inside.any(axis=1)), np.flatnonzero(inside.any(axis=0))
+        assert len(rows) == len(cols)  # a square stays square
+        sides.append(len(rows))
+        assert (crop[:, ~inside] == 0).all()  # the image is padded with 0 where labels are 255
+        is_white = np.isclose(crop, white[:, None, None], atol=1e-5).all(axis=0)
+        # The pair moved together (the bicubic image blurs the edge the labels keep sharp).
+        assert not (is_white & (label_crop != 1)).any()
+        assert is_white.sum() >= 0.5 * (label_crop == 1).sum()
+        flipped += int(label_crop[rows[0], cols[0]] == 2)
+    assert min(sides) <= 11 and max(sides) >= 29 and 10 <= min(sides) and max(sides) <= 30
+    assert abs(np.mean(sides) - 20) < 1.0  # uniform on [10, 30]
+    assert 120 <= flipped <= 180
