@@ -801,3 +801,25 @@ def test_segmenter_and_predict_can_read_files_as_viewers_show_them(seg_checkpoin
     assert Image.open(written).size == (21, 30)
     with pytest.raises(AmnsegError, match="exif_orientation=1: expected True or False"):
         Segmenter.from_checkpoint(seg_checkpoint, exif_orientation=1)
+
+
+def test_deeplab_transform_draws_every_scale_alike_and_flips_half_the_time():
+    """kazuto's recipe: a scale picked uniformly from the list (each one, the last included),
+    then a horizontal flip with probability 1/2."""
+    image = np.zeros((20, 20, 3), np.uint8)
+    labels = np.full((20, 20), 2, np.uint8)
+    labels[:, :10] = 1
+    transform = DeepLabTrainTransform([0.5, 0.75, 1.0, 1.25, 1.5], 40, "caffe")
+    assert transform.flip is True
+    rng = np.random.default_rng(5)
+    sides, flipped = [], 0
+    for _ in range(500):
+        _, label_crop = transform(image, labels, rng)
+        inside = label_crop != 255
+        rows, cols = np.flatnonzero(inside.any(axis=1)), np.flatnonzero(inside.any(axis=0))
+        sides.append(len(rows))
+        flipped += int(label_crop[rows[0], cols[0]] == 2)
+    counts = {side: sides.count(side) for side in sorted(set(sides))}
+    assert list(counts) == [10, 15, 20, 25, 30]  # int(20 * s) for every scale
+    assert all(70 <= count <= 130 for count in counts.values()), counts
+    assert 200 <= flipped <= 300
