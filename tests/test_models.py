@@ -318,6 +318,9 @@ def test_network_batches_normalise_and_mirror_like_numpy_bit_for_bit():
             expected = torch.stack([chw, chw.flip(-1)]) if flip else chw[None]
             assert batch.dtype == torch.float32 and batch.is_contiguous()
             assert torch.equal(batch, expected), (scale, flip)
+    # The reference's maps always add the mirror: that is the default.
+    assert [batch.shape[0] for batch in network_batches(rescaled_images(image, scales))] == [
+        2, 2, 2]
 
 
 @pytest.mark.gpu
