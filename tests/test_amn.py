@@ -378,6 +378,6 @@ def test_segmentation_transform_draws_the_rescale_range_flips_half_and_keeps_pai
         assert not (is_white & (label_crop != 1)).any()
         assert is_white.sum() >= 0.5 * (label_crop == 1).sum()
         flipped += int(label_crop[rows[0], cols[0]] == 2)
-    assert min(sides) <= 11 and max(sides) >= 29 and 10 <= min(sides) and max(sides) <= 30
+    assert 10 <= min(sides) <= 11 and 29 <= max(sides) <= 30
     assert abs(np.mean(sides) - 20) < 1.0  # uniform on [10, 30]
     assert 120 <= flipped <= 180

@@ -80,6 +80,51 @@ def test_kernel_input_padding_marks_outside_as_walls():
     assert walls[1, :, :2].eq(0.25).all() and walls[1, :, 2:].eq(1).all()
 
 
+def test_walk_batch_turns_pads_and_unpacks_so_that_each_image_walks_as_alone():
+    """What every GPU kernel is given (in-process, no kernel): portrait images turned, all padded
+    with walls to the largest size, the stencil of the padded walls; walking the padded images
+    with the CPU walk and unpacking gives each image's own walk."""
+    import torch.nn.functional as F
+
+    from amnseg.ops.random_walk import affinity_stencil, random_walk
+    from amnseg.ops.walk_batch import WalkBatch
+
+    generator = torch.Generator().manual_seed(3)
+    shapes = [(2, 9, 13), (3, 13, 9), (1, 7, 7)]  # landscape, portrait, square
+    maps = [torch.rand(shape, generator=generator) for shape in shapes]
+    boundaries = [torch.rand(shape[1:], generator=generator) for shape in shapes]
+    batch = WalkBatch.of(maps, boundaries, radius=3, beta=4.0)
+    assert batch.portrait == [False, True, False]
+    assert batch.classes.tolist() == [2, 3, 1] and batch.classes.dtype == torch.int32
+    # The test's own padding: turned portrait, maps 0 and walls 1 outside, 3 classes each.
+    turned = [(m.transpose(1, 2), b.t()) if m.shape[1] > m.shape[2] else (m, b)
+              for m, b in zip(maps, boundaries, strict=True)]
+    padded_maps = torch.stack([F.pad(m.double(), (0, 13 - m.shape[2], 0, 9 - m.shape[1],
+                                                  0, 3 - m.shape[0])) for m, _ in turned])
+    walls = torch.stack([F.pad(b.double(), (0, 13 - b.shape[1], 0, 9 - b.shape[0]), value=1.0)
+                         for _, b in turned])
+    assert torch.equal(batch.state, padded_maps)
+    directions, forward, degree = affinity_stencil(walls, 3, 4.0)
+    assert batch.directions == directions
+    assert torch.equal(batch.forward, forward) and torch.equal(batch.degree, degree)
+    walked = torch.stack([random_walk(m, w, 3, 4.0, 3) for m, w in zip(padded_maps, walls,
+                                                                        strict=True)])
+    for result, m, b in zip(batch.unpack(walked), maps, boundaries, strict=True):
+        assert result.dtype == m.dtype and result.shape == m.shape
+        torch.testing.assert_close(result, random_walk(m, b, 3, 4.0, 3), rtol=1e-6, atol=1e-7)
+    # Images without a class still get one (empty) channel to walk.
+    empty = WalkBatch.of([torch.zeros(0, 5, 6)], [torch.rand(5, 6)], radius=3, beta=4.0)
+    assert empty.state.shape == (1, 1, 5, 6) and empty.classes.tolist() == [0]
+
+
+def test_walk_batches_must_fit_32_bit_indices():
+    from amnseg.ops.walk_batch import fits_32_bit_indices
+
+    assert fits_32_bit_indices(2**30 - 1, 2**31 - 1)
+    assert not fits_32_bit_indices(2**30, 0)  # two state buffers of 2^30 values
+    assert not fits_32_bit_indices(0, 2**31)
+
+
 MASKS_CHECK = """
     import shutil, sys
     import numpy as np

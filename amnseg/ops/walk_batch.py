@@ -35,6 +35,12 @@ def pad_batch(
     return state, walls
 
 
+def fits_32_bit_indices(state_values: int, stencil_values: int) -> bool:
+    """Whether the kernels' int32 offsets reach every value: the state's two buffers (read
+    and written in turn) and the stencil."""
+    return 2 * state_values < 2**31 and stencil_values < 2**31
+
+
 @dataclass
 class WalkBatch:
     """A batch ready for a kernel: ``state`` (B, K, H, W) float64 maps, ``forward``
@@ -63,7 +69,7 @@ class WalkBatch:
         classes = torch.tensor([m.shape[0] for m in maps], dtype=torch.int32,
                                device=state.device)
         batch, height, width = walls.shape
-        if 2 * state.numel() >= 2**31 or forward.numel() >= 2**31:
+        if not fits_32_bit_indices(state.numel(), forward.numel()):
             raise ValueError(f"a walk batch of {batch} {height}x{width} images is too large for "
                              "32-bit indices; walk fewer images at once")
         return cls(directions, state, forward.contiguous(), degree.contiguous(), classes,
