@@ -661,11 +661,11 @@ def stage_status(record: Any, stale: bool = False) -> str:
     return f"{status}, out of date" if stale else status
 
 
-def _start_record(records: dict[str, Any], name: str, stage_hash: str, action: str,
+def _start_record(records: dict[str, Any], stage: Stage, stage_hash: str, action: str,
                   config: Config) -> dict[str, Any]:
     """The manifest record of a stage that starts ("run") or resumes ("resume") now; a resumed
     one keeps its seconds so far and the count of outputs made beside the stage before it."""
-    stage = STAGES[STAGE_NAMES.index(name)]
+    name = stage.name
     record: dict[str, Any] = {"fingerprint": stage_hash, "status": "running",
                               "started": time.strftime("%Y-%m-%dT%H:%M:%S"), "seconds": 0.0,
                               "options": stage_options(stage, config)}
@@ -698,7 +698,7 @@ def _start_follower_record(
         return False
     if action == "run":
         _clear_outputs(config, following)
-    _start_record(records, following.name, hashes[following.name], action, config)
+    _start_record(records, following, hashes[following.name], action, config)
     progress(f"[beside] {following.name}: {following.description}, as {stage.name} writes "
              "each image")
     return True
@@ -790,7 +790,7 @@ def _run_stages(
                 # Stages that read this one's outputs have changed fingerprints too and rerun.
                 _clear_outputs(config, stage)
             progress(f"[run] {stage.name}: {stage.description}{why}")
-            record = _start_record(records, stage.name, stage_hash, action, config)
+            record = _start_record(records, stage, stage_hash, action, config)
         follower = stage.follower if distributed.run_on_main(
             _start_follower_record, stage, first, last, config, records, hashes,
             require_upstream, run_dir, progress) else None

@@ -42,7 +42,7 @@ def build_dataset(data_config: DataConfig, split: str) -> SegDataset:
     else:
         raise AmnsegError(f"data.kind={kind!r}: unknown dataset kind, expected one of "
                           f"{', '.join(DATASET_KINDS)}")
-    dataset.exif_orientation = bool(getattr(data_config, "exif_orientation", False))
+    dataset.exif_orientation = data_config.exif_orientation
     return dataset
 
 
