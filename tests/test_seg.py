@@ -619,6 +619,46 @@ def test_segmenter_rejects_non_seg_checkpoints_and_bad_arrays(seg_checkpoint, tm
     assert math.isclose(float(as_rgb(np.full((1, 1), 65535, np.uint16))[0, 0, 0]), 255)
 
 
+def test_arrays_of_every_documented_layout_become_the_same_rgb():
+    from amnseg.segmenter import as_rgb
+
+    rng = np.random.default_rng(12)
+    rgb = rng.integers(0, 256, (5, 7, 3), dtype=np.uint8)
+    alpha = rng.integers(0, 256, (5, 7, 1), dtype=np.uint8)
+    np.testing.assert_array_equal(as_rgb(np.concatenate([rgb, alpha], axis=2)), rgb)
+    gray = rgb[..., 0]
+    expected_gray = np.stack([gray] * 3, axis=2)
+    np.testing.assert_array_equal(as_rgb(gray[..., None]), expected_gray)
+    np.testing.assert_array_equal(as_rgb(gray), expected_gray)
+    # 16 bits: v * 257 is v, and values between round to the nearest 8-bit level.
+    wide = rgb.astype(np.uint16) * 257 + rng.integers(0, 129, rgb.shape).astype(np.uint16)
+    np.testing.assert_array_equal(as_rgb(wide), rgb)
+    np.testing.assert_array_equal(as_rgb(np.concatenate([wide, wide[..., :1]], axis=2)), rgb)
+    assert as_rgb(np.array([[128, 129, 385, 386]], np.uint16))[0, :, 0].tolist() == [0, 1, 1, 2]
+
+
+def test_segmenter_defaults_no_flip_no_crf_files_as_stored(seg_checkpoint, tmp_path):
+    from amnseg.segmenter import Segmenter, as_rgb
+
+    image = np.random.default_rng(13).integers(0, 256, (23, 31, 3), dtype=np.uint8)
+    exif = Image.Exif()
+    exif[0x0112] = 6
+    Image.fromarray(image).save(tmp_path / "turned.png", exif=exif)
+    np.testing.assert_array_equal(as_rgb(tmp_path / "turned.png"), image)
+    model = tiny_msc(num_outputs=3, seed=4)
+    plain = seg_stage.predict_probabilities(model, image).numpy()
+    mirrored = seg_stage.predict_probabilities(model, image, flip=True).numpy()
+    assert np.abs(plain - mirrored).max() > 1e-4  # the test can tell a flip
+    for segmenter in (Segmenter.from_checkpoint(seg_checkpoint),
+                      Segmenter(tiny_msc(num_outputs=3, seed=4), ["cat", "dog"])):
+        assert segmenter.flip is False and segmenter.crf is None
+        assert segmenter.exif_orientation is False
+        np.testing.assert_allclose(segmenter.probabilities(image), plain, atol=1e-6)
+        np.testing.assert_allclose(segmenter.probabilities(tmp_path / "turned.png"), plain,
+                                   atol=1e-6)
+    assert Segmenter.from_checkpoint(seg_checkpoint, crf=True).crf == deeplab_crf()
+
+
 def test_train_seg_on_ground_truth_then_evaluate(tiny_dataset, tmp_path, monkeypatch):
     from conftest import tiny_config, training_log
 
@@ -764,9 +804,40 @@ def test_predict_decodes_every_input_before_writing_and_labels_a_file_once(seg_c
         predict_files(segmenter, [inputs], tmp_path / "out")
     assert not (tmp_path / "out").exists() or not any((tmp_path / "out").iterdir())
     (inputs / "b.png").unlink()
-    written = predict_files(segmenter, [inputs / "a.png", inputs, inputs / "." / "a.png"],
+    # Path() drops "." but keeps "..": the same file under two spellings is labelled once,
+    # and the outputs are named as it was first given.
+    written = predict_files(segmenter, [inputs / "a.png", inputs, inputs / ".." / "in" / "a.png"],
                             tmp_path / "out")
     assert written == [tmp_path / "out" / "a.png"]
+    assert sorted(p.name for p in (tmp_path / "out").iterdir()) == ["a.png"]  # no overlay
+    other = tmp_path / "other"
+    other.mkdir()
+    Image.fromarray(image).save(other / "a.png")
+    with pytest.raises(AmnsegError, match=r"other/a\.png: same name as .*in/a\.png \(outputs "
+                       "would collide\\)"):
+        predict_files(segmenter, [inputs, other], tmp_path / "out")
+
+
+def test_smallest_image_is_one_pixel_at_the_smallest_scale(seg_checkpoint):
+    from amnseg.segmenter import Segmenter
+
+    segmenter = Segmenter.from_checkpoint(seg_checkpoint)  # scales 1, 0.5, 0.75
+    assert segmenter(np.zeros((2, 2, 3), np.uint8)).shape == (2, 2)
+    for shape in ((1, 5, 3), (5, 1, 3)):
+        with pytest.raises(AmnsegError, match=r"^image: \d+x\d+ pixels is too small to "
+                           r"segment \(at least 2 pixels a side, for the input scale 0.5\)"):
+            segmenter(np.zeros(shape, np.uint8))
+
+
+def test_overlay_blends_labelled_pixels_half_with_their_colour():
+    from amnseg.data.voc import voc_palette
+    from amnseg.segmenter import overlay
+
+    image = np.random.default_rng(14).integers(0, 256, (4, 6, 3), dtype=np.uint8)
+    labels = np.array([[0, 1, 2, 3, 0, 15]] * 4, np.uint8)
+    colours = np.array(voc_palette(), np.float64).reshape(256, 3)[labels]
+    expected = np.where(labels[..., None] == 0, image, np.round(0.5 * image + 0.5 * colours))
+    np.testing.assert_array_equal(overlay(image, labels), expected.astype(np.uint8))
 
 
 def test_segmenter_takes_image_files_and_checks_flip(seg_checkpoint, tmp_path):
