@@ -9,6 +9,7 @@ Checkpoint layout: ``{"format": "amnseg", "stage": "cam" | "amn" | ..., "class_n
 from __future__ import annotations
 
 import dataclasses
+import math
 from pathlib import Path
 from typing import Any
 
@@ -17,6 +18,7 @@ from torch import nn
 
 from amnseg import distributed
 from amnseg.config import BackboneConfig, deeplab_backbone
+from amnseg.data.transforms import INPUT_KINDS
 from amnseg.errors import AmnsegError
 from amnseg.io import check_tensors, load_checkpoint, save_checkpoint
 from amnseg.models.amn import AMN
@@ -104,8 +106,19 @@ def check_amnseg_fields(checkpoint: dict[str, Any], path: Path | str) -> None:
     elif not isinstance(checkpoint.get("model"), dict) or not all(
             isinstance(v, torch.Tensor) for v in checkpoint["model"].values()):
         problem = "model is not a state dict of tensors"
+    elif "msc_scales" in checkpoint and not (
+            isinstance(checkpoint["msc_scales"], list) and all(
+                isinstance(v, (int, float)) and not isinstance(v, bool) and 0 < v < math.inf
+                for v in checkpoint["msc_scales"])):
+        problem = f"msc_scales {checkpoint['msc_scales']!r} is not a list of numbers > 0"
+    elif "input" in checkpoint and checkpoint["input"] not in INPUT_KINDS:
+        problem = f"input {checkpoint['input']!r} is not one of {', '.join(INPUT_KINDS)}"
     if problem:
         raise AmnsegError(f"{path}: damaged amnseg checkpoint ({problem})")
+    for key, value in checkpoint["model"].items():
+        if value.is_floating_point() and not bool(torch.isfinite(value).all()):
+            raise AmnsegError(f"{path}: the weights hold NaN or infinite values (first in "
+                              f"{key}): the training that wrote them diverged")
 
 
 def weights_mismatch(model: nn.Module, state: dict[str, Any]) -> str | None:

@@ -17,7 +17,7 @@ from rich.console import Console
 from rich.table import Table
 
 from amnseg import distributed
-from amnseg.config import Config, config_to_dict, load_config
+from amnseg.config import Config, DataConfig, config_to_dict, load_config
 from amnseg.errors import AmnsegError
 from amnseg.io import save_json
 from amnseg.layout import MAP_SOURCES
@@ -47,13 +47,19 @@ def _print_main(line: str) -> None:
         _print_plain(line)
 
 
-def _load(config: str, overrides: list[str] | None) -> Config:
+def _load(config: str, overrides: list[str] | None, data_exists: bool = True) -> Config:
     """The config, with the run folder made (by rank 0 under torchrun, whose process group
     this joins) and its config.json written if it has none: a run's own config.json is
     written by the pipeline under the run folder's lock, so that a second command refused on
-    a busy folder leaves it alone."""
+    a busy folder leaves it alone. A missing dataset folder is said first (unless the command
+    makes it: ``data_exists=False``), so that no run folder is left for a command that
+    cannot run."""
 
     loaded = load_config(config, overrides or [])
+    if data_exists and not Path(loaded.data.root).is_dir():
+        from amnseg.data import build_dataset
+
+        build_dataset(loaded.data, loaded.data.train_split)  # names what is missing
     distributed.setup(loaded.device)
     if distributed.is_main():
         Path(loaded.run_dir).mkdir(parents=True, exist_ok=True)
@@ -77,7 +83,7 @@ def demo_command(
 
 
     started = time.perf_counter()
-    loaded = _load("demo", overrides)
+    loaded = _load("demo", overrides, data_exists=False)
     root = distributed.run_on_main(ensure_demo, Path(loaded.data.root), seed=loaded.seed)
     _print_main(f"demo data: {root}")
     manifest = run_pipeline(loaded, progress=_print_plain)
@@ -106,8 +112,9 @@ def run_command(
     Every option of the config can be overridden as key=value; `amnseg config show CONFIG`
     prints them all, resolved, with their values.
     """
-    from amnseg.pipeline import run_pipeline, stale_stages
+    from amnseg.pipeline import run_pipeline, stage_range, stale_stages
 
+    stage_range(start, stop)  # said before anything is read or written
     extra = [f"data.on_bad_image={on_bad_image}"] if on_bad_image else []
     loaded = _load(config, [*(overrides or []), *extra])
     manifest = run_pipeline(loaded, start, stop, progress=_print_plain)
@@ -228,7 +235,8 @@ def eval_command(
     kind: str = typer.Option(None, help="cam or amn: which eval_threshold is the default "
                              "(default: from the folder, <run>/<kind>/maps)."),
     threshold: float = typer.Option(None, help="Threshold (default: <kind>.eval_threshold)."),
-    name: str = typer.Option(None, help="Name of this map set in outputs (default: kind)."),
+    name: str = typer.Option(None, help="Name of this map set in outputs: "
+                             "<run>/eval/commands/<name>_sweep.json (default: kind)."),
 ) -> None:
     """mIoU of score maps at one threshold, plus the threshold sweep and per-image optima."""
     loaded = _load(config, overrides)
@@ -245,6 +253,7 @@ def eval_command(
         f"{result['threshold']:.2f}; best {100 * result['best_miou']:.2f} at "
         f"{result['best_threshold']:.2f}{subset}"
     )
+    console.print(f"written: {commands_eval_dir(loaded) / f'{name}_sweep.json'}")
 
 
 @app.command("sweep")
@@ -284,7 +293,8 @@ def eval_seg_command(
                                     "seg/seg.pt)."),
 ) -> None:
     """mIoU of the segmentation network on data.val_split: MSC (seg.eval_flip adds the mirror),
-    without and with the dense CRF (seg.eval_crf, parameters seg.crf.*)."""
+    without and with the dense CRF (seg.eval_crf, parameters seg.crf.*); written to
+    <run>/eval/commands/seg.json."""
     from amnseg.layout import checkpoint_path
     from amnseg.stages.seg import evaluate_seg
 
@@ -293,11 +303,13 @@ def eval_seg_command(
         if not trained.is_file():
             raise AmnsegError(f"{trained}: no trained segmentation network in this run (train "
                               "it with amnseg train-seg, or give --checkpoint)")
-    result = evaluate_seg(_load(config, overrides), checkpoint=checkpoint)
+    loaded = _load(config, overrides)
+    result = evaluate_seg(loaded, checkpoint=checkpoint, out_dir=commands_eval_dir(loaded))
     line = f"{result['name']}: mIoU {100 * result['no_crf']['miou']:.2f}"
     if result["crf"] is not None:
         line += f", with CRF {100 * result['crf']['miou']:.2f}"
     console.print(f"{line} on {result['images']} {result['split']} images")
+    console.print(f"written: {commands_eval_dir(loaded) / 'seg.json'}")
 
 
 @app.command("predict")
@@ -319,6 +331,9 @@ def predict_command(
     exif_orientation: bool = typer.Option(
         False, "--exif-orientation", help="Read images turned as their EXIF orientation tag "
         "says (masks as the photos show in a viewer)."),
+    max_pixels: int = typer.Option(
+        DataConfig.max_pixels, "--max-pixels", min=0, help="Refuse larger images (0: no "
+        "limit); the CRF of a 12 MP photo takes minutes and ~8 GB."),
 ) -> None:
     """Label images with a trained segmentation network: <out>/<stem>.png palette PNGs whose
     pixel values are class indices (0 background; VOC colours)."""
@@ -327,7 +342,7 @@ def predict_command(
     segmenter = Segmenter.from_checkpoint(checkpoint, device=device, flip=flip, crf=crf,
                                           crf_device=crf_device,
                                           exif_orientation=exif_orientation)
-    written = predict_files(segmenter, images, out, overlay, voc_submission)
+    written = predict_files(segmenter, images, out, overlay, voc_submission, max_pixels)
     console.print(f"{len(written)} masks: [bold]{written[0].parent if written else out}[/bold]")
 
 
@@ -473,6 +488,12 @@ def _output_name(name: str, where: str) -> str:
     return check_stem(name, where)
 
 
+def commands_eval_dir(config: Config) -> Path:
+    """Where ``amnseg eval`` and ``amnseg sweep`` write: beside, never over, the evaluations
+    ``amnseg run`` keeps in ``<run>/eval`` (its report reads those)."""
+    return Path(config.run_dir) / "eval" / "commands"
+
+
 def _threshold(config: Config, kind: str, given: float | None) -> float:
     if given is not None and not 0 <= given <= 1:
         raise AmnsegError(f"--threshold {given:g}: must lie in [0, 1] (maps are normalised to "
@@ -489,7 +510,7 @@ def _evaluate(config: Config, name: str, maps: Path, threshold: float) -> dict:
         maps,
         dataset,
         config.eval.thresholds(),
-        Path(config.run_dir) / "eval",
+        commands_eval_dir(config),
         name=name,
         threshold=threshold,
         robust_range=tuple(config.eval.robust_range),
@@ -499,7 +520,7 @@ def _evaluate(config: Config, name: str, maps: Path, threshold: float) -> dict:
 def _plot(config: Config, results: dict[str, dict]) -> list[Path]:
     from amnseg.report.plots import plot_optimal_threshold_histogram, plot_sweep
 
-    out_dir = Path(config.run_dir) / "eval"
+    out_dir = commands_eval_dir(config)
     sweep_png = out_dir / "sweep.png"
     hist_png = out_dir / "optimal_thresholds.png"
     plot_sweep(results, sweep_png)
@@ -507,11 +528,18 @@ def _plot(config: Config, results: dict[str, dict]) -> list[Path]:
     return [sweep_png, hist_png]
 
 
+def _shown(value: float | None, form: str, times: float = 1.0) -> str:
+    """``value * times`` in ``form``; "n/a" for an undefined value (JSON null)."""
+    return "n/a" if value is None else format(times * value, form)
+
+
 def sweep_table(results: dict[str, dict]) -> Table:
     """Rich table: best threshold/mIoU, oracle mIoU, spread of per-image optima, range."""
     table = Table(title="Threshold robustness (mIoU %)")
+    ranges = {tuple(r["robust_range"]) for r in results.values()}
+    span = "-".join(f"{v:g}" for v in ranges.pop()) if len(ranges) == 1 else "robust"
     for column in (
-        "maps", "best t", "best mIoU", "per-image oracle", "opt. t mean +- std", "range 0.1-0.6",
+        "maps", "best t", "best mIoU", "per-image oracle", "opt. t mean +- std", f"range {span}",
         "FG-BG gap",
     ):
         table.add_column(column, justify="right")
@@ -520,10 +548,11 @@ def sweep_table(results: dict[str, dict]) -> Table:
             name,
             f"{r['best_threshold']:.2f}",
             f"{100 * r['best_miou']:.1f}",
-            f"{100 * r['oracle_miou']:.1f}",
-            f"{r['optimal_threshold_mean']:.2f} +- {r['optimal_threshold_std']:.2f}",
-            f"{100 * r['miou_range']:.1f}",
-            f"{r['fg_bg_gap']:.3f}",
+            _shown(r["oracle_miou"], ".1f", 100),
+            f"{_shown(r['optimal_threshold_mean'], '.2f')} +- "
+            f"{_shown(r['optimal_threshold_std'], '.2f')}",
+            _shown(r["miou_range"], ".1f", 100),
+            _shown(r["fg_bg_gap"], ".3f"),
         )
     return table
 

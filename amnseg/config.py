@@ -369,6 +369,12 @@ def is_device(spec: Any) -> bool:
     return device.type in ("cpu", "cuda")
 
 
+def _processes(count: int, key: str, kind: str) -> None:
+    most = max(64, 8 * (os.cpu_count() or 1))  # beyond it only memory and start-up grow
+    _require(count <= most, key, count,
+             f"at most {most} {kind} processes on this machine of {os.cpu_count()} cores")
+
+
 def validate(config: Config) -> Config:
     """Check every option's type and range; the first bad one is a one-line AmnsegError."""
     _require(bool(str(config.run_dir).strip()), "run_dir", config.run_dir, "must not be empty")
@@ -388,9 +394,7 @@ def validate(config: Config) -> Config:
     for name in ("train_split", "infer_split"):
         _require(bool(getattr(data, name)), f"data.{name}", getattr(data, name), "must be set")
     _at_least(data, "data", 0, "num_workers")
-    most = max(64, 8 * (os.cpu_count() or 1))  # beyond it only memory and start-up grow
-    _require(data.num_workers <= most, "data.num_workers", data.num_workers,
-             f"at most {most} loader processes on this machine of {os.cpu_count()} cores")
+    _processes(data.num_workers, "data.num_workers", "loader")
     _require(data.signature in ("stat", "content"), "data.signature", data.signature,
              "expected stat or content")
     _at_least(data, "data", 0, "max_pixels")
@@ -427,6 +431,7 @@ def validate(config: Config) -> Config:
         _require(bg <= fg, f"seeds.{source}_bg_threshold", bg,
                  f"must not exceed seeds.{source}_fg_threshold={fg}")
     _at_least(seeds, "seeds", 0, "workers")
+    _processes(seeds.workers, "seeds.workers", "CRF worker")
     _at_least(seeds, "seeds", 1, "crf_batch_images")
     _choice(seeds.overlap, "seeds.overlap", ("auto", "true", "false"))
     for key, spec in (("seeds.crf_device", seeds.crf_device),
@@ -471,12 +476,15 @@ def validate(config: Config) -> Config:
     _at_least(seg, "seg", 1, "iterations", "batch_size", "accumulation", "lr_decay_every")
     _positive(seg, "seg", "lr", "aspp_weight_lr_mult", "aspp_bias_lr_mult")
     _at_least(seg, "seg", 0, "weight_decay", "poly_power", "eval_images", "crf_workers")
+    _processes(seg.crf_workers, "seg.crf_workers", "CRF worker")
     _fraction(seg, "seg", "momentum", closed=False)
     _at_least(seg, "seg", 16, "crop_size")
     _positive_list(seg.rescale, "seg.rescale")
     _require(isinstance(seg.msc_scales, list) and all(_number(v) and v > 0 for v in
                                                       seg.msc_scales),
              "seg.msc_scales", seg.msc_scales, "must be a list of numbers > 0")
+    _require(seg.crop_size * min([1.0, *seg.msc_scales]) >= 1, "seg.msc_scales",
+             seg.msc_scales, f"must leave a pixel of the seg.crop_size={seg.crop_size} crops")
     _require(bool(seg.masks), "seg.masks", seg.masks, "expected pseudo, gt or a folder")
     _require(isinstance(seg.fused_accumulation, bool), "seg.fused_accumulation",
              seg.fused_accumulation, "must be true or false")
@@ -491,7 +499,18 @@ def validate(config: Config) -> Config:
     _require((ev.sweep_stop - ev.sweep_start) / ev.sweep_step <= 10000, "eval.sweep_step",
              ev.sweep_step, "gives more than 10000 thresholds")
     _range(ev.robust_range, "eval.robust_range", strict=False)
+    _require(ev.robust_range[1] <= 1, "eval.robust_range", ev.robust_range,
+             "must lie in [0, 1] (it is a range of thresholds)")
     return config
+
+
+def image_scales(config: Config) -> list[tuple[str, float]]:
+    """(option, the smallest factor it scales a whole image by) of the options that shrink
+    images: the multi-scale maps, the training rescales and DeepLab's MSC pyramid."""
+    return [("cam.scales", min(config.cam.scales)), ("amn.scales", min(config.amn.scales)),
+            ("amn.rescale", config.amn.rescale[0]), ("irn.rescale", config.irn.rescale[0]),
+            ("seg.rescale", min(config.seg.rescale)),
+            ("seg.msc_scales", min([1.0, *config.seg.msc_scales]))]
 
 
 def resolve_config_path(name_or_path: str | Path) -> Path:
@@ -593,6 +612,13 @@ def _parse_overrides(overrides: list[str]) -> Any:
     bad = [o for o in overrides if "=" not in o]
     if bad:
         raise AmnsegError(f"override {bad[0]!r}: expected key=value")
+    for override in overrides:
+        try:
+            override.encode("utf-8")
+        except UnicodeEncodeError as exc:  # bytes of another encoding in a command-line word
+            raise AmnsegError(
+                f"override {override!r}: not UTF-8 text (character {exc.start + 1}); options "
+                "are UTF-8: rename the file or folder it names") from None
     try:
         return OmegaConf.from_dotlist(overrides)
     except yaml.YAMLError:

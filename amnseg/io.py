@@ -285,6 +285,9 @@ def load_score_maps(path: str | Path, num_classes: int | None = None) -> ScoreMa
     return maps
 
 
+MAP_RANGE_SLACK = 1e-3  # above 1: float rounding of a normalised maximum, never more
+
+
 def _score_map_problem(maps: ScoreMaps, num_classes: int | None) -> str | None:
     """What is wrong with the arrays of a map file (as ``save_score_maps`` writes them), or
     None."""
@@ -305,6 +308,11 @@ def _score_map_problem(maps: ScoreMaps, num_classes: int | None) -> str | None:
         if not np.isfinite(scores).all():
             return ("the maps hold NaN or infinite values (did the network that made them "
                     "diverge?)")
+        # Thresholds in [0, 1] are what seeds and evaluations apply; maps from elsewhere (0-255
+        # heat maps, logits) would give meaningless results without a word.
+        if scores.size and (scores.min() < 0 or scores.max() > 1 + MAP_RANGE_SLACK):
+            return (f"{name} maps range over [{scores.min():.4g}, {scores.max():.4g}]; score "
+                    "maps lie in [0, 1] (each class's map normalised by its maximum)")
     height, width = maps.full.shape[1:]
     expected = ((height - 1) // 4 + 1, (width - 1) // 4 + 1)
     if maps.strided.shape[1:] != expected:

@@ -35,10 +35,10 @@ from typing import Any
 
 from amnseg import distributed
 from amnseg.checkpoints import load_model_checkpoint, save_once
-from amnseg.config import Config, config_from_dict, config_to_dict
+from amnseg.config import Config, config_from_dict, config_to_dict, image_scales
 from amnseg.data import build_dataset, build_splits, run_dataset, skipped_images
 from amnseg.data.base import SegDataset
-from amnseg.data.check import check_dataset
+from amnseg.data.check import MIN_SIDE, check_dataset, min_side
 from amnseg.data.signature import data_signature
 from amnseg.errors import AmnsegError
 from amnseg.io import (
@@ -59,6 +59,7 @@ from amnseg.layout import (
     skipped_images_path,
     training_state_path,
 )
+from amnseg.models.resnet import build_backbone
 from amnseg.stages.amn import make_amn_maps, train_amn
 from amnseg.stages.cam import make_cams, train_cam
 from amnseg.stages.common import processed_images
@@ -69,10 +70,12 @@ from amnseg.stages.seg import (
     SEG_INIT_WORDS,
     check_init_file,
     evaluate_seg,
+    imagenet_backbone_config,
     mask_source,
+    seg_steps_per_epoch,
     train_seg,
 )
-from amnseg.training import crf_device_of
+from amnseg.training import crf_device_of, steps_per_epoch
 
 MANIFEST = "manifest.json"
 
@@ -174,6 +177,9 @@ def check_data(config: Config, signatures: dict[str, str], manifest: dict[str, A
     key = [signatures, data.on_bad_image, data.max_pixels]
     if data.exif_orientation:  # (without it, the key of the folders checked before it existed)
         key.append("exif_orientation")
+    smallest = min_side(image_scales(config))
+    if smallest[0] != MIN_SIDE:  # (likewise)
+        key.append(f"min_side {smallest[0]}")
     if manifest.get("checked", {}).get("key") == key and skipped_images_path(config).is_file():
         return  # checked before (the list of skipped images is part of that check's result)
     skip = data.on_bad_image == "skip"
@@ -196,7 +202,7 @@ def check_data(config: Config, signatures: dict[str, str], manifest: dict[str, A
         sets.append(build_dataset(data, data.val_split))
     for dataset in sets:
         problems.update(check_dataset(dataset, data.max_pixels, decode=skip,
-                                      stop_at_first=not skip))
+                                      stop_at_first=not skip, smallest=smallest))
     with atomic_path(skipped_images_path(config)) as tmp:
         tmp.write_text(json.dumps(problems, indent=2) + "\n")
     if problems:
@@ -514,14 +520,7 @@ def run_pipeline(
     run folder, decides what runs and writes the manifest, every rank takes part in each stage.
     """
     distributed.setup(config.device)
-    for name in (start, stop):
-        if name is not None and name not in STAGE_NAMES:
-            raise AmnsegError(f"unknown stage {name!r}; stages: {', '.join(STAGE_NAMES)}")
-    first = STAGE_NAMES.index(start) if start else 0
-    last = STAGE_NAMES.index(stop) if stop else len(STAGES) - 1
-    if first > last:
-        raise AmnsegError(f"--from {start} comes after --to {stop}: nothing to run (the stages "
-                          f"in order: {', '.join(STAGE_NAMES)})")
+    first, last = stage_range(start, stop)
     run_dir = Path(config.run_dir)
     main = distributed.is_main()
     if not main:
@@ -533,6 +532,20 @@ def run_pipeline(
                 progress(f"removed {removed} temporary files of an interrupted run")
         distributed.barrier()
         return _run_stages(config, run_dir, first, last, progress, require_upstream)
+
+
+def stage_range(start: str | None, stop: str | None) -> tuple[int, int]:
+    """The positions of the stages ``--from start`` and ``--to stop`` (None: the first, the
+    last); unknown or reversed names are one-line errors."""
+    for name in (start, stop):
+        if name is not None and name not in STAGE_NAMES:
+            raise AmnsegError(f"unknown stage {name!r}; stages: {', '.join(STAGE_NAMES)}")
+    first = STAGE_NAMES.index(start) if start else 0
+    last = STAGE_NAMES.index(stop) if stop else len(STAGES) - 1
+    if first > last:
+        raise AmnsegError(f"--from {start} comes after --to {stop}: nothing to run (the stages "
+                          f"in order: {', '.join(STAGE_NAMES)})")
+    return first, last
 
 
 def _silent(line: str) -> None:
@@ -609,6 +622,38 @@ def _check_given_paths(config: Config, stages: list[str]) -> None:
             load_model_checkpoint(Path(value), option.split(".")[0], class_names)
         elif option == "seg.init":
             check_init_file(config)
+    # ImageNet weights (a file, the hub cache or a download) read and fitted to the network.
+    if config.backbone.pretrained and (_trains(config, "cam", stages) or any(
+            _trains(config, stage, stages) and getattr(config, stage).backbone_init == "imagenet"
+            for stage in ("amn", "irn"))):
+        build_backbone(config.backbone)
+    if config.seg.init == "imagenet" and config.seg.backbone.pretrained and (
+            _trains(config, "seg", stages) or _trains(config, "seg_gt", stages)):
+        build_backbone(imagenet_backbone_config(config.seg), key="seg.backbone.pretrained")
+
+
+def _trains(config: Config, stage: str, stages: list[str]) -> bool:
+    """Whether training stage ``stage`` is among ``stages`` and trains (it takes the file
+    ``<stage>.checkpoint`` names instead when one is given; seg_gt always trains)."""
+    section = "seg" if stage == "seg_gt" else stage
+    return stage in stages and (stage == "seg_gt" or not getattr(config, section).checkpoint)
+
+
+def _check_batches(config: Config, stages: list[str]) -> None:
+    """The training set of each training stage to run holds at least one optimisation step:
+    said before any stage, as a stage whose options changed clears its outputs first."""
+    batches = {"cam": config.cam.batch_size, "amn": config.amn.batch_size,
+               "irn": config.irn.batch_size}
+    training = [stage for stage in (*batches, "seg", "seg_gt") if _trains(config, stage, stages)]
+    if not training:
+        return
+    images = len(run_dataset(config, config.data.train_split))
+    for stage in training:
+        what = f"{config.data.root} ({stage})"
+        if stage in batches:
+            steps_per_epoch(images, batches[stage], what)
+        else:
+            seg_steps_per_epoch(images, config.seg, what)
 
 
 def _with_skipped(config: Config, signatures: dict[str, str]) -> dict[str, str]:
@@ -754,6 +799,7 @@ def _run_stages(
         check_data(config, signatures, manifest, progress)
     distributed.barrier()
     signatures = _with_skipped(config, signatures)
+    _check_batches(config, running)
     hashes = _fingerprints(config, signatures)
     masks_record = records.get("masks", {})
     masks_made = (masks_record.get("status") == "done"

@@ -19,7 +19,7 @@ import torch
 from PIL import Image
 
 from amnseg.checkpoints import build_model, load_model_checkpoint
-from amnseg.config import CrfConfig, deeplab_crf
+from amnseg.config import CrfConfig, DataConfig, deeplab_crf
 from amnseg.data.base import read_rgb, rgb_array
 from amnseg.data.folder import IMAGE_SUFFIXES
 from amnseg.data.voc import VOC_CLASSES, voc_palette
@@ -134,7 +134,7 @@ def image_files(inputs: Iterable[str | Path]) -> list[Path]:
         if item.is_dir():
             found = sorted(p for p in item.iterdir()
                            if p.is_file() and p.suffix.lower() in (*IMAGE_SUFFIXES, ".tif",
-                                                                    ".tiff"))
+                                                                    ".tiff", ".gif"))
             if not found:
                 raise AmnsegError(f"{item}: no image files in this folder")
             files += found
@@ -163,7 +163,8 @@ def overlay(image: np.ndarray, labels: np.ndarray, alpha: float = 0.5) -> np.nda
 
 
 def predict_files(segmenter: Segmenter, inputs: Iterable[str | Path], out_dir: Path,
-                  with_overlay: bool = False, voc_submission: bool = False) -> list[Path]:
+                  with_overlay: bool = False, voc_submission: bool = False,
+                  max_pixels: int = DataConfig.max_pixels) -> list[Path]:
     """Label every image of ``inputs``; returns the written mask files.
 
     Default: ``<out>/<stem>.png`` palette PNGs (pixel value = class index, VOC colours).
@@ -171,6 +172,7 @@ def predict_files(segmenter: Segmenter, inputs: Iterable[str | Path], out_dir: P
     class indices, the layout the VOC evaluation server takes (tar the ``results`` folder).
     ``with_overlay``: also ``<out>/overlay/<stem>.png`` blends. Every input is decoded
     first, and no output may replace an input: a bad input stops the run before it writes.
+    An image above ``max_pixels`` (0: no limit) is refused, as ``amnseg run`` refuses it.
     """
     if voc_submission and list(segmenter.class_names) != list(VOC_CLASSES):
         raise AmnsegError(
@@ -185,7 +187,13 @@ def predict_files(segmenter: Segmenter, inputs: Iterable[str | Path], out_dir: P
         raise AmnsegError(f"{overlay_dir}: exists and is not a folder (--overlay writes there)")
     for path in files:
         # Decoded in full, not only its header: a file cut short shows only then.
-        segmenter.check_size(*read_rgb(path, segmenter.exif_orientation).shape[:2], str(path))
+        height, width = read_rgb(path, segmenter.exif_orientation).shape[:2]
+        segmenter.check_size(height, width, str(path))
+        if max_pixels and height * width > max_pixels:
+            raise AmnsegError(
+                f"{path}: image is {width}x{height} ({width * height / 1e6:.1f} MP), above "
+                f"--max-pixels {max_pixels} (its CRF would take minutes and many GB; downscale "
+                "it, raise --max-pixels, or use --no-crf)")
         for target in (output_file(masks_dir, path.stem, ".png"),
                        *([output_file(overlay_dir, path.stem, ".png")]
                          if with_overlay else [])):

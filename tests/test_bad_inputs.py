@@ -278,6 +278,11 @@ def test_mask_of_another_size_and_rgb_mask(data, tmp_path, capsys):
     ("cam=null", "cam: is a section of options and cannot be null"),
     ("=3", "an override needs an option name before '='"),
     ("data.num_workers=100000", "data.num_workers=100000: at most"),
+    ("seeds.workers=100000", "seeds.workers=100000: at most"),
+    ("seg.crf_workers=100000", "seg.crf_workers=100000: at most"),
+    ("eval.robust_range=[0.5,3]", "eval.robust_range=[0.5, 3.0]: must lie in [0, 1]"),
+    ("seg.msc_scales=[0.5,0.001]", "seg.msc_scales=[0.5, 0.001]: must leave a pixel of the "
+     "seg.crop_size=321 crops"),
     ("backbone.strides=[3,3,3,3]", "backbone.strides=[3, 3, 3, 3]: must be [2, s2, s3, s4]"),
     ("backbone.strides=[1,2,2,1]", "backbone.strides=[1, 2, 2, 1]: must be [2, s2, s3, s4]"),
     ("seg.backbone.strides=[2,2,4,1]", "seg.backbone.strides=[2, 2, 4, 1]: must be [2, s2,"),
@@ -301,6 +306,16 @@ def test_malformed_config_files_are_one_line_errors(tmp_path, capsys, content, w
     line = one_error_line(capsys, "run", str(config), f"run_dir={tmp_path / 'run'}")
     assert f"{config}: {words}" in line
     assert not (tmp_path / "run").exists()
+
+
+def test_override_that_is_not_utf8_is_named(tmp_path):
+    from amnseg.config import load_config
+
+    # A Latin-1 byte in a path reaches Python as a lone surrogate.
+    word = b"run_dir=/tmp/r\xff".decode("utf-8", "surrogateescape")
+    with pytest.raises(AmnsegError, match=r"run_dir=/tmp/r\\udcff'?: not UTF-8 text "
+                       r"\(character 15\)"):
+        load_config("voc12", [word])
 
 
 def test_override_value_that_is_not_yaml_is_named(tmp_path, capsys):
@@ -561,6 +576,19 @@ def test_broken_score_map_files_are_named_without_pickle_advice(tmp_path):
         np.savez(tmp_path / "partial.npz", strided=arrays["strided"])
     with pytest.raises(AmnsegError, match="partial.npz: not a valid score map file .*class_ids"):
         load_score_maps(tmp_path / "partial.npz")
+    # Maps from elsewhere, outside [0, 1] (a 0-255 heat map, logits), are named.
+    for name, low, high, words in (("heat", 0, 255, r"full maps range over \[0, 255\]"),
+                                   ("logits", -0.5, 0.5, r"full maps range over \[-0.5, 0.5\]"),
+                                   ("edge", 0, 1 + 1e-4, None)):
+        full = np.full((1, 5, 5), high, np.float32)
+        full[0, 0, 0] = low
+        save_score_maps(tmp_path / f"{name}.npz", ScoreMaps(np.array([1]), full[:, ::4, ::4],
+                                                            full))
+        if words is None:
+            assert load_score_maps(tmp_path / f"{name}.npz").full.max() > 1
+            continue
+        with pytest.raises(AmnsegError, match=rf"{name}.npz: {words}; score maps lie in \[0, 1\]"):
+            load_score_maps(tmp_path / f"{name}.npz")
 
 
 @pytest.mark.parametrize("args, words", [
@@ -622,6 +650,12 @@ def test_predict_never_overwrites_its_inputs_and_checks_them_first(tmp_path, cap
     line = one_error_line(capsys, "predict", checkpoint, images, "--out", tmp_path / "out",
                           "--device", "cpu")
     assert "c.png: 1x1 pixels is too small to segment (at least 2 pixels a side" in line
+    # An image above --max-pixels likewise (its CRF would take minutes and many GB).
+    Image.new("RGB", (30, 20)).save(images / "c.png")
+    line = one_error_line(capsys, "predict", checkpoint, images, "--out", tmp_path / "out",
+                          "--device", "cpu", "--max-pixels", "599")
+    assert "c.png: image is 30x20 (0.0 MP), above --max-pixels 599" in line
+    assert not (tmp_path / "out").exists()
     assert not (tmp_path / "out").exists()
     line = one_error_line(capsys, "predict", checkpoint, images / "a.png", "--out",
                           tmp_path / "out", "--device", "mps")
@@ -671,6 +705,25 @@ def test_bad_val_split_is_named_before_any_stage(data, tmp_path, capsys):
     line = one_error_line(capsys, "run", "demo", *folder_args(data, run))
     assert "splits/val.txt: the split lists no image" in line
     assert not (run / "cam").exists()
+
+
+@pytest.mark.parametrize("names, words", [
+    ([f"c{i}" for i in range(254)], None),
+    ([f"c{i}" for i in range(255)], "classes.txt: 255 classes; at most 254 fit amnseg's uint8 "
+     "masks"),
+    (["Background", "square", "disc"], "classes.txt:1: 'Background' listed as a class; list "
+     "only the foreground classes"),
+])
+def test_class_lists_that_uint8_masks_cannot_hold(tmp_path, names, words):
+    from amnseg.data.folder import read_class_names
+
+    path = tmp_path / "classes.txt"
+    path.write_text("\n".join(names) + "\n")
+    if words is None:
+        assert read_class_names(path) == names
+        return
+    with pytest.raises(AmnsegError, match=re.escape(words)):
+        read_class_names(path)
 
 
 def test_class_list_for_import_follows_the_dataset_rules(tmp_path, capsys):
@@ -735,6 +788,14 @@ def test_edited_checkpoints_are_one_line(tmp_path, capsys):
                      "269 weights of another shape, first base.backbone.conv1.weight"),
         "depth": (lambda c: c.update(backbone={**c["backbone"], "depth": "fifty"}),
                   "damaged amnseg checkpoint (its network cannot be built"),
+        "scales0": (lambda c: c.update(msc_scales=[0.5, 0.0]),
+                    "damaged amnseg checkpoint (msc_scales [0.5, 0.0] is not a list of numbers"),
+        "scales": (lambda c: c.update(msc_scales="x"),
+                   "damaged amnseg checkpoint (msc_scales 'x' is not a list of numbers > 0)"),
+        "input": (lambda c: c.update(input="foo"),
+                  "damaged amnseg checkpoint (input 'foo' is not one of caffe, imagenet)"),
+        "nan": (lambda c: c["model"].update({first: c["model"][first] * float("nan")}),
+                f"the weights hold NaN or infinite values (first in {first})"),
     }
     for name, (edit, words) in edits.items():
         edited = {**good, "model": dict(good["model"])}
@@ -1001,7 +1062,18 @@ def test_an_amnseg_checkpoint_as_seg_init_is_named(data, tmp_path, capsys):
     assert "seg.pt: an amnseg seg checkpoint, not a DeepLab-v2 file" in line
 
 
-def test_a_bad_checkpoint_option_on_a_finished_run_keeps_its_outputs(data, tmp_path, capsys):
+@pytest.mark.parametrize("option, words", [
+    ("cam.checkpoint=ODD", "odd.pth: expected an amnseg cam checkpoint"),
+    ("cam.batch_size=9", "data (cam): 8 training images is fewer than one batch of 9"),
+    ("cam.scales=[1.0,0.02]", "image is 32x32; both sides must be at least 50 pixels "
+     "(cam.scales scales it by 0.02, which must leave a pixel)"),
+    ("backbone.pretrained=MISSING", "missing.pth: ImageNet weights not found "
+     "(backbone.pretrained;"),
+])
+def test_a_bad_option_on_a_finished_run_keeps_its_outputs(data, tmp_path, capsys, option,
+                                                           words):
+    """Options that would fail when the stage starts are found before its outputs, made with
+    the old options, are cleared."""
     run = tmp_path / "run"
     status, _, err = amnseg(capsys, "run", "demo", *folder_args(data, run), "--to", "cam")
     assert status == 0, err
@@ -1009,11 +1081,27 @@ def test_a_bad_checkpoint_option_on_a_finished_run_keeps_its_outputs(data, tmp_p
     assert run / "cam" / "cam.pt" in before
     odd = tmp_path / "odd.pth"
     torch.save({"a": torch.zeros(3)}, odd)
-    line = one_error_line(capsys, "run", "demo", *folder_args(data, run), "--to", "cam",
-                          f"cam.checkpoint={odd}")
-    assert "odd.pth: expected an amnseg cam checkpoint" in line
+    option = option.replace("ODD", str(odd)).replace("MISSING", str(tmp_path / "missing.pth"))
+    line = one_error_line(capsys, "run", "demo", *folder_args(data, run), "--to", "cam", option)
+    assert words in line
     assert {p: p.read_bytes() for p in (run / "cam").rglob("*.pt")} == before
     assert json.loads((run / "manifest.json").read_text())["stages"]["cam"]["status"] == "done"
+
+
+@pytest.mark.parametrize("option, words", [
+    ("seg.batch_size=9", "data (seg): 8 training images is fewer than one step of 9 x 1"),
+    ("seg.backbone.pretrained=MISSING", "missing.pth: ImageNet weights not found "
+     "(seg.backbone.pretrained;"),
+    ("amn.rescale=[0.01,0.5]", "both sides must be at least 100 pixels (amn.rescale scales it "
+     "by 0.01"),
+])
+def test_a_late_stages_bad_option_is_found_before_any_stage(data, tmp_path, capsys, option,
+                                                             words):
+    option = option.replace("MISSING", str(tmp_path / "missing.pth"))
+    line = one_error_line(capsys, "run", "demo", *folder_args(data, tmp_path / "run"),
+                          "seg.init=imagenet", "seg.accumulation=1", option)
+    assert words in line
+    assert no_outputs(tmp_path / "run")
 
 
 def test_labels_that_name_no_class_at_all_are_refused(data, tmp_path, capsys):

@@ -476,6 +476,10 @@ def test_training_samples_never_read_ground_truth_masks(tiny_dataset, monkeypatc
      "annotation 3: an RLE of size 16x21 for an image of 16x20"),
     (lambda d: d["annotations"][2]["segmentation"].update(size="16x20"),
      "annotation 3: an RLE's size must be [height, width]"),
+    # LVIS-sized category lists do not fit the uint8 masks.
+    (lambda d: d["categories"].extend({"id": 1000 + i, "name": f"extra {i}"}
+                                      for i in range(255 - len(d["categories"]))),
+     "255 classes; at most 254 fit amnseg's uint8 masks (0 is the background, 255 ignored"),
 ])
 def test_coco_fields_that_pycocotools_assumes_are_checked_at_load(tmp_path, edit, words):
     root = write_coco(tmp_path)

@@ -418,6 +418,36 @@ def test_oracle_counts_images_whose_optimum_is_the_lowest_threshold(tmp_path, ma
     assert result["oracle_miou"] == pytest.approx(miou(oracle))
 
 
+def test_optimal_thresholds_and_their_statistics_on_images_with_known_optima(tmp_path):
+    # Each image: an object at 0.9 on a background at b. Every threshold in [b, 0.9) labels it
+    # perfectly, so its optimum is the lowest grid value at or above b (ties go to background).
+    backgrounds = {"a": 0.07, "b": 0.23, "c": 0.38, "d": 0.52, "e": 0.77}
+    expected = {"a": 0.10, "b": 0.25, "c": 0.40, "d": 0.55, "e": 0.80}
+    masks = {}
+    for stem, level in backgrounds.items():
+        gt = np.zeros((16, 16), np.uint8)
+        gt[4:12, 3:10] = 2
+        scores = np.where(gt == 2, 0.9, level).astype(np.float32)[None]
+        save_score_maps(tmp_path / "maps" / f"{stem}.npz",
+                        ScoreMaps(np.array([2]), scores[:, ::4, ::4], scores))
+        masks[stem] = gt
+    result = evaluate_maps(tmp_path / "maps", ArrayDataset(masks), GRID, tmp_path / "eval",
+                           threshold=None)
+    assert result["optimal_thresholds"] == pytest.approx(expected)
+    assert result["per_image_best_miou"] == pytest.approx(dict.fromkeys(expected, 1.0))
+    assert result["oracle_miou"] == pytest.approx(1.0)
+    optima = np.array(list(expected.values()))
+    assert result["optimal_threshold_mean"] == pytest.approx(0.42)
+    assert result["optimal_threshold_std"] == pytest.approx(optima.std())
+    assert result["optimal_threshold_quantiles"] == pytest.approx(
+        {"p10": 0.16, "p25": 0.25, "p50": 0.40, "p75": 0.55, "p90": 0.70})
+    # Every threshold in [0.80, 0.9) labels all five perfectly: the lowest is the best.
+    assert result["best_threshold"] == pytest.approx(0.80) and result["best_miou"] == 1.0
+    assert result["miou_at_threshold"] is None
+    assert result["fg_mean_activation"] == pytest.approx(0.9)
+    assert result["bg_mean_activation"] == pytest.approx(np.mean(list(backgrounds.values())))
+
+
 def test_evaluate_maps_errors(tmp_path, maps_set):
     maps_dir, dataset, _ = maps_set
     out = tmp_path / "eval"
@@ -466,3 +496,25 @@ def test_plots_write_png(tmp_path, maps_set):
             data = path.read_bytes()
             assert data.startswith(b"\x89PNG") and len(data) > 5000
     assert sorted(p.name for p in (tmp_path / "plots").iterdir()) == ["hist.png", "sweep.png"]
+
+
+def test_sweep_table_shows_undefined_values_and_the_runs_robust_range(tmp_path, maps_set):
+    from rich.console import Console
+
+    from amnseg.cli import sweep_table
+
+    maps_dir, dataset, _ = maps_set
+    # A sweep that holds no threshold of its robust range: the range's spread is undefined.
+    result = evaluate_maps(maps_dir, dataset, [0.7, 0.8], tmp_path / "eval", name="cam",
+                           robust_range=(0.1, 0.6))
+    assert result["miou_range"] is None
+    assert result["threshold"] == 0.15 and result["miou_at_threshold"] is not None  # default
+    console = Console(record=True, width=200)
+    console.print(sweep_table({"CAM": result, "other": dict(result, oracle_miou=None,
+                                                            fg_bg_gap=None)}))
+    text = console.export_text()
+    assert "range 0.1-0.6" in text
+    cam_row = next(line for line in text.splitlines() if "CAM" in line)
+    assert f"{100 * result['best_miou']:.1f}" in cam_row and "n/a" in cam_row
+    other_row = next(line for line in text.splitlines() if "other" in line)
+    assert other_row.count("n/a") == 3

@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import hashlib
+import json
 import os
 import signal
 import subprocess
@@ -188,7 +189,19 @@ def test_cli_sweep_and_status(finished_run):
                         "--maps", f"AMN={run / 'amn/maps'}")
     assert result.returncode == 0, result.stderr
     assert "Threshold robustness" in result.stdout
-    assert (run / "eval" / "CAM_sweep.json").is_file() and (run / "eval" / "sweep.png").is_file()
+    commands = run / "eval" / "commands"
+    assert (commands / "CAM_sweep.json").is_file() and (commands / "sweep.png").is_file()
+    # The run's own evaluation files are left as the run wrote them (the report reads them).
+    before = {p.name: p.read_bytes() for p in (run / "eval").glob("*.json")}
+    result = amnseg_cli("eval", str(run / "config.json"), "--maps", str(run / "amn/maps"),
+                        "--name", "cam", "--threshold", "0.5")
+    assert result.returncode == 0, result.stderr
+    assert str(commands / "cam_sweep.json") in " ".join(result.stdout.split())
+    assert json.loads((commands / "cam_sweep.json").read_text())["threshold"] == 0.5
+    result = amnseg_cli("eval-seg", str(run / "config.json"), "seg.eval_crf=false")
+    assert result.returncode == 0, result.stderr
+    assert json.loads((commands / "seg.json").read_text())["crf"] is None
+    assert {p.name: p.read_bytes() for p in (run / "eval").glob("*.json")} == before
     status = amnseg_cli("status", str(run))
     assert status.returncode == 0 and "pseudo_masks_miou" in status.stdout
 
@@ -197,6 +210,8 @@ def test_cli_sweep_and_status(finished_run):
     "args, message",
     [
         (["train-cam", "voc12", "data.root=/nonexistent/voc"], "/nonexistent/voc: VOC2012 folder"),
+        (["eval", "voc12", "data.root=/nonexistent/voc", "--maps", "/nonexistent/maps"],
+         "/nonexistent/voc: VOC2012 folder"),
         (["train-cam", "voc12", "cam.epochz=3"], "cam.epochz: unknown option (did you mean"),
         (["run", "voc12", "--from", "nope"], "unknown stage 'nope'"),
         (["status", "/nonexistent/run"], "/nonexistent/run: run folder not found"),
@@ -209,8 +224,8 @@ def test_cli_errors_are_one_line(args, message, tmp_path):
     if args[0] not in ("status", "report"):
         args = [*args, f"run_dir={tmp_path / 'run'}"]  # nothing is written into the checkout
     result = amnseg_cli(*args)
-    if args[0] == "eval-seg":
-        assert not (tmp_path / "run").exists()
+    if args[0] in ("eval-seg", "train-cam", "eval"):
+        assert not (tmp_path / "run").exists()  # nothing left behind by a command that failed
     assert result.returncode == 2
     lines = result.stderr.strip().splitlines()
     assert len(lines) == 1 and lines[0].startswith("amnseg: error:") and message in lines[0]

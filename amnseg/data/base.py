@@ -21,6 +21,15 @@ from PIL import Image, ImageOps, UnidentifiedImageError
 from amnseg.errors import AmnsegError
 
 IGNORE_INDEX = 255
+# Masks, seeds and pseudo masks are uint8: 0 the background, 255 ignored, the classes between.
+MAX_CLASSES = IGNORE_INDEX - 1
+
+
+def check_class_count(count: int, where: object) -> None:
+    """A class list longer than the uint8 label maps hold is a one-line error naming it."""
+    if count > MAX_CLASSES:
+        raise AmnsegError(f"{where}: {count} classes; at most {MAX_CLASSES} fit amnseg's uint8 "
+                          f"masks (0 is the background, {IGNORE_INDEX} ignored pixels)")
 
 
 @dataclass

@@ -9,24 +9,42 @@ An image without a mask file has its label read (VOC's XML annotation), which mu
 
 from __future__ import annotations
 
+import math
+
 from amnseg.data.base import SegDataset, opened_image, oriented_size
 from amnseg.errors import AmnsegError
 from amnseg.progress import progress_bar
 
 MIN_SIDE = 8  # pixels: smaller images vanish at the networks' strides and the 0.5 map scale
+_WHY_MIN_SIDE = "the networks see it at stride 8-16, and at half size for multi-scale maps"
 
 
-def check_sample(dataset: SegDataset, stem: str, max_pixels: int, decode: bool) -> None:
-    """Raise a one-line AmnsegError naming the file if sample ``stem`` cannot be used."""
+def min_side(scales: list[tuple[str, float]]) -> tuple[int, str]:
+    """(the smallest side an image may have, why) when the options ``scales`` ((option,
+    smallest scale it applies to a whole image)) shrink images: a side must keep at least one
+    pixel at every scale, and ``MIN_SIDE`` pixels in any case."""
+    side, why = MIN_SIDE, _WHY_MIN_SIDE
+    for option, scale in scales:
+        needed = math.ceil(1 / scale - 1e-9)
+        if needed > side:
+            side, why = needed, f"{option} scales it by {scale:g}, which must leave a pixel"
+    return side, why
+
+
+def check_sample(dataset: SegDataset, stem: str, max_pixels: int, decode: bool,
+                 smallest: tuple[int, str] = (MIN_SIDE, _WHY_MIN_SIDE)) -> None:
+    """Raise a one-line AmnsegError naming the file if sample ``stem`` cannot be used;
+    ``smallest``: the smallest side allowed and why (``min_side``)."""
     path = dataset.image_path(stem)
     with opened_image(path) as image:
         height, width = oriented_size(image, dataset.exif_orientation)
         if decode:
             image.load()
-    if min(width, height) < MIN_SIDE:
+    side, why = smallest
+    if min(width, height) < side:
         raise AmnsegError(
-            f"{path}: image is {width}x{height}; both sides must be at least {MIN_SIDE} pixels "
-            "(the networks see it at stride 8-16, and at half size for multi-scale maps)"
+            f"{path}: image is {width}x{height}; both sides must be at least {side} pixels "
+            f"({why})"
         )
     if max_pixels and width * height > max_pixels:
         raise AmnsegError(
@@ -48,15 +66,16 @@ def check_sample(dataset: SegDataset, stem: str, max_pixels: int, decode: bool) 
 
 
 def check_dataset(
-    dataset: SegDataset, max_pixels: int, decode: bool = False, stop_at_first: bool = True
+    dataset: SegDataset, max_pixels: int, decode: bool = False, stop_at_first: bool = True,
+    smallest: tuple[int, str] = (MIN_SIDE, _WHY_MIN_SIDE),
 ) -> dict[str, str]:
     """{stem: problem} of the unusable samples; with ``stop_at_first`` the first problem is
-    raised instead."""
+    raised instead. ``smallest`` as in ``check_sample``."""
     problems: dict[str, str] = {}
     for stem in progress_bar(dataset.stems, desc="checking images", unit="img", leave=False,
                      disable=len(dataset.stems) < 500):
         try:
-            check_sample(dataset, stem, max_pixels, decode)
+            check_sample(dataset, stem, max_pixels, decode, smallest)
         except AmnsegError as error:
             if stop_at_first:
                 raise

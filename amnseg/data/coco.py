@@ -30,6 +30,7 @@ import numpy as np
 from amnseg.data.base import (
     IGNORE_INDEX,
     SegDataset,
+    check_class_count,
     check_mask_values,
     check_stem,
     read_index_png,
@@ -116,6 +117,7 @@ class COCODataset(SegDataset):
                 raise AmnsegError(f"{where}: categories {names[name]} and {cat_id} are both "
                                   f"named '{name}'")
             names[name] = cat_id
+        check_class_count(len(names), where)
         for info in self.coco.imgs.values():
             if not isinstance(info.get("file_name"), str):  # an empty one: check_stem
                 raise AmnsegError(f"{where}: image id {info.get('id')} has no file_name")

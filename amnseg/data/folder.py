@@ -21,7 +21,7 @@ from pathlib import Path
 
 import numpy as np
 
-from amnseg.data.base import SegDataset, require_dir
+from amnseg.data.base import SegDataset, check_class_count, require_dir
 from amnseg.errors import AmnsegError
 
 IMAGE_SUFFIXES = (".jpg", ".jpeg", ".png", ".bmp", ".webp")
@@ -129,9 +129,14 @@ def read_class_names(path: Path) -> list[str]:
         if ";" in name:
             # labels.csv joins classes with ';', so such a name could never be referenced.
             raise AmnsegError(f"{path}:{line_number}: class name '{name}' contains ';'")
+        if name.lower() == "background":
+            raise AmnsegError(f"{path}:{line_number}: '{name}' listed as a class; list only the "
+                              "foreground classes (class 0, value 0 in the masks, is the "
+                              "background already)")
         names.append(name)
     if not names:
         raise AmnsegError(f"{path}: no class names")
+    check_class_count(len(names), path)
     return names
 
 

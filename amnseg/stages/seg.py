@@ -64,6 +64,12 @@ from amnseg.training import (
 SEG_INIT_WORDS = (None, "", "none", "imagenet", "cam", "amn")
 
 
+def imagenet_backbone_config(seg_cfg: SegConfig) -> BackboneConfig:
+    """``seg.backbone`` for ``seg.init=imagenet``: torchvision's ImageNet weights were trained
+    with the stride on the 3x3 conv."""
+    return dataclasses.replace(seg_cfg.backbone, stride_in_1x1=False)
+
+
 def initial_seg_model(
     config: Config, num_classes: int
 ) -> tuple[MSC, BackboneConfig, str]:
@@ -81,8 +87,7 @@ def initial_seg_model(
         model = new_model("seg", build_backbone(backbone_cfg), num_classes, **options)
         return model, backbone_cfg, "none (random weights)"
     if init == "imagenet":
-        # torchvision's ImageNet weights were trained with the stride on the 3x3 conv.
-        backbone_cfg = dataclasses.replace(seg_cfg.backbone, stride_in_1x1=False)
+        backbone_cfg = imagenet_backbone_config(seg_cfg)
         backbone = build_backbone(backbone_cfg, key="seg.backbone.pretrained")
         model = new_model("seg", backbone, num_classes, **options)
         where = backbone_cfg.pretrained
@@ -239,6 +244,16 @@ def pyramid_sizes(model: MSC, crop_size: int) -> list[tuple[int, int]]:
     return [tuple(t.shape[-2:]) for t in (logits, *others)]
 
 
+def seg_steps_per_epoch(num_images: int, seg_cfg: SegConfig, what: str) -> int:
+    """Whole optimisation steps (``batch_size`` x ``accumulation`` images) in an epoch of
+    ``num_images``; none is a one-line error about ``what``."""
+    steps = num_images // (seg_cfg.batch_size * seg_cfg.accumulation)
+    if steps == 0:
+        raise AmnsegError(f"{what}: {num_images} training images is fewer than one step of "
+                          f"{seg_cfg.batch_size} x {seg_cfg.accumulation}")
+    return steps
+
+
 def train_seg(config: Config, stage: str = "seg", masks: str | None = None) -> Path:
     """Train DeepLab-v2 on the images of ``data.train_split`` with the masks of ``masks``
     (default ``seg.masks``); write ``<run_dir>/<stage>/<stage>.pt``."""
@@ -250,18 +265,13 @@ def train_seg(config: Config, stage: str = "seg", masks: str | None = None) -> P
     optimizer, scheduler = seg_optimizer(model, seg_cfg)
     items = SegTrainingItems(mask_source(config, masks or seg_cfg.masks, dataset), seg_cfg,
                              pyramid_sizes(model, seg_cfg.crop_size), model.input_kind)
-    per_step = seg_cfg.batch_size * seg_cfg.accumulation
-    steps_per_epoch = len(dataset) // per_step
-    if steps_per_epoch == 0:
-        raise AmnsegError(
-            f"{config.data.root} ({stage}): {len(dataset)} training images is fewer than one "
-            f"step of {seg_cfg.batch_size} x {seg_cfg.accumulation}"
-        )
-    epochs = math.ceil(seg_cfg.iterations / steps_per_epoch)
+    steps = seg_steps_per_epoch(len(dataset), seg_cfg, f"{config.data.root} ({stage})")
+    epochs = math.ceil(seg_cfg.iterations / steps)
     if seg_cfg.fused_accumulation:
         # Each rank's share of every accumulated batch must be a whole slice of its big batch.
         distributed.per_rank_batch(seg_cfg.batch_size, "seg.batch_size")
-        schedule = Schedule(epochs, per_step, 1, seg_cfg.iterations)
+        schedule = Schedule(epochs, seg_cfg.batch_size * seg_cfg.accumulation, 1,
+                            seg_cfg.iterations)
         parts = seg_cfg.accumulation
     else:
         schedule = Schedule(epochs, seg_cfg.batch_size, seg_cfg.accumulation, seg_cfg.iterations)
@@ -365,9 +375,11 @@ def _in_workers(jobs: Iterator, run: Callable, workers: int) -> Iterator:
             yield result.get()
 
 
-def evaluate_seg(config: Config, stage: str = "seg", checkpoint: Path | None = None) -> dict:
+def evaluate_seg(config: Config, stage: str = "seg", checkpoint: Path | None = None,
+                 out_dir: Path | None = None) -> dict:
     """mIoU and per-class IoU of the ``stage`` network on ``data.val_split`` (MSC, optional
-    flip), without and with the CRF; written to ``<run_dir>/eval/<stage>.json``."""
+    flip), without and with the CRF; written to ``<out_dir>/<stage>.json`` (default: the run's
+    eval folder)."""
     seg_cfg = config.seg
     dataset = _val_dataset(config)
     if dataset is None:
@@ -417,5 +429,5 @@ def evaluate_seg(config: Config, stage: str = "seg", checkpoint: Path | None = N
         "no_crf": scores(plain),
         "crf": scores(refined) if seg_cfg.eval_crf else None,
     }
-    save_json(eval_dir(config) / f"{stage}.json", result)
+    save_json((out_dir or eval_dir(config)) / f"{stage}.json", result)
     return result
