@@ -184,6 +184,10 @@ def report_command(
 
     if not run_dir.is_dir():
         raise AmnsegError(f"{run_dir}: run folder not found")
+    if png is not None and (png.is_dir() or png.suffix.lower() != ".png"):
+        raise AmnsegError(f"--png {png}: " + ("is a folder; give a file name ending in .png"
+                                              if png.is_dir() else "the file name must end in "
+                                              ".png (Chromium writes PNG only)"))
     page = build_report(run_dir)
     console.print(f"report: [bold]{page}[/bold]")
     if png is not None:

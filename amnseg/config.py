@@ -633,15 +633,17 @@ def _parse_overrides(overrides: list[str]) -> Any:
     raise AssertionError("unreachable: the overrides parsed one by one")
 
 
-def config_from_dict(values: dict[str, Any]) -> Config:
-    """Rebuild a Config from its dict form (e.g. a run folder's config.json)."""
+def config_from_dict(values: dict[str, Any], where: str | Path = "config") -> Config:
+    """Rebuild a Config from its dict form (e.g. a run folder's config.json, ``where``)."""
     try:
         merged = OmegaConf.merge(OmegaConf.structured(Config), OmegaConf.create(values))
         config = OmegaConf.to_object(merged)
+        assert isinstance(config, Config)
+        return validate(config)
     except OmegaConfBaseException as exc:
-        raise AmnsegError(f"config: {str(exc).strip().splitlines()[0]}") from None
-    assert isinstance(config, Config)
-    return validate(config)
+        raise AmnsegError(f"{where}: {_option_error(exc)}") from None
+    except AmnsegError as error:
+        raise AmnsegError(f"{where}: {error}") from None
 
 
 def config_to_dict(config: Any) -> dict[str, Any]:

@@ -445,7 +445,7 @@ def load_run_config(run_dir: Path) -> Config:
     path = run_dir / RUN_CONFIG
     if not path.is_file():
         raise AmnsegError(f"{run_dir}: no {RUN_CONFIG} (not an amnseg run folder)")
-    config = config_from_dict(load_json(path, dict))
+    config = config_from_dict(load_json(path, dict), path)
     config.run_dir = str(run_dir)
     return config
 
@@ -632,6 +632,18 @@ def _check_given_paths(config: Config, stages: list[str]) -> None:
         build_backbone(imagenet_backbone_config(config.seg), key="seg.backbone.pretrained")
 
 
+def _note_val_inside_train(config: Config, progress: Callable[[str], None]) -> None:
+    """Say so when every val image is a training image (e.g. a folder dataset without
+    ``splits/``, whose every split is all its images): the segmentation network's val mIoU
+    is then measured on images it trained on."""
+    data = config.data
+    val = set(build_dataset(data, data.val_split).stems)
+    if val and val <= set(build_dataset(data, data.train_split).stems):
+        progress(f"note: all {len(val)} images of data.val_split={data.val_split!r} are in "
+                 f"data.train_split={data.train_split!r}: the segmentation network's val mIoU "
+                 "is measured on images it trained on")
+
+
 def _trains(config: Config, stage: str, stages: list[str]) -> bool:
     """Whether training stage ``stage`` is among ``stages`` and trains (it takes the file
     ``<stage>.checkpoint`` names instead when one is given; seg_gt always trains)."""
@@ -798,6 +810,7 @@ def _run_stages(
         manifest["data"] = signatures
         check_data(config, signatures, manifest, progress)
     distributed.barrier()
+    has_val = signatures.get("val") != "absent"
     signatures = _with_skipped(config, signatures)
     _check_batches(config, running)
     hashes = _fingerprints(config, signatures)
@@ -835,6 +848,8 @@ def _run_stages(
             if action == "run":
                 # Stages that read this one's outputs have changed fingerprints too and rerun.
                 _clear_outputs(config, stage)
+            if stage.name in ("seg", "seg_gt") and has_val:
+                _note_val_inside_train(config, progress)
             progress(f"[run] {stage.name}: {stage.description}{why}")
             record = _start_record(records, stage, stage_hash, action, config)
         follower = stage.follower if distributed.run_on_main(

@@ -18,7 +18,7 @@ import numpy as np
 import torch
 from PIL import Image
 
-from amnseg.checkpoints import build_model, load_model_checkpoint
+from amnseg.checkpoints import build_model, load_model_checkpoint, reference_kind
 from amnseg.config import CrfConfig, DataConfig, deeplab_crf
 from amnseg.data.base import read_rgb, rgb_array
 from amnseg.data.folder import IMAGE_SUFFIXES
@@ -95,6 +95,12 @@ class Segmenter:
         if raw.get("format") == "amnseg" and raw.get("stage") != "seg":
             raise AmnsegError(f"{path}: an amnseg {raw.get('stage')} checkpoint, not a "
                               "segmentation network (a run's is <run_dir>/seg/seg.pt)")
+        kind = reference_kind(raw) if raw.get("format") != "amnseg" else None
+        if kind is not None:
+            raise AmnsegError(f"{path}: the authors' {kind} network (res50_{kind}.pth), not a "
+                              "segmentation network (predict takes one that amnseg train-seg "
+                              "wrote, or a DeepLab-v2 file imported with amnseg "
+                              "import-checkpoint seg)")
         if raw.get("format") != "amnseg" or raw.get("stage") != "seg":
             raise AmnsegError(
                 f"{path}: not an amnseg segmentation checkpoint (import a DeepLab-v2 file "

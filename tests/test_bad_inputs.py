@@ -199,6 +199,11 @@ def test_missing_image_of_a_split_is_named(tmp_path, capsys):
     ("img 00,square;triangle", "unknown class 'triangle'"),
     ("img 00,square,disc", "expected 2 columns"),
     ("ghost,square", "image 'ghost' not found"),
+    ("img 00.png,square", "(labels.csv names images by their stem, without the extension: "
+     "'img 00')"),
+    ("img 00,Square", "unknown class 'Square' (not in classes.txt) (did you mean 'square'? "
+     "class names are case-sensitive)"),
+    ("folder,square", "image 'folder' not found in"),
     (",square", "empty image stem"),
     # A stray quote runs the row into the next ones.
     ('"img 00,square', "a quoted field runs on to line 9 (a stray '\"'?)"),
@@ -210,8 +215,11 @@ def test_bad_label_rows_are_named_with_their_line(data, tmp_path, capsys, row, w
     rows = labels.read_text().splitlines()
     rows[1] = row
     labels.write_text("\n".join(rows) + "\n")
+    (data / "images" / "folder.png").mkdir()
     line = one_error_line(capsys, "run", "voc12", *folder_args(data, tmp_path / "run"))
     assert "labels.csv:2" in line and words in line
+    if row.startswith("folder"):
+        assert "(folder.png is there but is not a readable file)" in line
 
 
 # --- masks ----------------------------------------------------------------------------------
@@ -234,6 +242,13 @@ def test_sixteen_bit_masks(tmp_path):
     Image.fromarray(np.array([[0, 257]], dtype=np.uint16)).save(tmp_path / "wide.png")
     with pytest.raises(AmnsegError, match="wide.png: mask value 257 does not fit"):
         read_index_png(tmp_path / "wide.png")
+    # 1-bit masks (a one-class dataset's binary masks) are their 0/1 values.
+    binary = np.array([[0, 1, 1], [1, 0, 0]], dtype=bool)
+    Image.fromarray(binary).save(tmp_path / "binary.png")
+    assert Image.open(tmp_path / "binary.png").mode == "1"
+    read = read_index_png(tmp_path / "binary.png")
+    assert read.dtype == np.uint8
+    np.testing.assert_array_equal(read, binary.astype(np.uint8))
 
 
 def test_mask_of_another_size_and_rgb_mask(data, tmp_path, capsys):

@@ -570,6 +570,26 @@ def test_exif_orientation_reads_images_as_viewers_show_them(tmp_path: Path, orie
     assert read_size(path, exif_orientation=True) == shown.shape[:2]
 
 
+def test_damaged_exif_blocks_are_read_quietly_as_stored(tmp_path: Path) -> None:
+    import struct
+    import warnings
+
+    from amnseg.data.base import read_rgb, read_size
+
+    # An orientation entry whose 1000 values lie beyond the end of the block: PIL warns
+    # (in lines naming neither the file nor a remedy) and skips it.
+    exif = (b"Exif\x00\x00II*\x00\x08\x00\x00\x00\x01\x00"
+            + struct.pack("<HHII", 0x0112, 3, 1000, 0x100) + b"\x00" * 4)
+    stored = np.random.default_rng(3).integers(0, 256, (30, 40, 3), dtype=np.uint8)
+    path = tmp_path / "camera.png"
+    Image.fromarray(stored).save(path, exif=exif)
+    with warnings.catch_warnings():
+        warnings.simplefilter("error")
+        for turned in (False, True):
+            assert read_size(path, turned) == (30, 40)
+            np.testing.assert_array_equal(read_rgb(path, turned), stored)
+
+
 def test_folder_dataset_with_exif_orientation_matches_masks_drawn_on_the_shown_photo(
         tmp_path: Path) -> None:
     """A phone photo stored sideways with orientation 6 and its mask drawn as it shows: the

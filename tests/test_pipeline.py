@@ -217,6 +217,9 @@ def test_cli_sweep_and_status(finished_run):
         (["status", "/nonexistent/run"], "/nonexistent/run: run folder not found"),
         (["report", "/nonexistent/run"], "/nonexistent/run: run folder not found"),
         (["status", "/"], "/: no manifest.json"),
+        (["report", "/", "--png", "/tmp"], "--png /tmp: is a folder; give a file name ending in"),
+        (["report", "/", "--png", "/tmp/page.jpg"], "--png /tmp/page.jpg: the file name must end "
+         "in .png"),
         (["eval-seg", "demo"], "seg/seg.pt: no trained segmentation network in this run"),
     ],
 )
@@ -379,6 +382,24 @@ def test_from_seg_gt_needs_none_of_the_pseudo_mask_stages(tmp_path):
     assert manifest["stages"]["seg_gt"]["status"] == "done"
     assert (tmp_path / "run" / "seg_gt" / "seg_gt.pt").is_file()
     assert messages[-1].startswith("[run] seg_gt")
+    # Its val images are training images (this dataset's val is half of train): said.
+    assert ("note: all 2 images of data.val_split='val' are in data.train_split='train': the "
+            "segmentation network's val mIoU is measured on images it trained on") in messages
+
+
+def test_val_images_apart_from_the_training_images_need_no_note(tmp_path):
+    from amnseg.pipeline import _note_val_inside_train
+
+    data = write_tiny_folder_dataset(tmp_path / "data", count=4)
+    stems = (data / "splits" / "train.txt").read_text().split("\n")[:4]
+    (data / "splits" / "train.txt").write_text("\n".join(stems[:3]) + "\n")
+    (data / "splits" / "val.txt").write_text(stems[3] + "\n")
+    notes: list[str] = []
+    _note_val_inside_train(tiny_config(data, tmp_path / "run"), notes.append)
+    assert notes == []
+    (data / "splits" / "val.txt").write_text(stems[2] + "\n")
+    _note_val_inside_train(tiny_config(data, tmp_path / "run"), notes.append)
+    assert len(notes) == 1 and notes[0].startswith("note: all 1 images")
 
 
 def test_status_with_a_damaged_config_still_shows_the_manifest(finished_run, tmp_path):
@@ -394,3 +415,9 @@ def test_status_with_a_damaged_config_still_shows_the_manifest(finished_run, tmp
     said = " ".join(status.stdout.split())  # lines wrapped at the terminal's width
     assert "which stages are out of date is unknown:" in said
     assert "config.json: not valid JSON" in said
+    # A value of the wrong type: the file and the option are named.
+    (run / "config.json").write_text(json.dumps({"cam": {"epochs": "x"}}))
+    report = amnseg_cli("report", str(run))
+    assert report.returncode == 2
+    assert f"{run / 'config.json'}: cam.epochs: Value 'x' of type 'str' could not be " \
+        "converted to Integer" in " ".join(report.stderr.split())

@@ -613,6 +613,12 @@ def test_segmenter_rejects_non_seg_checkpoints_and_bad_arrays(seg_checkpoint, tm
     with pytest.raises(AmnsegError, match="cam.pt: an amnseg cam checkpoint, not a "
                        "segmentation network"):
         Segmenter.from_checkpoint(tmp_path / "cam.pt")
+    from test_checkpoints import synthetic_reference
+
+    torch.save(synthetic_reference("amn"), tmp_path / "res50_amn.pth")
+    with pytest.raises(AmnsegError, match=r"res50_amn.pth: the authors' amn network "
+                       r"\(res50_amn.pth\), not a segmentation network"):
+        Segmenter.from_checkpoint(tmp_path / "res50_amn.pth")
     with pytest.raises(AmnsegError, match="image array of shape"):
         as_rgb(np.zeros((4, 4, 2), np.uint8))
     assert as_rgb(np.zeros((4, 5), np.uint16)).shape == (4, 5, 3)
@@ -894,3 +900,11 @@ def test_deeplab_transform_draws_every_scale_alike_and_flips_half_the_time():
     assert list(counts) == [10, 15, 20, 25, 30]  # int(20 * s) for every scale
     assert all(70 <= count <= 130 for count in counts.values()), counts
     assert 200 <= flipped <= 300
+
+
+def test_evaluation_without_a_val_split_says_so(tiny_dataset, tmp_path):
+    from conftest import tiny_config
+
+    config = tiny_config(tiny_dataset, tmp_path / "run", "data.val_split=''")
+    with pytest.raises(AmnsegError, match=r"^data.val_split is not set: name the split"):
+        seg_stage.evaluate_seg(config, checkpoint=tmp_path / "none.pt")

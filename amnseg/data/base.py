@@ -191,12 +191,22 @@ def opened_image(path: Path) -> Iterator[Image.Image]:
         raise AmnsegError(f"{path}: unreadable image ({_reason(exc)})") from None
 
 
-def _open(path: Path) -> Image.Image:
-    """``Image.open`` without PIL's warning about images of 89-179 megapixels: the run checks
-    sizes itself (``data.max_pixels``), with one line naming the file; PIL still refuses
-    larger ones (DecompressionBombError), which the callers report the same way."""
+@contextmanager
+def _quiet_pil() -> Iterator[None]:
+    """Without PIL's warnings about images of 89-179 megapixels (the run checks sizes itself,
+    ``data.max_pixels``, with one line naming the file; PIL still refuses larger ones with a
+    DecompressionBombError, which the callers report the same way) and about damaged EXIF
+    blocks (common in camera files; they name neither the image nor a remedy, and PIL reads
+    what it can, as viewers do)."""
     with warnings.catch_warnings():
         warnings.simplefilter("ignore", Image.DecompressionBombWarning)
+        warnings.filterwarnings("ignore", module=r"PIL\.TiffImagePlugin")
+        yield
+
+
+def _open(path: Path) -> Image.Image:
+    """``Image.open``, quiet as ``_quiet_pil`` says."""
+    with _quiet_pil():
         return Image.open(path)
 
 
@@ -215,15 +225,19 @@ def read_rgb(path: Path, exif_orientation: bool = False) -> np.ndarray:
     turned and mirrored as the file's EXIF orientation tag says (as viewers show it)."""
     with opened_image(path) as image:
         if exif_orientation:
-            image = ImageOps.exif_transpose(image)
+            with _quiet_pil():
+                image = ImageOps.exif_transpose(image)
         return rgb_array(image, str(path))
 
 
 def oriented_size(image: Image.Image, exif_orientation: bool = False) -> tuple[int, int]:
     """(H, W) of an open image, from its header; with ``exif_orientation``, as viewers show it
     (width and height swap for a quarter turn)."""
-    if exif_orientation and image.getexif().get(EXIF_ORIENTATION) in QUARTER_TURNS:
-        return image.width, image.height
+    if exif_orientation:
+        with _quiet_pil():
+            orientation = image.getexif().get(EXIF_ORIENTATION)
+        if orientation in QUARTER_TURNS:
+            return image.width, image.height
     return image.height, image.width
 
 
@@ -236,16 +250,17 @@ def read_size(path: Path, exif_orientation: bool = False) -> tuple[int, int]:
 
 def read_index_png(path: Path) -> np.ndarray:
     """A label PNG as its indices: palette ("P") images give palette indices, never colours.
-    16-bit index images are accepted when every value fits in 0..255."""
+    16-bit index images are accepted when every value fits in 0..255; 1-bit ones (the binary
+    masks of a one-class dataset) as 0 and 1."""
     if not path.is_file():
         raise AmnsegError(f"{path}: mask not found")
     try:
         with _open(path) as image:
-            if image.mode not in ("P", "L", *WIDE_INTEGER_MODES):
+            if image.mode not in ("P", "L", "1", *WIDE_INTEGER_MODES):
                 raise AmnsegError(
                     f"{path}: mask must be an index PNG (mode P or L), found mode {image.mode}"
                 )
-            values = np.asarray(image)
+            values = np.asarray(image)  # mode 1: booleans
     except (UnidentifiedImageError, OSError, SyntaxError, ValueError,
             Image.DecompressionBombError) as exc:
         raise AmnsegError(f"{path}: unreadable mask ({_reason(exc)})") from None

@@ -40,10 +40,8 @@ class FolderDataset(SegDataset):
         self._images = _index_images(self.image_dir)
         for stem, line in rows.items():
             if stem not in self._images:
-                raise AmnsegError(
-                    f"{labels_file}:{line}: image '{stem}' not found in {self.image_dir} "
-                    f"(looked for {stem} with suffix {'/'.join(IMAGE_SUFFIXES)})"
-                )
+                raise AmnsegError(f"{labels_file}:{line}: image '{stem}' not found in "
+                                  f"{self.image_dir} ({_why_not_found(self.image_dir, stem)})")
         self.stems = self._read_split(split, labels_file)
         mask_dir = self.root / "masks"
         if mask_dir.exists() and not mask_dir.is_dir():
@@ -189,6 +187,9 @@ def _read_labels(
             if name not in index:
                 header = (" (a header row must read stem,classes)" if line_number == 1
                           else "")
+                same = [known for known in class_names if known.lower() == name.lower()]
+                if same:
+                    header += f" (did you mean '{same[0]}'? class names are case-sensitive)"
                 raise AmnsegError(
                     f"{path}:{line_number}: unknown class '{name}' (not in classes.txt){header}"
                 )
@@ -220,6 +221,18 @@ def _index_masks(mask_dir: Path, stems: set[str]) -> dict[str, Path]:
                               f", {path.name})")
         masks[path.stem] = path
     return masks
+
+
+def _why_not_found(image_dir: Path, stem: str) -> str:
+    """What is there instead of image ``stem``: a hint for the common mix-ups."""
+    candidates = [image_dir / f"{stem}{suffix}" for suffix in IMAGE_SUFFIXES]
+    present = [p for p in candidates if p.exists() or p.is_symlink()]
+    if present:
+        return f"{present[0].name} is there but is not a readable file"
+    if Path(stem).suffix.lower() in IMAGE_SUFFIXES:
+        return (f"labels.csv names images by their stem, without the extension: "
+                f"'{Path(stem).stem}'")
+    return f"looked for {stem} with suffix {'/'.join(IMAGE_SUFFIXES)}"
 
 
 def _index_images(image_dir: Path) -> dict[str, Path]:

@@ -381,6 +381,9 @@ def evaluate_seg(config: Config, stage: str = "seg", checkpoint: Path | None = N
     flip), without and with the CRF; written to ``<out_dir>/<stage>.json`` (default: the run's
     eval folder)."""
     seg_cfg = config.seg
+    if not config.data.val_split:
+        raise AmnsegError("data.val_split is not set: name the split to evaluate the "
+                          "segmentation network on (e.g. data.val_split=val)")
     dataset = _val_dataset(config)
     if dataset is None:
         raise AmnsegError(
