@@ -421,8 +421,8 @@ def test_oracle_counts_images_whose_optimum_is_the_lowest_threshold(tmp_path, ma
 def test_optimal_thresholds_and_their_statistics_on_images_with_known_optima(tmp_path):
     # Each image: an object at 0.9 on a background at b. Every threshold in [b, 0.9) labels it
     # perfectly, so its optimum is the lowest grid value at or above b (ties go to background).
-    backgrounds = {"a": 0.07, "b": 0.23, "c": 0.38, "d": 0.52, "e": 0.77}
-    expected = {"a": 0.10, "b": 0.25, "c": 0.40, "d": 0.55, "e": 0.80}
+    backgrounds = {"a": 0.12, "b": 0.23, "c": 0.38, "d": 0.52, "e": 0.57}
+    expected = {"a": 0.15, "b": 0.25, "c": 0.40, "d": 0.55, "e": 0.60}
     masks = {}
     for stem, level in backgrounds.items():
         gt = np.zeros((16, 16), np.uint8)
@@ -437,13 +437,18 @@ def test_optimal_thresholds_and_their_statistics_on_images_with_known_optima(tmp
     assert result["per_image_best_miou"] == pytest.approx(dict.fromkeys(expected, 1.0))
     assert result["oracle_miou"] == pytest.approx(1.0)
     optima = np.array(list(expected.values()))
-    assert result["optimal_threshold_mean"] == pytest.approx(0.42)
+    assert result["optimal_threshold_mean"] == pytest.approx(0.39)
     assert result["optimal_threshold_std"] == pytest.approx(optima.std())
     assert result["optimal_threshold_quantiles"] == pytest.approx(
-        {"p10": 0.16, "p25": 0.25, "p50": 0.40, "p75": 0.55, "p90": 0.70})
-    # Every threshold in [0.80, 0.9) labels all five perfectly: the lowest is the best.
-    assert result["best_threshold"] == pytest.approx(0.80) and result["best_miou"] == 1.0
+        {"p10": 0.19, "p25": 0.25, "p50": 0.40, "p75": 0.55, "p90": 0.58})
+    # Every threshold in [0.60, 0.9) labels all five perfectly: the lowest is the best.
+    assert result["best_threshold"] == pytest.approx(0.60) and result["best_miou"] == 1.0
     assert result["miou_at_threshold"] is None
+    # mIoU rises with the threshold up to 0.60 here: the robust range's spread runs from its
+    # lower end (0.10, included) to its upper end (0.60).
+    curve = dict(zip(GRID, result["miou"], strict=True))
+    assert curve[0.1] < curve[0.15] and curve[0.55] < curve[0.6]
+    assert result["miou_range"] == pytest.approx(curve[0.6] - curve[0.1])
     assert result["fg_mean_activation"] == pytest.approx(0.9)
     assert result["bg_mean_activation"] == pytest.approx(np.mean(list(backgrounds.values())))
 
@@ -518,3 +523,32 @@ def test_sweep_table_shows_undefined_values_and_the_runs_robust_range(tmp_path, 
     assert f"{100 * result['best_miou']:.1f}" in cam_row and "n/a" in cam_row
     other_row = next(line for line in text.splitlines() if "other" in line)
     assert other_row.count("n/a") == 3
+
+
+def test_evaluate_label_maps_by_hand(tmp_path):
+    """Seeds/pseudo masks against GT: 255 (unsure) counts as background, the unsure fraction
+    pools every pixel, an image's mIoU averages the classes in its GT or prediction."""
+    from amnseg.io import save_label_png
+    from amnseg.stages.evaluate import evaluate_label_maps
+
+    gt_a = np.array([[0, 0, 1, 1]], np.uint8)
+    seeds_a = np.array([[0, 255, 1, 255]], np.uint8)  # as background: [0, 0, 1, 0]
+    gt_b = np.array([[2, 2, 0, 255]], np.uint8)  # the last pixel is ignored
+    seeds_b = np.array([[2, 3, 0, 1]], np.uint8)
+    for stem, seeds in (("a", seeds_a), ("b", seeds_b)):
+        save_label_png(tmp_path / "seeds" / f"{stem}.png", seeds)
+    dataset = ArrayDataset({"a": gt_a, "b": gt_b})
+    result = evaluate_label_maps(tmp_path / "seeds", dataset, tmp_path / "eval", "cam_seeds")
+    assert load_json(tmp_path / "eval" / "cam_seeds.json") == result
+    assert result["images"] == 2 and result["unsure_fraction"] == pytest.approx(2 / 8)
+    # Pooled: background TP 3 (a: 2, b: 1), FP 1 (a's 4th pixel); class 1: TP 1, FN 1;
+    # class 2: TP 1, FN 1; class 3: FP 1.
+    iou = {"background": 3 / 4, "cat": 1 / 2, "dog": 1 / 2, "bird": 0.0}
+    assert result["per_class_iou"] == pytest.approx(iou)
+    assert result["miou"] == pytest.approx(np.mean(list(iou.values())))
+    assert result["per_image_miou"] == pytest.approx({"a": (2 / 3 + 1 / 2) / 2,
+                                                      "b": (1 + 1 / 2 + 0) / 3})
+    # A class beyond the dataset's is named (4 for 3 classes; 3 is fine, as above).
+    save_label_png(tmp_path / "seeds" / "b.png", np.array([[2, 4, 0, 1]], np.uint8))
+    with pytest.raises(AmnsegError, match=r"b.png: holds class 4, the dataset has 3$"):
+        evaluate_label_maps(tmp_path / "seeds", dataset, tmp_path / "eval", "cam_seeds")

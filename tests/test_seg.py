@@ -830,9 +830,11 @@ def test_smallest_image_is_one_pixel_at_the_smallest_scale(seg_checkpoint):
     segmenter = Segmenter.from_checkpoint(seg_checkpoint)  # scales 1, 0.5, 0.75
     assert segmenter(np.zeros((2, 2, 3), np.uint8)).shape == (2, 2)
     for shape in ((1, 5, 3), (5, 1, 3)):
-        with pytest.raises(AmnsegError, match=r"^image: \d+x\d+ pixels is too small to "
-                           r"segment \(at least 2 pixels a side, for the input scale 0.5\)"):
-            segmenter(np.zeros(shape, np.uint8))
+        for label in (segmenter, segmenter.probabilities):
+            with pytest.raises(AmnsegError, match=r"^image: \d+x\d+ pixels is too small to "
+                               r"segment \(at least 2 pixels a side, for the input scale "
+                               r"0.5\)"):
+                label(np.zeros(shape, np.uint8))
 
 
 def test_overlay_blends_labelled_pixels_half_with_their_colour():
