@@ -622,14 +622,6 @@ def _check_given_paths(config: Config, stages: list[str]) -> None:
             load_model_checkpoint(Path(value), option.split(".")[0], class_names)
         elif option == "seg.init":
             check_init_file(config)
-    # ImageNet weights (a file, the hub cache or a download) read and fitted to the network.
-    if config.backbone.pretrained and (_trains(config, "cam", stages) or any(
-            _trains(config, stage, stages) and getattr(config, stage).backbone_init == "imagenet"
-            for stage in ("amn", "irn"))):
-        build_backbone(config.backbone)
-    if config.seg.init == "imagenet" and config.seg.backbone.pretrained and (
-            _trains(config, "seg", stages) or _trains(config, "seg_gt", stages)):
-        build_backbone(imagenet_backbone_config(config.seg), key="seg.backbone.pretrained")
 
 
 def _note_val_inside_train(config: Config, progress: Callable[[str], None]) -> None:
@@ -651,9 +643,11 @@ def _trains(config: Config, stage: str, stages: list[str]) -> bool:
     return stage in stages and (stage == "seg_gt" or not getattr(config, section).checkpoint)
 
 
-def _check_batches(config: Config, stages: list[str]) -> None:
-    """The training set of each training stage to run holds at least one optimisation step:
-    said before any stage, as a stage whose options changed clears its outputs first."""
+def _check_training(config: Config, stages: list[str]) -> None:
+    """What the training stages among ``stages`` (those that will run) need and can be
+    checked before any stage, as a stage whose options changed clears its outputs when it
+    starts: a training set of at least one optimisation step, and ImageNet weights (a file,
+    the hub cache or a download) that can be read and fit the network."""
     batches = {"cam": config.cam.batch_size, "amn": config.amn.batch_size,
                "irn": config.irn.batch_size}
     training = [stage for stage in (*batches, "seg", "seg_gt") if _trains(config, stage, stages)]
@@ -666,6 +660,13 @@ def _check_batches(config: Config, stages: list[str]) -> None:
             steps_per_epoch(images, batches[stage], what)
         else:
             seg_steps_per_epoch(images, config.seg, what)
+    if config.backbone.pretrained and ("cam" in training or any(
+            stage in training and getattr(config, stage).backbone_init == "imagenet"
+            for stage in ("amn", "irn"))):
+        build_backbone(config.backbone)
+    if config.seg.init == "imagenet" and config.seg.backbone.pretrained and (
+            "seg" in training or "seg_gt" in training):
+        build_backbone(imagenet_backbone_config(config.seg), key="seg.backbone.pretrained")
 
 
 def _with_skipped(config: Config, signatures: dict[str, str]) -> dict[str, str]:
@@ -812,8 +813,11 @@ def _run_stages(
     distributed.barrier()
     has_val = signatures.get("val") != "absent"
     signatures = _with_skipped(config, signatures)
-    _check_batches(config, running)
     hashes = _fingerprints(config, signatures)
+    to_run = [stage.name for index, stage in enumerate(STAGES) if distributed.run_on_main(
+        _plan, stage, index, first, last, config, records.get(stage.name, {}),
+        hashes[stage.name], require_upstream, run_dir)[0] in ("run", "resume")]
+    _check_training(config, to_run)
     masks_record = records.get("masks", {})
     masks_made = (masks_record.get("status") == "done"
                   and masks_record.get("fingerprint") == hashes["masks"])

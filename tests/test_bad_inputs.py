@@ -1103,6 +1103,25 @@ def test_a_bad_option_on_a_finished_run_keeps_its_outputs(data, tmp_path, capsys
     assert json.loads((run / "manifest.json").read_text())["stages"]["cam"]["status"] == "done"
 
 
+def test_weights_a_finished_stage_no_longer_needs_are_not_read_again(data, tmp_path, capsys):
+    """The ImageNet weights are checked for the stages that will train, not for those that
+    are up to date: a run whose weights file has gone since still skips them."""
+    from amnseg.config import load_config
+    from amnseg.models.resnet import build_backbone
+
+    backbone = load_config("demo", folder_args(data, tmp_path / "x")).backbone
+    weights = tmp_path / "weights.pth"
+    torch.save(build_backbone(backbone).state_dict(), weights)
+    args = ["run", "demo", *folder_args(data, tmp_path / "run"), "--to", "cam",
+            f"backbone.pretrained={weights}"]
+    status, _, err = amnseg(capsys, *args)
+    assert status == 0, err
+    weights.unlink()
+    status, out, err = amnseg(capsys, *args)
+    assert status == 0, err
+    assert "[skip] cam: up to date" in out + err
+
+
 @pytest.mark.parametrize("option, words", [
     ("seg.batch_size=9", "data (seg): 8 training images is fewer than one step of 9 x 1"),
     ("seg.backbone.pretrained=MISSING", "missing.pth: ImageNet weights not found "
