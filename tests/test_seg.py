@@ -672,17 +672,24 @@ def test_train_seg_on_ground_truth_then_evaluate(tiny_dataset, tmp_path, monkeyp
     from amnseg.data import build_dataset
     from amnseg.metrics import confusion_matrix, miou
 
-    # 8 images, steps of 2 x 2: 2 steps per epoch, so 3 iterations take 2 epochs (3 steps).
-    config = tiny_config(tiny_dataset, tmp_path / "run", "seg.init=null", "seg.iterations=3",
-                         "seg.batch_size=2", "seg.accumulation=2", "seg.crop_size=32",
+    # Masks with ignored pixels (255), as VOC's object outlines: no prediction may be taken
+    # for the ground truth.
+    for path in (tiny_dataset / "masks").glob("*.png"):
+        mask = np.array(Image.open(path))
+        mask[0] = 255
+        Image.fromarray(mask).save(path)
+    # 8 images, steps of 1 x 2: 4 steps per epoch, so 5 iterations take 2 epochs (5 steps;
+    # epochs and batch size differ, so that neither can stand for the other).
+    config = tiny_config(tiny_dataset, tmp_path / "run", "seg.init=null", "seg.iterations=5",
+                         "seg.batch_size=1", "seg.accumulation=2", "seg.crop_size=32",
                          "seg.msc_scales=[]", "seg.eval_images=2", "seg.backbone.depth=18",
                          "seg.backbone.width=0.125", "seg.backbone.pretrained=null")
     path = seg_stage.train_seg(config, "seg_gt", "gt")
     log = training_log(config, "seg_gt")
     assert [record["epoch"] for record in log] == [1, 2]
-    assert [record["steps"] for record in log] == [2, 1]
+    assert [record["steps"] for record in log] == [4, 1]
     state = torch.load(tmp_path / "run" / "seg_gt" / "last.pt", weights_only=True)
-    assert state["scheduler"]["last_epoch"] == 3
+    assert state["scheduler"]["last_epoch"] == 5
     # The last epoch's val check: the trained net's mIoU on the first 2 val images.
     val = build_dataset(config.data, "val")
     model = load_model(path, "seg", val.class_names).eval()
