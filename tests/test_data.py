@@ -631,3 +631,18 @@ def test_folder_dataset_with_exif_orientation_matches_masks_drawn_on_the_shown_p
     cam = STAGES[0]
     assert "data.exif_orientation" not in stage_options(cam, defaults)
     assert stage_options(cam, turned_config)["data.exif_orientation"] is True
+
+
+def test_header_size_is_as_stored_by_default_and_32_bit_values_up_to_65535(tmp_path):
+    from amnseg.data.base import oriented_size, rgb_array
+
+    exif = Image.Exif()
+    exif[0x0112] = 6  # shown turned a quarter
+    Image.fromarray(np.zeros((6, 10, 3), np.uint8)).save(tmp_path / "turned.png", exif=exif)
+    with Image.open(tmp_path / "turned.png") as image:
+        assert oriented_size(image) == (6, 10)
+        assert oriented_size(image, exif_orientation=True) == (10, 6)
+    wide = Image.fromarray(np.array([[0, 257, 65535]], np.int32), mode="I")
+    np.testing.assert_array_equal(rgb_array(wide)[..., 0], [[0, 1, 255]])
+    with pytest.raises(AmnsegError, match="x.png: 32-bit image values outside 0..65535"):
+        rgb_array(Image.fromarray(np.array([[0, 65536]], np.int32), mode="I"), "x.png")
