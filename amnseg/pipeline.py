@@ -639,8 +639,7 @@ def _note_val_inside_train(config: Config, progress: Callable[[str], None]) -> N
 def _trains(config: Config, stage: str, stages: list[str]) -> bool:
     """Whether training stage ``stage`` is among ``stages`` and trains (it takes the file
     ``<stage>.checkpoint`` names instead when one is given; seg_gt always trains)."""
-    section = "seg" if stage == "seg_gt" else stage
-    return stage in stages and (stage == "seg_gt" or not getattr(config, section).checkpoint)
+    return stage in stages and (stage == "seg_gt" or not getattr(config, stage).checkpoint)
 
 
 def _check_training(config: Config, stages: list[str]) -> None:

@@ -21,6 +21,7 @@ from PIL import Image
 from amnseg.checkpoints import build_model, load_model_checkpoint, reference_kind
 from amnseg.config import CrfConfig, DataConfig, deeplab_crf
 from amnseg.data.base import read_rgb, rgb_array
+from amnseg.data.check import check_pixels
 from amnseg.data.folder import IMAGE_SUFFIXES
 from amnseg.data.voc import VOC_CLASSES, voc_palette
 from amnseg.errors import AmnsegError
@@ -195,11 +196,8 @@ def predict_files(segmenter: Segmenter, inputs: Iterable[str | Path], out_dir: P
         # Decoded in full, not only its header: a file cut short shows only then.
         height, width = read_rgb(path, segmenter.exif_orientation).shape[:2]
         segmenter.check_size(height, width, str(path))
-        if max_pixels and height * width > max_pixels:
-            raise AmnsegError(
-                f"{path}: image is {width}x{height} ({width * height / 1e6:.1f} MP), above "
-                f"--max-pixels {max_pixels} (its CRF would take minutes and many GB; downscale "
-                "it, raise --max-pixels, or use --no-crf)")
+        check_pixels(path, height, width, max_pixels, f"--max-pixels {max_pixels}",
+                     "downscale it, raise --max-pixels, or use --no-crf")
         for target in (output_file(masks_dir, path.stem, ".png"),
                        *([output_file(overlay_dir, path.stem, ".png")]
                          if with_overlay else [])):

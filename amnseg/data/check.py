@@ -31,6 +31,16 @@ def min_side(scales: list[tuple[str, float]]) -> tuple[int, str]:
     return side, why
 
 
+def check_pixels(path: object, height: int, width: int, max_pixels: int, limit: str,
+                 remedy: str) -> None:
+    """A one-line AmnsegError naming ``path`` when the image is above ``max_pixels`` (0: no
+    limit), which the option ``limit`` sets; ``remedy`` says what to do."""
+    if max_pixels and width * height > max_pixels:
+        raise AmnsegError(
+            f"{path}: image is {width}x{height} ({width * height / 1e6:.1f} MP), above {limit} "
+            f"(the CRF of such an image takes minutes and many GB; {remedy})")
+
+
 def check_sample(dataset: SegDataset, stem: str, max_pixels: int, decode: bool,
                  smallest: tuple[int, str] = (MIN_SIDE, _WHY_MIN_SIDE)) -> None:
     """Raise a one-line AmnsegError naming the file if sample ``stem`` cannot be used;
@@ -46,12 +56,8 @@ def check_sample(dataset: SegDataset, stem: str, max_pixels: int, decode: bool,
             f"{path}: image is {width}x{height}; both sides must be at least {side} pixels "
             f"({why})"
         )
-    if max_pixels and width * height > max_pixels:
-        raise AmnsegError(
-            f"{path}: image is {width}x{height} ({width * height / 1e6:.1f} MP), above "
-            f"data.max_pixels={max_pixels} (the CRF of such an image takes minutes and many GB; "
-            "downscale it or raise data.max_pixels)"
-        )
+    check_pixels(path, height, width, max_pixels, f"data.max_pixels={max_pixels}",
+                 "downscale it or raise data.max_pixels")
     declared = dataset.declared_size(stem)
     if declared is not None and tuple(declared) != (height, width):
         raise AmnsegError(

@@ -316,24 +316,6 @@ def _read_weights(path: Path, key: str) -> dict[str, torch.Tensor]:
     return load_tensors(path, "weights file")
 
 
-def imagenet_state(source: str | Path, depth: int, key: str = "backbone.pretrained"
-                   ) -> tuple[str, dict[str, torch.Tensor]]:
-    """(where from, the tensors without ``fc.*``) of torchvision-format ImageNet weights:
-    ``source`` as in ``load_imagenet_weights``, ``depth`` the ResNet's (for ``hub``)."""
-    where = str(source)
-    if where == "hub":
-        if depth not in IMAGENET_URLS:
-            raise AmnsegError(f"{key}=hub: no ImageNet file for depth {depth}")
-        where = IMAGENET_URLS[depth]
-    state = _download_weights(where, key) if "://" in where else _read_weights(Path(where), key)
-    if isinstance(state, dict) and "state_dict" in state:
-        state = state["state_dict"]
-    if not isinstance(state, dict):
-        raise AmnsegError(f"{where}: not a state dict of weights")
-    check_tensors(state, where, "a state dict of weights")
-    return where, {k: v for k, v in state.items() if not k.startswith("fc.")}
-
-
 def load_imagenet_weights(
     model: ResNet, source: str | Path, key: str = "backbone.pretrained"
 ) -> None:
@@ -342,7 +324,21 @@ def load_imagenet_weights(
     ``source``: ``hub`` (torchvision's file for the model's depth, from the torch hub cache or
     downloaded into it), a URL, or a file path. ``key``: the option that gave it, for errors.
     """
-    where, state = imagenet_state(source, model.depth, key)
+    text = str(source)
+    if text == "hub":
+        if model.depth not in IMAGENET_URLS:
+            raise AmnsegError(f"{key}=hub: no ImageNet file for depth {model.depth}")
+        text = IMAGENET_URLS[model.depth]
+    if "://" in text:
+        state, where = _download_weights(text, key), text
+    else:
+        state, where = _read_weights(Path(text), key), text
+    if isinstance(state, dict) and "state_dict" in state:
+        state = state["state_dict"]
+    if not isinstance(state, dict):
+        raise AmnsegError(f"{where}: not a state dict of weights")
+    check_tensors(state, where, "a state dict of weights")
+    state = {k: v for k, v in state.items() if not k.startswith("fc.")}
     own = model.state_dict()
     missing = sorted(k for k in own if k not in state and not k.endswith("num_batches_tracked"))
     unexpected = sorted(k for k in state if k not in own)
