@@ -329,17 +329,47 @@ def export_reference(checkpoint: dict[str, Any]) -> dict[str, Any]:
     """An amnseg checkpoint's weights under the reference's canonical key names (the authors'
     for cam, amn, irn; kazuto's DeepLab-v2 layout for seg)."""
     stage = checkpoint.get("stage")
-    if checkpoint.get("format") == "amnseg" and stage == "seg":
-        return export_deeplab(checkpoint)
-    if checkpoint.get("format") != "amnseg" or stage not in REFERENCE_PREFIXES:
+    if checkpoint.get("format") != "amnseg" or stage not in (*REFERENCE_PREFIXES, "seg"):
         raise AmnsegError("not an amnseg cam, amn, irn or seg checkpoint (a training state, "
                           "last.pt, is none: export the stage's <stage>.pt)")
+    _check_reference_layout(checkpoint)
+    if stage == "seg":
+        return export_deeplab(checkpoint)
     reverse = {ours: ref for ref, ours in REFERENCE_PREFIXES[stage].items()}
     exported = {}
     for key, tensor in checkpoint["model"].items():
         prefix = next(p for p in reverse if key.startswith(p))
         exported[reverse[prefix] + key[len(prefix):]] = tensor
     return exported
+
+
+# The backbone options that decide the reference network's shapes and arithmetic; the others
+# (norm, freeze_stem, fold_norm, pretrained) only decide how it trained or runs.
+LAYOUT_FIELDS = ("depth", "width", "strides", "dilations", "stride_in_1x1", "stem_pool_ceil")
+
+
+def _check_reference_layout(checkpoint: dict[str, Any]) -> None:
+    """Refuse to export a network the reference's code would read wrongly or not at all: a
+    backbone other than its ResNet (e.g. the demo's small one), or a segmentation net fed
+    another input than Caffe's BGR minus the mean."""
+    stage = checkpoint["stage"]
+    reference = deeplab_backbone() if stage == "seg" else REFERENCE_BACKBONE
+    name = "DeepLab-v2's ResNet-101" if stage == "seg" else "the authors' ResNet-50"
+    ours = checkpoint.get("backbone")
+    if not isinstance(ours, dict):
+        raise AmnsegError("damaged amnseg checkpoint (backbone is not a record of the "
+                          "backbone's options)")
+    defaults = BackboneConfig()
+    differences = [
+        f"{field} {ours.get(field, getattr(defaults, field))}, not {getattr(reference, field)}"
+        for field in LAYOUT_FIELDS
+        if ours.get(field, getattr(defaults, field)) != getattr(reference, field)
+    ]
+    if stage == "seg" and checkpoint.get("input", "caffe") != "caffe":
+        differences.append(f"input {checkpoint['input']}, not caffe")
+    if differences:
+        raise AmnsegError(f"its {stage} network is not {name} ({'; '.join(differences)}): the "
+                          "reference's code could not use the exported file")
 
 
 # --- DeepLab-v2 files (kazuto1011/deeplab-pytorch's MSC(DeepLabV2) layout) ------------------

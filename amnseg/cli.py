@@ -47,6 +47,24 @@ def _print_main(line: str) -> None:
         _print_plain(line)
 
 
+# Run folders this command made. One that still holds nothing but what a run writes before its
+# first stage (its config, lock and data check's list of skipped images) when the command fails
+# is removed: a command that could not start leaves no run behind.
+_new_run_dirs: list[Path] = []
+UNSTARTED_RUN_FILES = {"config.json", ".amnseg.lock", "skipped_images.json"}
+
+
+def _remove_unstarted_run_dirs() -> None:
+    for run_dir in _new_run_dirs:
+        try:
+            if {path.name for path in run_dir.iterdir()} <= UNSTARTED_RUN_FILES:
+                for name in UNSTARTED_RUN_FILES:
+                    (run_dir / name).unlink(missing_ok=True)
+                run_dir.rmdir()
+        except OSError:
+            pass  # it is only tidying: the error being reported matters more
+
+
 def _load(config: str, overrides: list[str] | None, data_exists: bool = True) -> Config:
     """The config, with the run folder made (by rank 0 under torchrun, whose process group
     this joins) and its config.json written if it has none: a run's own config.json is
@@ -62,6 +80,8 @@ def _load(config: str, overrides: list[str] | None, data_exists: bool = True) ->
         build_dataset(loaded.data, loaded.data.train_split)  # names what is missing
     distributed.setup(loaded.device)
     if distributed.is_main():
+        if not Path(loaded.run_dir).exists():
+            _new_run_dirs.append(Path(loaded.run_dir))
         Path(loaded.run_dir).mkdir(parents=True, exist_ok=True)
         if not (Path(loaded.run_dir) / "config.json").exists():
             save_json(Path(loaded.run_dir) / "config.json", config_to_dict(loaded))
@@ -594,6 +614,17 @@ INTERRUPTED = "interrupted; the same command resumes where it stopped"
 
 def main() -> None:
     """Console entry point: user errors become one line on stderr and exit status 2."""
+    finished = False
+    _new_run_dirs.clear()
+    try:
+        _main()
+        finished = True
+    finally:
+        if not finished:
+            _remove_unstarted_run_dirs()
+
+
+def _main() -> None:
     try:
         # standalone_mode=False: usage errors (unknown option or command, missing argument)
         # reach us as exceptions, to be one line like every other error instead of a box;

@@ -525,11 +525,30 @@ def resolve_config_path(name_or_path: str | Path) -> Path:
     raise AmnsegError(f"{name_or_path}: no such config file (built-in configs: {known})")
 
 
-def _option_error(exc: OmegaConfBaseException) -> str:
+def _unresolvable_option(merged: Any, prefix: str = "") -> str | None:
+    """The first option of ``merged`` whose value cannot be resolved (an interpolation to a
+    missing key or to a value of the wrong type), or None. OmegaConf's errors for these do not
+    always say which option they are about."""
+    for name in merged:
+        key = f"{prefix}{name}"
+        try:
+            value = merged[name]
+        except OmegaConfBaseException:
+            return key
+        if isinstance(value, DictConfig):
+            found = _unresolvable_option(value, f"{key}.")
+            if found:
+                return found
+    return None
+
+
+def _option_error(exc: OmegaConfBaseException, merged: Any = None) -> str:
     """OmegaConf's message, led by the option it is about (and, for an unknown option, the
     closest known one)."""
     message = str(exc).strip().splitlines()[0]
     key = getattr(exc, "full_key", None)
+    if not key and isinstance(merged, DictConfig):
+        key = _unresolvable_option(merged)
     section = re.match(r"Merge error: \w+ is not a subclass of (\w+)Config", message)
     if section:
         return (f"{section.group(1).lower()} is a section of options, not a value: set its "
@@ -556,7 +575,7 @@ def load_config(
     name_or_path: str | Path | None = None, overrides: list[str] | None = None
 ) -> Config:
     """Defaults, then the YAML file (if any), then ``key=value`` overrides."""
-    merged = OmegaConf.structured(Config)
+    merged: Any = OmegaConf.structured(Config)
     what = f"config {name_or_path or '(defaults)'}"
     try:
         if name_or_path is not None:
@@ -565,7 +584,7 @@ def load_config(
             merged = OmegaConf.merge(merged, _parse_overrides(list(overrides)))
         config = OmegaConf.to_object(merged)
     except OmegaConfBaseException as exc:
-        raise AmnsegError(f"{what}: {_option_error(exc)}") from None
+        raise AmnsegError(f"{what}: {_option_error(exc, merged)}") from None
     assert isinstance(config, Config)
     return validate(_home_expanded(_words_from_booleans(config)))
 
@@ -635,13 +654,14 @@ def _parse_overrides(overrides: list[str]) -> Any:
 
 def config_from_dict(values: dict[str, Any], where: str | Path = "config") -> Config:
     """Rebuild a Config from its dict form (e.g. a run folder's config.json, ``where``)."""
+    merged: Any = None
     try:
         merged = OmegaConf.merge(OmegaConf.structured(Config), OmegaConf.create(values))
         config = OmegaConf.to_object(merged)
         assert isinstance(config, Config)
         return validate(config)
     except OmegaConfBaseException as exc:
-        raise AmnsegError(f"{where}: {_option_error(exc)}") from None
+        raise AmnsegError(f"{where}: {_option_error(exc, merged)}") from None
     except AmnsegError as error:
         raise AmnsegError(f"{where}: {error}") from None
 

@@ -301,12 +301,34 @@ def test_mask_of_another_size_and_rgb_mask(data, tmp_path, capsys):
     ("backbone.strides=[3,3,3,3]", "backbone.strides=[3, 3, 3, 3]: must be [2, s2, s3, s4]"),
     ("backbone.strides=[1,2,2,1]", "backbone.strides=[1, 2, 2, 1]: must be [2, s2, s3, s4]"),
     ("seg.backbone.strides=[2,2,4,1]", "seg.backbone.strides=[2, 2, 4, 1]: must be [2, s2,"),
+    # an interpolation of the wrong type, whose OmegaConf error names no option
+    ("seg.rescale=${cam.lr}", "seg.rescale: expected a list"),
 ])
 def test_bad_config_values_are_refused_at_load_time(tmp_path, capsys, override, words):
     run = tmp_path / "run"
     line = one_error_line(capsys, "run", "voc12", f"run_dir={run}", override)
     assert words in line
     assert not run.exists()  # nothing written
+
+
+def test_a_run_that_cannot_start_leaves_no_run_folder(tmp_path, capsys, data):
+    run = tmp_path / "runs" / "first"
+    args = folder_args(data, run)
+    line = one_error_line(capsys, "run", "demo", *args, "data.train_split=nope")
+    assert "nope.txt: split list not found" in line
+    assert not run.exists() and (tmp_path / "runs").is_dir()
+    line = one_error_line(capsys, "run", "demo", *args, "cam.batch_size=1000")  # past the check
+    assert "fewer than one batch of 1000" in line and not run.exists()
+    # a folder that was there stays
+    run.mkdir(parents=True)
+    one_error_line(capsys, "run", "demo", *args, "data.train_split=nope")
+    assert run.is_dir()
+    # and a run that did start keeps what it made when a later stage fails
+    other = tmp_path / "second"
+    status, _, err = amnseg(capsys, "run", "demo", *folder_args(data, other), "--to", "cam")
+    assert status == 0, err
+    line = one_error_line(capsys, "run", "demo", *folder_args(data, other), "seeds.workers=-1")
+    assert (other / "cam" / "cam.pt").is_file() and (other / "manifest.json").is_file()
 
 
 @pytest.mark.parametrize("content, words", [

@@ -3,6 +3,8 @@ the default forward passes against functional re-computations from METHOD.md."""
 
 from __future__ import annotations
 
+import dataclasses
+import re
 from pathlib import Path
 
 import pytest
@@ -10,6 +12,7 @@ import torch
 import torch.nn.functional as F
 
 from amnseg.checkpoints import build_model, export_reference, import_reference
+from amnseg.config import deeplab_backbone
 from amnseg.errors import AmnsegError
 from amnseg.io import load_checkpoint
 
@@ -158,6 +161,32 @@ def test_export_then_import_is_identity(tmp_path, kind):
     again = import_reference(kind, save(tmp_path, exported, "exported.pth"), VOC_LIKE)
     for key, value in checkpoint["model"].items():
         assert torch.equal(value, again["model"][key]), key
+
+
+def test_export_refuses_networks_the_reference_cannot_read(tmp_path):
+    checkpoint = import_reference("cam", save(tmp_path, synthetic_reference("cam"), "ref.pth"),
+                                  VOC_LIKE)
+    export_reference(checkpoint)  # the reference layout itself exports
+    for field, value, said in [("depth", 18, "depth 18, not 50"),
+                               ("width", 0.25, "width 0.25, not 1.0"),
+                               ("strides", [2, 2, 1, 1], "strides [2, 2, 1, 1], not [2, 2, 2, 1]"),
+                               ("dilations", [1, 1, 1, 2], "dilations [1, 1, 1, 2], not"),
+                               ("stride_in_1x1", True, "stride_in_1x1 True, not False"),
+                               ("stem_pool_ceil", True, "stem_pool_ceil True, not False")]:
+        other = {**checkpoint, "backbone": {**checkpoint["backbone"], field: value}}
+        with pytest.raises(AmnsegError, match="its cam network is not the authors' ResNet-50 "
+                           rf"\({re.escape(said)}"):
+            export_reference(other)
+    # how it trained does not change what the reference reads
+    export_reference({**checkpoint, "backbone": {**checkpoint["backbone"], "norm": "batch",
+                                                 "fold_norm": True, "freeze_stem": False}})
+    seg = {"format": "amnseg", "stage": "seg", "model": {},
+           "backbone": dataclasses.asdict(deeplab_backbone())}
+    for change, said in [({"backbone": checkpoint["backbone"]}, "depth 50, not 101"),
+                         ({"input": "imagenet"}, "input imagenet, not caffe")]:
+        with pytest.raises(AmnsegError, match=f"its seg network is not DeepLab-v2's ResNet-101 "
+                           rf"\(.*{re.escape(said)}"):
+            export_reference({**seg, **change})
 
 
 def test_refusals(tmp_path):

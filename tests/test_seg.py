@@ -4,6 +4,7 @@ CRF against pydensecrf, DeepLab-v2 files, a tiny net that learns, predict and th
 
 from __future__ import annotations
 
+import dataclasses
 import math
 import re
 from pathlib import Path
@@ -55,8 +56,8 @@ def test_deeplab_layout_matches_the_published_key_list():
     published = {key.removeprefix("base."): eval(shape) for key, shape, _ in rows}  # noqa: S307
     model = MSC(DeepLabV2(resnet_from_config(deeplab_backbone()), 21))
     ours = {seg_key: tuple(v.shape) for seg_key, v in model.state_dict().items()}
-    exported = export_reference({"format": "amnseg", "stage": "seg",
-                                 "model": model.state_dict()})
+    exported = export_reference({"format": "amnseg", "stage": "seg", "model": model.state_dict(),
+                                 "backbone": dataclasses.asdict(deeplab_backbone())})
     assert {k.removeprefix("base."): tuple(v.shape) for k, v in exported.items()} == published
     assert len(ours) == len(published) == 632
 
