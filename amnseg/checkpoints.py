@@ -458,6 +458,9 @@ def read_deeplab_state(source: Path, backbone: BackboneConfig, num_outputs: int 
                           "weight)")
     for key, value in expected.items():
         if key not in mapped:
+            if key.endswith("num_batches_tracked"):  # older PyTorch saved none; frozen BN
+                mapped[key] = value                  # never reads it
+                continue
             if key.startswith("base.aspp."):
                 continue
             raise AmnsegError(f"{source}: {ours_to_deeplab(key)} is missing")
@@ -488,6 +491,9 @@ def import_deeplab(
     if not has_head:
         head = {k: v for k, v in deeplab_tensors(source).items() if ".aspp." in f".{k}"}
         found = {int(v.shape[0]) for v in head.values()}
+        if len(found) > 1:
+            raise AmnsegError(f"{source}: the ASPP head's branches have different output counts "
+                              f"({', '.join(map(str, sorted(found)))}): a damaged file")
         if found and found != {len(class_names) + 1}:
             raise AmnsegError(
                 f"{source}: checkpoint is for {min(found) - 1} classes, "

@@ -583,11 +583,14 @@ def sweep_table(results: dict[str, dict]) -> Table:
 
 # Errors of the file system that a user fixes (not bugs): one line, exit status 2.
 USER_OS_ERRORS = (errno.EACCES, errno.EPERM, errno.EROFS, errno.ENOSPC, errno.EDQUOT,
-                  errno.ENOENT, errno.ENOTDIR, errno.EISDIR, errno.ENAMETOOLONG, errno.EEXIST)
+                  errno.ENOENT, errno.ENOTDIR, errno.EISDIR, errno.ENAMETOOLONG, errno.EEXIST,
+                  errno.ELOOP, errno.ENOTEMPTY, errno.EBUSY, errno.EIO)
 # Clearer than the system's words where an output folder is asked for: mkdir of an existing
 # file says "File exists".
 OS_ERROR_WORDS = {errno.EEXIST: "exists and is not a folder",
-                  errno.ENOTDIR: "a part of this path is a file, not a folder"}
+                  errno.ENOTDIR: "a part of this path is a file, not a folder",
+                  errno.ELOOP: "too many levels of symbolic links (a link that points back "
+                               "into itself?)"}
 
 
 def one_line(error: BaseException) -> str:

@@ -13,6 +13,8 @@ import json
 import math
 import os
 import re
+import types
+import typing
 from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any
@@ -375,8 +377,72 @@ def _processes(count: int, key: str, kind: str) -> None:
              f"at most {most} {kind} processes on this machine of {os.cpu_count()} cores")
 
 
+def _holds(value: Any, kind: Any) -> bool:
+    """Whether ``value`` is of the declared option type ``kind`` (int, float, bool, str, None,
+    list[...] or a union of them); a float option takes an int, no number option a bool."""
+    origin = typing.get_origin(kind)
+    if origin in (typing.Union, types.UnionType):
+        return any(_holds(value, option) for option in typing.get_args(kind))
+    if origin is list:
+        return isinstance(value, list) and all(_holds(v, typing.get_args(kind)[0]) for v in value)
+    if kind is float:
+        return isinstance(value, (int, float)) and not isinstance(value, bool)
+    if kind is int:
+        return isinstance(value, int) and not isinstance(value, bool)
+    if kind is type(None):
+        return value is None
+    return kind is Any or isinstance(value, kind)
+
+
+def _type_words(kind: Any) -> str:
+    words = {int: "an integer", float: "a number", bool: "true or false", str: "text",
+             type(None): "null"}
+    if typing.get_origin(kind) in (typing.Union, types.UnionType):
+        return " or ".join(_type_words(option) for option in typing.get_args(kind))
+    if typing.get_origin(kind) is list:
+        return f"a list of {_type_words(typing.get_args(kind)[0]).split(' ', 1)[-1]}s"
+    return words.get(kind, getattr(kind, "__name__", str(kind)))
+
+
+def _check_types(section: Any, prefix: str = "") -> None:
+    """Every option holds a value of its declared type. OmegaConf converts the values of files
+    and overrides; a Config built or edited in Python gets no conversion, so its mistakes are
+    said here rather than as a TypeError in the middle of a stage. A path given as a Path
+    for a text option is taken as its text."""
+    declared = typing.get_type_hints(type(section))
+    for option in dataclasses.fields(section):
+        key, kind = f"{prefix}{option.name}", declared[option.name]
+        value = getattr(section, option.name)
+        if dataclasses.is_dataclass(kind):
+            _require(isinstance(value, kind), key, value, f"must be a {kind.__name__}")
+            _check_types(value, f"{key}.")
+            continue
+        if isinstance(value, os.PathLike) and _holds("", kind):
+            value = os.fspath(value)
+            setattr(section, option.name, value)
+        _require(_holds(value, kind), key, value, f"must be {_type_words(kind)}")
+
+
+def validate_crf(crf: CrfConfig, prefix: str = "crf") -> CrfConfig:
+    """A CRF's parameters (pydensecrf crashes the process on a zero kernel width)."""
+    if not isinstance(crf, CrfConfig):
+        raise AmnsegError(f"{prefix}={crf!r}: expected a CrfConfig")
+    _check_types(crf, f"{prefix}.")
+    _at_least(crf, prefix, 0, "iterations", "gaussian_compat", "bilateral_compat")
+    _require(crf.iterations <= 1000, f"{prefix}.iterations", crf.iterations,
+             "must be at most 1000 (mean field settles in about 10)")
+    _positive(crf, prefix, "gaussian_sxy", "bilateral_sxy", "bilateral_srgb")
+    _require(_number(crf.gt_prob) and 0 < crf.gt_prob < 1, f"{prefix}.gt_prob", crf.gt_prob,
+             "must lie in (0, 1)")
+    return crf
+
+
 def validate(config: Config) -> Config:
     """Check every option's type and range; the first bad one is a one-line AmnsegError."""
+    if not isinstance(config, Config):
+        raise AmnsegError(f"expected an amnseg Config (amnseg.config.load_config makes one), "
+                          f"not {type(config).__name__}")
+    _check_types(config)
     _require(bool(str(config.run_dir).strip()), "run_dir", config.run_dir, "must not be empty")
     _choice(config.amp, "amp", ("off", "bf16"))
     _require(is_device(config.device), "device", config.device,
@@ -441,11 +507,8 @@ def validate(config: Config) -> Config:
     _require(seeds.overlap != "true" or str(seeds.crf_device) == "cpu", "seeds.overlap",
              seeds.overlap, f"seeds beside the maps need seeds.crf_device=cpu, not "
              f"{seeds.crf_device}")
-    for prefix, crf in (("seeds.crf", seeds.crf), ("seg.crf", config.seg.crf)):
-        _at_least(crf, prefix, 0, "iterations", "gaussian_compat", "bilateral_compat")
-        _positive(crf, prefix, "gaussian_sxy", "bilateral_sxy", "bilateral_srgb")
-        _require(_number(crf.gt_prob) and 0 < crf.gt_prob < 1, f"{prefix}.gt_prob", crf.gt_prob,
-                 "must lie in (0, 1)")
+    validate_crf(seeds.crf, "seeds.crf")
+    validate_crf(config.seg.crf, "seg.crf")
     amn = config.amn
     _at_least(amn, "amn", 1, "epochs", "batch_size")
     _positive(amn, "amn", "backbone_lr", "head_lr")
@@ -462,6 +525,11 @@ def validate(config: Config) -> Config:
     _positive(irn, "irn", "lr", "beta", "cam_power")
     _at_least(irn, "irn", 0, "weight_decay", "poly_power", "infer_pad_size", "exp_times")
     _require(irn.exp_times <= 16, "irn.exp_times", irn.exp_times, "must be at most 16")
+    # Beyond these the work grows with no use: the walk's neighbourhood has ~walk_radius^2
+    # cells per pixel (the reference: 5), and the reference pads to 512.
+    _require(irn.walk_radius <= 32, "irn.walk_radius", irn.walk_radius, "must be at most 32")
+    _require(irn.infer_pad_size <= 4096, "irn.infer_pad_size", irn.infer_pad_size,
+             "must be at most 4096 (0: no padding)")
     _fraction(irn, "irn", "momentum", closed=False)
     _at_least(irn, "irn", 8, "crop_size")
     # Training pairs reach radius - 1 cells left, right and down from each source cell of the

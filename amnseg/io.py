@@ -43,13 +43,19 @@ def atomic_path(path: str | Path) -> Iterator[Path]:
         raise AmnsegError(f"{path}: is a folder; expected the path of a file to write")
     path.parent.mkdir(parents=True, exist_ok=True)
     tmp = path.parent / f".{path.name}.{uuid.uuid4().hex[:12]}{TEMP_SUFFIX}"
-    os.close(os.open(tmp, os.O_CREAT | os.O_EXCL | os.O_WRONLY, 0o666))
     try:
-        yield tmp
-        os.replace(tmp, path)
-    finally:
-        if tmp.exists():
-            tmp.unlink()
+        os.close(os.open(tmp, os.O_CREAT | os.O_EXCL | os.O_WRONLY, 0o666))
+        try:
+            yield tmp
+            os.replace(tmp, path)
+        finally:
+            if tmp.exists():
+                tmp.unlink()
+    except OSError as error:
+        # The temporary name means nothing to the user: the error names the file being written.
+        if error.filename in (str(tmp), tmp):
+            raise OSError(error.errno, error.strerror, str(path)) from None
+        raise
 
 
 def output_file(folder: Path, stem: str, suffix: str) -> Path:
@@ -228,13 +234,19 @@ def load_checkpoint(path: str | Path) -> dict[str, Any]:
 
 
 def check_tensors(state: dict, source: Path | str, what: str) -> None:
-    """Every entry of ``state`` is a tensor under a name, or one line says which is not."""
+    """Every entry of ``state`` is a tensor under a name, with finite values where they are
+    floats, or one line says which is not (weights with a NaN would train or predict nothing
+    without a word)."""
     for key, value in state.items():
         if not isinstance(key, str):
             raise AmnsegError(f"{source}: a key {key!r} that is not a name (not {what})")
         if not isinstance(value, torch.Tensor):
             raise AmnsegError(f"{source}: {key} is not a tensor but {type(value).__name__} "
                               f"(not {what})")
+    for key, value in state.items():
+        if value.is_floating_point() and not bool(torch.isfinite(value).all()):
+            raise AmnsegError(f"{source}: the weights hold NaN or infinite values (first in "
+                              f"{key}): a damaged file, or one of a training that diverged")
 
 
 @dataclass

@@ -35,7 +35,7 @@ from typing import Any
 
 from amnseg import distributed
 from amnseg.checkpoints import load_model_checkpoint, save_once
-from amnseg.config import Config, config_from_dict, config_to_dict, image_scales
+from amnseg.config import Config, config_from_dict, config_to_dict, image_scales, validate
 from amnseg.data import build_dataset, build_splits, run_dataset, skipped_images
 from amnseg.data.base import SegDataset
 from amnseg.data.check import MIN_SIDE, check_dataset, min_side
@@ -450,11 +450,19 @@ def load_run_config(run_dir: Path) -> Config:
     return config
 
 
-def load_manifest(run_dir: Path) -> dict[str, Any]:
+def load_manifest(run_dir: Path, to_run: bool = False) -> dict[str, Any]:
+    """The run folder's manifest. ``status`` and ``report`` show a hand-edited stage record as
+    unknown; a run (``to_run``), which decides from the records what to do, refuses one."""
     path = run_dir / MANIFEST
     manifest = load_json(path, dict) if path.is_file() else {"stages": {}}
     if not isinstance(manifest.get("stages", {}), dict):
         raise AmnsegError(f"{path}: \"stages\" is not a JSON object; {DAMAGED}")
+    if to_run:
+        parts = {**{f"stages.{name}": record for name, record in manifest["stages"].items()},
+                 **{key: manifest[key] for key in ("checked", "data") if key in manifest}}
+        for key, value in parts.items():
+            if not isinstance(value, dict):
+                raise AmnsegError(f"{path}: \"{key}\" is not a JSON object; {DAMAGED}")
     return manifest
 
 
@@ -499,10 +507,14 @@ def remove_leftover_temp_files(run_dir: Path) -> int:
 
 def _clear_outputs(config: Config, stage: Stage) -> None:
     for path in stage.outputs(config):
-        if path.is_dir():
-            shutil.rmtree(path)
-        elif path.exists():
-            path.unlink()
+        try:
+            if path.is_dir():
+                shutil.rmtree(path)
+            elif path.exists():
+                path.unlink()
+        except OSError as error:  # rmtree names a file relative to the folder it was in
+            raise AmnsegError(f"{path}: the stage's old outputs could not be removed "
+                              f"({error.strerror}: {error.filename})") from None
 
 
 def run_pipeline(
@@ -519,6 +531,7 @@ def run_pipeline(
     missing says so when it reads them. Under torchrun every rank calls this: rank 0 holds the
     run folder, decides what runs and writes the manifest, every rank takes part in each stage.
     """
+    validate(config)  # a Config built or edited in Python has not been checked yet
     distributed.setup(config.device)
     first, last = stage_range(start, stop)
     run_dir = Path(config.run_dir)
@@ -789,7 +802,7 @@ def _run_stages(
     require_upstream: bool,
 ) -> dict[str, Any]:
     main = distributed.is_main()
-    manifest = load_manifest(run_dir)
+    manifest = load_manifest(run_dir, to_run=True)
     records = manifest.setdefault("stages", {})
     signatures = distributed.run_on_main(data_signatures, config)
     running = [stage.name for stage in STAGES[first:last + 1] if stage.enabled(config)]
@@ -826,7 +839,8 @@ def _run_stages(
         # The masks seg trains on exist already: a missing one is said before the stage's
         # earlier outputs are cleared. (Pseudo masks not made yet under --from: the stages
         # that make them are named below.)
-        mask_source(config, config.seg.masks, run_dataset(config, config.data.train_split))
+        mask_source(config, config.seg.masks, run_dataset(config, config.data.train_split),
+                    check_all=True)
     for index, stage in enumerate(STAGES):
         stage_hash = hashes[stage.name]
         eval_hash = evaluation_fingerprint(stage, config, signatures)

@@ -4,22 +4,26 @@
     segmenter = Segmenter.from_checkpoint("runs/voc12/seg/seg.pt", device="cuda")
     mask = segmenter(image)   # (H, W) uint8 class indices, 0 = background
 
-``image``: a PIL image of any mode (grayscale, RGBA, CMYK, 16-bit, ...) or a numpy array
-(H, W) / (H, W, 3) / (H, W, 4), uint8 or uint16.
+``image``: a PIL image of any mode (grayscale, RGBA, CMYK, 16-bit, ...), a numpy array
+(H, W) / (H, W, 3) / (H, W, 4), uint8 or uint16, or an image file: its path, its bytes or an
+open binary file.
 """
 
 from __future__ import annotations
 
+import io
 import math
+import os
 from collections.abc import Iterable
 from pathlib import Path
+from typing import BinaryIO
 
 import numpy as np
 import torch
-from PIL import Image
+from PIL import Image, ImageOps, UnidentifiedImageError
 
 from amnseg.checkpoints import build_model, load_model_checkpoint, reference_kind
-from amnseg.config import CrfConfig, DataConfig, deeplab_crf
+from amnseg.config import CrfConfig, DataConfig, deeplab_crf, validate_crf
 from amnseg.data.base import read_rgb, rgb_array
 from amnseg.data.check import check_pixels
 from amnseg.data.folder import IMAGE_SUFFIXES
@@ -34,14 +38,24 @@ from amnseg.training import crf_device_of, resolve_device
 VOC_SUBMISSION_DIR = Path("results/VOC2012/Segmentation/comp6_test_cls")
 
 
-def as_rgb(image: Image.Image | np.ndarray | str | Path, exif_orientation: bool = False
-           ) -> np.ndarray:
-    """A PIL image, numpy array or image file as (H, W, 3) uint8 RGB (a file turned as its EXIF
-    orientation tag says, with ``exif_orientation``)."""
-    if isinstance(image, (str, Path)):
-        return read_rgb(Path(image), exif_orientation)
+def as_rgb(image: Image.Image | np.ndarray | str | Path | bytes | BinaryIO,
+           exif_orientation: bool = False) -> np.ndarray:
+    """A PIL image, numpy array, image file (its path, or its bytes or an open binary file) as
+    (H, W, 3) uint8 RGB (a file turned as its EXIF orientation tag says, with
+    ``exif_orientation``)."""
+    if isinstance(image, (str, os.PathLike)):
+        path = Path(image)
+        if not path.is_file():
+            raise AmnsegError(f"{path}: " + ("a folder, not an image file" if path.is_dir()
+                                             else "no such image file"))
+        return read_rgb(path, exif_orientation)
+    if isinstance(image, (bytes, bytearray, memoryview)) or hasattr(image, "read"):
+        return _decoded(image, exif_orientation)
     if isinstance(image, Image.Image):
         return rgb_array(image)
+    if image is None or not hasattr(image, "__array__") and not isinstance(image, (list, tuple)):
+        raise AmnsegError(f"{type(image).__name__}: not an image (expected a PIL image, a numpy "
+                          "array, a file path, or a file's bytes)")
     array = np.asarray(image)
     if array.ndim == 3 and array.shape[2] == 4:
         array = array[..., :3]  # alpha dropped
@@ -56,6 +70,21 @@ def as_rgb(image: Image.Image | np.ndarray | str | Path, exif_orientation: bool 
             "(H, W, 3) or (H, W, 4) of uint8 or uint16"
         )
     return np.repeat(array[..., None], 3, axis=2) if array.ndim == 2 else array
+
+
+def _decoded(data: bytes | bytearray | memoryview | BinaryIO, exif_orientation: bool
+             ) -> np.ndarray:
+    """An image file's contents (bytes, or an open binary file) decoded as (H, W, 3) RGB."""
+    stream = io.BytesIO(bytes(data)) if isinstance(data, (bytes, bytearray, memoryview)) else data
+    try:
+        with Image.open(stream) as image:
+            if exif_orientation:
+                image = ImageOps.exif_transpose(image)
+            return rgb_array(image, "image data")
+    except UnidentifiedImageError:
+        raise AmnsegError("image data: not an image format PIL can read") from None
+    except (OSError, SyntaxError, ValueError, Image.DecompressionBombError) as exc:
+        raise AmnsegError(f"image data: unreadable image ({exc})") from None
 
 
 class Segmenter:
@@ -82,7 +111,7 @@ class Segmenter:
         if not isinstance(crf, (bool, CrfConfig)) and crf is not None:
             raise AmnsegError(f"crf={crf!r}: expected True (DeepLab's parameters), False or a "
                               "CrfConfig")
-        self.crf = deeplab_crf() if crf is True else (crf or None)
+        self.crf = deeplab_crf() if crf is True else (validate_crf(crf) if crf else None)
         self.crf_device = crf_device_of(str(crf_device))
 
     @classmethod
@@ -91,6 +120,8 @@ class Segmenter:
                         crf_device: str = "cpu", exif_orientation: bool = False) -> Segmenter:
         """A segmenter from an amnseg ``seg`` checkpoint (``amnseg train-seg`` or
         ``amnseg import-checkpoint seg``)."""
+        if not isinstance(path, (str, os.PathLike)):
+            raise AmnsegError(f"{path!r}: expected the path of a checkpoint file")
         path = Path(path)
         raw = load_checkpoint(path)
         if raw.get("format") == "amnseg" and raw.get("stage") != "seg":

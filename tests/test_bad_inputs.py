@@ -10,6 +10,7 @@ from __future__ import annotations
 
 import errno
 import json
+import math
 import os
 import pickle
 import re
@@ -29,6 +30,7 @@ from PIL import Image
 from test_pipeline import FAST
 
 from amnseg.cli import main
+from amnseg.config import CrfConfig
 from amnseg.data.base import read_index_png, read_rgb
 from amnseg.errors import AmnsegError
 from amnseg.io import output_file
@@ -303,6 +305,8 @@ def test_mask_of_another_size_and_rgb_mask(data, tmp_path, capsys):
     ("seg.backbone.strides=[2,2,4,1]", "seg.backbone.strides=[2, 2, 4, 1]: must be [2, s2,"),
     # an interpolation of the wrong type, whose OmegaConf error names no option
     ("seg.rescale=${cam.lr}", "seg.rescale: expected a list"),
+    ("irn.walk_radius=33", "irn.walk_radius=33: must be at most 32"),
+    ("irn.infer_pad_size=100000", "irn.infer_pad_size=100000: must be at most 4096"),
 ])
 def test_bad_config_values_are_refused_at_load_time(tmp_path, capsys, override, words):
     run = tmp_path / "run"
@@ -537,6 +541,12 @@ def test_skip_policy_finishes_and_lists_every_skipped_file(data, tmp_path, capsy
     sweep.write_text(json.dumps({"a": 1}))
     assert "cam_sweep.json: no thresholds" in one_error_line(capsys, "report", run)
     sweep.write_text(json.dumps({**json.loads(good), "thresholds": "many"}))
+    line = one_error_line(capsys, "report", run)
+    assert 'cam_sweep.json: thresholds is "many", not a list (damaged: delete it' in line
+    sweep.write_text(json.dumps({**json.loads(good), "best_miou": [1]}))
+    line = one_error_line(capsys, "report", run)
+    assert "cam_sweep.json: best_miou is [1], not a number" in line
+    sweep.write_text(json.dumps({**json.loads(good), "thresholds": [0.1, "x"]}))
     line = one_error_line(capsys, "report", run)
     assert "a result file of the run holds something else than amnseg wrote" in line
     sweep.write_text(json.dumps({**json.loads(good), "optimal_threshold_mean": None,
@@ -802,6 +812,19 @@ def test_seg_mask_folder_is_checked_and_its_files_named(data, tmp_path, capsys):
     Image.fromarray(np.zeros((16, 16), np.uint8)).save(masks / "img 05.png")
     line = one_error_line(capsys, *args)
     assert "masks/img 05.png: mask is 16x16, the image is 32x32" in line
+    # A trained network stays when a new folder's mask is bad: every mask is checked before
+    # the stage clears what it made.
+    (masks / "img 05.png").write_bytes((data / "masks" / "img 05.png").read_bytes())
+    status, _, err = amnseg(capsys, *args)
+    assert status == 0, err
+    other = tmp_path / "other masks"
+    other.mkdir()
+    for path in sorted(masks.iterdir()):
+        (other / path.name).write_bytes(path.read_bytes())
+    Image.fromarray(np.full((32, 32), 3, np.uint8)).save(other / "img 07.png")
+    line = one_error_line(capsys, *args[:-1], f"seg.masks={other}")
+    assert "other masks/img 07.png: mask value 3 is not a class (0..2) or 255" in line
+    assert (tmp_path / "run" / "seg" / "seg.pt").is_file()
 
 
 def test_edited_checkpoints_are_one_line(tmp_path, capsys):
@@ -985,6 +1008,28 @@ def test_voc_annotation_error_is_found_by_the_check(tmp_path, capsys):
     assert no_outputs(run) and not (run / "cam").exists()
 
 
+def test_a_voc_val_image_without_its_mask_is_named_before_any_stage(tmp_path, capsys):
+    voc = write_voc_with_split(tmp_path, ["a"])
+    (voc / "SegmentationClass").mkdir()
+    ids = [f"2007_{i:06d}" for i in range(60)]
+    for stem in ids:
+        Image.fromarray(np.zeros((16, 16, 3), np.uint8)).save(voc / "JPEGImages" / f"{stem}.jpg")
+        Image.fromarray(np.zeros((16, 16), np.uint8)).save(voc / "SegmentationClass" /
+                                                           f"{stem}.png")
+    (voc / "ImageSets" / "Segmentation" / "val.txt").write_text("\n".join(ids) + "\n")
+    Image.fromarray(np.zeros((16, 16), np.uint8)).save(voc / "SegmentationClass" / "a.png")
+    run = tmp_path / "run"
+    args = ["run", "voc12", f"data.root={voc}", "data.train_split=train",
+            "data.infer_split=train", "data.val_split=val", f"run_dir={run}", *TINY]
+    for missing in (ids[3], ids[55]):  # among the first 50 and after them
+        (voc / "SegmentationClass" / f"{missing}.png").rename(tmp_path / "aside.png")
+        line = one_error_line(capsys, *args)
+        assert (f"SegmentationClass/{missing}.png: mask not found; split 'val' has masks for 59 "
+                "of its 60 images") in line
+        assert not (run / "cam").exists()
+        (tmp_path / "aside.png").rename(voc / "SegmentationClass" / f"{missing}.png")
+
+
 def test_eval_names_are_plain_and_given_once(data, tmp_path, capsys):
     maps = tmp_path / "cam" / "maps"
     maps.mkdir(parents=True)
@@ -1017,6 +1062,21 @@ def test_status_of_a_hand_edited_manifest(tmp_path, capsys):
     assert "cam" in out and "amn" in out
 
 
+@pytest.mark.parametrize("manifest, key", [
+    ({"stages": {"cam": "done"}}, '"stages.cam" is not a JSON object'),
+    ({"stages": {}, "checked": "yes"}, '"checked" is not a JSON object'),
+    ({"stages": {}, "data": [1]}, '"data" is not a JSON object'),
+])
+def test_a_run_refuses_a_hand_edited_manifest(tmp_path, capsys, data, manifest, key):
+    run = tmp_path / "run"
+    run.mkdir()
+    (run / "manifest.json").write_text(json.dumps(manifest))
+    line = one_error_line(capsys, "run", "demo", *folder_args(data, run))
+    assert f"manifest.json: {key}; the file is damaged: restore it or delete it" in line
+    assert sorted(path.name for path in run.iterdir()) == [".amnseg.lock", "config.json",
+                                                            "manifest.json"]
+
+
 def test_home_in_paths_is_expanded(monkeypatch, tmp_path):
     from amnseg.config import load_config
 
@@ -1037,6 +1097,57 @@ def test_python_api_odd_arguments(tmp_path):
     segmenter = Segmenter.from_checkpoint(path)
     premultiplied = Image.new("La", (12, 10))
     assert segmenter(premultiplied).shape == (10, 12)
+    # an image file as its path, its bytes or an open file: the same labels
+    rng = np.random.default_rng(0)
+    Image.fromarray(rng.integers(0, 255, (18, 22, 3), dtype=np.uint8)).save(tmp_path / "a.png")
+    expected = segmenter(tmp_path / "a.png")
+    assert expected.shape == (18, 22)
+    assert np.array_equal(segmenter((tmp_path / "a.png").read_bytes()), expected)
+    with open(tmp_path / "a.png", "rb") as handle:
+        assert np.array_equal(segmenter(handle), expected)
+    for image, words in [(tmp_path / "absent.png", "absent.png: no such image file"),
+                         (str(tmp_path), f"{tmp_path}: a folder, not an image file"),
+                         (b"not an image", "image data: not an image format PIL can read"),
+                         (None, "NoneType: not an image (expected a PIL image, a numpy array"),
+                         (3.5, "float: not an image")]:
+        with pytest.raises(AmnsegError, match=re.escape(words)):
+            segmenter(image)
+    for not_a_path in (None, 5):
+        with pytest.raises(AmnsegError, match="expected the path of a checkpoint file"):
+            Segmenter.from_checkpoint(not_a_path)
+    # CRF parameters that would crash pydensecrf (a zero kernel width) or make no sense
+    for change, words in [({"gaussian_sxy": 0.0}, "crf.gaussian_sxy=0.0: must be a number > 0"),
+                          ({"bilateral_sxy": math.nan}, "crf.bilateral_sxy=nan: must be a"),
+                          ({"iterations": "10"}, "crf.iterations='10': must be an integer"),
+                          ({"iterations": 10**12}, "crf.iterations=1000000000000: must be at "
+                           "most 1000"),
+                          ({"gt_prob": 2.0}, "crf.gt_prob=2.0: must lie in (0, 1)")]:
+        with pytest.raises(AmnsegError, match=re.escape(words)):
+            Segmenter.from_checkpoint(path, crf=CrfConfig(**change))
+
+
+def test_a_config_edited_in_python_is_checked_before_any_stage(tmp_path, data):
+    from amnseg.config import load_config
+    from amnseg.pipeline import run_pipeline
+
+    run = tmp_path / "run"
+    for section, name, value, words in [
+            ("cam", "batch_size", 0, "cam.batch_size=0: must be a number >= 1"),
+            ("cam", "lr", "0.1", "cam.lr='0.1': must be a number"),
+            ("data", "root", None, "data.root=None: must be text"),
+            ("seeds", "crf", None, "seeds.crf=None: must be a CrfConfig")]:
+        config = load_config("demo", folder_args(data, run))
+        setattr(getattr(config, section), name, value)
+        with pytest.raises(AmnsegError, match=re.escape(words)):
+            run_pipeline(config)
+        assert not run.exists()
+    with pytest.raises(AmnsegError, match="expected an amnseg Config .*, not dict"):
+        run_pipeline({"run_dir": str(run)})
+    # a path given as a Path is taken as its text
+    config = load_config("demo", folder_args(data, run))
+    config.data.root = Path(config.data.root)
+    run_pipeline(config, stop="cam")
+    assert config.data.root == str(data) and (run / "cam" / "cam.pt").is_file()
 
 
 def test_overlay_folder_that_is_a_file_is_found_before_writing(tmp_path, capsys):
@@ -1270,3 +1381,27 @@ def test_skipping_an_image_reruns_the_stages_that_used_it(data, tmp_path, capsys
     status, out, err = amnseg(capsys, "run", "voc12", *folder_args(data, run), "--to", "cam",
                               "data.max_pixels=1500", "--on-bad-image", "skip")
     assert status == 0 and "[skip] cam: up to date" in out, err
+
+
+def test_a_run_folder_under_a_symlink_loop_is_one_line(tmp_path, capsys, data):
+    (tmp_path / "loop").symlink_to(tmp_path / "loop")
+    line = one_error_line(capsys, "run", "demo", *folder_args(data, tmp_path / "loop" / "run"))
+    assert "loop/run: too many levels of symbolic links" in line
+
+
+def test_old_outputs_that_cannot_be_removed_are_named_with_their_folder(tmp_path, capsys, data,
+                                                                      monkeypatch):
+    import shutil
+
+    run = tmp_path / "run"
+    status, _, err = amnseg(capsys, "run", "demo", *folder_args(data, run), "--to", "cam_maps")
+    assert status == 0, err
+
+    def refuse(path, *args, **kwargs):
+        raise PermissionError(errno.EPERM, "Operation not permitted", "img 00.npz")
+
+    monkeypatch.setattr(shutil, "rmtree", refuse)
+    line = one_error_line(capsys, "run", "demo", *folder_args(data, run), "--to", "cam_maps",
+                          "cam.scales=[1.0]")
+    assert re.search(f"{re.escape(str(run))}/[a-z_/]+: the stage's old outputs could not be "
+                     r"removed \(Operation not permitted: img 00.npz\)", line), line

@@ -128,7 +128,10 @@ def test_voc_labels_from_xml_without_mask(tmp_path: Path) -> None:
         VOC_CLASSES.index("cat"), VOC_CLASSES.index("person")
     ]
     assert dataset[1].mask is None
-    assert not dataset.has_masks  # one image of the split has no mask
+    # A split with masks that lacks one: the mask is named where the split's others are.
+    assert dataset.has_masks
+    assert dataset.missing_masks() == [dataset.root / "SegmentationClass" / f"{VOC_C}.png"]
+    assert VOCDataset(dataset.root, "val").missing_masks() == []
 
 
 def test_voc_aug_mask_dir_option(tmp_path: Path) -> None:
@@ -136,6 +139,9 @@ def test_voc_aug_mask_dir_option(tmp_path: Path) -> None:
     (root / "SegmentationClassAug").rename(root / "SBD")
     assert VOCDataset(root, "train_aug").mask_path(VOC_B) is None
     assert VOCDataset(root, "train_aug", aug_mask_dir="SBD").mask_path(VOC_B) is not None
+    with pytest.raises(AmnsegError, match=r"VOC2012/SDB: mask folder not found "
+                                          r"\(data.aug_mask_dir=SDB\)"):
+        VOCDataset(root, "train_aug", aug_mask_dir="SDB")
 
 
 def test_voc_errors(tmp_path: Path) -> None:

@@ -2,6 +2,8 @@
 
 from __future__ import annotations
 
+import errno
+import os
 import threading
 
 import numpy as np
@@ -207,3 +209,21 @@ def test_damaged_map_files_are_one_line(tmp_path, damage):
     path.write_bytes(bytes(data))
     with pytest.raises(AmnsegError, match=r"m.npz: not a valid score map file .*delete it"):
         load_score_maps(path)
+
+
+def test_a_failed_write_names_the_file_not_its_temporary_name(tmp_path, monkeypatch):
+    from amnseg.io import atomic_path, save_json
+
+    def full_disk(source, target):
+        raise OSError(errno.ENOSPC, "No space left on device", str(source))
+
+    monkeypatch.setattr(os, "replace", full_disk)
+    with pytest.raises(OSError) as caught:
+        save_json(tmp_path / "metrics.json", {"a": 1})
+    assert caught.value.errno == errno.ENOSPC
+    assert caught.value.filename == str(tmp_path / "metrics.json")
+    assert list(tmp_path.iterdir()) == []  # and the temporary file is gone
+    # an error about another file is left as it is
+    with pytest.raises(OSError) as caught, atomic_path(tmp_path / "a.txt"):
+        open(tmp_path / "absent" / "b.txt")  # noqa: SIM115
+    assert caught.value.filename == str(tmp_path / "absent" / "b.txt")

@@ -1,5 +1,6 @@
 """Backbone layout, frozen BatchNorm, CAM net and multi-scale CAM inference."""
 
+import math
 from pathlib import Path
 
 import numpy as np
@@ -115,6 +116,17 @@ def test_imagenet_weights_load_and_mismatch_errors(tmp_path):
         load_imagenet_weights(ResNet(depth=18, width=0.5), path)
     with pytest.raises(AmnsegError, match="not found"):
         load_imagenet_weights(target, tmp_path / "absent.pth")
+    wrapped = {f"module.{key}": value for key, value in state.items()}
+    torch.save(wrapped, tmp_path / "ddp.pth")
+    with pytest.raises(AmnsegError, match=r"ddp.pth: its keys start with 'module.' \(saved "
+                                          r"from DataParallel"):
+        load_imagenet_weights(target, tmp_path / "ddp.pth")
+    state["layer2.0.bn1.running_var"] = torch.full_like(state["layer2.0.bn1.running_var"],
+                                                        math.inf)
+    torch.save(state, tmp_path / "inf.pth")
+    with pytest.raises(AmnsegError, match=r"inf.pth: the weights hold NaN or infinite values "
+                                          r"\(first in layer2.0.bn1.running_var\)"):
+        load_imagenet_weights(target, tmp_path / "inf.pth")
 
 
 def loop_reference_cam(model: CAMNet, image: np.ndarray, scales, stride: int):

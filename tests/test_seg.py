@@ -389,6 +389,29 @@ def test_deeplab_keys_outside_the_network_are_named_as_in_the_file(tmp_path, key
         import_deeplab(tmp_path / "odd.pth", [f"c{i}" for i in range(20)])
 
 
+def test_deeplab_files_without_batch_counters_or_with_a_mixed_head_or_a_nan(tmp_path):
+    classes = [f"c{i}" for i in range(20)]
+    state = synthetic_deeplab()
+    old = {k: v for k, v in state.items() if not k.endswith("num_batches_tracked")}
+    torch.save(old, tmp_path / "old.pth")  # saved by a PyTorch without batch counters
+    checkpoint = import_deeplab(tmp_path / "old.pth", classes)
+    assert torch.equal(checkpoint["model"]["base.aspp.c1.weight"], state["base.aspp.c1.weight"])
+    mixed = {**state, "base.aspp.c3.weight": torch.zeros(22, 2048, 3, 3),
+             "base.aspp.c3.bias": torch.zeros(22)}
+    torch.save(mixed, tmp_path / "mixed.pth")
+    with pytest.raises(AmnsegError, match=r"mixed.pth: the ASPP head's branches have different "
+                                          r"output counts \(21, 22\)"):
+        import_deeplab(tmp_path / "mixed.pth", classes)
+    broken = dict(state)
+    broken["base.layer3.block2.increase.bn.weight"] = broken[
+        "base.layer3.block2.increase.bn.weight"].clone()
+    broken["base.layer3.block2.increase.bn.weight"][5] = math.nan
+    torch.save(broken, tmp_path / "nan.pth")
+    with pytest.raises(AmnsegError, match=r"nan.pth: the weights hold NaN or infinite values "
+                                          r"\(first in base.layer3.block2.increase.bn.weight\)"):
+        import_deeplab(tmp_path / "nan.pth", classes)
+
+
 def test_deeplab_head_of_another_shape_is_named(tmp_path):
     state = synthetic_deeplab()
     state["base.aspp.c2.weight"] = torch.zeros(21, 1024, 3, 3)

@@ -52,6 +52,9 @@ def voc_palette() -> list[int]:
     return palette
 
 
+DEFAULT_AUG_MASK_DIR = "SegmentationClassAug"
+
+
 class VOCDataset(SegDataset):
     """VOC 2012 images of one split.
 
@@ -61,7 +64,7 @@ class VOCDataset(SegDataset):
     """
 
     def __init__(
-        self, root: str | Path, split: str, aug_mask_dir: str = "SegmentationClassAug"
+        self, root: str | Path, split: str, aug_mask_dir: str = DEFAULT_AUG_MASK_DIR
     ) -> None:
         self.root = require_dir(Path(root), "VOC2012")
         self.split = split
@@ -80,6 +83,11 @@ class VOCDataset(SegDataset):
         self.stems = read_split_file(split_file)
         # Path("/abs") on the right of "/" wins, so an absolute aug_mask_dir works as it is.
         self.mask_dirs = [self.root / "SegmentationClass", self.root / aug_mask_dir]
+        if aug_mask_dir != DEFAULT_AUG_MASK_DIR and not self.mask_dirs[1].is_dir():
+            # Without SBD's default folder labels come from the XML files; a folder named on
+            # purpose and not found is a mistake, not a choice.
+            raise AmnsegError(f"{self.mask_dirs[1]}: mask folder not found "
+                              f"(data.aug_mask_dir={aug_mask_dir})")
         self._labels: dict[str, np.ndarray] = {}  # a mask is read once for its label
 
     def image_path(self, stem: str) -> Path:
@@ -94,8 +102,18 @@ class VOCDataset(SegDataset):
 
     @property
     def has_masks(self) -> bool:
-        # A sample rather than only the first image: test-like splits mix in maskless images.
-        return bool(self.stems) and all(self.mask_path(s) is not None for s in self.stems[:50])
+        """Whether the split has masks: any of its images has one (a test split has none; the
+        images of a split with masks that lack one are ``missing_masks``, which the run's data
+        check names before any stage)."""
+        return any(self.mask_path(stem) is not None for stem in self.stems)
+
+    def missing_masks(self) -> list[Path]:
+        found = next((path for path in map(self.mask_path, self.stems) if path is not None), None)
+        if found is None:
+            return []
+        # Named in the folder where this split's masks are (the first one found says which).
+        return [found.parent / f"{stem}.png" for stem in self.stems
+                if self.mask_path(stem) is None]
 
     def source_files(self, stem: str) -> list[Path]:
         mask = self.mask_path(stem)

@@ -344,6 +344,10 @@ def load_imagenet_weights(
     unexpected = sorted(k for k in state if k not in own)
     wrong = sorted(k for k in state if k in own and tuple(state[k].shape) != tuple(own[k].shape))
     if missing or unexpected or wrong:
+        if unexpected and all(k.startswith("module.") for k in unexpected):
+            raise AmnsegError(f"{where}: its keys start with 'module.' (saved from DataParallel "
+                              "or DistributedDataParallel): save model.module.state_dict() "
+                              "instead, or strip the prefix")
         problem = (
             f"missing {missing[0]}" if missing
             else f"unexpected {unexpected[0]}" if unexpected

@@ -87,14 +87,18 @@ def _pct(value: float | None) -> str:
     )
 
 
-# The fields the report reads from each kind of evaluation file.
+# The fields the report reads from each kind of evaluation file, with the JSON type of each
+# (a number may be null: no image with ground truth).
+NUMBER, LIST, OBJECT, TEXT = "a number", "a list", "an object", "text"
 REPORTED_FIELDS = {
-    "sweep": ("thresholds", "miou", "best_miou", "best_threshold", "per_class_iou_at_best",
-              "oracle_miou", "miou_range", "optimal_threshold_mean", "optimal_threshold_std",
-              "fg_bg_gap"),
-    "labels": ("miou", "per_class_iou"),
-    "seg": ("images", "split", "no_crf"),
+    "sweep": {"thresholds": LIST, "miou": LIST, "best_miou": NUMBER, "best_threshold": NUMBER,
+              "per_class_iou_at_best": OBJECT, "oracle_miou": NUMBER, "miou_range": NUMBER,
+              "optimal_threshold_mean": NUMBER, "optimal_threshold_std": NUMBER,
+              "fg_bg_gap": NUMBER},
+    "labels": {"miou": NUMBER, "per_class_iou": OBJECT},
+    "seg": {"images": NUMBER, "split": TEXT, "no_crf": OBJECT},
 }
+JSON_TYPES = {NUMBER: (int, float, type(None)), LIST: list, OBJECT: dict, TEXT: str}
 
 
 def _number(value: float | None, digits: int = 2) -> str:
@@ -105,10 +109,15 @@ def _number(value: float | None, digits: int = 2) -> str:
 def _load_result(path: Path, kind: str) -> dict[str, Any]:
     """An evaluation file with the fields the report reads, or one line naming it."""
     result = load_json(path, dict)
-    absent = next((field for field in REPORTED_FIELDS[kind] if field not in result), None)
-    if absent is not None:
-        raise AmnsegError(f"{path}: no {absent} (not an amnseg evaluation file, or damaged: "
-                          "delete it and run the stage's evaluation again)")
+    redo = "delete it and run the stage's evaluation again"
+    for field, kind_of_value in REPORTED_FIELDS[kind].items():
+        if field not in result:
+            raise AmnsegError(f"{path}: no {field} (not an amnseg evaluation file, or damaged: "
+                              f"{redo})")
+        value = result[field]
+        if not isinstance(value, JSON_TYPES[kind_of_value]) or isinstance(value, bool):
+            raise AmnsegError(f"{path}: {field} is {json.dumps(value)[:40]}, not "
+                              f"{kind_of_value} (damaged: {redo})")
     return result
 
 

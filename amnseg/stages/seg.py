@@ -180,12 +180,14 @@ def cross_entropy(logits: torch.Tensor, target: torch.Tensor) -> torch.Tensor:
 # --- training -----------------------------------------------------------------------------
 
 
-def mask_source(config: Config, masks: str, dataset: SegDataset
+def mask_source(config: Config, masks: str, dataset: SegDataset, check_all: bool = False
                 ) -> Callable[[str, tuple[int, int]], np.ndarray]:
     """(stem, image size) -> the (H, W) uint8 label map the network learns from: the run's
     pseudo masks (``pseudo``), the dataset's ground truth (``gt``), or ``<folder>/<stem>.png``.
     A folder must hold every training image's mask (checked now, not hours into training);
-    each mask read is checked for its size and its values, with its file named."""
+    each mask read is checked for its size and its values, with its file named. With
+    ``check_all``, every mask of a folder of the user's (not the run's pseudo masks) is read
+    and checked now, before the stage clears the network it made before."""
     if masks == "gt":
         def ground_truth(stem: str, size: tuple[int, int]) -> np.ndarray:
             mask = dataset.mask(stem)  # checked by the dataset
@@ -210,6 +212,9 @@ def mask_source(config: Config, masks: str, dataset: SegDataset
                               f"{size[1]}x{size[0]}")
         return check_mask_values(mask, dataset.num_classes, str(path))
 
+    if check_all and masks != "pseudo":
+        for stem in progress_bar(dataset.stems, desc="checking masks", unit="mask"):
+            from_folder(stem, dataset.image_size(stem))
     return from_folder
 
 
