@@ -243,6 +243,10 @@ def check_tensors(state: dict, source: Path | str, what: str) -> None:
         if not isinstance(value, torch.Tensor):
             raise AmnsegError(f"{source}: {key} is not a tensor but {type(value).__name__} "
                               f"(not {what})")
+        if value.is_complex() or value.layout != torch.strided or value.is_meta:
+            raise AmnsegError(f"{source}: {key} is a {value.dtype} {value.layout} tensor"
+                              f"{' without data' if value.is_meta else ''}, not one of "
+                              f"weights (not {what})")
     for key, value in state.items():
         if value.is_floating_point() and not bool(torch.isfinite(value).all()):
             raise AmnsegError(f"{source}: the weights hold NaN or infinite values (first in "

@@ -121,6 +121,13 @@ def test_imagenet_weights_load_and_mismatch_errors(tmp_path):
     with pytest.raises(AmnsegError, match=r"ddp.pth: its keys start with 'module.' \(saved "
                                           r"from DataParallel"):
         load_imagenet_weights(target, tmp_path / "ddp.pth")
+    for odd, words in [(torch.zeros(64, dtype=torch.complex64), "torch.complex64 torch.strided"),
+                       (torch.zeros(64).to_sparse(), "torch.float32 torch.sparse_coo"),
+                       (torch.zeros(64, device="meta"), "torch.float32 torch.strided tensor "
+                        "without data")]:
+        torch.save({**state, "bn1.bias": odd}, tmp_path / "odd.pth")
+        with pytest.raises(AmnsegError, match=f"odd.pth: bn1.bias is a {words}"):
+            load_imagenet_weights(target, tmp_path / "odd.pth")
     state["layer2.0.bn1.running_var"] = torch.full_like(state["layer2.0.bn1.running_var"],
                                                         math.inf)
     torch.save(state, tmp_path / "inf.pth")
