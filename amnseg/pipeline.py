@@ -200,6 +200,7 @@ def check_data(config: Config, signatures: dict[str, str], manifest: dict[str, A
     sets = [build_splits(data, [data.train_split, data.infer_split])]
     if signatures.get("val", "absent") != "absent":
         sets.append(build_dataset(data, data.val_split))
+        _check_same_classes(sets[0], sets[1])
     for dataset in sets:
         problems.update(check_dataset(dataset, data.max_pixels, decode=skip,
                                       stop_at_first=not skip, smallest=smallest))
@@ -215,6 +216,28 @@ def check_data(config: Config, signatures: dict[str, str], manifest: dict[str, A
                 raise AmnsegError(f"split {split!r}: all its {len(dataset)} images are bad and "
                                   f"skipped (why: {skipped_images_path(config)})")
     manifest["checked"] = {"key": key, "skipped": len(problems)}
+
+
+def _check_same_classes(train: SegDataset, val: SegDataset) -> None:
+    """The val split is scored with the network trained on the train split: the same classes
+    in the same order (COCO keeps them in each split's own file)."""
+    if list(val.class_names) == list(train.class_names):
+        return
+    first = next((index for index, (ours, theirs) in enumerate(
+        zip(train.class_names, val.class_names, strict=False)) if ours != theirs),
+        min(len(train.class_names), len(val.class_names)))
+    def named(names: list[str]) -> str:
+        return f"'{names[first]}'" if first < len(names) else "none"
+    raise AmnsegError(
+        f"{_classes_source(val)}: split {val.split!r} has other classes than the training split "
+        f"({_classes_source(train)}): {len(val.class_names)} against "
+        f"{len(train.class_names)}, class {first + 1} is {named(val.class_names)} against "
+        f"{named(train.class_names)}")
+
+
+def _classes_source(dataset: SegDataset) -> str:
+    """What defines a dataset's classes, for messages: COCO's annotation file, else its root."""
+    return str(getattr(dataset, "annotation_file", None) or getattr(dataset, "root", "?"))
 
 
 def _per_image(folder: Callable[[Config], Path], suffix: str) -> Callable[[Config], list[Path]]:

@@ -520,9 +520,8 @@ def test_coco_compressed_rle_that_does_not_decode_is_named(tmp_path):
     data = json.loads(path.read_text())
     data["annotations"][2]["segmentation"] = {"counts": "zzzz!!", "size": [H, W]}
     path.write_text(json.dumps(data))
-    dataset = COCODataset(root, "train")
-    with pytest.raises(AmnsegError) as exc:
-        dataset.mask(COCO_IMG)
+    with pytest.raises(AmnsegError) as exc:  # when the file is opened, before any stage
+        COCODataset(root, "train")
     assert "instances_train2014.json: annotation 3: its segmentation does not decode" in \
         single_line(exc)
 
