@@ -5,6 +5,7 @@ run."""
 from __future__ import annotations
 
 import hashlib
+import time
 from pathlib import Path
 
 import pytest
@@ -162,3 +163,21 @@ def test_follower_writes_what_make_seeds_writes_on_maps_where_thresholds_matter(
     values = set().union(*(np.unique(read_index_png(path)).tolist()
                            for path in reference.glob("*.png")))
     assert {0, 255} <= values and values - {0, 255}, values
+
+
+def _touch_slowly(path: Path) -> None:
+    time.sleep(0.02)
+    path.touch()
+
+
+def test_worker_pool_drops_queued_work_on_an_error_and_finishes_the_running(tmp_path):
+    from amnseg.workers import worker_pool
+
+    with pytest.raises(ValueError, match="stop"), worker_pool(2) as pool:
+        futures = [pool.submit(_touch_slowly, tmp_path / f"{i}") for i in range(200)]
+        futures[0].result()
+        raise ValueError("stop")
+    made = len(list(tmp_path.iterdir()))
+    assert 1 <= made < 200
+    assert all(future.done() for future in futures)  # run or cancelled, none left hanging
+    assert sum(future.cancelled() for future in futures) == 200 - made

@@ -12,9 +12,10 @@ train AMN (from CAMs) and IRN (from AMN maps).
 
 from __future__ import annotations
 
-import multiprocessing
 import os
+import threading
 from collections.abc import Sequence
+from concurrent.futures import Future, as_completed
 from dataclasses import dataclass
 from pathlib import Path
 from types import TracebackType
@@ -34,6 +35,7 @@ from amnseg.ops.crf import crf_refine_labels_batch, crf_refine_labels_many
 from amnseg.progress import progress_bar
 from amnseg.stages.common import processed_images
 from amnseg.training import crf_device_of, crf_on_gpu, resolve_device
+from amnseg.workers import worker_pool
 
 UNSURE = 255
 
@@ -220,35 +222,35 @@ class SeedFollower:
                       fg_threshold, bg_threshold, config.seeds.crf)
         workers = config.seeds.workers if workers is None else workers
         self.workers = workers or distributed.cores_per_process()
-        self.pool = multiprocessing.get_context("fork").Pool(
-            self.workers, _start_follower_worker, (job, niceness))
+        self._pool = worker_pool(self.workers, _start_follower_worker, (job, niceness))
         self.made = 0
         self.failure: str | None = None
+        self._count = threading.Lock()
 
     def submit(self, stem: str) -> None:
         """Queue ``stem``'s seed (a no-op once one has failed, or if its file exists). Safe to
         call from the map writer's threads."""
         if self.failure is None and not output_file(self.out_dir, stem, ".png").is_file():
-            self.pool.apply_async(_seed_in_worker, (stem,), callback=self._made,
-                                  error_callback=self._failed)
+            self.executor.submit(_seed_in_worker, stem).add_done_callback(self._finished)
 
-    def _made(self, stem: str) -> None:
-        self.made += 1  # on the pool's one result thread
-
-    def _failed(self, error: BaseException) -> None:
-        if self.failure is None:
+    def _finished(self, seed: Future) -> None:
+        if seed.cancelled():
+            return
+        error = seed.exception()
+        if error is None:
+            with self._count:  # callbacks run on the pool's thread or a submitting one
+                self.made += 1
+        elif self.failure is None:
             self.failure = str(error).strip().splitlines()[-1] if str(error) else repr(error)
 
     def __enter__(self) -> SeedFollower:
+        self.executor = self._pool.__enter__()
         return self
 
     def __exit__(self, kind: type[BaseException] | None, error: BaseException | None,
                  trace: TracebackType | None) -> None:
-        if kind is None:
-            self.pool.close()  # the queued seeds are made
-        else:
-            self.pool.terminate()
-        self.pool.join()
+        # Without an error the queued seeds are made; with one, those not started are dropped.
+        self._pool.__exit__(kind, error, trace)
 
 
 def seed_thresholds(config: Config, source: str) -> tuple[float, float]:
@@ -302,11 +304,11 @@ def make_seeds(
             _seed_one(job, stem)
             bar.update()
     else:
-        pool = multiprocessing.get_context("fork").Pool(workers, _start_worker, (job,))
-        with pool:
+        with worker_pool(workers, _start_worker, (job,)) as pool:
             # One image per task: the job is already in every worker, a task is a stem, and
             # single images balance the last round (4-image chunks left workers idle).
-            for _ in pool.imap_unordered(_seed_in_worker, todo, chunksize=1):
+            for done in as_completed([pool.submit(_seed_in_worker, stem) for stem in todo]):
+                done.result()  # a failed image's error, here
                 bar.update()
     bar.close()
     distributed.barrier()  # every rank's share is written

@@ -12,7 +12,6 @@ from __future__ import annotations
 
 import dataclasses
 import math
-import multiprocessing
 from collections.abc import Callable, Iterator
 from pathlib import Path
 from typing import Any
@@ -56,6 +55,7 @@ from amnseg.training import (
     resolve_device,
     start_stage,
 )
+from amnseg.workers import worker_pool
 
 # --- the network and where it starts from ---------------------------------------------------
 
@@ -370,14 +370,14 @@ def _in_workers(jobs: Iterator, run: Callable, workers: int) -> Iterator:
     if workers <= 1:
         yield from map(run, jobs)
         return
-    with multiprocessing.get_context("fork").Pool(workers) as pool:
+    with worker_pool(workers) as pool:
         pending = []
         for job in jobs:
-            pending.append(pool.apply_async(run, (job,)))
+            pending.append(pool.submit(run, job))
             while len(pending) >= 2 * workers:
-                yield pending.pop(0).get()
+                yield pending.pop(0).result()
         for result in pending:
-            yield result.get()
+            yield result.result()
 
 
 def evaluate_seg(config: Config, stage: str = "seg", checkpoint: Path | None = None,
