@@ -171,7 +171,15 @@ def config_show_command(
 @app.command("status")
 def status_command(run_dir: Path = typer.Argument(..., help="A run folder.")) -> None:
     """Print a run folder's manifest: stages, status, timings, metrics."""
-    from amnseg.pipeline import MANIFEST, RUN_CONFIG, load_manifest, load_run_config, stale_stages
+    from amnseg.pipeline import (
+        MANIFEST,
+        RUN_CONFIG,
+        load_manifest,
+        load_run_config,
+        missing_outputs,
+        run_in_progress,
+        stale_stages,
+    )
 
     if not run_dir.is_dir():
         raise AmnsegError(f"{run_dir}: run folder not found")
@@ -179,14 +187,22 @@ def status_command(run_dir: Path = typer.Argument(..., help="A run folder.")) ->
         raise AmnsegError(f"{run_dir}: no {MANIFEST} (not a run folder made by `amnseg run`)")
     manifest = load_manifest(run_dir)
     stale: list[str] = []
+    notes: dict[str, str] = {}
     unknown = ""
     if (run_dir / RUN_CONFIG).is_file():
         # Which stages the run's config (that of its last command) would make differently.
         try:
-            stale = stale_stages(load_run_config(run_dir), manifest)
+            config = load_run_config(run_dir)
+            stale = stale_stages(config, manifest)
+            notes = {name: f"{count} output files missing"
+                     for name, count in missing_outputs(config, manifest).items()}
         except AmnsegError as error:  # the manifest is still worth showing
             unknown = f"which stages are out of date is unknown: {one_line(error)}"
-    console.print(manifest_table(manifest, stale))
+    if not run_in_progress(run_dir):
+        notes.update({name: "interrupted: `amnseg run` resumes it"
+                      for name, record in manifest.get("stages", {}).items()
+                      if isinstance(record, dict) and record.get("status") == "running"})
+    console.print(manifest_table(manifest, stale, notes))
     if stale:
         _print_plain(f"out of date: {', '.join(stale)} (made with other options than the run's "
                      "config.json; `amnseg run` makes them again)")
@@ -443,9 +459,10 @@ def _class_names(spec: str) -> list[str]:
     return read_class_names(path)  # the rules of a dataset's classes.txt
 
 
-def manifest_table(manifest: dict, stale: list[str] = ()) -> Table:
-    """The manifest's stages: status ("out of date" for those in ``stale``), seconds and
-    metrics."""
+def manifest_table(manifest: dict, stale: list[str] = (), notes: dict[str, str] | None = None
+                   ) -> Table:
+    """The manifest's stages: status ("out of date" for those in ``stale``, and the stage's
+    ``notes``), seconds and metrics."""
     from amnseg.pipeline import stage_status
 
     table = Table(title="Pipeline")
@@ -462,7 +479,10 @@ def manifest_table(manifest: dict, stale: list[str] = ()) -> Table:
             if isinstance(value, (int, float))
         )
         seconds = record.get("seconds", 0)
-        table.add_row(name, stage_status(record, name in stale),
+        status = stage_status(record, name in stale)
+        if notes and name in notes:
+            status = f"{status} ({notes[name]})"
+        table.add_row(name, status,
                       f"{seconds:.1f}" if isinstance(seconds, (int, float)) else "?", metrics)
     return table
 

@@ -746,6 +746,31 @@ def stale_stages(config: Config, manifest: dict[str, Any]) -> list[str]:
     return stale
 
 
+def missing_outputs(config: Config, manifest: dict[str, Any]) -> dict[str, int]:
+    """{stage: how many of its output files are gone} of the stages recorded as done (the
+    next run remakes them)."""
+    records = manifest.get("stages")
+    missing = {}
+    for stage in STAGES:
+        record = records.get(stage.name) if isinstance(records, dict) else None
+        if isinstance(record, dict) and record.get("status") == "done" and stage.enabled(config):
+            count = sum(not path.is_file() for path in stage.expected(config))
+            if count:
+                missing[stage.name] = count
+    return missing
+
+
+def run_in_progress(run_dir: Path) -> bool:
+    """Whether the process that holds (or last held) the run folder's lock is alive on this
+    machine: a stage recorded as running without it was interrupted."""
+    try:
+        pid = int((run_dir / LOCK).read_text().split()[0])
+        os.kill(pid, 0)
+    except (OSError, ValueError, IndexError):
+        return False
+    return True
+
+
 def stage_status(record: Any, stale: bool = False) -> str:
     """A manifest record's status as shown to users; "out of date" for a stale stage."""
     if not isinstance(record, dict):

@@ -1405,3 +1405,30 @@ def test_old_outputs_that_cannot_be_removed_are_named_with_their_folder(tmp_path
                           "cam.scales=[1.0]")
     assert re.search(f"{re.escape(str(run))}/[a-z_/]+: the stage's old outputs could not be "
                      r"removed \(Operation not permitted: img 00.npz\)", line), line
+
+
+def test_status_names_missing_outputs_and_interrupted_stages(tmp_path, capsys, data,
+                                                            monkeypatch):
+    monkeypatch.setenv("COLUMNS", "250")  # one table row per line
+    run = tmp_path / "run"
+    status, _, err = amnseg(capsys, "run", "demo", *folder_args(data, run), "--to", "cam_maps")
+    assert status == 0, err
+    (run / "cam" / "cam.pt").unlink()
+    maps = sorted((run / "cam" / "maps").glob("*.npz"))
+    for path in maps[:3]:
+        path.unlink()
+    manifest = json.loads((run / "manifest.json").read_text())
+    manifest["stages"]["cam_maps"]["status"] = "running"
+    (run / "manifest.json").write_text(json.dumps(manifest))
+    finished = subprocess.Popen(["true"])
+    finished.wait()  # its pid is no process's any more
+    (run / ".amnseg.lock").write_text(f"{finished.pid}\n")
+    status, out, err = amnseg(capsys, "status", run)
+    assert status == 0, err
+    rows = {line.split()[1]: line for line in out.splitlines() if line.count("│") > 2}
+    assert "done (1 output files missing)" in rows["cam"]
+    assert "running (interrupted: `amnseg run` resumes it)" in rows["cam_maps"]
+    # a run in progress (this process holds the lock) is not called interrupted
+    (run / ".amnseg.lock").write_text(f"{os.getpid()}\n")
+    _, out, _ = amnseg(capsys, "status", run)
+    assert "interrupted" not in out
