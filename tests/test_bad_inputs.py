@@ -824,6 +824,10 @@ def test_seg_mask_folder_is_checked_and_its_files_named(data, tmp_path, capsys):
     Image.fromarray(np.full((32, 32), 3, np.uint8)).save(other / "img 07.png")
     line = one_error_line(capsys, *args[:-1], f"seg.masks={other}")
     assert "other masks/img 07.png: mask value 3 is not a class (0..2) or 255" in line
+    for path in other.iterdir():
+        Image.fromarray(np.full((32, 32), 255, np.uint8)).save(path)
+    line = one_error_line(capsys, *args[:-1], f"seg.masks={other}")
+    assert "other masks: every pixel of every mask is 255 (ignored)" in line
     assert (tmp_path / "run" / "seg" / "seg.pt").is_file()
 
 

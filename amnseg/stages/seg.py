@@ -213,8 +213,12 @@ def mask_source(config: Config, masks: str, dataset: SegDataset, check_all: bool
         return check_mask_values(mask, dataset.num_classes, str(path))
 
     if check_all and masks != "pseudo":
+        labelled = False
         for stem in progress_bar(dataset.stems, desc="checking masks", unit="mask"):
-            from_folder(stem, dataset.image_size(stem))
+            labelled |= bool((from_folder(stem, dataset.image_size(stem)) != IGNORE_INDEX).any())
+        if not labelled:
+            raise AmnsegError(f"{folder}: every pixel of every mask is 255 (ignored): the "
+                              f"network would learn nothing (seg.masks={masks})")
     return from_folder
 
 
