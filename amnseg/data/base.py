@@ -122,7 +122,10 @@ class SegDataset(ABC):
 
     @property
     def has_masks(self) -> bool:
-        return bool(self.stems) and self.mask_path(self.stems[0]) is not None
+        """Whether the split has masks: any of its images has one (a test split has none; the
+        images of a split with masks that lack one are ``missing_masks``, which the run's data
+        check names before any stage)."""
+        return any(self.mask_path(stem) is not None for stem in self.stems)
 
     def declared_size(self, stem: str) -> tuple[int, int] | None:
         """The (H, W) the dataset's annotations give the image, if they give one (COCO's);

@@ -89,10 +89,6 @@ class FolderDataset(SegDataset):
         """``masks/<stem>.png`` when that file exists (masks may cover only some images)."""
         return self._masks.get(stem)
 
-    @property
-    def has_masks(self) -> bool:
-        return any(self.mask_path(stem) is not None for stem in self.stems)
-
     def missing_masks(self) -> list[Path]:
         if self._mask_dir is None or not self.has_masks:
             return []

@@ -100,13 +100,6 @@ class VOCDataset(SegDataset):
                 return path
         return None
 
-    @property
-    def has_masks(self) -> bool:
-        """Whether the split has masks: any of its images has one (a test split has none; the
-        images of a split with masks that lack one are ``missing_masks``, which the run's data
-        check names before any stage)."""
-        return any(self.mask_path(stem) is not None for stem in self.stems)
-
     def missing_masks(self) -> list[Path]:
         found = next((path for path in map(self.mask_path, self.stems) if path is not None), None)
         if found is None:
