@@ -185,3 +185,33 @@ def test_a_val_file_with_other_categories_is_named_before_any_stage(tmp_path, ca
             f"({root / 'annotations' / 'instances_train2014.json'}): 3 against 3, class 2 is "
             "'truck' against 'car'") in line
     assert not (run / "cam").exists()
+
+
+def test_checks_at_their_limits():
+    from amnseg.data.coco import _coordinates_problem, _images_problem
+
+    # coordinates reach ten times the image's larger side either way, no further
+    reach = 10 * max(H, W)
+    assert _coordinates_problem([reach, 0, -reach, 0, 0, reach], (H, W)) is None
+    for beyond in (reach + 0.5, -reach - 0.5):
+        assert "far outside" in _coordinates_problem([0, 0, beyond, 0, 0, 1], (H, W))
+    # one pixel is a size, zero is none
+    image = {"id": 1, "file_name": "a.jpg", "height": 1, "width": 1}
+    assert _images_problem([image]) is None
+    assert "no valid height and width" in _images_problem([{**image, "height": 0}])
+    # six 5-bit groups fit pycocotools' int (2^25 = "PPPPP1"), a seventh does not; a character
+    # past the 64 an encoder writes is no RLE
+    assert _decode_rle_string("PPPPP1") == [2**25]
+    assert _decode_rle_string("PPPPPP1") is None
+    assert _decode_rle_string("p") is None
+
+
+def test_annotations_without_area_are_painted_after_those_with_one(tmp_path):
+    def edit(data: dict) -> None:
+        data["annotations"][0]["area"] = 0.5  # the car, inside the person
+        del data["annotations"][1]["area"]  # the person: area 0, the smallest
+
+    root = edited_coco(tmp_path, edit)
+    mask = COCODataset(root, "train").mask(COCO_IMG)
+    # Larger areas are painted first: the person, without one, comes last and covers the car.
+    assert (mask[5:9, 8:12] == 1).all()

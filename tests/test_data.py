@@ -651,3 +651,35 @@ def test_header_size_is_as_stored_by_default_and_32_bit_values_up_to_65535(tmp_p
     np.testing.assert_array_equal(rgb_array(wide)[..., 0], [[0, 1, 255]])
     with pytest.raises(AmnsegError, match="x.png: 32-bit image values outside 0..65535"):
         rgb_array(Image.fromarray(np.array([[0, 65536]], np.int32), mode="I"), "x.png")
+
+
+def test_mask_values_at_their_limits(tmp_path: Path) -> None:
+    from amnseg.data.base import check_stem, labels_from_mask, read_index_png
+
+    # the last class of a mask is in its label; 0 and 255 are not classes
+    label = labels_from_mask(np.array([[0, 3], [255, 3]], np.uint8), 3)
+    np.testing.assert_array_equal(label, [0, 0, 1])
+    # a 16-bit mask fits class indices up to 255, not beyond
+    for top, fits in ((255, True), (256, False)):
+        Image.fromarray(np.array([[0, top]], np.uint16)).save(tmp_path / "m.png")
+        if fits:
+            assert read_index_png(tmp_path / "m.png").max() == 255
+        else:
+            with pytest.raises(AmnsegError, match="mask value 256 does not fit a class index"):
+                read_index_png(tmp_path / "m.png")
+    # a space is a plain character of a name (VOC-like names rarely, photos often have one)
+    assert check_stem("img 00", "here") == "img 00"
+    with pytest.raises(AmnsegError, match="holds a control character"):
+        check_stem("img\x1f00", "here")
+
+
+def test_coco_label_of_an_image_with_some_of_the_classes(tmp_path: Path) -> None:
+    root = write_coco(tmp_path)
+    path = root / "annotations" / "instances_train2014.json"
+    data = json.loads(path.read_text())
+    data["annotations"] = [data["annotations"][0]]  # the car alone: class 2 of (1, 3, 90)
+    del data["annotations"][0]["iscrowd"]  # optional: an instance unless it says crowd
+    path.write_text(json.dumps(data))
+    dataset = COCODataset(root, "train")
+    np.testing.assert_array_equal(dataset.label(COCO_IMG), [0, 1, 0])
+    assert set(np.unique(dataset.mask(COCO_IMG)).tolist()) == {0, 2}
