@@ -683,3 +683,16 @@ def test_coco_label_of_an_image_with_some_of_the_classes(tmp_path: Path) -> None
     dataset = COCODataset(root, "train")
     np.testing.assert_array_equal(dataset.label(COCO_IMG), [0, 1, 0])
     assert set(np.unique(dataset.mask(COCO_IMG)).tolist()) == {0, 2}
+
+
+def test_folder_split_errors_name_their_line(tmp_path: Path) -> None:
+    from conftest import write_tiny_folder_dataset
+
+    root = write_tiny_folder_dataset(tmp_path / "data", count=4)
+    split = root / "splits" / "mine.txt"
+    split.write_text("img 00\n\nnope\n")
+    with pytest.raises(AmnsegError, match=r"mine.txt:3: image 'nope' has no row in"):
+        FolderDataset(root, "mine")
+    split.write_text("img 00\nimg 01\nimg 00\n")
+    with pytest.raises(AmnsegError, match=r"mine.txt:3: image 'img 00' is listed twice"):
+        FolderDataset(root, "mine")
