@@ -696,3 +696,18 @@ def test_folder_split_errors_name_their_line(tmp_path: Path) -> None:
     split.write_text("img 00\nimg 01\nimg 00\n")
     with pytest.raises(AmnsegError, match=r"mine.txt:3: image 'img 00' is listed twice"):
         FolderDataset(root, "mine")
+
+
+def test_only_the_first_row_of_labels_csv_is_a_header(tmp_path: Path) -> None:
+    from conftest import write_tiny_folder_dataset
+
+    root = write_tiny_folder_dataset(tmp_path / "data", count=4)
+    rows = (root / "labels.csv").read_text().splitlines()
+    assert rows[0] == "stem,classes"
+    (root / "labels.csv").write_text("\n".join([*rows, "stem,classes"]) + "\n")
+    with pytest.raises(AmnsegError, match=r"labels.csv:6: unknown class 'classes'"):
+        FolderDataset(root, "train")
+    # without the header, the first row is an image's
+    (root / "labels.csv").write_text("\n".join([*rows[1:], "stem,classes"]) + "\n")
+    with pytest.raises(AmnsegError, match=r"labels.csv:5: unknown class 'classes'"):
+        FolderDataset(root, "train")
