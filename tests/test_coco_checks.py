@@ -195,6 +195,9 @@ def test_checks_at_their_limits():
     assert _coordinates_problem([reach, 0, -reach, 0, 0, reach], (H, W)) is None
     for beyond in (reach + 0.5, -reach - 0.5):
         assert "far outside" in _coordinates_problem([0, 0, beyond, 0, 0, 1], (H, W))
+    # (the value by value search for the bad one, too)
+    assert "x coordinate nan is not a finite" in _coordinates_problem(
+        [-reach, reach, NAN, 0, 0, 0], (H, W))
     # one pixel is a size, zero is none
     image = {"id": 1, "file_name": "a.jpg", "height": 1, "width": 1}
     assert _images_problem([image]) is None
