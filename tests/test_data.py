@@ -127,6 +127,7 @@ def test_voc_labels_from_xml_without_mask(tmp_path: Path) -> None:
     assert sorted(np.flatnonzero(label).tolist()) == [
         VOC_CLASSES.index("cat"), VOC_CLASSES.index("person")
     ]
+    assert set(label.tolist()) == {0.0, 1.0}  # multi-hot, as the mask-based labels
     assert dataset[1].mask is None
     # A split with masks that lacks one: the mask is named where the split's others are.
     assert dataset.has_masks
@@ -711,3 +712,14 @@ def test_only_the_first_row_of_labels_csv_is_a_header(tmp_path: Path) -> None:
     (root / "labels.csv").write_text("\n".join([*rows[1:], "stem,classes"]) + "\n")
     with pytest.raises(AmnsegError, match=r"labels.csv:5: unknown class 'classes'"):
         FolderDataset(root, "train")
+
+
+def test_voc_missing_split_lists_are_named(tmp_path: Path) -> None:
+    root = write_voc(tmp_path)
+    (root / "ImageSets" / "Segmentation" / "train_aug.txt").unlink()
+    with pytest.raises(AmnsegError, match=r"train_aug.txt: split list not found \(train_aug.txt, "
+                                          r"the 10,582 SBD-augmented training images"):
+        VOCDataset(root, "train_aug")
+    with pytest.raises(AmnsegError) as exc:
+        VOCDataset(root, "nope")
+    assert "nope.txt" in str(exc.value) and "SBD" not in str(exc.value)
