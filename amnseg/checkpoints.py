@@ -20,7 +20,7 @@ from amnseg import distributed
 from amnseg.config import BackboneConfig, deeplab_backbone
 from amnseg.data.transforms import INPUT_KINDS
 from amnseg.errors import AmnsegError
-from amnseg.io import check_tensors, load_checkpoint, save_checkpoint
+from amnseg.io import check_tensors, first_non_finite, load_checkpoint, save_checkpoint
 from amnseg.models.amn import AMN
 from amnseg.models.cam import CAMNet
 from amnseg.models.deeplab import MSC, MSC_SCALES, DeepLabV2
@@ -115,10 +115,10 @@ def check_amnseg_fields(checkpoint: dict[str, Any], path: Path | str) -> None:
         problem = f"input {checkpoint['input']!r} is not one of {', '.join(INPUT_KINDS)}"
     if problem:
         raise AmnsegError(f"{path}: damaged amnseg checkpoint ({problem})")
-    for key, value in checkpoint["model"].items():
-        if value.is_floating_point() and not bool(torch.isfinite(value).all()):
-            raise AmnsegError(f"{path}: the weights hold NaN or infinite values (first in "
-                              f"{key}): the training that wrote them diverged")
+    key = first_non_finite(checkpoint["model"])
+    if key is not None:
+        raise AmnsegError(f"{path}: the weights hold NaN or infinite values (first in {key}): "
+                          "the training that wrote them diverged")
 
 
 def weights_mismatch(model: nn.Module, state: dict[str, Any]) -> str | None:

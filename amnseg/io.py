@@ -247,10 +247,16 @@ def check_tensors(state: dict, source: Path | str, what: str) -> None:
             raise AmnsegError(f"{source}: {key} is a {value.dtype} {value.layout} tensor"
                               f"{' without data' if value.is_meta else ''}, not one of "
                               f"weights (not {what})")
-    for key, value in state.items():
-        if value.is_floating_point() and not bool(torch.isfinite(value).all()):
-            raise AmnsegError(f"{source}: the weights hold NaN or infinite values (first in "
-                              f"{key}): a damaged file, or one of a training that diverged")
+    key = first_non_finite(state)
+    if key is not None:
+        raise AmnsegError(f"{source}: the weights hold NaN or infinite values (first in {key}): "
+                          "a damaged file, or one of a training that diverged")
+
+
+def first_non_finite(state: dict[str, torch.Tensor]) -> str | None:
+    """The first key of ``state`` whose float tensor holds a NaN or an infinity, or None."""
+    return next((key for key, value in state.items()
+                 if value.is_floating_point() and not bool(torch.isfinite(value).all())), None)
 
 
 @dataclass

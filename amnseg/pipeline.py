@@ -221,18 +221,18 @@ def check_data(config: Config, signatures: dict[str, str], manifest: dict[str, A
 def _check_same_classes(train: SegDataset, val: SegDataset) -> None:
     """The val split is scored with the network trained on the train split: the same classes
     in the same order (COCO keeps them in each split's own file)."""
-    if list(val.class_names) == list(train.class_names):
+    val_names, train_names = list(val.class_names), list(train.class_names)
+    if val_names == train_names:
         return
-    first = next((index for index, (ours, theirs) in enumerate(
-        zip(train.class_names, val.class_names, strict=False)) if ours != theirs),
-        min(len(train.class_names), len(val.class_names)))
-    def named(names: list[str]) -> str:
-        return f"'{names[first]}'" if first < len(names) else "none"
+    pairs = zip(val_names, train_names, strict=False)
+    first = next((index for index, (theirs, ours) in enumerate(pairs) if theirs != ours),
+                 min(len(val_names), len(train_names)))
+    theirs, ours = (f"'{names[first]}'" if first < len(names) else "none"
+                    for names in (val_names, train_names))
     raise AmnsegError(
         f"{_classes_source(val)}: split {val.split!r} has other classes than the training split "
-        f"({_classes_source(train)}): {len(val.class_names)} against "
-        f"{len(train.class_names)}, class {first + 1} is {named(val.class_names)} against "
-        f"{named(train.class_names)}")
+        f"({_classes_source(train)}): {len(val_names)} against {len(train_names)}, class "
+        f"{first + 1} is {theirs} against {ours}")
 
 
 def _classes_source(dataset: SegDataset) -> str:
