@@ -374,6 +374,10 @@ def predict_command(
     max_pixels: int = typer.Option(
         DataConfig.max_pixels, "--max-pixels", min=0, help="Refuse larger images (0: no "
         "limit); the CRF of a 12 MP photo takes minutes and ~8 GB."),
+    overwrite: bool = typer.Option(
+        False, "--overwrite", help="Replace files already at the outputs' places. Without it, "
+        "only a folder of this command's own outputs (same checkpoint and options) is written "
+        "into: the run resumes with the images not done."),
 ) -> None:
     """Label images with a trained segmentation network: <out>/<stem>.png palette PNGs whose
     pixel values are class indices (0 background; VOC colours)."""
@@ -382,7 +386,8 @@ def predict_command(
     segmenter = Segmenter.from_checkpoint(checkpoint, device=device, flip=flip, crf=crf,
                                           crf_device=crf_device,
                                           exif_orientation=exif_orientation)
-    written = predict_files(segmenter, images, out, overlay, voc_submission, max_pixels)
+    written = predict_files(segmenter, images, out, overlay, voc_submission, max_pixels,
+                            overwrite)
     console.print(f"{len(written)} masks: [bold]{written[0].parent if written else out}[/bold]")
 
 

@@ -7,6 +7,7 @@ so a killed run never leaves a half-written file under a final name.
 from __future__ import annotations
 
 import concurrent.futures
+import hashlib
 import io
 import json
 import os
@@ -112,6 +113,15 @@ class BackgroundWriter:
         finally:
             # On an error, writes not started are dropped; started ones finish (atomically).
             self.pool.shutdown(wait=True, cancel_futures=True)
+
+
+def file_sha256(path: str | Path) -> str:
+    """The SHA-256 of a file's bytes, in hex (read in 1 MiB blocks)."""
+    digest = hashlib.sha256()
+    with open(path, "rb") as f:
+        for block in iter(lambda: f.read(1 << 20), b""):
+            digest.update(block)
+    return digest.hexdigest()
 
 
 def save_json(path: str | Path, obj: Any) -> None:

@@ -15,6 +15,7 @@ import io
 import math
 import os
 from collections.abc import Iterable
+from dataclasses import asdict
 from pathlib import Path
 from typing import BinaryIO
 
@@ -29,13 +30,23 @@ from amnseg.data.check import check_pixels
 from amnseg.data.folder import IMAGE_SUFFIXES
 from amnseg.data.voc import VOC_CLASSES, voc_palette
 from amnseg.errors import AmnsegError
-from amnseg.io import atomic_path, load_checkpoint, output_file, save_label_png
+from amnseg.io import (
+    atomic_path,
+    file_sha256,
+    load_checkpoint,
+    load_json,
+    output_file,
+    save_json,
+    save_label_png,
+)
 from amnseg.models.deeplab import MSC
 from amnseg.progress import progress_bar
 from amnseg.stages.seg import predict_labels, predict_probabilities
 from amnseg.training import crf_device_of, resolve_device
 
 VOC_SUBMISSION_DIR = Path("results/VOC2012/Segmentation/comp6_test_cls")
+# What made the files of a predict output folder: a second run with the same record resumes.
+PREDICT_RECORD = "amnseg-predict.json"
 
 
 def as_rgb(image: Image.Image | np.ndarray | str | Path | bytes | BinaryIO,
@@ -113,6 +124,8 @@ class Segmenter:
                               "CrfConfig")
         self.crf = deeplab_crf() if crf is True else (validate_crf(crf) if crf else None)
         self.crf_device = crf_device_of(str(crf_device))
+        # Set by from_checkpoint: what lets `amnseg predict` resume into its own outputs.
+        self.checkpoint_sha256: str | None = None
 
     @classmethod
     def from_checkpoint(cls, path: str | Path, device: str | torch.device = "cpu",
@@ -139,8 +152,17 @@ class Segmenter:
                 "first: amnseg import-checkpoint seg FILE OUT --classes voc)"
             )
         checkpoint = load_model_checkpoint(path, "seg", raw.get("class_names"))
-        return cls(build_model(checkpoint, path), checkpoint["class_names"], device, flip, crf,
-                   crf_device, exif_orientation)
+        segmenter = cls(build_model(checkpoint, path), checkpoint["class_names"], device, flip,
+                        crf, crf_device, exif_orientation)
+        segmenter.checkpoint_sha256 = file_sha256(path)
+        return segmenter
+
+    def settings(self) -> dict:
+        """What decides the labels it gives: the checkpoint (by content) and the options."""
+        return {"checkpoint_sha256": self.checkpoint_sha256, "flip": self.flip,
+                "crf": None if self.crf is None else asdict(self.crf),
+                "crf_device": str(self.crf_device or "cpu"),
+                "exif_orientation": self.exif_orientation}
 
     def check_size(self, height: int, width: int, what: str = "image") -> None:
         """A one-line error naming ``what`` when an image of this size is too small for the
@@ -202,8 +224,9 @@ def overlay(image: np.ndarray, labels: np.ndarray, alpha: float = 0.5) -> np.nda
 
 def predict_files(segmenter: Segmenter, inputs: Iterable[str | Path], out_dir: Path,
                   with_overlay: bool = False, voc_submission: bool = False,
-                  max_pixels: int = DataConfig.max_pixels) -> list[Path]:
-    """Label every image of ``inputs``; returns the written mask files.
+                  max_pixels: int = DataConfig.max_pixels, overwrite: bool = False
+                  ) -> list[Path]:
+    """Label every image of ``inputs``; returns the mask files.
 
     Default: ``<out>/<stem>.png`` palette PNGs (pixel value = class index, VOC colours).
     ``voc_submission``: ``<out>/results/VOC2012/Segmentation/comp6_test_cls/<stem>.png`` raw
@@ -211,6 +234,10 @@ def predict_files(segmenter: Segmenter, inputs: Iterable[str | Path], out_dir: P
     ``with_overlay``: also ``<out>/overlay/<stem>.png`` blends. Every input is decoded
     first, and no output may replace an input: a bad input stops the run before it writes.
     An image above ``max_pixels`` (0: no limit) is refused, as ``amnseg run`` refuses it.
+
+    A file already at an output's place is replaced only with ``overwrite`` (it could be a
+    ground-truth mask), unless ``<out>/amnseg-predict.json`` shows that this checkpoint with
+    these options wrote it: then the run resumes, labelling only the images not done.
     """
     if voc_submission and list(segmenter.class_names) != list(VOC_CLASSES):
         raise AmnsegError(
@@ -223,26 +250,48 @@ def predict_files(segmenter: Segmenter, inputs: Iterable[str | Path], out_dir: P
     overlay_dir = out_dir / "overlay"
     if with_overlay and overlay_dir.exists() and not overlay_dir.is_dir():
         raise AmnsegError(f"{overlay_dir}: exists and is not a folder (--overlay writes there)")
+    targets = {path: [output_file(masks_dir, path.stem, ".png"),
+                      *([output_file(overlay_dir, path.stem, ".png")] if with_overlay else [])]
+               for path in files}
     for path in files:
         # Decoded in full, not only its header: a file cut short shows only then.
         height, width = read_rgb(path, segmenter.exif_orientation).shape[:2]
         segmenter.check_size(height, width, str(path))
         check_pixels(path, height, width, max_pixels, f"--max-pixels {max_pixels}",
                      "downscale it, raise --max-pixels, or use --no-crf")
-        for target in (output_file(masks_dir, path.stem, ".png"),
-                       *([output_file(overlay_dir, path.stem, ".png")]
-                         if with_overlay else [])):
+        for target in targets[path]:
             if target.resolve() in inputs_resolved:
                 raise AmnsegError(f"{target}: the output would replace this input image; "
                                   "choose an output folder that holds no input image")
-    written = []
+    record = {**segmenter.settings(), "voc_submission": voc_submission}
+    resuming = not overwrite and _written_with(out_dir / PREDICT_RECORD, record)
+    existing = [target for paths in targets.values() for target in paths if target.exists()]
+    if existing and not overwrite and not resuming:
+        origin = (", written with another checkpoint or other options"
+                  if (out_dir / PREDICT_RECORD).exists() else "")
+        raise AmnsegError(
+            f"{existing[0]}: already exists ({len(existing)} of the outputs do{origin}); pass "
+            "--overwrite to replace them, or choose another --out")
+    save_json(out_dir / PREDICT_RECORD, record)
     for path in progress_bar(files, desc="predict", unit="img"):
+        target = targets[path][0]
+        if resuming and all(done.exists() for done in targets[path]):
+            continue
         image = read_rgb(path, segmenter.exif_orientation)
         labels = segmenter(image)
-        target = output_file(masks_dir, path.stem, ".png")
         save_label_png(target, labels, None if voc_submission else voc_palette())
         if with_overlay:
-            with atomic_path(output_file(overlay_dir, path.stem, ".png")) as tmp:
+            with atomic_path(targets[path][1]) as tmp:
                 Image.fromarray(overlay(image, labels)).save(tmp, format="PNG")
-        written.append(target)
-    return written
+    return [paths[0] for paths in targets.values()]
+
+
+def _written_with(record_file: Path, record: dict) -> bool:
+    """Whether ``record_file`` says the outputs beside it were made as ``record`` makes them
+    (never for a segmenter not loaded from a checkpoint file, whose weights have no name)."""
+    if record["checkpoint_sha256"] is None or not record_file.is_file():
+        return False
+    try:
+        return load_json(record_file) == record
+    except AmnsegError:
+        return False  # damaged: the outputs are of unknown origin

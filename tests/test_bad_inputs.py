@@ -707,6 +707,22 @@ def test_predict_never_overwrites_its_inputs_and_checks_them_first(tmp_path, cap
     line = one_error_line(capsys, "predict", checkpoint, images / "a.png", "--out",
                           tmp_path / "out", "--device", "mps")
     assert "device=mps: expected auto, cpu, cuda or cuda:N" in line
+    # Masks already in the output folder (a dataset's ground truth, say) stay as they are
+    # unless --overwrite is given.
+    Image.new("RGB", (30, 20)).save(images / "c.png")
+    truth = tmp_path / "SegmentationClass"
+    truth.mkdir()
+    Image.new("L", (24, 20), 3).save(truth / "b.png")
+    line = one_error_line(capsys, "predict", checkpoint, images, "--out", truth,
+                          "--device", "cpu", "--no-crf")
+    assert line.endswith("SegmentationClass/b.png: already exists (1 of the outputs do); "
+                         "pass --overwrite to replace them, or choose another --out"), line
+    assert sorted(p.name for p in truth.iterdir()) == ["b.png"]
+    status, _, err = amnseg(capsys, "predict", checkpoint, images, "--out", truth,
+                            "--device", "cpu", "--no-crf", "--overwrite")
+    assert status == 0, err
+    with Image.open(truth / "b.png") as mask:
+        assert mask.mode == "P" and mask.size == (24, 20)
 
 
 @pytest.mark.parametrize("content", [b'{"stages": ', b"\x00\xff", b"[]", b'{"stages": []}'])

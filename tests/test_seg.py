@@ -846,13 +846,73 @@ def test_predict_decodes_every_input_before_writing_and_labels_a_file_once(seg_c
     written = predict_files(segmenter, [inputs / "a.png", inputs, inputs / ".." / "in" / "a.png"],
                             tmp_path / "out")
     assert written == [tmp_path / "out" / "a.png"]
-    assert sorted(p.name for p in (tmp_path / "out").iterdir()) == ["a.png"]  # no overlay
+    # No overlay; the record of what wrote the masks.
+    assert sorted(p.name for p in (tmp_path / "out").iterdir()) == ["a.png",
+                                                                    "amnseg-predict.json"]
     other = tmp_path / "other"
     other.mkdir()
     Image.fromarray(image).save(other / "a.png")
     with pytest.raises(AmnsegError, match=r"other/a\.png: same name as .*in/a\.png \(outputs "
                        "would collide\\)"):
         predict_files(segmenter, [inputs, other], tmp_path / "out")
+
+
+def test_predict_resumes_into_its_own_outputs_and_replaces_nothing_else(seg_checkpoint,
+                                                                         tmp_path):
+    from amnseg.segmenter import Segmenter, predict_files
+
+    inputs = tmp_path / "in"
+    inputs.mkdir()
+    rng = np.random.default_rng(15)
+    for stem in ("a", "b", "c"):
+        Image.fromarray(rng.integers(0, 256, (20, 26, 3), dtype=np.uint8)).save(
+            inputs / f"{stem}.png")
+    segmenter = Segmenter.from_checkpoint(seg_checkpoint)
+    out = tmp_path / "out"
+    written = predict_files(segmenter, [inputs], out, with_overlay=True)
+    assert written == [out / "a.png", out / "b.png", out / "c.png"]
+    # An interrupted run: b's mask and c's overlay missing, a's mask kept as it is (a marker
+    # shows it is not labelled again).
+    (out / "b.png").unlink()
+    (out / "overlay" / "c.png").unlink()
+    marker = np.full((20, 26), 7, np.uint8)
+    Image.fromarray(marker).save(out / "a.png")
+    assert predict_files(segmenter, [inputs], out, with_overlay=True) == written
+    np.testing.assert_array_equal(np.asarray(Image.open(out / "a.png")), marker)
+    for stem in ("b", "c"):
+        np.testing.assert_array_equal(np.asarray(Image.open(out / f"{stem}.png")),
+                                      segmenter(inputs / f"{stem}.png"))
+        assert (out / "overlay" / f"{stem}.png").is_file()
+    # Another option, another checkpoint, or a segmenter with no checkpoint file: the files
+    # there are not its own, and none is replaced.
+    other_checkpoint = save_tiny_seg_checkpoint(tmp_path / "other.pt", ("cat", "cow"))
+    for other in (Segmenter.from_checkpoint(seg_checkpoint, flip=True),
+                  Segmenter.from_checkpoint(seg_checkpoint, crf=True),
+                  Segmenter.from_checkpoint(other_checkpoint),
+                  Segmenter(segmenter.model, segmenter.class_names)):
+        with pytest.raises(AmnsegError, match=r"out/a\.png: already exists \(6 of the outputs "
+                           r"do, written with another checkpoint or other options\); pass "
+                           r"--overwrite to replace them, or choose another --out$"):
+            predict_files(other, [inputs], out, with_overlay=True)
+        np.testing.assert_array_equal(np.asarray(Image.open(out / "a.png")), marker)
+    # Without the overlays the masks alone are the outputs (3 of them).
+    with pytest.raises(AmnsegError, match=r"already exists \(3 of the outputs do, written"):
+        predict_files(Segmenter.from_checkpoint(seg_checkpoint, flip=True), [inputs], out)
+    # --overwrite labels everything again, and the folder is then its own.
+    flipped = Segmenter.from_checkpoint(seg_checkpoint, flip=True)
+    predict_files(flipped, [inputs], out, overwrite=True)
+    np.testing.assert_array_equal(np.asarray(Image.open(out / "a.png")),
+                                  flipped(inputs / "a.png"))
+    predict_files(flipped, [inputs], out)
+    # A folder of files amnseg did not write (ground-truth masks, say): no record, no resume.
+    masks = tmp_path / "SegmentationClass"
+    masks.mkdir()
+    Image.fromarray(marker).save(masks / "b.png")
+    with pytest.raises(AmnsegError, match=r"SegmentationClass/b\.png: already exists \(1 of "
+                       r"the outputs do\); pass --overwrite"):
+        predict_files(segmenter, [inputs], masks)
+    assert sorted(p.name for p in masks.iterdir()) == ["b.png"]
+    np.testing.assert_array_equal(np.asarray(Image.open(masks / "b.png")), marker)
 
 
 def test_smallest_image_is_one_pixel_at_the_smallest_scale(seg_checkpoint):

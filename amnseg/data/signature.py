@@ -13,6 +13,7 @@ from pathlib import Path
 
 from amnseg.data.base import SegDataset
 from amnseg.errors import AmnsegError
+from amnseg.io import file_sha256
 from amnseg.progress import progress_bar
 
 SIGNATURE_KINDS = ("stat", "content")
@@ -21,11 +22,7 @@ SIGNATURE_KINDS = ("stat", "content")
 def _file_token(path: Path, kind: str) -> str:
     try:
         if kind == "content":
-            digest = hashlib.sha256()
-            with open(path, "rb") as f:
-                for block in iter(lambda: f.read(1 << 20), b""):
-                    digest.update(block)
-            return digest.hexdigest()
+            return file_sha256(path)
         info = path.stat()
         return f"{info.st_size}:{info.st_mtime_ns}"
     except FileNotFoundError:
