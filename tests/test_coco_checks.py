@@ -218,3 +218,51 @@ def test_annotations_without_area_are_painted_after_those_with_one(tmp_path):
     mask = COCODataset(root, "train").mask(COCO_IMG)
     # Larger areas are painted first: the person, without one, comes last and covers the car.
     assert (mask[5:9, 8:12] == 1).all()
+
+
+def test_an_annotation_file_is_parsed_once_per_content(tmp_path: Path, monkeypatch) -> None:
+    """A run opens each split dozens of times; train2014's file takes tens of seconds to parse
+    and check. It is parsed again only when its content changed (a same-size edit included),
+    and the two last files are kept."""
+    from collections import OrderedDict
+
+    import pycocotools.coco
+
+    import amnseg.data.coco as coco_module
+
+    parsed = []
+    real = pycocotools.coco.COCO
+
+    def counting(path: str) -> object:
+        parsed.append(path)
+        return real(path)
+
+    monkeypatch.setattr(pycocotools.coco, "COCO", counting)
+    monkeypatch.setattr(coco_module, "_OPENED", OrderedDict())
+    root = write_coco(tmp_path)
+    first, second = COCODataset(root, "train"), COCODataset(root, "train")
+    assert len(parsed) == 1
+    assert second.stems == first.stems and second.stems is not first.stems
+    assert second.class_names == ["person", "car", "toothbrush"]
+    path = root / "annotations" / "instances_train2014.json"
+    size = path.stat().st_size
+    path.write_text(path.read_text().replace('"car"', '"bus"'))
+    assert path.stat().st_size == size
+    assert COCODataset(root, "train").class_names == ["person", "bus", "toothbrush"]
+    assert len(parsed) == 2
+    other = edited_coco(tmp_path / "other", set_field("categories", 0, name="brush"))
+    assert COCODataset(other, "train").class_names == ["person", "car", "brush"]
+    assert COCODataset(root, "train").class_names == ["person", "bus", "toothbrush"]
+    assert len(parsed) == 3  # the "bus" file was kept
+    path.write_text(path.read_text().replace('"bus"', '"car"'))
+    assert COCODataset(root, "train").class_names == ["person", "car", "toothbrush"]
+    assert len(parsed) == 4  # the first file was dropped for the third
+    # A file that cannot be read is named (as root reads any file, the error is raised here).
+
+    def unreadable(path: Path) -> str:
+        raise PermissionError(13, "Permission denied", str(path))
+
+    monkeypatch.setattr(coco_module, "file_sha256", unreadable)
+    with pytest.raises(AmnsegError, match=r"instances_train2014.json: unreadable \(Permission "
+                       r"denied\)$"):
+        COCODataset(root, "train")

@@ -26,6 +26,8 @@ import contextlib
 import io
 import math
 import warnings
+from collections import OrderedDict
+from dataclasses import dataclass
 from pathlib import Path
 from typing import Any
 
@@ -41,6 +43,7 @@ from amnseg.data.base import (
     require_dir,
 )
 from amnseg.errors import AmnsegError
+from amnseg.io import file_sha256
 
 # The 80 COCO categories in ascending category-id order (class 1 = person, ..., 80 = toothbrush).
 COCO_CLASSES = (
@@ -64,7 +67,6 @@ class COCODataset(SegDataset):
     def __init__(
         self, root: str | Path, split: str, semantic_dir: str | Path | None = None
     ) -> None:
-        from pycocotools.coco import COCO  # imported here: only COCO users pay for it
 
         self.root = require_dir(Path(root), "COCO")
         self.split = split
@@ -73,61 +75,15 @@ class COCODataset(SegDataset):
         self.annotation_file = self.root / "annotations" / f"instances_{folder}.json"
         if not self.annotation_file.is_file():
             raise AmnsegError(f"{self.annotation_file}: COCO annotation file not found")
-        try:
-            with contextlib.redirect_stdout(io.StringIO()):  # pycocotools prints progress
-                self.coco = COCO(str(self.annotation_file))
-        except (ValueError, KeyError, TypeError, AssertionError) as exc:
-            # JSONDecodeError is a ValueError; COCO asserts the top level is an object.
-            reason = str(exc).splitlines()[0] if str(exc) else exc.__class__.__name__
-            raise AmnsegError(
-                f"{self.annotation_file}: not a COCO instance annotation file ({reason})"
-            ) from None
-        self._check_fields()
-        categories = sorted(self.coco.getCatIds())
-        self.category_to_class = {cat: i + 1 for i, cat in enumerate(categories)}
-        self.class_names = [str(self.coco.cats[cat]["name"]) for cat in categories]
-        images = sorted(self.coco.imgs.values(), key=lambda info: info["file_name"])
-        self._info: dict[str, dict[str, Any]] = {}
-        for info in images:
-            name = check_stem(str(info.get("file_name", "")),
-                              f"{self.annotation_file} (image id {info.get('id')})")
-            stem = Path(name).stem
-            if stem in self._info:
-                raise AmnsegError(
-                    f"{self.annotation_file}: two images share the name '{stem}' "
-                    f"(ids {self._info[stem]['id']} and {info['id']})"
-                )
-            self._info[stem] = info
-        self.stems = list(self._info)
-        if not self.coco.anns:
-            raise AmnsegError(f"{self.annotation_file}: no annotations (the image labels and "
-                              "masks come from them)")
+        opened = _open_annotations(self.annotation_file)
+        self.coco = opened.coco
+        self.category_to_class = opened.category_to_class
+        self.class_names = list(opened.class_names)
+        self._info = opened.info
+        self.stems = list(opened.info)
         self.semantic_dir = Path(semantic_dir) if semantic_dir else None
         if self.semantic_dir is not None:
             require_dir(self.semantic_dir, "COCO semantic mask")
-
-    def _check_fields(self) -> None:
-        """The fields amnseg reads, checked once (pycocotools assumes them): a file edited by
-        hand or exported by another tool gets one line naming what is wrong. The lists are
-        read as written, not through pycocotools' dicts, which keep only the last entry of a
-        repeated id. Plain loops, no mask decoding: opening train2014 stays quick."""
-        where = self.annotation_file
-        data = self.coco.dataset
-        categories, images = data.get("categories"), data.get("images")
-        problem = _categories_problem(categories) or _images_problem(images)
-        if problem:
-            raise AmnsegError(f"{where}: {problem}")
-        check_class_count(len(categories), where)
-        category_ids = {category["id"] for category in categories}
-        sizes = {info["id"]: (info["height"], info["width"]) for info in images}
-        annotations = data.get("annotations") or []  # none: refused once the images are read
-        problem = _id_problem(annotations, "annotation")
-        if problem:
-            raise AmnsegError(f"{where}: {problem}")
-        for annotation in annotations:
-            problem = _annotation_problem(annotation, sizes, category_ids)
-            if problem:
-                raise AmnsegError(f"{where}: annotation {annotation['id']}: {problem}")
 
     def declared_size(self, stem: str) -> tuple[int, int]:
         info = self._info[stem]
@@ -182,6 +138,89 @@ class COCODataset(SegDataset):
                 mask[region] = self.category_to_class[annotation["category_id"]]
         mask[crowd & (mask == 0)] = IGNORE_INDEX
         return mask
+
+
+@dataclass(frozen=True)
+class _Annotations:
+    """What a dataset reads from its annotation file (shared: never modified)."""
+
+    coco: Any  # pycocotools.coco.COCO
+    category_to_class: dict[int, int]
+    class_names: tuple[str, ...]
+    info: dict[str, dict[str, Any]]  # image entries by file-name stem, sorted by file name
+
+
+# The annotation files opened in this process, by content (SHA-256: 0.6 s for train2014's
+# file, which takes tens of seconds to parse and check; a run opens each split dozens of times,
+# in every stage and check). Two are kept: a run's train and val files.
+_OPENED: OrderedDict[str, _Annotations] = OrderedDict()
+_OPENED_MAX = 2
+
+
+def _open_annotations(annotation_file: Path) -> _Annotations:
+    """The annotation file parsed (pycocotools) and checked; from ``_OPENED`` when seen."""
+    from pycocotools.coco import COCO  # imported here: only COCO users pay for it
+
+    try:
+        key = file_sha256(annotation_file)
+    except OSError as exc:
+        raise AmnsegError(f"{annotation_file}: unreadable ({exc.strerror or exc})") from None
+    if key in _OPENED:
+        _OPENED.move_to_end(key)
+        return _OPENED[key]
+    try:
+        with contextlib.redirect_stdout(io.StringIO()):  # pycocotools prints progress
+            coco = COCO(str(annotation_file))
+    except (ValueError, KeyError, TypeError, AssertionError) as exc:
+        # JSONDecodeError is a ValueError; COCO asserts the top level is an object.
+        reason = str(exc).splitlines()[0] if str(exc) else exc.__class__.__name__
+        raise AmnsegError(
+            f"{annotation_file}: not a COCO instance annotation file ({reason})"
+        ) from None
+    _check_fields(annotation_file, coco.dataset)
+    categories = sorted(coco.getCatIds())
+    info: dict[str, dict[str, Any]] = {}
+    for entry in sorted(coco.imgs.values(), key=lambda entry: entry["file_name"]):
+        name = check_stem(str(entry.get("file_name", "")),
+                          f"{annotation_file} (image id {entry.get('id')})")
+        stem = Path(name).stem
+        if stem in info:
+            raise AmnsegError(
+                f"{annotation_file}: two images share the name '{stem}' "
+                f"(ids {info[stem]['id']} and {entry['id']})"
+            )
+        info[stem] = entry
+    if not coco.anns:
+        raise AmnsegError(f"{annotation_file}: no annotations (the image labels and "
+                          "masks come from them)")
+    opened = _Annotations(coco, {cat: i + 1 for i, cat in enumerate(categories)},
+                          tuple(str(coco.cats[cat]["name"]) for cat in categories), info)
+    _OPENED[key] = opened
+    while len(_OPENED) > _OPENED_MAX:
+        _OPENED.popitem(last=False)
+    return opened
+
+
+def _check_fields(where: Path, data: dict[str, Any]) -> None:
+    """The fields amnseg reads, checked once (pycocotools assumes them): a file edited by
+    hand or exported by another tool gets one line naming what is wrong. The lists are
+    read as written, not through pycocotools' dicts, which keep only the last entry of a
+    repeated id. Plain loops, no mask decoding: opening train2014 stays quick."""
+    categories, images = data.get("categories"), data.get("images")
+    problem = _categories_problem(categories) or _images_problem(images)
+    if problem:
+        raise AmnsegError(f"{where}: {problem}")
+    check_class_count(len(categories), where)
+    category_ids = {category["id"] for category in categories}
+    sizes = {info["id"]: (info["height"], info["width"]) for info in images}
+    annotations = data.get("annotations") or []  # none: refused once the images are read
+    problem = _id_problem(annotations, "annotation")
+    if problem:
+        raise AmnsegError(f"{where}: {problem}")
+    for annotation in annotations:
+        problem = _annotation_problem(annotation, sizes, category_ids)
+        if problem:
+            raise AmnsegError(f"{where}: annotation {annotation['id']}: {problem}")
 
 
 def _is_int(value: Any) -> bool:
