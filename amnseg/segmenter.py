@@ -263,7 +263,8 @@ def predict_files(segmenter: Segmenter, inputs: Iterable[str | Path], out_dir: P
             if target.resolve() in inputs_resolved:
                 raise AmnsegError(f"{target}: the output would replace this input image; "
                                   "choose an output folder that holds no input image")
-    record = {**segmenter.settings(), "voc_submission": voc_submission}
+    # Not the layout: plain masks and submission files have places of their own.
+    record = segmenter.settings()
     resuming = not overwrite and _written_with(out_dir / PREDICT_RECORD, record)
     existing = [target for paths in targets.values() for target in paths if target.exists()]
     if existing and not overwrite and not resuming:

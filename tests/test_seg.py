@@ -627,6 +627,12 @@ def test_voc_submission_layout(seg_checkpoint, tmp_path):
         assert png.mode == "L"  # raw class indices
         with Image.open(tmp_path / "2008_000001.jpg") as source:
             np.testing.assert_array_equal(np.asarray(png), segmenter(source))
+    # Palette masks into the same folder have places of their own; then the submission files
+    # are still this command's own (a rerun resumes, replacing nothing).
+    plain = predict_files(segmenter, [tmp_path / "2008_000001.jpg"], tmp_path / "sub")
+    assert plain == [tmp_path / "sub" / "2008_000001.png"]
+    assert predict_files(segmenter, [tmp_path / "2008_000001.jpg"], tmp_path / "sub",
+                         voc_submission=True) == [target]
 
 
 def test_segmenter_rejects_non_seg_checkpoints_and_bad_arrays(seg_checkpoint, tmp_path):
