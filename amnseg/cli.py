@@ -376,8 +376,8 @@ def predict_command(
         "limit); the CRF of a 12 MP photo takes minutes and ~8 GB."),
     overwrite: bool = typer.Option(
         False, "--overwrite", help="Replace files already at the outputs' places. Without it, "
-        "only a folder of this command's own outputs (same checkpoint and options) is written "
-        "into: the run resumes with the images not done."),
+        "only files this command wrote with the same checkpoint and options are (the run "
+        "resumes: images whose masks are there, from the same image content, are skipped)."),
 ) -> None:
     """Label images with a trained segmentation network: <out>/<stem>.png palette PNGs whose
     pixel values are class indices (0 background; VOC colours)."""

@@ -11,7 +11,9 @@ open binary file.
 
 from __future__ import annotations
 
+import hashlib
 import io
+import json
 import math
 import os
 from collections.abc import Iterable
@@ -31,12 +33,11 @@ from amnseg.data.folder import IMAGE_SUFFIXES
 from amnseg.data.voc import VOC_CLASSES, voc_palette
 from amnseg.errors import AmnsegError
 from amnseg.io import (
+    append_jsonl,
     atomic_path,
     file_sha256,
     load_checkpoint,
-    load_json,
     output_file,
-    save_json,
     save_label_png,
 )
 from amnseg.models.deeplab import MSC
@@ -45,8 +46,9 @@ from amnseg.stages.seg import predict_labels, predict_probabilities
 from amnseg.training import crf_device_of, resolve_device
 
 VOC_SUBMISSION_DIR = Path("results/VOC2012/Segmentation/comp6_test_cls")
-# What made the files of a predict output folder: a second run with the same record resumes.
-PREDICT_RECORD = "amnseg-predict.json"
+# One line per labelled image: its outputs' SHA-256, its own, and the checkpoint and options.
+# A second run resumes into the files listed with its own checkpoint and options.
+PREDICT_LOG = "amnseg-predict.jsonl"
 
 
 def as_rgb(image: Image.Image | np.ndarray | str | Path | bytes | BinaryIO,
@@ -236,8 +238,9 @@ def predict_files(segmenter: Segmenter, inputs: Iterable[str | Path], out_dir: P
     An image above ``max_pixels`` (0: no limit) is refused, as ``amnseg run`` refuses it.
 
     A file already at an output's place is replaced only with ``overwrite`` (it could be a
-    ground-truth mask), unless ``<out>/amnseg-predict.json`` shows that this checkpoint with
-    these options wrote it: then the run resumes, labelling only the images not done.
+    ground-truth mask), unless ``<out>/amnseg-predict.jsonl`` lists it as written by this
+    checkpoint with these options. A run into such a folder resumes: an image whose outputs
+    it lists, unchanged and made from the same image content, is not labelled again.
     """
     if voc_submission and list(segmenter.class_names) != list(VOC_CLASSES):
         raise AmnsegError(
@@ -263,36 +266,75 @@ def predict_files(segmenter: Segmenter, inputs: Iterable[str | Path], out_dir: P
             if target.resolve() in inputs_resolved:
                 raise AmnsegError(f"{target}: the output would replace this input image; "
                                   "choose an output folder that holds no input image")
-    # Not the layout: plain masks and submission files have places of their own.
-    record = segmenter.settings()
-    resuming = not overwrite and _written_with(out_dir / PREDICT_RECORD, record)
-    existing = [target for paths in targets.values() for target in paths if target.exists()]
-    if existing and not overwrite and not resuming:
-        origin = (", written with another checkpoint or other options"
-                  if (out_dir / PREDICT_RECORD).exists() else "")
+    # The settings, not the layout: plain masks and submission files have places of their own.
+    settings = _settings_key(segmenter)
+    log_file = out_dir / PREDICT_LOG
+    if overwrite:
+        log_file.unlink(missing_ok=True)
+    own = _own_outputs(log_file, settings, out_dir)
+    image_sha = {path: file_sha256(path) for path in files}
+
+    def replaceable(target: Path) -> bool:
+        return own.get(target) is not None and own[target][1] == file_sha256(target)
+
+    foreign = [target for paths in targets.values() for target in paths
+               if target.exists() and not replaceable(target)]
+    if foreign and not overwrite:
+        origin = (", not written with this checkpoint and these options"
+                  if log_file.exists() else "")
         raise AmnsegError(
-            f"{existing[0]}: already exists ({len(existing)} of the outputs do{origin}); pass "
+            f"{foreign[0]}: already exists ({len(foreign)} of the outputs do{origin}); pass "
             "--overwrite to replace them, or choose another --out")
-    save_json(out_dir / PREDICT_RECORD, record)
     for path in progress_bar(files, desc="predict", unit="img"):
-        target = targets[path][0]
-        if resuming and all(done.exists() for done in targets[path]):
-            continue
+        if all(target.exists() and own.get(target, ("",))[0] == image_sha[path]
+               for target in targets[path]):
+            continue  # done by an earlier run of this command, from this very image
         image = read_rgb(path, segmenter.exif_orientation)
         labels = segmenter(image)
-        save_label_png(target, labels, None if voc_submission else voc_palette())
+        save_label_png(targets[path][0], labels, None if voc_submission else voc_palette())
         if with_overlay:
             with atomic_path(targets[path][1]) as tmp:
                 Image.fromarray(overlay(image, labels)).save(tmp, format="PNG")
+        if settings is not None:
+            append_jsonl(log_file, {
+                "image_sha256": image_sha[path], "settings": settings,
+                "files": {str(target.relative_to(out_dir)): file_sha256(target)
+                          for target in targets[path]}})
     return [paths[0] for paths in targets.values()]
 
 
-def _written_with(record_file: Path, record: dict) -> bool:
-    """Whether ``record_file`` says the outputs beside it were made as ``record`` makes them
-    (never for a segmenter not loaded from a checkpoint file, whose weights have no name)."""
-    if record["checkpoint_sha256"] is None or not record_file.is_file():
-        return False
+def _settings_key(segmenter: Segmenter) -> str | None:
+    """A hash of what decides the labels (checkpoint and options); None when the weights have
+    no file to name them by."""
+    settings = segmenter.settings()
+    if settings["checkpoint_sha256"] is None:
+        return None
+    return hashlib.sha256(json.dumps(settings, sort_keys=True).encode()).hexdigest()
+
+
+def _own_outputs(log_file: Path, settings: str | None, out_dir: Path
+                 ) -> dict[Path, tuple[str, str]]:
+    """The files of ``out_dir`` that ``log_file`` says this command wrote with ``settings``:
+    {file: (its input image's SHA-256, its own SHA-256)}, the latest line of each file. A
+    damaged line (a run killed while writing it) counts for nothing."""
+    own: dict[Path, tuple[str, str]] = {}
+    if settings is None or not log_file.is_file():
+        return own
     try:
-        return load_json(record_file) == record
-    except AmnsegError:
-        return False  # damaged: the outputs are of unknown origin
+        lines = log_file.read_text(encoding="utf-8").splitlines()
+    except (OSError, UnicodeDecodeError):
+        return own  # unreadable: every file there is of unknown origin
+    for line in lines:
+        try:
+            entry = json.loads(line)
+            files = entry["files"].items()
+            image, made_with = str(entry["image_sha256"]), entry["settings"]
+        except (ValueError, TypeError, KeyError, AttributeError):
+            continue
+        for name, digest in files:
+            target = out_dir / str(name)
+            if made_with == settings:
+                own[target] = (image, str(digest))
+            else:
+                own.pop(target, None)
+    return own

@@ -854,7 +854,7 @@ def test_predict_decodes_every_input_before_writing_and_labels_a_file_once(seg_c
     assert written == [tmp_path / "out" / "a.png"]
     # No overlay; the record of what wrote the masks.
     assert sorted(p.name for p in (tmp_path / "out").iterdir()) == ["a.png",
-                                                                    "amnseg-predict.json"]
+                                                                    "amnseg-predict.jsonl"]
     other = tmp_path / "other"
     other.mkdir()
     Image.fromarray(image).save(other / "a.png")
@@ -877,48 +877,79 @@ def test_predict_resumes_into_its_own_outputs_and_replaces_nothing_else(seg_chec
     out = tmp_path / "out"
     written = predict_files(segmenter, [inputs], out, with_overlay=True)
     assert written == [out / "a.png", out / "b.png", out / "c.png"]
-    # An interrupted run: b's mask and c's overlay missing, a's mask kept as it is (a marker
-    # shows it is not labelled again).
+
+    def identity(path: Path) -> tuple[int, int]:  # a file replaced gets a new inode
+        return path.stat().st_ino, path.stat().st_mtime_ns
+
+    # An interrupted run: b's mask and c's overlay missing. a is not labelled again; b and c
+    # are.
     (out / "b.png").unlink()
     (out / "overlay" / "c.png").unlink()
-    marker = np.full((20, 26), 7, np.uint8)
-    Image.fromarray(marker).save(out / "a.png")
+    kept = identity(out / "a.png"), identity(out / "overlay" / "a.png")
     assert predict_files(segmenter, [inputs], out, with_overlay=True) == written
-    np.testing.assert_array_equal(np.asarray(Image.open(out / "a.png")), marker)
+    assert (identity(out / "a.png"), identity(out / "overlay" / "a.png")) == kept
     for stem in ("b", "c"):
         np.testing.assert_array_equal(np.asarray(Image.open(out / f"{stem}.png")),
                                       segmenter(inputs / f"{stem}.png"))
         assert (out / "overlay" / f"{stem}.png").is_file()
+    # An input changed under the same name gets its mask again.
+    Image.fromarray(rng.integers(0, 256, (20, 26, 3), dtype=np.uint8)).save(inputs / "c.png")
+    predict_files(segmenter, [inputs], out, with_overlay=True)
+    assert (identity(out / "a.png"), identity(out / "overlay" / "a.png")) == kept
+    np.testing.assert_array_equal(np.asarray(Image.open(out / "c.png")),
+                                  segmenter(inputs / "c.png"))
     # Another option, another checkpoint, or a segmenter with no checkpoint file: the files
     # there are not its own, and none is replaced.
     other_checkpoint = save_tiny_seg_checkpoint(tmp_path / "other.pt", ("cat", "cow"))
+    before = {path: path.read_bytes() for path in out.rglob("*.png")}
     for other in (Segmenter.from_checkpoint(seg_checkpoint, flip=True),
                   Segmenter.from_checkpoint(seg_checkpoint, crf=True),
                   Segmenter.from_checkpoint(other_checkpoint),
                   Segmenter(segmenter.model, segmenter.class_names)):
         with pytest.raises(AmnsegError, match=r"out/a\.png: already exists \(6 of the outputs "
-                           r"do, written with another checkpoint or other options\); pass "
+                           r"do, not written with this checkpoint and these options\); pass "
                            r"--overwrite to replace them, or choose another --out$"):
             predict_files(other, [inputs], out, with_overlay=True)
-        np.testing.assert_array_equal(np.asarray(Image.open(out / "a.png")), marker)
+    assert {path: path.read_bytes() for path in out.rglob("*.png")} == before
     # Without the overlays the masks alone are the outputs (3 of them).
-    with pytest.raises(AmnsegError, match=r"already exists \(3 of the outputs do, written"):
-        predict_files(Segmenter.from_checkpoint(seg_checkpoint, flip=True), [inputs], out)
-    # --overwrite labels everything again, and the folder is then its own.
     flipped = Segmenter.from_checkpoint(seg_checkpoint, flip=True)
-    predict_files(flipped, [inputs], out, overwrite=True)
+    with pytest.raises(AmnsegError, match=r"already exists \(3 of the outputs do, not"):
+        predict_files(flipped, [inputs], out)
+    # --overwrite of one image with the other options: the other two masks are still the
+    # first options' (not the flipped run's to resume into), and a's overlay too.
+    predict_files(flipped, [inputs / "a.png"], out, overwrite=True)
     np.testing.assert_array_equal(np.asarray(Image.open(out / "a.png")),
                                   flipped(inputs / "a.png"))
+    with pytest.raises(AmnsegError, match=r"out/b\.png: already exists \(2 of the outputs do"):
+        predict_files(flipped, [inputs], out)
+    predict_files(flipped, [inputs], out, overwrite=True)
+    np.testing.assert_array_equal(np.asarray(Image.open(out / "b.png")),
+                                  flipped(inputs / "b.png"))
+    predict_files(flipped, [inputs], out)  # its own now
+    # A mask edited by hand, or a file put where a new image's mask goes: not its own.
+    Image.fromarray(np.full((20, 26), 7, np.uint8)).save(out / "a.png")
+    with pytest.raises(AmnsegError, match=r"out/a\.png: already exists \(1 of the outputs"):
+        predict_files(flipped, [inputs], out)
+    (out / "a.png").unlink()
+    Image.fromarray(rng.integers(0, 256, (20, 26, 3), dtype=np.uint8)).save(inputs / "d.png")
+    (out / "d.png").write_bytes(b"someone else's")
+    with pytest.raises(AmnsegError, match=r"out/d\.png: already exists \(1 of the outputs"):
+        predict_files(flipped, [inputs], out)
+    (out / "d.png").unlink()
+    # A line of the list cut short (a run killed while writing it) counts for nothing.
     predict_files(flipped, [inputs], out)
-    # A folder of files amnseg did not write (ground-truth masks, say): no record, no resume.
+    log = out / "amnseg-predict.jsonl"
+    log.write_text(log.read_text()[:-20])
+    with pytest.raises(AmnsegError, match=r"out/d\.png: already exists \(1 of the outputs"):
+        predict_files(flipped, [inputs], out)
+    # A folder of files amnseg did not write (ground-truth masks, say): no list, no resume.
     masks = tmp_path / "SegmentationClass"
     masks.mkdir()
-    Image.fromarray(marker).save(masks / "b.png")
+    Image.fromarray(np.full((20, 26), 7, np.uint8)).save(masks / "b.png")
     with pytest.raises(AmnsegError, match=r"SegmentationClass/b\.png: already exists \(1 of "
                        r"the outputs do\); pass --overwrite"):
         predict_files(segmenter, [inputs], masks)
     assert sorted(p.name for p in masks.iterdir()) == ["b.png"]
-    np.testing.assert_array_equal(np.asarray(Image.open(masks / "b.png")), marker)
 
 
 def test_smallest_image_is_one_pixel_at_the_smallest_scale(seg_checkpoint):
