@@ -398,6 +398,8 @@ def import_checkpoint_command(
                                   "seg, a trained DeepLab-v2 file (kazuto1011's layout)."),
     destination: Path = typer.Argument(..., help="Where to write the amnseg checkpoint."),
     classes: str = typer.Option("voc", help="voc, coco, or a classes.txt path."),
+    overwrite: bool = typer.Option(False, "--overwrite",
+                                   help="Replace the destination if it exists."),
 ) -> None:
     """Convert an authors' checkpoint (res50_{cam,amn,irn}.pth) or a DeepLab-v2 file into an
     amnseg checkpoint."""
@@ -408,6 +410,7 @@ def import_checkpoint_command(
     if destination.resolve() == source.resolve():
         raise AmnsegError(f"{destination}: the destination is the file to import; write the "
                           "amnseg checkpoint elsewhere (the original stays as it is)")
+    _check_destination(destination, overwrite)
     if kind == "seg":
         import_deeplab(source, _class_names(classes), destination)
     else:
@@ -419,6 +422,8 @@ def import_checkpoint_command(
 def export_checkpoint_command(
     source: Path = typer.Argument(..., help="An amnseg checkpoint."),
     destination: Path = typer.Argument(..., help="Where to write the reference-layout file."),
+    overwrite: bool = typer.Option(False, "--overwrite",
+                                   help="Replace the destination if it exists."),
 ) -> None:
     """Write an amnseg checkpoint's weights under the reference's key names."""
     from amnseg.checkpoints import export_reference
@@ -427,6 +432,7 @@ def export_checkpoint_command(
     if destination.resolve() == source.resolve():
         raise AmnsegError(f"{destination}: the destination is the checkpoint to export; write "
                           "the reference-layout file elsewhere")
+    _check_destination(destination, overwrite)
     checkpoint = load_checkpoint(source)
     try:
         exported = export_reference(checkpoint)
@@ -445,6 +451,16 @@ def generate_demo_command(
     from amnseg.data.demo import ensure_demo
 
     console.print(f"demo data: [bold]{ensure_demo(root, seed=seed)}[/bold]")
+
+
+def _check_destination(destination: Path, overwrite: bool) -> None:
+    """A checkpoint command writes no file over another (a trained network, a class list)
+    unless told to."""
+    if destination.is_dir():
+        raise AmnsegError(f"{destination}: is a folder; expected the path of a file to write")
+    if destination.exists() and not overwrite:
+        raise AmnsegError(f"{destination}: already exists; pass --overwrite to replace it, or "
+                          "choose another destination")
 
 
 def _class_names(spec: str) -> list[str]:

@@ -1452,3 +1452,36 @@ def test_status_names_missing_outputs_and_interrupted_stages(tmp_path, capsys, d
     (run / ".amnseg.lock").write_text(f"{os.getpid()}\n")
     _, out, _ = amnseg(capsys, "status", run)
     assert "interrupted" not in out
+
+
+def test_checkpoint_commands_replace_no_file_without_overwrite(tmp_path, capsys):
+    """A slip of the tab key must not replace a trained network or a dataset file."""
+    from test_checkpoints import save, synthetic_reference
+
+    from amnseg.io import load_checkpoint
+
+    source = save(tmp_path, synthetic_reference("irn"), "res50_irn.pth")
+    trained = tmp_path / "run" / "irn" / "irn.pt"
+    trained.parent.mkdir(parents=True)
+    trained.write_bytes(b"a trained network")
+    line = one_error_line(capsys, "import-checkpoint", "irn", source, trained)
+    assert line.endswith("irn/irn.pt: already exists; pass --overwrite to replace it, or "
+                         "choose another destination"), line
+    assert trained.read_bytes() == b"a trained network"
+    status, _, err = amnseg(capsys, "import-checkpoint", "irn", source, trained, "--overwrite")
+    assert status == 0, err
+    assert load_checkpoint(trained)["stage"] == "irn"
+    exported = tmp_path / "image.png"
+    exported.write_bytes(b"a dataset image")
+    line = one_error_line(capsys, "export-checkpoint", trained, exported)
+    assert line.endswith("image.png: already exists; pass --overwrite to replace it, or "
+                         "choose another destination"), line
+    assert exported.read_bytes() == b"a dataset image"
+    status, _, err = amnseg(capsys, "export-checkpoint", trained, exported, "--overwrite")
+    assert status == 0, err
+    reference = synthetic_reference("irn")
+    exported_state = torch.load(exported, weights_only=True)
+    assert exported_state.keys() <= reference.keys()
+    assert all(torch.equal(value, reference[key]) for key, value in exported_state.items())
+    line = one_error_line(capsys, "export-checkpoint", trained, tmp_path, "--overwrite")
+    assert "is a folder; expected the path of a file to write" in line
