@@ -209,6 +209,16 @@ def test_refuses_to_overwrite_other_data(tmp_path: Path) -> None:
     with pytest.raises(AmnsegError, match="refusing"):
         generate_demo(root, seed=0, **TINY)
     assert (root / "precious.txt").read_text() == "user data"
+    # An older demo with other files in it (a run folder kept there) is not replaced.
+    demo = generate_demo(tmp_path / "demo", seed=0, **TINY)
+    (demo / "myrun" / "seg").mkdir(parents=True)
+    (demo / "myrun" / "seg" / "seg.pt").write_text("a trained network")
+    (demo / "notes.txt").write_text("mine")
+    before = tree_bytes(demo)
+    with pytest.raises(AmnsegError, match=r"demo: holds other files besides an older demo "
+                       r"\(myrun, notes.txt\); move them, or choose another folder"):
+        generate_demo(demo, seed=1, **TINY)
+    assert tree_bytes(demo) == before
     # An empty folder is fine.
     empty = tmp_path / "empty"
     empty.mkdir()

@@ -22,6 +22,9 @@ from amnseg.data.demo.params import DemoParams, all_stems
 from amnseg.data.demo.scene import render_sample
 from amnseg.errors import AmnsegError
 
+# What a demo folder holds (see the package docstring).
+DEMO_ENTRIES = frozenset({"images", "masks", "splits", "classes.txt", "labels.csv", "demo.json"})
+
 
 def generate_demo(
     root: str | Path,
@@ -150,6 +153,15 @@ def _check_replaceable(root: Path) -> None:
             f"{root}: folder exists, is not empty and holds no demo.json; refusing to "
             "overwrite it with the demo data (choose another folder or empty it)"
         )
+    # An older demo is replaced as a whole: only if it holds nothing else (a run folder kept
+    # inside it, say).
+    others = sorted(path.name for path in root.iterdir()) if root.is_dir() else []
+    others = [name for name in others if name not in DEMO_ENTRIES]
+    if others:
+        raise AmnsegError(
+            f"{root}: holds other files besides an older demo ({', '.join(others[:3])}"
+            f"{', ...' if len(others) > 3 else ''}); move them, or choose another folder for "
+            "the demo data")
 
 
 def _replace_dir(new: Path, root: Path) -> None:
