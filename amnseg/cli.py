@@ -686,6 +686,8 @@ def _main() -> None:
         # are matched by their API and name.
         if type(error).__name__ == "Abort":
             _fail(INTERRUPTED)
+        if distributed.peer_stopped(error):
+            _fail(distributed.PEER_STOPPED)
         if not (hasattr(error, "format_message") and getattr(error, "exit_code", None) == 2):
             raise
         context = getattr(error, "ctx", None)

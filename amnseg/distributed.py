@@ -10,6 +10,7 @@ from __future__ import annotations
 
 import atexit
 import os
+import sys
 from collections.abc import Sequence
 from typing import Any, TypeVar
 
@@ -36,6 +37,14 @@ def setup(device_spec: str = "auto") -> None:
         device_spec == "auto" and torch.cuda.is_available())
     if wants_cuda:
         torch.cuda.set_device(local_rank())
+    if "TORCHELASTIC_RUN_ID" not in os.environ and int(os.environ["WORLD_SIZE"]) > 1:
+        # A launcher script (srun, mpirun) or a shell's leftovers: the group waits for every
+        # process, and a process alone would wait silently for half an hour.
+        print(f"amnseg: waiting for the {os.environ['WORLD_SIZE']} processes of "
+              f"WORLD_SIZE={os.environ['WORLD_SIZE']} (this one RANK={os.environ['RANK']}) at "
+              f"{os.environ['MASTER_ADDR']}:{os.environ['MASTER_PORT']}; not started by "
+              "torchrun: unset RANK, WORLD_SIZE and MASTER_ADDR to run alone", file=sys.stderr,
+              flush=True)
     dist.init_process_group("nccl" if wants_cuda else "gloo")
     # Leave the group before the interpreter shuts down: a process whose group is still alive
     # at exit can abort there ("terminate called without an active exception", seen once in
@@ -61,6 +70,23 @@ def _check_launcher_variables() -> None:
                           "must lie in 0 .. WORLD_SIZE - 1 (torchrun sets them)")
     if numbers.get("LOCAL_WORLD_SIZE", 1) < 1:
         raise AmnsegError("LOCAL_WORLD_SIZE=0: expected at least 1 (torchrun sets it)")
+
+
+# How a collective fails when another process of the job stopped (gloo, NCCL).
+PEER_SIGNS = ("Connection closed by peer", "Connection reset by peer", "Broken pipe",
+              "remote process exited", "communicator was aborted")
+PEER_STOPPED = ("another process of this torchrun job stopped (its error is above); the same "
+                "command resumes where it stopped")
+
+
+def peer_stopped(error: BaseException) -> bool:
+    """Whether ``error`` is a collective step's failure because another process of the job
+    stopped: the error that matters is that process's own."""
+    size = os.environ.get("WORLD_SIZE", "1").strip()
+    if not (size.isdigit() and int(size) > 1 and isinstance(error, RuntimeError)):
+        return False
+    return (isinstance(error, getattr(dist, "DistError", ())) or
+            any(sign in str(error) for sign in PEER_SIGNS))
 
 
 def _leave() -> None:

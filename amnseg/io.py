@@ -43,7 +43,7 @@ def atomic_path(path: str | Path) -> Iterator[Path]:
     if path.is_dir():
         raise AmnsegError(f"{path}: is a folder; expected the path of a file to write")
     path.parent.mkdir(parents=True, exist_ok=True)
-    tmp = path.parent / f".{path.name}.{uuid.uuid4().hex[:12]}{TEMP_SUFFIX}"
+    tmp = path.parent / temporary_name(path.name)
     try:
         os.close(os.open(tmp, os.O_CREAT | os.O_EXCL | os.O_WRONLY, 0o666))
         try:
@@ -53,10 +53,20 @@ def atomic_path(path: str | Path) -> Iterator[Path]:
             if tmp.exists():
                 tmp.unlink()
     except OSError as error:
-        # The temporary name means nothing to the user: the error names the file being written.
-        if error.filename in (str(tmp), tmp):
+        # The temporary name means nothing to the user, and a full disk names no file: the
+        # error names the file being written.
+        if error.filename is None or error.filename in (str(tmp), tmp):
             raise OSError(error.errno, error.strerror, str(path)) from None
         raise
+
+
+def temporary_name(name: str) -> str:
+    """``.<name>.<12 hex digits>.tmp``, the name shortened when the whole would pass the file
+    systems' 255 bytes (an output whose own name fits must not fail for its temporary one)."""
+    tag = f".{uuid.uuid4().hex[:12]}{TEMP_SUFFIX}"
+    room = 255 - 1 - len(tag)
+    shortened = name.encode()[:room].decode(errors="ignore")
+    return f".{shortened}{tag}"
 
 
 def output_file(folder: Path, stem: str, suffix: str) -> Path:

@@ -75,7 +75,7 @@ from amnseg.stages.seg import (
     seg_steps_per_epoch,
     train_seg,
 )
-from amnseg.training import crf_device_of, steps_per_epoch
+from amnseg.training import batch_option, crf_device_of, steps_per_epoch
 
 MANIFEST = "manifest.json"
 
@@ -678,6 +678,13 @@ def _trains(config: Config, stage: str, stages: list[str]) -> bool:
     return stage in stages and (stage == "seg_gt" or not getattr(config, stage).checkpoint)
 
 
+def _recorded_error(error: BaseException) -> str:
+    """What the manifest says of a stage's failure (its last line)."""
+    if distributed.peer_stopped(error):
+        return distributed.PEER_STOPPED.replace("above", "in the job's output")
+    return str(error).strip().splitlines()[-1] if str(error) else type(error).__name__
+
+
 def _check_training(config: Config, stages: list[str]) -> None:
     """What the training stages among ``stages`` (those that will run) need and can be
     checked before any stage, as a stage whose options changed clears its outputs when it
@@ -690,6 +697,8 @@ def _check_training(config: Config, stages: list[str]) -> None:
         return
     images = len(run_dataset(config, config.data.train_split))
     for stage in training:
+        batch = batches.get(stage, config.seg.batch_size)
+        distributed.per_rank_batch(batch, batch_option(stage))  # under torchrun
         what = f"{config.data.root} ({stage})"
         if stage in batches:
             steps_per_epoch(images, batches[stage], what)
@@ -942,8 +951,7 @@ def _run_stages(
             if main:
                 interrupted = isinstance(error, KeyboardInterrupt)
                 record.update(status="interrupted" if interrupted else "failed",
-                              error=str(error).strip().splitlines()[-1] if str(error) else
-                              type(error).__name__,
+                              error=_recorded_error(error),
                               seconds=record["seconds"] + time.perf_counter() - started)
                 save_json(run_dir / MANIFEST, manifest)
             raise

@@ -139,12 +139,13 @@ class EpochSampler(torch.utils.data.Sampler):
 
 
 def epoch_loader(
-    dataset: AugmentedSet, epoch: int, batch_size: int, num_workers: int, seed: int
+    dataset: AugmentedSet, epoch: int, batch_size: int, num_workers: int, seed: int,
+    option: str = "batch_size",
 ) -> torch.utils.data.DataLoader:
-    """This rank's shuffled batches of ``epoch`` (global batch ``batch_size``; see
-    ``EpochSampler``)."""
+    """This rank's shuffled batches of ``epoch`` (global batch ``batch_size``, the value of
+    ``option``; see ``EpochSampler``)."""
     dataset.set_epoch(epoch)
-    local = distributed.per_rank_batch(batch_size, "batch size")
+    local = distributed.per_rank_batch(batch_size, option)
     sampler = EpochSampler(len(dataset), batch_size, seed, epoch, distributed.rank(),
                            distributed.world_size())
     return torch.utils.data.DataLoader(
@@ -155,6 +156,11 @@ def epoch_loader(
         num_workers=num_workers,
         pin_memory=torch.cuda.is_available(),
     )
+
+
+def batch_option(stage: str) -> str:
+    """The option that sets a training stage's global batch."""
+    return f"{'seg' if stage == 'seg_gt' else stage}.batch_size"
 
 
 def steps_per_epoch(num_images: int, batch_size: int, what: str) -> int:
@@ -481,9 +487,8 @@ def fit(
             # run draws what an uninterrupted one drew.
             torch.manual_seed(epoch_seed(config.seed, epoch) + distributed.rank())
             model.train()
-            loader = epoch_loader(
-                train_set, epoch, schedule.batch_size, config.data.num_workers, config.seed
-            )
+            loader = epoch_loader(train_set, epoch, schedule.batch_size,
+                                  config.data.num_workers, config.seed, batch_option(stage))
             done = run_epoch(net, loader, compute_loss, optimizer, scheduler, device, schedule,
                              f"{stage} epoch {epoch + 1}/{epochs}")
             steady = done.steady

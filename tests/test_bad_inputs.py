@@ -1485,3 +1485,21 @@ def test_checkpoint_commands_replace_no_file_without_overwrite(tmp_path, capsys)
     assert all(torch.equal(value, reference[key]) for key, value in exported_state.items())
     line = one_error_line(capsys, "export-checkpoint", trained, tmp_path, "--overwrite")
     assert "is a folder; expected the path of a file to write" in line
+
+
+@pytest.mark.parametrize("option", ["cam.batch_size=3", "amn.batch_size=5", "irn.batch_size=3",
+                                    "seg.batch_size=3"])
+def test_a_batch_the_processes_cannot_share_is_named_before_any_stage(data, tmp_path, capsys,
+                                                                     monkeypatch, option):
+    """Under torchrun a global batch must split evenly; found when a stage starts, it came
+    after the stage had cleared its old outputs (a trained network), and named no option."""
+    from amnseg import distributed
+
+    monkeypatch.setattr(distributed, "world_size", lambda: 2)
+    run = tmp_path / "run"
+    line = one_error_line(capsys, "run", "demo", *folder_args(data, run), "cam.batch_size=4",
+                          "amn.batch_size=4", "irn.batch_size=4", "seg.batch_size=2",
+                          "seg.accumulation=1", option)
+    assert line.endswith(f"{option}: not divisible by the 2 processes; the global batch must "
+                         "split evenly"), line
+    assert not run.exists() or not (run / option.split(".")[0]).exists()

@@ -196,3 +196,67 @@ def test_fused_accumulation_under_torchrun_matches_two_passes_in_one_process(set
     for key, value in two.items():
         torch.testing.assert_close(fused[key].double(), value.double(), rtol=1e-4, atol=1e-6,
                                    msg=key)
+
+
+GLOO_PEER_GONE = ("[/pytorch/third_party/gloo/gloo/transport/tcp/pair.cc:553] Connection closed "
+                  "by peer [127.0.0.1]:9628")
+
+
+def test_a_collective_failing_because_another_process_stopped_is_one_line(monkeypatch, capsys):
+    """One rank's bad input stops it; the others then fail in their next collective. Their
+    message points to the error that matters instead of a gloo traceback, and the manifest
+    says the same rather than gloo's words."""
+    from amnseg import cli, distributed
+    from amnseg.pipeline import _recorded_error
+
+    monkeypatch.setenv("WORLD_SIZE", "2")
+    assert distributed.peer_stopped(RuntimeError(GLOO_PEER_GONE))
+    assert distributed.peer_stopped(RuntimeError("... Connection reset by peer"))
+    assert not distributed.peer_stopped(RuntimeError("CUDA error: an illegal memory access"))
+    assert not distributed.peer_stopped(ValueError(GLOO_PEER_GONE))
+    assert _recorded_error(RuntimeError(GLOO_PEER_GONE)) == (
+        "another process of this torchrun job stopped (its error is in the job's output); the "
+        "same command resumes where it stopped")
+    assert _recorded_error(ValueError("first\nlast line")) == "last line"
+
+    def collective_fails(**kwargs):
+        raise RuntimeError(GLOO_PEER_GONE)
+
+    monkeypatch.setattr(cli, "app", collective_fails)
+    with pytest.raises(SystemExit) as stop:
+        cli.main()
+    assert stop.value.code == 2
+    assert capsys.readouterr().err.strip() == (
+        "amnseg: error: another process of this torchrun job stopped (its error is above); "
+        "the same command resumes where it stopped")
+    # In a single process the same failure is no peer's: it stays a traceback.
+    for size in ("1", "x"):
+        monkeypatch.setenv("WORLD_SIZE", size)
+        assert not distributed.peer_stopped(RuntimeError(GLOO_PEER_GONE))
+        with pytest.raises(RuntimeError, match="Connection closed by peer"):
+            cli.main()
+
+
+def test_a_process_not_started_by_torchrun_says_what_it_waits_for(monkeypatch, capsys):
+    """RANK, WORLD_SIZE and MASTER_ADDR left over in a shell: the process group would wait for
+    the other processes silently, for half an hour."""
+    from amnseg import distributed
+
+    def joins(*args, **kwargs):
+        raise KeyboardInterrupt  # the user's Ctrl-C while it waits
+
+    monkeypatch.setattr(distributed.dist, "init_process_group", joins)
+    for name, value in {"RANK": "0", "WORLD_SIZE": "2", "MASTER_ADDR": "localhost",
+                        "MASTER_PORT": "29777"}.items():
+        monkeypatch.setenv(name, value)
+    monkeypatch.delenv("TORCHELASTIC_RUN_ID", raising=False)
+    with pytest.raises(KeyboardInterrupt):
+        distributed.setup("cpu")
+    assert capsys.readouterr().err == (
+        "amnseg: waiting for the 2 processes of WORLD_SIZE=2 (this one RANK=0) at "
+        "localhost:29777; not started by torchrun: unset RANK, WORLD_SIZE and MASTER_ADDR to "
+        "run alone\n")
+    monkeypatch.setenv("TORCHELASTIC_RUN_ID", "job")  # torchrun's: its processes all start
+    with pytest.raises(KeyboardInterrupt):
+        distributed.setup("cpu")
+    assert capsys.readouterr().err == ""

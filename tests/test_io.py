@@ -227,3 +227,23 @@ def test_a_failed_write_names_the_file_not_its_temporary_name(tmp_path, monkeypa
     with pytest.raises(OSError) as caught, atomic_path(tmp_path / "a.txt"):
         open(tmp_path / "absent" / "b.txt")  # noqa: SIM115
     assert caught.value.filename == str(tmp_path / "absent" / "b.txt")
+
+
+def test_an_output_whose_name_fits_gets_a_temporary_name_that_fits(tmp_path):
+    """Image names of up to 251 bytes give outputs (<stem>.npz, <stem>.png) that fit the
+    255-byte limit; their temporary names must fit too (multi-byte characters included)."""
+    from amnseg.io import atomic_path, save_json, temporary_name
+
+    for name in ("x" * 250 + ".json", "é" * 125 + ".json", "metrics.json"):
+        save_json(tmp_path / name, {"a": 1})
+        assert (tmp_path / name).read_text() == '{\n  "a": 1\n}\n'
+        temporary = temporary_name(name)
+        assert len(temporary.encode()) <= 255 and temporary.endswith(".tmp")
+        assert temporary.startswith("." + name[:100])
+    assert temporary_name("metrics.json")[:-17] == ".metrics.json"
+    # A write that fails without a file name (a full disk) names the output.
+    with pytest.raises(OSError) as caught, atomic_path(tmp_path / "maps.npz"):
+        raise OSError(errno.ENOSPC, "No space left on device")
+    assert caught.value.filename == str(tmp_path / "maps.npz")
+    assert sorted(p.name for p in tmp_path.iterdir()) == sorted(
+        ["x" * 250 + ".json", "é" * 125 + ".json", "metrics.json"])
