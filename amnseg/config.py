@@ -647,6 +647,9 @@ def load_config(
     what = f"config {name_or_path or '(defaults)'}"
     try:
         if name_or_path is not None:
+            # A config's runs go to runs/<its name> unless it says otherwise: two configs
+            # sharing runs/voc12 would replace each other's outputs.
+            merged.run_dir = f"runs/{Path(name_or_path).stem}"
             merged = OmegaConf.merge(merged, _read_config_file(resolve_config_path(name_or_path)))
         if overrides:
             merged = OmegaConf.merge(merged, _parse_overrides(list(overrides)))

@@ -1106,6 +1106,20 @@ def test_home_in_paths_is_expanded(monkeypatch, tmp_path):
     assert config.data.root == str(tmp_path / "data")
 
 
+def test_a_config_file_runs_in_a_folder_of_its_own_name(tmp_path):
+    """A user's YAML without run_dir ran in runs/voc12 and replaced the VOC run's networks."""
+    from amnseg.config import load_config
+
+    mine = tmp_path / "my_experiment.yaml"
+    mine.write_text("cam:\n  epochs: 1\n")
+    assert load_config(mine).run_dir == "runs/my_experiment"
+    assert load_config(mine, ["run_dir=elsewhere"]).run_dir == "elsewhere"
+    mine.write_text("run_dir: runs/set_here\n")
+    assert load_config(mine).run_dir == "runs/set_here"
+    for name in ("voc12", "coco14", "demo", "voc12_published"):
+        assert load_config(name).run_dir == f"runs/{name}"
+
+
 def test_python_api_odd_arguments(tmp_path):
     from test_seg import save_tiny_seg_checkpoint
 
