@@ -383,12 +383,16 @@ def predict_command(
     pixel values are class indices (0 background; VOC colours)."""
     from amnseg.segmenter import Segmenter, predict_files
 
+    distributed.setup(device)
     segmenter = Segmenter.from_checkpoint(checkpoint, device=device, flip=flip, crf=crf,
                                           crf_device=crf_device,
                                           exif_orientation=exif_orientation)
     written = predict_files(segmenter, images, out, overlay, voc_submission, max_pixels,
                             overwrite)
-    console.print(f"{len(written)} masks: [bold]{written[0].parent if written else out}[/bold]")
+    distributed.barrier()  # every share written
+    if distributed.is_main():
+        console.print(f"{len(written)} masks: [bold]{written[0].parent if written else out}"
+                      "[/bold]")
 
 
 @app.command("import-checkpoint")

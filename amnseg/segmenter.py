@@ -25,6 +25,7 @@ import numpy as np
 import torch
 from PIL import Image, ImageOps, UnidentifiedImageError
 
+from amnseg import distributed
 from amnseg.checkpoints import build_model, load_model_checkpoint, reference_kind
 from amnseg.config import CrfConfig, DataConfig, deeplab_crf, validate_crf
 from amnseg.data.base import read_rgb, rgb_array
@@ -285,7 +286,10 @@ def predict_files(segmenter: Segmenter, inputs: Iterable[str | Path], out_dir: P
         raise AmnsegError(
             f"{foreign[0]}: already exists ({len(foreign)} of the outputs do{origin}); pass "
             "--overwrite to replace them, or choose another --out")
-    for path in progress_bar(files, desc="predict", unit="img"):
+    # Under torchrun each process labels its share, once every process has checked the folder
+    # (a file another one writes meanwhile is its own, not a foreign one).
+    distributed.barrier()
+    for path in progress_bar(distributed.shard(files), desc="predict", unit="img"):
         if all(target.exists() and own.get(target, ("",))[0] == image_sha[path]
                for target in targets[path]):
             continue  # done by an earlier run of this command, from this very image

@@ -952,6 +952,41 @@ def test_predict_resumes_into_its_own_outputs_and_replaces_nothing_else(seg_chec
     assert sorted(p.name for p in masks.iterdir()) == ["b.png"]
 
 
+def test_predict_under_torchrun_labels_each_process_share(seg_checkpoint, tmp_path,
+                                                         monkeypatch):
+    """Each of 2 processes labels every other image (a, c, e and b, d), as the README says;
+    the list of what was written then covers all, and a rerun labels nothing again."""
+    from amnseg import distributed
+    from amnseg.segmenter import Segmenter, predict_files
+
+    inputs = tmp_path / "in"
+    inputs.mkdir()
+    rng = np.random.default_rng(16)
+    stems = ["a", "b", "c", "d", "e"]
+    for stem in stems:
+        Image.fromarray(rng.integers(0, 256, (20, 26, 3), dtype=np.uint8)).save(
+            inputs / f"{stem}.png")
+    segmenter = Segmenter.from_checkpoint(seg_checkpoint)
+    out = tmp_path / "out"
+    monkeypatch.setattr(distributed, "world_size", lambda: 2)
+    monkeypatch.setattr(distributed, "rank", lambda: 0)
+    written = predict_files(segmenter, [inputs], out)
+    assert written == [out / f"{stem}.png" for stem in stems]
+    assert sorted(p.stem for p in out.glob("*.png")) == ["a", "c", "e"]
+    monkeypatch.setattr(distributed, "rank", lambda: 1)
+    predict_files(segmenter, [inputs], out)
+    assert sorted(p.stem for p in out.glob("*.png")) == stems
+    for stem in stems:
+        np.testing.assert_array_equal(np.asarray(Image.open(out / f"{stem}.png")),
+                                      segmenter(inputs / f"{stem}.png"))
+    assert len((out / "amnseg-predict.jsonl").read_text().splitlines()) == 5
+    monkeypatch.setattr(distributed, "world_size", lambda: 1)
+    monkeypatch.setattr(distributed, "rank", lambda: 0)
+    before = {p: p.stat().st_ino for p in out.glob("*.png")}
+    predict_files(segmenter, [inputs], out)
+    assert {p: p.stat().st_ino for p in out.glob("*.png")} == before
+
+
 def test_smallest_image_is_one_pixel_at_the_smallest_scale(seg_checkpoint):
     from amnseg.segmenter import Segmenter
 
