@@ -224,6 +224,22 @@ REFERENCE_PREFIXES: dict[str, dict[str, str]] = {
 UNUSED_PREFIXES = ("fc_dp", "dp_layers.", "mean_shift.", "path_indices", "disp_target")
 
 
+def unwrapped_state(state: dict[str, Any]) -> dict[str, Any]:
+    """The tensors of a state dict saved inside a training script's checkpoint (``{"state_dict":
+    ...}`` or ``{"model": ...}``) or by DataParallel (``module.`` keys), under their own keys;
+    amnseg's files and training states as they are."""
+    if state.get("format") == "amnseg" or "epochs_done" in state:
+        return state
+    for wrapper in ("state_dict", "model"):
+        inner = state.get(wrapper)
+        if isinstance(inner, dict) and inner and all(isinstance(key, str) for key in inner):
+            state = inner
+            break
+    if all(isinstance(key, str) and key.startswith("module.") for key in state):
+        state = {key[len("module."):]: value for key, value in state.items()}
+    return state
+
+
 def reference_kind(state: dict[str, Any]) -> str | None:
     """The kind of an authors' checkpoint from its head's keys: the one stage whose every head
     prefix the file has (AMN's include CAM's: the most specific wins), None if none fits."""
@@ -265,7 +281,7 @@ def import_reference(
     Loads with ``weights_only=True``; checks that every aliased copy equals a canonical tensor,
     that the class count matches ``class_names`` and that every tensor fits our model.
     """
-    state = load_checkpoint(source)
+    state = unwrapped_state(load_checkpoint(source))
     if not isinstance(state, dict) or not state:
         raise AmnsegError(f"{source}: not a state dict")
     if state.get("format") == "amnseg":
@@ -298,13 +314,16 @@ def import_reference(
     unmatched = _unmatched_alias(aliases, canonical)
     if unmatched is not None:
         raise AmnsegError(
-            f"{source}: aliased tensor {unmatched} matches no canonical tensor (corrupt file?)"
+            f"{source}: {unmatched} is no weight of the authors' {stage} network and equals "
+            "none of them (the release's aliased copies do): an unknown key, or a damaged copy"
         )
     model = new_model(stage, ResNet(depth=50), len(class_names))
     expected = model.state_dict()
     missing = sorted(k for k in expected if k not in canonical)
     if missing:
-        raise AmnsegError(f"{source}: not a reference {stage} checkpoint: {missing[0]} is missing")
+        theirs = next(ref + missing[0][len(ours):] for ref, ours in prefixes.items()
+                      if missing[0].startswith(ours))
+        raise AmnsegError(f"{source}: not a reference {stage} checkpoint: {theirs} is missing")
     for key, value in expected.items():
         if tuple(canonical[key].shape) != tuple(value.shape):
             raise AmnsegError(
@@ -424,9 +443,7 @@ def ours_to_deeplab(key: str) -> str:
 
 def deeplab_tensors(source: Path) -> dict[str, Any]:
     """The tensors of a DeepLab-v2 file under its own keys (unwrapped from ``state_dict``)."""
-    state = load_checkpoint(source)
-    if isinstance(state, dict) and "state_dict" in state and isinstance(state["state_dict"], dict):
-        state = state["state_dict"]
+    state = unwrapped_state(load_checkpoint(source))
     if state.get("format") == "amnseg":
         raise AmnsegError(f"{source}: an amnseg {state.get('stage')} checkpoint, not a "
                           "DeepLab-v2 file")

@@ -477,8 +477,12 @@ def _class_names(spec: str) -> list[str]:
 
         return list(COCO_CLASSES)
     path = Path(spec)
+    if path.is_dir():
+        raise AmnsegError(f"--classes {spec}: is a folder; expected voc, coco or a classes.txt "
+                          "path")
     if not path.is_file():
-        raise AmnsegError(f"--classes {spec}: expected voc, coco or a classes.txt path")
+        raise AmnsegError(f"--classes {spec}: no such file; expected voc, coco or a classes.txt "
+                          "path")
     from amnseg.data.folder import read_class_names
 
     return read_class_names(path)  # the rules of a dataset's classes.txt

@@ -586,6 +586,9 @@ def resolve_config_path(name_or_path: str | Path) -> Path:
     path = Path(name_or_path)
     if path.is_file():
         return path
+    if path.is_dir():
+        raise AmnsegError(f"{name_or_path}: is a folder; expected a config file (.yaml) or "
+                          "the name of a built-in config")
     candidate = CONFIG_DIR / f"{name_or_path}.yaml"
     if candidate.is_file():
         return candidate

@@ -1517,3 +1517,22 @@ def test_a_batch_the_processes_cannot_share_is_named_before_any_stage(data, tmp_
     assert line.endswith(f"{option}: not divisible by the 2 processes; the global batch must "
                          "split evenly"), line
     assert not run.exists() or not (run / option.split(".")[0]).exists()
+
+
+def test_a_class_list_or_config_that_is_a_folder_or_missing_says_so(tmp_path, capsys):
+    source = tmp_path / "res50_cam.pth"
+    source.write_bytes(b"")
+    line = one_error_line(capsys, "import-checkpoint", "cam", source, tmp_path / "o.pt",
+                          "--classes", tmp_path)
+    assert line.endswith(f"--classes {tmp_path}: is a folder; expected voc, coco or a "
+                         "classes.txt path"), line
+    line = one_error_line(capsys, "import-checkpoint", "cam", source, tmp_path / "o.pt",
+                          "--classes", tmp_path / "nothere.txt")
+    assert line.endswith("nothere.txt: no such file; expected voc, coco or a classes.txt "
+                         "path"), line
+    (tmp_path / "dir.yaml").mkdir()
+    line = one_error_line(capsys, "config", "show", tmp_path / "dir.yaml")
+    assert line.endswith("dir.yaml: is a folder; expected a config file (.yaml) or the name "
+                         "of a built-in config"), line
+    line = one_error_line(capsys, "config", "show", "voc13")
+    assert "voc13: no such config file (built-in configs: coco14, demo, voc12" in line

@@ -195,7 +195,9 @@ def test_refusals(tmp_path):
     with pytest.raises(AmnsegError, match="res50_cam.pth: checkpoint is for 20 classes, 80"):
         import_reference("cam", path, [f"c{i}" for i in range(80)])
     state["stage1.0.weight"] = state["stage1.0.weight"] + 1  # an alias that disagrees
-    with pytest.raises(AmnsegError, match="aliased tensor stage1.0.weight"):
+    with pytest.raises(AmnsegError, match=r"bad.pth: stage1.0.weight is no weight of the "
+                       r"authors' cam network and equals none of them \(the release's aliased "
+                       r"copies do\): an unknown key, or a damaged copy$"):
         import_reference("cam", save(tmp_path, state, "bad.pth"), VOC_LIKE)
     wrong = synthetic_reference("cam")
     wrong["resnet50.layer1.0.conv1.weight"] = torch.zeros(3, 3)
@@ -280,13 +282,13 @@ def test_aliases_are_compared_value_by_value(tmp_path):
     }.items():
         state = synthetic_reference("cam")
         state["stage1.0.weight"] = edit(state["stage1.0.weight"])
-        with pytest.raises(AmnsegError, match="aliased tensor stage1.0.weight matches no"):
+        with pytest.raises(AmnsegError, match="stage1.0.weight is no weight of the authors'"):
             import_reference("cam", save(tmp_path, state, f"{name}.pth"), VOC_LIKE)
     for alias, value in {"stage1.0.bn.num_batches_tracked": torch.tensor(12345),
                          "stage1.0.one": torch.tensor([0.5])}.items():
         state = synthetic_reference("cam")
         state[alias] = value
-        with pytest.raises(AmnsegError, match=f"aliased tensor {alias} matches no"):
+        with pytest.raises(AmnsegError, match=f"{alias} is no weight of the authors' cam "):
             import_reference("cam", save(tmp_path, state, "scalar.pth"), VOC_LIKE)
     # The same scalar as a canonical one is an alias that agrees.
     state = synthetic_reference("cam")
@@ -357,6 +359,34 @@ def test_a_state_dict_without_resnet_weights_is_not_called_corrupt(tmp_path):
         with pytest.raises(AmnsegError, match=rf"rand.pth: not an authors' {kind} checkpoint "
                            r"\(no resnet50.\* weights\)"):
             import_reference(kind, path, VOC_LIKE)
+
+
+def test_authors_files_saved_inside_a_wrapper_or_by_dataparallel_are_imported(tmp_path):
+    """{"state_dict": ...}, {"model": ...} and DataParallel's module. keys hold the same
+    weights; an unknown key and a missing one are named as the file names them."""
+    state = synthetic_reference("amn")
+    expected = import_reference("amn", save(tmp_path, state, "plain.pth"), VOC_LIKE)["model"]
+    for name, wrapped in {
+        "state_dict": {"state_dict": state, "epoch": 5},
+        "model": {"model": state, "optimizer": {}},
+        "module": {f"module.{key}": value for key, value in state.items()},
+        "both": {"state_dict": {f"module.{key}": value for key, value in state.items()}},
+    }.items():
+        got = import_reference("amn", save(tmp_path, wrapped, f"{name}.pth"), VOC_LIKE)["model"]
+        assert got.keys() == expected.keys(), name
+        assert all(torch.equal(got[key], expected[key]) for key in expected), name
+    extra = {**state, "extra.weight": torch.full((3,), 7.0)}
+    with pytest.raises(AmnsegError, match=r"extra.pth: extra.weight is no weight of the authors' "
+                       r"amn network"):
+        import_reference("amn", save(tmp_path, extra, "extra.pth"), VOC_LIKE)
+    missing = {key: value for key, value in state.items() if key != "resnet50.bn1.weight"}
+    with pytest.raises(AmnsegError, match=r"missing.pth: not a reference amn checkpoint: "
+                       r"resnet50.bn1.weight is missing$"):
+        import_reference("amn", save(tmp_path, missing, "missing.pth"), VOC_LIKE)
+    missing = {key: value for key, value in state.items() if key != "label_enc.weight"}
+    with pytest.raises(AmnsegError, match=r"missing.pth: not a reference amn checkpoint: "
+                       r"label_enc.weight is missing$"):
+        import_reference("amn", save(tmp_path, missing, "missing.pth"), VOC_LIKE)
 
 
 def test_a_training_state_given_as_a_checkpoint_points_to_the_stage_file(tmp_path):
