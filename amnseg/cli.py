@@ -9,6 +9,7 @@ Every command that works on a dataset takes a config (a name from ``configs/`` s
 from __future__ import annotations
 
 import errno
+import os
 import sys
 from pathlib import Path
 
@@ -65,7 +66,16 @@ def _remove_unstarted_run_dirs() -> None:
             pass  # it is only tidying: the error being reported matters more
 
 
-def _load(config: str, overrides: list[str] | None, data_exists: bool = True) -> Config:
+def _other_process() -> bool:
+    """Under torchrun, whether this process is not the first: a command that runs in one
+    process (evaluation, report, checkpoints) runs in the first alone, and the others end at
+    once (they would repeat its work and print its lines again)."""
+    rank = os.environ.get("RANK", "0").strip()
+    return distributed.launched_by_torchrun() and rank.isdigit() and int(rank) > 0
+
+
+def _load(config: str, overrides: list[str] | None, data_exists: bool = True,
+          single_process: bool = False) -> Config:
     """The config, with the run folder made (by rank 0 under torchrun, whose process group
     this joins) and its config.json written if it has none: a run's own config.json is
     written by the pipeline under the run folder's lock, so that a second command refused on
@@ -78,7 +88,8 @@ def _load(config: str, overrides: list[str] | None, data_exists: bool = True) ->
         from amnseg.data import build_dataset
 
         build_dataset(loaded.data, loaded.data.train_split)  # names what is missing
-    distributed.setup(loaded.device)
+    if not single_process:
+        distributed.setup(loaded.device)
     if distributed.is_main():
         if not Path(loaded.run_dir).exists():
             _new_run_dirs.append(Path(loaded.run_dir))
@@ -171,6 +182,8 @@ def config_show_command(
 @app.command("status")
 def status_command(run_dir: Path = typer.Argument(..., help="A run folder.")) -> None:
     """Print a run folder's manifest: stages, status, timings, metrics."""
+    if _other_process():
+        return
     from amnseg.pipeline import (
         MANIFEST,
         RUN_CONFIG,
@@ -216,6 +229,8 @@ def report_command(
     png: Path = typer.Option(None, help="Also render the page to this PNG (needs Chromium)."),
 ) -> None:
     """Write <run>/report.html: results, threshold curves, histograms, gallery, config."""
+    if _other_process():
+        return
     from amnseg.report.html import build_report
 
     if not run_dir.is_dir():
@@ -279,7 +294,9 @@ def eval_command(
                              "<run>/eval/commands/<name>_sweep.json (default: kind)."),
 ) -> None:
     """mIoU of score maps at one threshold, plus the threshold sweep and per-image optima."""
-    loaded = _load(config, overrides)
+    if _other_process():
+        return
+    loaded = _load(config, overrides, single_process=True)
     kind = map_kind(maps, kind)
     name = _output_name(name or kind, f"--name {name}")
     result = _evaluate(loaded, name, maps, _threshold(loaded, kind, threshold))
@@ -305,7 +322,9 @@ def sweep_command(
     ),
 ) -> None:
     """Threshold sweep of one or more map sets: mIoU curves and per-image optimal thresholds."""
-    loaded = _load(config, overrides)
+    if _other_process():
+        return
+    loaded = _load(config, overrides, single_process=True)
     folders: dict[str, Path] = {}
     for item in maps:  # every name checked before any evaluation
         name, sep, folder = item.partition("=")
@@ -335,6 +354,8 @@ def eval_seg_command(
     """mIoU of the segmentation network on data.val_split: MSC (seg.eval_flip adds the mirror),
     without and with the dense CRF (seg.eval_crf, parameters seg.crf.*); written to
     <run>/eval/commands/seg.json."""
+    if _other_process():
+        return
     from amnseg.layout import checkpoint_path
     from amnseg.stages.seg import evaluate_seg
 
@@ -343,7 +364,7 @@ def eval_seg_command(
         if not trained.is_file():
             raise AmnsegError(f"{trained}: no trained segmentation network in this run (train "
                               "it with amnseg train-seg, or give --checkpoint)")
-    loaded = _load(config, overrides)
+    loaded = _load(config, overrides, single_process=True)
     result = evaluate_seg(loaded, checkpoint=checkpoint, out_dir=commands_eval_dir(loaded))
     line = f"{result['name']}: mIoU {100 * result['no_crf']['miou']:.2f}"
     if result["crf"] is not None:
@@ -407,6 +428,8 @@ def import_checkpoint_command(
 ) -> None:
     """Convert an authors' checkpoint (res50_{cam,amn,irn}.pth) or a DeepLab-v2 file into an
     amnseg checkpoint."""
+    if _other_process():
+        return
     from amnseg.checkpoints import import_deeplab, import_reference
 
     if kind not in ("cam", "amn", "irn", "seg"):
@@ -430,6 +453,8 @@ def export_checkpoint_command(
                                    help="Replace the destination if it exists."),
 ) -> None:
     """Write an amnseg checkpoint's weights under the reference's key names."""
+    if _other_process():
+        return
     from amnseg.checkpoints import export_reference
     from amnseg.io import load_checkpoint, save_checkpoint
 
@@ -452,6 +477,8 @@ def generate_demo_command(
     seed: int = typer.Option(0, help="Random seed (the data is a deterministic function of it)."),
 ) -> None:
     """Write the synthetic demo dataset (folder format) if it is not there yet."""
+    if _other_process():
+        return
     from amnseg.data.demo import ensure_demo
 
     console.print(f"demo data: [bold]{ensure_demo(root, seed=seed)}[/bold]")

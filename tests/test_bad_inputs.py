@@ -1536,3 +1536,36 @@ def test_a_class_list_or_config_that_is_a_folder_or_missing_says_so(tmp_path, ca
                          "of a built-in config"), line
     line = one_error_line(capsys, "config", "show", "voc13")
     assert "voc13: no such config file (built-in configs: coco14, demo, voc12" in line
+
+
+def test_single_process_commands_run_in_the_first_process_of_a_torchrun_job(data, tmp_path,
+                                                                            capsys,
+                                                                            monkeypatch):
+    """Under torchrun the other processes of evaluation, report, status and the checkpoint
+    commands end at once (they repeated the work and every line), and the first runs alone,
+    joining no process group (it would wait for the others forever)."""
+    from amnseg import distributed
+
+    def joins(*args, **kwargs):
+        raise AssertionError("joined a process group")
+
+    monkeypatch.setattr(distributed.dist, "init_process_group", joins)
+    for name, value in {"RANK": "1", "WORLD_SIZE": "2", "MASTER_ADDR": "localhost",
+                        "MASTER_PORT": "29777", "TORCHELASTIC_RUN_ID": "job"}.items():
+        monkeypatch.setenv(name, value)
+    missing = tmp_path / "missing"
+    commands = [["status", missing], ["report", missing],
+                ["eval", "demo", *folder_args(data, tmp_path / "run"), "--maps", missing],
+                ["sweep", "demo", *folder_args(data, tmp_path / "run"), "--maps",
+                 f"CAM={missing}"],
+                ["eval-seg", "demo", *folder_args(data, tmp_path / "run")],
+                ["import-checkpoint", "cam", missing, tmp_path / "o.pt"],
+                ["export-checkpoint", missing, tmp_path / "o.pth"],
+                ["generate-demo", tmp_path / "demo"]]
+    for args in commands:
+        assert amnseg(capsys, *args) == (0, "", ""), args
+    assert sorted(tmp_path.iterdir()) == [data]
+    monkeypatch.setenv("RANK", "0")
+    for args in commands[:-1]:
+        line = one_error_line(capsys, *args)
+        assert "missing" in line or "no trained segmentation network" in line, line
