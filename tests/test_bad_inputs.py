@@ -553,6 +553,22 @@ def test_skip_policy_finishes_and_lists_every_skipped_file(data, tmp_path, capsy
                                  "optimal_threshold_std": None}))
     status, _, err = amnseg(capsys, "report", run)
     assert status == 0, err
+    # A dataset moved since the run: the report is made from the results, without pictures.
+    before = build_report(run).read_text()
+    moved = data.with_name("moved")
+    data.rename(moved)
+    try:
+        page = build_report(run).read_text()
+    finally:
+        moved.rename(data)
+    assert "The dataset is not at" in page and "(train, not found)" in page
+    assert "(train, 8 images)" in before  # the list of skipped images was deleted above
+
+    def stage_table(text: str) -> str:
+        return text.split("<h2>mIoU per stage and class (%)</h2>")[1].split("<h2>")[0]
+
+    assert stage_table(page) == stage_table(before)
+    assert "<th>square</th>" in stage_table(page)
 
 
 # --- random bytes and rows ------------------------------------------------------------------

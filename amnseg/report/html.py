@@ -130,6 +130,15 @@ def _load_results(eval_dir: Path) -> dict[str, dict[str, Any]]:
     return results
 
 
+def _class_names_in(results: dict[str, dict]) -> list[str]:
+    """The foreground class names of the evaluation results, in their order."""
+    for stem, kind in EVAL_FILES:
+        if stem in results:
+            field = "per_class_iou_at_best" if kind == "sweep" else "per_class_iou"
+            return [name for name in results[stem][field] if name != "background"]
+    return []
+
+
 def _stage_table(results: dict[str, dict], class_names: list[str], labels: dict[str, str]) -> str:
     header = "".join(f"<th>{html.escape(n)}</th>" for n in ["background", *class_names])
     rows = []
@@ -313,9 +322,14 @@ def build_report(run_dir: Path, gallery_count: int = 4) -> Path:
 def _build_report(run_dir: Path, gallery_count: int) -> Path:
     config = load_run_config(run_dir)
     config_dict = config_to_dict(config)
-    dataset = run_dataset(config, config.data.infer_split)
     eval_dir = layout_eval_dir(config)
     results = _load_results(eval_dir)
+    try:
+        dataset: SegDataset | None = run_dataset(config, config.data.infer_split)
+    except AmnsegError:
+        if Path(config.data.root).exists():
+            raise  # there, but unreadable: the error says what to mend
+        dataset = None  # moved or deleted since the run: the results still make a report
     sweeps = {name: results[stem] for name, stem in (("CAM", "cam_sweep"), ("AMN", "amn_sweep"))
               if stem in results}
     figures = []
@@ -323,7 +337,7 @@ def _build_report(run_dir: Path, gallery_count: int) -> Path:
         figures.append(plot_sweep(sweeps, eval_dir / "sweep.png"))
         histogram = eval_dir / "optimal_thresholds.png"
         figures.append(plot_optimal_threshold_histogram(sweeps, histogram))
-    samples = _activation_samples(config, dataset)
+    samples = _activation_samples(config, dataset) if dataset is not None else {}
     if samples:
         figures.append(activation_histograms(samples, eval_dir / "activations.png"))
     figure_tags = "".join(
@@ -340,19 +354,26 @@ def _build_report(run_dir: Path, gallery_count: int) -> Path:
             f"<td>{_number(r.get('seconds') if isinstance(r, dict) else None, 1)}</td></tr>"
             for n, r in records.items()
         ) + "</table>"
+    if dataset is not None:
+        images, class_names = f"{len(dataset)} images", list(dataset.class_names)
+        gallery = _gallery(config, dataset, results, gallery_count)
+    else:
+        images, class_names = "not found", _class_names_in(results)
+        gallery = (f"<p>The dataset is not at {html.escape(config.data.root)} any more: the "
+                   "gallery and the activation histograms are left out.</p>")
     body = f"""
 <h1>amnseg run report</h1>
 <p class="muted">{html.escape(str(run_dir))} · dataset {html.escape(config.data.kind)}
- {html.escape(config.data.root)} ({html.escape(config.data.infer_split)}, {len(dataset)} images)</p>
+ {html.escape(config.data.root)} ({html.escape(config.data.infer_split)}, {images})</p>
 <h2>mIoU per stage and class (%)</h2>
-{_stage_table(results, dataset.class_names, _stage_labels(config, records, stale))}
+{_stage_table(results, class_names, _stage_labels(config, records, stale))}
 <h2>Segmentation network (DeepLab-v2)</h2>
 {_segmentation_table(eval_dir, stale)}
 <h2>Robustness to the threshold</h2>
 {_robustness_table(results)}
 <div class="figures">{figure_tags}</div>
 <h2>Best and worst images</h2>
-{_gallery(config, dataset, results, gallery_count)}
+{gallery}
 <h2>Stages</h2>
 {timings}
 {_skipped_table(config)}
