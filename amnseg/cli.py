@@ -252,19 +252,20 @@ def report_command(
 
 def _stage_command(stage_name: str):
     """The command that runs one pipeline stage (recorded in the run's manifest like
-    ``amnseg run``; its inputs must exist)."""
+    ``amnseg run``; the stages whose outputs it reads must be done with this config)."""
 
     def command(
         config: str = typer.Argument(..., help=CONFIG_HELP),
         overrides: list[str] = typer.Argument(None, help=OVERRIDES_HELP),
     ) -> None:
-        from amnseg.pipeline import run_pipeline
+        from amnseg.pipeline import STAGES, run_pipeline
 
-
-        manifest = run_pipeline(
-            _load(config, overrides), stage_name, stage_name, progress=_print_plain,
-            require_upstream=False,
-        )
+        stage = next(stage for stage in STAGES if stage.name == stage_name)
+        if not stage.enabled(load_config(config, overrides or [])):  # before any run folder
+            raise AmnsegError(f"{stage.command}: stage {stage_name} is off in this config "
+                              "(seg.upper_bound=true turns it on)")
+        manifest = run_pipeline(_load(config, overrides), stage_name, stage_name,
+                                progress=_print_plain)
         if distributed.is_main():
             console.print(manifest_table(manifest))
 

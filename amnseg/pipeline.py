@@ -92,6 +92,9 @@ class Stage:
     outputs: Callable[[Config], tuple[Path, ...]]  # the files/folders this stage owns
     description: str
     upstream: str | None = PREVIOUS  # the stage whose outputs it reads (None: only the data)
+    # Whether, with this config, it reads files the user gave instead of its upstream's outputs
+    # (seg on a masks folder or on the ground truth): it then reads only the data and those.
+    own_inputs: Callable[[Config], bool] = lambda config: False
     enabled: Callable[[Config], bool] = lambda config: True
     data: tuple[str, ...] = ()  # the image sets it reads directly: "processed" and/or "val"
     # Its evaluation (metrics for the manifest, files in <run>/eval), run after ``run`` and on
@@ -137,7 +140,8 @@ def fingerprint(
 ) -> str:
     """Hash of the stage's options, the signatures of the data it reads and its upstream's
     fingerprint."""
-    data = {name: (signatures or {}).get(name) for name in stage.data}
+    names = (*stage.data, "processed") if stage.own_inputs(config) else stage.data
+    data = {name: (signatures or {}).get(name) for name in dict.fromkeys(names)}
     return _hash(upstream, stage.name, stage_options(stage, config), data)
 
 
@@ -450,7 +454,7 @@ STAGES: tuple[Stage, ...] = (
           evaluate=lambda config: _evaluate_labels(config, "pseudo_masks", masks_dir(config))),
     _seg_stage("seg", None, (*_SEG, "seg.masks", "seg.checkpoint"),
                "train DeepLab-v2 on the pseudo masks of data.train_split, evaluate on "
-               "data.val_split"),
+               "data.val_split", own_inputs=lambda config: config.seg.masks != "pseudo"),
     _seg_stage("seg_gt", "gt", (*_DATA, *_SEG),
                "the same network on the ground-truth masks (upper bound; seg.upper_bound=true)",
                upstream=None, enabled=lambda config: config.seg.upper_bound,
@@ -549,9 +553,11 @@ def run_pipeline(
 ) -> dict[str, Any]:
     """Run (or skip) the stages from ``start`` to ``stop``; returns the manifest.
 
-    With ``require_upstream`` (``amnseg run --from``), the stages before ``start`` must be done
-    with this config; without it (a single stage's own command), a stage whose inputs are
-    missing says so when it reads them. Under torchrun every rank calls this: rank 0 holds the
+    With ``require_upstream`` (``amnseg run --from``, a single stage's own command), the
+    stages before ``start`` whose outputs the stages asked for read must be done with this
+    config and data: a stage must not run on outputs made with other options or data (and be
+    recorded as made with these). Without it, a stage whose inputs are missing says so when it
+    reads them. Under torchrun every rank calls this: rank 0 holds the
     run folder, decides what runs and writes the manifest, every rank takes part in each stage.
     """
     validate(config)  # a Config built or edited in Python has not been checked yet
@@ -599,10 +605,12 @@ def _plan(stage: Stage, index: int, first: int, last: int, config: Config, recor
     if index < first or index > last:
         done = same and record.get("status") == "done"
         needed = _upstream_of([later.name for later in STAGES[first:last + 1]
-                               if later.enabled(config)])
+                               if later.enabled(config)], config)
         if index < first and require_upstream and not done and stage.name in needed:
-            return "error", (f"{run_dir}: stage {stage.name} is not done with this config; "
-                             f"run without --from (or --from {stage.name}) first")
+            return "error", (f"{run_dir}: stage {stage.name} is not done with this config "
+                             "(it did not run, or its options or data changed since), and the "
+                             f"stages asked for read its outputs; run it first (amnseg run "
+                             f"--to {stage.name}, or without --from)")
         return "skip", ""
     missing = [path for path in stage.expected(config) if not path.is_file()]
     if same and record.get("status") == "done" and not missing:
@@ -618,17 +626,23 @@ def _plan(stage: Stage, index: int, first: int, last: int, config: Config, recor
     return "resume", " (resuming)"
 
 
-def _upstream_of(names: list[str]) -> set[str]:
+def _upstream(stage: Stage, config: Config) -> str | None:
+    """The stage whose outputs ``stage`` reads with this config (None: only the data)."""
+    if stage.upstream is None or stage.own_inputs(config) or stage is STAGES[0]:
+        return None
+    if stage.upstream == PREVIOUS:
+        return STAGE_NAMES[STAGES.index(stage) - 1]
+    return stage.upstream
+
+
+def _upstream_of(names: list[str], config: Config) -> set[str]:
     """The stages whose outputs the stages ``names`` read, directly or through others."""
     found: set[str] = set()
     for name in names:
-        index = STAGE_NAMES.index(name)
-        while True:
-            upstream = STAGES[index].upstream
-            if upstream is None or index == 0:
-                break
-            index = index - 1 if upstream == PREVIOUS else STAGE_NAMES.index(upstream)
-            found.add(STAGE_NAMES[index])
+        upstream = _upstream(STAGES[STAGE_NAMES.index(name)], config)
+        while upstream is not None:
+            found.add(upstream)
+            upstream = _upstream(STAGES[STAGE_NAMES.index(upstream)], config)
     return found
 
 
@@ -727,11 +741,9 @@ def _with_skipped(config: Config, signatures: dict[str, str]) -> dict[str, str]:
 def _fingerprints(config: Config, signatures: dict[str, str]) -> dict[str | None, str]:
     """Every stage's fingerprint (None: the empty upstream of the stages that read only data)."""
     hashes: dict[str | None, str] = {None: ""}
-    previous = None
     for stage in STAGES:
-        upstream = previous if stage.upstream == PREVIOUS else stage.upstream
-        hashes[stage.name] = fingerprint(stage, config, hashes[upstream], signatures)
-        previous = stage.name
+        hashes[stage.name] = fingerprint(stage, config, hashes[_upstream(stage, config)],
+                                         signatures)
     return hashes
 
 

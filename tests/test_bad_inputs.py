@@ -1585,3 +1585,50 @@ def test_single_process_commands_run_in_the_first_process_of_a_torchrun_job(data
     for args in commands[:-1]:
         line = one_error_line(capsys, *args)
         assert "missing" in line or "no trained segmentation network" in line, line
+
+
+def test_a_single_stage_command_never_runs_on_stale_upstream_outputs(data, tmp_path, capsys):
+    """make-cam-seeds after a cam_maps option changed, train-amn after a seed option or the
+    labels changed: the stage would run on outputs made otherwise and be recorded as made
+    with this config (so that `amnseg run` never redid it). Refused before anything is
+    cleared; the trained network stays."""
+    run = tmp_path / "run"
+    args = folder_args(data, run)
+    status, _, err = amnseg(capsys, "run", "voc12", *args, "--to", "amn")
+    assert status == 0, err
+    seeds = {p.name: p.read_bytes() for p in (run / "seeds" / "cam").iterdir()}
+    trained = (run / "amn" / "amn.pt").read_bytes()
+    line = one_error_line(capsys, "make-cam-seeds", "voc12", *args, "cam.scales=[1.0]")
+    assert "stage cam_maps is not done with this config (it did not run, or its options or " \
+           "data changed since), and the stages asked for read its outputs; run it first " \
+           "(amnseg run --to cam_maps, or without --from)" in line
+    line = one_error_line(capsys, "train-amn", "voc12", *args, "seeds.cam_fg_threshold=0.4")
+    assert "stage cam_seeds is not done with this config" in line
+    rows = (data / "labels.csv").read_text().replace("img 03,square", "img 03,disc")
+    (data / "labels.csv").write_text(rows)
+    line = one_error_line(capsys, "train-amn", "voc12", *args)
+    assert "stage cam is not done with this config" in line
+    assert {p.name: p.read_bytes() for p in (run / "seeds" / "cam").iterdir()} == seeds
+    assert (run / "amn" / "amn.pt").read_bytes() == trained
+
+
+def test_seg_on_given_masks_needs_no_pseudo_mask_stage(data, tmp_path, capsys):
+    """With seg.masks a folder or gt, seg reads none of the stages before it: --from seg runs
+    on an empty run folder, and a seed option's change does not retrain it."""
+    masks = data / "masks"
+    for value in (str(masks), "gt"):
+        run = tmp_path / f"run_{Path(value).name}"
+        args = [*folder_args(data, run), f"seg.masks={value}"]
+        status, out, err = amnseg(capsys, "run", "voc12", *args, "--from", "seg")
+        assert status == 0, err
+        assert (run / "seg" / "seg.pt").is_file() and not (run / "cam").exists()
+        trained = (run / "seg" / "seg.pt").read_bytes()
+        status, out, err = amnseg(capsys, "train-seg", "voc12", *args, "seeds.cam_fg_threshold=0.4")
+        assert status == 0, err
+        assert "[skip] seg: up to date" in out
+        assert (run / "seg" / "seg.pt").read_bytes() == trained
+    # The upper bound's own command on a config that turns it off.
+    line = one_error_line(capsys, "train-seg-gt", "voc12", *folder_args(data, tmp_path / "gt"))
+    assert line.endswith("train-seg-gt: stage seg_gt is off in this config (seg.upper_bound=true "
+                         "turns it on)"), line
+    assert not (tmp_path / "gt").exists()
