@@ -39,7 +39,7 @@ from amnseg.config import Config, config_from_dict, config_to_dict, image_scales
 from amnseg.data import build_dataset, build_splits, run_dataset, skipped_images
 from amnseg.data.base import SegDataset
 from amnseg.data.check import MIN_SIDE, check_dataset, min_side
-from amnseg.data.signature import data_signature
+from amnseg.data.signature import data_signature, file_token, folder_token
 from amnseg.errors import AmnsegError
 from amnseg.io import (
     DAMAGED,
@@ -142,7 +142,33 @@ def fingerprint(
     fingerprint."""
     names = (*stage.data, "processed") if stage.own_inputs(config) else stage.data
     data = {name: (signatures or {}).get(name) for name in dict.fromkeys(names)}
+    given = _given_paths(stage, config)
+    if given:  # (absent otherwise: the fingerprints of runs without them stay as they were)
+        data["given"] = given
     return _hash(upstream, stage.name, stage_options(stage, config), data)
+
+
+# Options that name a file or folder a stage reads: its content counts as an input of the
+# stage, like the data's (a masks folder made again, a checkpoint replaced at the same path).
+_GIVEN_PATH_OPTIONS = ("cam.checkpoint", "amn.checkpoint", "irn.checkpoint", "seg.checkpoint",
+                       "seg.masks", "seg.init", "backbone.pretrained", "seg.backbone.pretrained")
+
+
+def _given_paths(stage: Stage, config: Config) -> dict[str, str]:
+    """{option: token} of the files and folders that ``stage``'s options name (by size and
+    modification time, or content, as ``data.signature`` says)."""
+    given = {}
+    for option in _GIVEN_PATH_OPTIONS:
+        if not any(option == key or option.startswith(f"{key}.") for key in stage.options):
+            continue
+        value = _pick(config, option)
+        words = ("pseudo", "gt", "imagenet", "cam")  # values that name no file
+        path = Path(value) if isinstance(value, str) and value not in ("", *words) else None
+        if path is not None and path.is_file():
+            given[option] = file_token(path, config.data.signature)
+        elif path is not None and path.is_dir():
+            given[option] = folder_token(path, config.data.signature)
+    return given
 
 
 def evaluation_fingerprint(stage: Stage, config: Config,

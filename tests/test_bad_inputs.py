@@ -14,6 +14,7 @@ import math
 import os
 import pickle
 import re
+import shutil
 import struct
 import subprocess
 import sys
@@ -1632,3 +1633,38 @@ def test_seg_on_given_masks_needs_no_pseudo_mask_stage(data, tmp_path, capsys):
     assert line.endswith("train-seg-gt: stage seg_gt is off in this config (seg.upper_bound=true "
                          "turns it on)"), line
     assert not (tmp_path / "gt").exists()
+
+
+def test_files_and_folders_named_by_options_count_as_inputs(data, tmp_path, capsys):
+    """A masks folder made again, or a checkpoint replaced at the same path, is used: the
+    stage that reads it runs again (it was "up to date" with the old contents)."""
+    masks = tmp_path / "mymasks"
+    shutil.copytree(data / "masks", masks)
+    run = tmp_path / "run"
+    args = [*folder_args(data, run), f"seg.masks={masks}"]
+    status, out, err = amnseg(capsys, "train-seg", "voc12", *args)
+    assert status == 0, err
+    status, out, err = amnseg(capsys, "train-seg", "voc12", *args)
+    assert "[skip] seg: up to date" in out
+    mask = masks / "img 02.png"
+    Image.fromarray(np.zeros((32, 32), np.uint8)).save(mask)  # the user's masks change
+    status, out, err = amnseg(capsys, "train-seg", "voc12", *args)
+    assert status == 0, err
+    assert "[run] seg: " in out and "its options or data changed" in out
+    # A CAM checkpoint replaced at its path is copied in again, and the maps made again.
+    first = tmp_path / "ref" / "cam" / "cam.pt"
+    status, _, err = amnseg(capsys, "train-cam", "voc12", *folder_args(data, tmp_path / "ref"))
+    assert status == 0, err
+    given = tmp_path / "given.pt"
+    shutil.copy(first, given)
+    args = [*folder_args(data, tmp_path / "run2"), f"cam.checkpoint={given}"]
+    status, out, err = amnseg(capsys, "run", "voc12", *args, "--to", "cam_maps")
+    assert status == 0, err
+    status, _, err = amnseg(capsys, "train-cam", "voc12",
+                            *folder_args(data, tmp_path / "ref2"), "seed=1")
+    assert status == 0, err
+    shutil.copy(tmp_path / "ref2" / "cam" / "cam.pt", given)
+    status, out, err = amnseg(capsys, "run", "voc12", *args, "--to", "cam_maps")
+    assert status == 0, err
+    assert "[run] cam: " in out and "[run] cam_maps: " in out
+    assert (tmp_path / "run2" / "cam" / "cam.pt").read_bytes() == given.read_bytes()
