@@ -12,6 +12,7 @@ import io
 import json
 import os
 import pickle
+import re
 import threading
 import uuid
 import warnings
@@ -58,6 +59,10 @@ def atomic_path(path: str | Path) -> Iterator[Path]:
         if error.filename is None or error.filename in (str(tmp), tmp):
             raise OSError(error.errno, error.strerror, str(path)) from None
         raise
+
+
+# The names temporary_name makes (and only those: a user's own ".draft.tmp" is no leftover).
+TEMP_NAME = re.compile(r"\..+\.[0-9a-f]{12}\.tmp")
 
 
 def temporary_name(name: str) -> str:

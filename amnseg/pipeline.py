@@ -43,7 +43,7 @@ from amnseg.data.signature import data_signature, file_token, folder_token
 from amnseg.errors import AmnsegError
 from amnseg.io import (
     DAMAGED,
-    TEMP_SUFFIX,
+    TEMP_NAME,
     atomic_path,
     load_json,
     output_file,
@@ -547,14 +547,21 @@ def run_folder_lock(run_dir: Path) -> Iterator[None]:
         handle.close()
 
 
-def remove_leftover_temp_files(run_dir: Path) -> int:
-    """Delete the temporary files a killed run left (``.<name>.<id>.tmp``, never a final
-    output); returns how many. Only safe while holding the run folder's lock."""
+def remove_leftover_temp_files(config: Config) -> int:
+    """Delete the temporary files a killed run left (``.<name>.<12 hex digits>.tmp``, never a
+    final output) beside the run's own files; returns how many. Only safe while holding the
+    run folder's lock. Folders the stages do not write (a dataset inside the run folder,
+    another command's outputs) are left alone."""
+    folders = {Path(config.run_dir), eval_dir(config)}
+    for stage in STAGES:
+        for path in stage.outputs(config):
+            folders.update((path, path.parent))
     count = 0
-    for path in run_dir.rglob(f".*{TEMP_SUFFIX}"):
-        if path.is_file():
-            path.unlink()
-            count += 1
+    for folder in sorted(folder for folder in folders if folder.is_dir()):
+        for path in folder.iterdir():
+            if TEMP_NAME.fullmatch(path.name) and path.is_file():
+                path.unlink()
+                count += 1
     return count
 
 
@@ -595,7 +602,7 @@ def run_pipeline(
         progress = _silent
     with run_folder_lock(run_dir) if main else nullcontext():
         if main:
-            removed = remove_leftover_temp_files(run_dir)
+            removed = remove_leftover_temp_files(config)
             if removed:
                 progress(f"removed {removed} temporary files of an interrupted run")
         distributed.barrier()

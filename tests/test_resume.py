@@ -134,10 +134,20 @@ def test_leftover_temporary_files_are_removed_at_start(finished):
     run = upstream_copy(finished, "masks", "leftovers")
     stale = run / "cam" / "maps" / ".img 00.npz.0123456789ab.tmp"
     stale.write_bytes(b"half a file")
+    also = run / "irn" / ".last.pt.abcdef012345.tmp"
+    also.write_bytes(b"half a checkpoint")
+    # Not its own: a user's file of another shape, another command's file in a folder no
+    # stage writes (e.g. predict --out <run>/preds).
+    kept = [run / "cam" / ".draft.tmp", run / "preds" / ".a.png.0123456789ab.tmp",
+            run / "cam" / "maps" / ".img 00.npz.0123.tmp"]
+    for path in kept:
+        path.parent.mkdir(exist_ok=True)
+        path.write_bytes(b"mine")
     messages: list[str] = []
     run_pipeline(config_for(data, run), progress=messages.append)
-    assert not stale.exists()
-    assert any("removed 1 temporary files" in m for m in messages)
+    assert not stale.exists() and not also.exists()
+    assert any("removed 2 temporary files" in m for m in messages)
+    assert all(path.read_bytes() == b"mine" for path in kept)
 
 
 def test_second_run_on_the_same_folder_is_refused(finished):
