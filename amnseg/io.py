@@ -7,6 +7,7 @@ so a killed run never leaves a half-written file under a final name.
 from __future__ import annotations
 
 import concurrent.futures
+import fcntl
 import hashlib
 import io
 import json
@@ -72,6 +73,28 @@ def temporary_name(name: str) -> str:
     room = 255 - 1 - len(tag)
     shortened = name.encode()[:room].decode(errors="ignore")
     return f".{shortened}{tag}"
+
+
+@contextmanager
+def folder_lock(folder: Path, name: str, holder: str, advice: str) -> Iterator[None]:
+    """Hold ``<folder>/<name>`` (an advisory lock, released when the process ends in any way);
+    while another process holds it: "<folder>: <holder> (pid N) <advice>"."""
+    folder.mkdir(parents=True, exist_ok=True)
+    handle = open(folder / name, "a+")  # noqa: SIM115 (held for the whole block)
+    try:
+        try:
+            fcntl.flock(handle, fcntl.LOCK_EX | fcntl.LOCK_NB)
+        except BlockingIOError:
+            handle.seek(0)
+            owner = handle.read().strip() or "unknown"
+            raise AmnsegError(f"{folder}: {holder} (pid {owner}) {advice}") from None
+        handle.seek(0)
+        handle.truncate()
+        handle.write(f"{os.getpid()}\n")
+        handle.flush()
+        yield
+    finally:
+        handle.close()
 
 
 def output_file(folder: Path, stem: str, suffix: str) -> Path:

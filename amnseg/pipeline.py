@@ -21,14 +21,13 @@ To add a stage: write its function ``(config) -> metrics`` and append a ``Stage`
 
 from __future__ import annotations
 
-import fcntl
 import hashlib
 import json
 import os
 import shutil
 import time
-from collections.abc import Callable, Iterator
-from contextlib import contextmanager, nullcontext
+from collections.abc import Callable
+from contextlib import AbstractContextManager, nullcontext
 from dataclasses import dataclass
 from pathlib import Path
 from typing import Any
@@ -45,6 +44,7 @@ from amnseg.io import (
     DAMAGED,
     TEMP_NAME,
     atomic_path,
+    folder_lock,
     load_json,
     output_file,
     save_json,
@@ -522,29 +522,11 @@ def load_manifest(run_dir: Path, to_run: bool = False) -> dict[str, Any]:
 LOCK = ".amnseg.lock"
 
 
-@contextmanager
-def run_folder_lock(run_dir: Path) -> Iterator[None]:
-    """Hold ``<run_dir>/.amnseg.lock`` (an advisory lock, released when the process ends in any
-    way): a second run on the same folder is refused with the first one's pid."""
-    run_dir.mkdir(parents=True, exist_ok=True)
-    handle = open(run_dir / LOCK, "a+")  # noqa: SIM115 (held for the whole run)
-    try:
-        try:
-            fcntl.flock(handle, fcntl.LOCK_EX | fcntl.LOCK_NB)
-        except BlockingIOError:
-            handle.seek(0)
-            owner = handle.read().strip() or "unknown"
-            raise AmnsegError(
-                f"{run_dir}: another amnseg run (pid {owner}) is using this run folder; wait "
-                "for it to finish or choose another run_dir"
-            ) from None
-        handle.seek(0)
-        handle.truncate()
-        handle.write(f"{os.getpid()}\n")
-        handle.flush()
-        yield
-    finally:
-        handle.close()
+def run_folder_lock(run_dir: Path) -> AbstractContextManager[None]:
+    """Hold ``<run_dir>/.amnseg.lock`` (released when the process ends in any way): a second
+    run on the same folder is refused with the first one's pid."""
+    return folder_lock(run_dir, LOCK, "another amnseg run", "is using this run folder; wait "
+                       "for it to finish or choose another run_dir")
 
 
 def remove_leftover_temp_files(config: Config) -> int:

@@ -17,6 +17,7 @@ import json
 import math
 import os
 from collections.abc import Iterable
+from contextlib import nullcontext
 from dataclasses import asdict
 from pathlib import Path
 from typing import BinaryIO
@@ -37,6 +38,7 @@ from amnseg.io import (
     append_jsonl,
     atomic_path,
     file_sha256,
+    folder_lock,
     load_checkpoint,
     output_file,
     save_label_png,
@@ -50,6 +52,7 @@ VOC_SUBMISSION_DIR = Path("results/VOC2012/Segmentation/comp6_test_cls")
 # One line per labelled image: its outputs' SHA-256, its own, and the checkpoint and options.
 # A second run resumes into the files listed with its own checkpoint and options.
 PREDICT_LOG = "amnseg-predict.jsonl"
+PREDICT_LOCK = ".amnseg-predict.lock"
 
 
 def as_rgb(image: Image.Image | np.ndarray | str | Path | bytes | BinaryIO,
@@ -267,44 +270,56 @@ def predict_files(segmenter: Segmenter, inputs: Iterable[str | Path], out_dir: P
             if target.resolve() in inputs_resolved:
                 raise AmnsegError(f"{target}: the output would replace this input image; "
                                   "choose an output folder that holds no input image")
-    # The settings, not the layout: plain masks and submission files have places of their own.
     settings = _settings_key(segmenter)
+    if not overwrite:  # refused before the folder is touched (it may be a dataset's)
+        _own_outputs_only(settings, targets, out_dir)
+    # One command at a time per folder: two would both find it free of foreign files, then
+    # write each other's masks (rank 0 holds it for a torchrun job).
+    with folder_lock(out_dir, PREDICT_LOCK, "another amnseg predict", "is writing into this "
+                     "folder; wait for it to finish or choose another --out"
+                     ) if distributed.is_main() else nullcontext():
+        log_file = out_dir / PREDICT_LOG
+        if overwrite:
+            log_file.unlink(missing_ok=True)
+        own = {} if overwrite else _own_outputs_only(settings, targets, out_dir)
+        image_sha = {path: file_sha256(path) for path in files}
+        # Under torchrun each process labels its share, once every process has checked the
+        # folder (a file another one writes meanwhile is its own, not a foreign one).
+        distributed.barrier()
+        for path in progress_bar(distributed.shard(files), desc="predict", unit="img"):
+            if all(target.exists() and own.get(target, ("",))[0] == image_sha[path]
+                   for target in targets[path]):
+                continue  # done by an earlier run of this command, from this very image
+            image = read_rgb(path, segmenter.exif_orientation)
+            labels = segmenter(image)
+            save_label_png(targets[path][0], labels, None if voc_submission else voc_palette())
+            if with_overlay:
+                with atomic_path(targets[path][1]) as tmp:
+                    Image.fromarray(overlay(image, labels)).save(tmp, format="PNG")
+            if settings is not None:
+                append_jsonl(log_file, {
+                    "image_sha256": image_sha[path], "settings": settings,
+                    "files": {str(target.relative_to(out_dir)): file_sha256(target)
+                              for target in targets[path]}})
+    return [paths[0] for paths in targets.values()]
+
+
+def _own_outputs_only(settings: str | None, targets: dict[Path, list[Path]], out_dir: Path
+                      ) -> dict[Path, tuple[str, str]]:
+    """The outputs this command wrote with ``settings`` (see :func:`_own_outputs`); a
+    one-line error when any other file is at an output's place."""
     log_file = out_dir / PREDICT_LOG
-    if overwrite:
-        log_file.unlink(missing_ok=True)
     own = _own_outputs(log_file, settings, out_dir)
-    image_sha = {path: file_sha256(path) for path in files}
-
-    def replaceable(target: Path) -> bool:
-        return own.get(target) is not None and own[target][1] == file_sha256(target)
-
     foreign = [target for paths in targets.values() for target in paths
-               if target.exists() and not replaceable(target)]
-    if foreign and not overwrite:
+               if target.exists() and not (target in own
+                                           and own[target][1] == file_sha256(target))]
+    if foreign:
         origin = (", not written with this checkpoint and these options"
                   if log_file.exists() else "")
         raise AmnsegError(
             f"{foreign[0]}: already exists ({len(foreign)} of the outputs do{origin}); pass "
             "--overwrite to replace them, or choose another --out")
-    # Under torchrun each process labels its share, once every process has checked the folder
-    # (a file another one writes meanwhile is its own, not a foreign one).
-    distributed.barrier()
-    for path in progress_bar(distributed.shard(files), desc="predict", unit="img"):
-        if all(target.exists() and own.get(target, ("",))[0] == image_sha[path]
-               for target in targets[path]):
-            continue  # done by an earlier run of this command, from this very image
-        image = read_rgb(path, segmenter.exif_orientation)
-        labels = segmenter(image)
-        save_label_png(targets[path][0], labels, None if voc_submission else voc_palette())
-        if with_overlay:
-            with atomic_path(targets[path][1]) as tmp:
-                Image.fromarray(overlay(image, labels)).save(tmp, format="PNG")
-        if settings is not None:
-            append_jsonl(log_file, {
-                "image_sha256": image_sha[path], "settings": settings,
-                "files": {str(target.relative_to(out_dir)): file_sha256(target)
-                          for target in targets[path]}})
-    return [paths[0] for paths in targets.values()]
+    return own
 
 
 def _settings_key(segmenter: Segmenter) -> str | None:

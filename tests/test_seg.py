@@ -7,6 +7,8 @@ from __future__ import annotations
 import dataclasses
 import math
 import re
+import subprocess
+import sys
 from pathlib import Path
 
 import numpy as np
@@ -853,8 +855,8 @@ def test_predict_decodes_every_input_before_writing_and_labels_a_file_once(seg_c
                             tmp_path / "out")
     assert written == [tmp_path / "out" / "a.png"]
     # No overlay; the record of what wrote the masks.
-    assert sorted(p.name for p in (tmp_path / "out").iterdir()) == ["a.png",
-                                                                    "amnseg-predict.jsonl"]
+    assert sorted(p.name for p in (tmp_path / "out").iterdir()) == [
+        ".amnseg-predict.lock", "a.png", "amnseg-predict.jsonl"]
     other = tmp_path / "other"
     other.mkdir()
     Image.fromarray(image).save(other / "a.png")
@@ -950,6 +952,31 @@ def test_predict_resumes_into_its_own_outputs_and_replaces_nothing_else(seg_chec
                        r"the outputs do\); pass --overwrite"):
         predict_files(segmenter, [inputs], masks)
     assert sorted(p.name for p in masks.iterdir()) == ["b.png"]
+
+
+def test_two_predicts_into_one_folder_at_once_are_refused(seg_checkpoint, tmp_path):
+    """Both would find the folder free of foreign files, then write each other's masks."""
+    from amnseg.io import folder_lock
+    from amnseg.segmenter import PREDICT_LOCK, Segmenter, predict_files
+
+    Image.fromarray(np.zeros((20, 26, 3), np.uint8)).save(tmp_path / "a.png")
+    out = tmp_path / "out"
+    script = (f"import time; from pathlib import Path; from amnseg.io import folder_lock\n"
+              f"with folder_lock(Path({str(out)!r}), {PREDICT_LOCK!r}, 'x', 'y'):\n"
+              "    print('held', flush=True); time.sleep(60)\n")
+    holder = subprocess.Popen([sys.executable, "-c", script], stdout=subprocess.PIPE, text=True)
+    try:
+        assert holder.stdout.readline().strip() == "held"
+        with pytest.raises(AmnsegError, match=rf"out: another amnseg predict \(pid {holder.pid}\)"
+                           r" is writing into this folder; wait for it to finish or choose "
+                           r"another --out$"):
+            predict_files(Segmenter.from_checkpoint(seg_checkpoint), [tmp_path / "a.png"], out)
+    finally:
+        holder.kill()
+        holder.wait()
+    assert sorted(p.name for p in out.iterdir()) == [PREDICT_LOCK]
+    with folder_lock(out, PREDICT_LOCK, "x", "y"):  # free again once its holder is gone
+        pass
 
 
 def test_predict_under_torchrun_labels_each_process_share(seg_checkpoint, tmp_path,
