@@ -410,6 +410,13 @@ def _check_types(section: Any, prefix: str = "") -> None:
     said here rather than as a TypeError in the middle of a stage. A path given as a Path
     for a text option is taken as its text."""
     declared = typing.get_type_hints(type(section))
+    names = [option.name for option in dataclasses.fields(section)]
+    for name in vars(section):  # a typo made in Python (config.cam.epochz = 3) adds a field
+        if name not in names:
+            close = difflib.get_close_matches(name, names, n=1)
+            hint = f" (did you mean {prefix}{close[0]}?)" if close else ""
+            raise AmnsegError(f"{prefix}{name}: unknown option{hint}; `amnseg config show` "
+                              "lists them all")
     for option in dataclasses.fields(section):
         key, kind = f"{prefix}{option.name}", declared[option.name]
         value = getattr(section, option.name)
@@ -642,10 +649,26 @@ def _option_error(exc: OmegaConfBaseException, merged: Any = None) -> str:
     return f"{key}: {message}"
 
 
+def _mismatched_option(name_or_path: str | Path | None, overrides: list[str] | None) -> str:
+    """The first override (or else the config file) that does not merge with the defaults."""
+    for override in overrides or []:
+        try:
+            OmegaConf.merge(OmegaConf.structured(Config), OmegaConf.from_dotlist([override]))
+        except (TypeError, ValueError, OmegaConfBaseException):
+            return override
+    return str(name_or_path)
+
+
 def load_config(
     name_or_path: str | Path | None = None, overrides: list[str] | None = None
 ) -> Config:
     """Defaults, then the YAML file (if any), then ``key=value`` overrides."""
+    if name_or_path is not None and not isinstance(name_or_path, (str, os.PathLike)):
+        raise AmnsegError(f"config {name_or_path!r}: expected a config name or the path of a "
+                          "YAML file")
+    if isinstance(overrides, (str, bytes)) or not all(
+            isinstance(override, str) for override in overrides or []):
+        raise AmnsegError(f"overrides {overrides!r}: expected a list of 'key=value' texts")
     merged: Any = OmegaConf.structured(Config)
     what = f"config {name_or_path or '(defaults)'}"
     try:
@@ -659,6 +682,11 @@ def load_config(
         config = OmegaConf.to_object(merged)
     except OmegaConfBaseException as exc:
         raise AmnsegError(f"{what}: {_option_error(exc, merged)}") from None
+    except (TypeError, ValueError) as exc:
+        # OmegaConf lets some mismatches through as plain errors: a mapping for a list option.
+        raise AmnsegError(f"{what}: {_mismatched_option(name_or_path, overrides)}: "
+                          f"{str(exc).strip().splitlines()[0]} (a list option takes a list, "
+                          "e.g. [1, 0.5])") from None
     assert isinstance(config, Config)
     return validate(_home_expanded(_words_from_booleans(config)))
 
@@ -678,7 +706,7 @@ def _home_expanded(section: Any) -> Any:
 def _words_from_booleans(config: Config) -> Config:
     """YAML reads ``off``/``on``/``no``/``yes`` as booleans, which reach the options whose
     values are words as "False"/"True": give those options back the words they take."""
-    config.amp = {"False": "off"}.get(config.amp, config.amp)
+    config.amp = {"False": "off", "True": "on"}.get(config.amp, config.amp)
     config.compile_training = {"False": "off", "True": "default"}.get(
         config.compile_training, config.compile_training)
     config.seeds.overlap = {"False": "false", "True": "true"}.get(config.seeds.overlap,

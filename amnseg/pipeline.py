@@ -563,7 +563,7 @@ def run_pipeline(
     config: Config,
     start: str | None = None,
     stop: str | None = None,
-    progress: Callable[[str], None] = print,
+    progress: Callable[[str], None] | None = print,
     require_upstream: bool = True,
 ) -> dict[str, Any]:
     """Run (or skip) the stages from ``start`` to ``stop``; returns the manifest.
@@ -580,7 +580,7 @@ def run_pipeline(
     first, last = stage_range(start, stop)
     run_dir = Path(config.run_dir)
     main = distributed.is_main()
-    if not main:
+    if not main or progress is None:
         progress = _silent
     with run_folder_lock(run_dir) if main else nullcontext():
         if main:

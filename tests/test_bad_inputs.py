@@ -1668,3 +1668,31 @@ def test_files_and_folders_named_by_options_count_as_inputs(data, tmp_path, caps
     assert status == 0, err
     assert "[run] cam: " in out and "[run] cam_maps: " in out
     assert (tmp_path / "run2" / "cam" / "cam.pt").read_bytes() == given.read_bytes()
+
+
+def test_config_values_and_api_arguments_of_the_wrong_kind_are_one_line(tmp_path, capsys, data):
+    from amnseg.config import load_config
+    from amnseg.pipeline import run_pipeline
+
+    line = one_error_line(capsys, "config", "show", "voc12", "cam.scales={}")
+    assert line.endswith("config voc12: cam.scales={}: Cannot merge incompatible container "
+                         "types (a list option takes a list, e.g. [1, 0.5])"), line
+    line = one_error_line(capsys, "config", "show", "voc12", "amp=on")
+    assert line.endswith("amp='on': expected one of off, bf16"), line  # not YAML's 'True'
+    for arguments, words in [
+            (("voc12", "cam.epochs=2"), "overrides 'cam.epochs=2': expected a list of "
+                                        "'key=value' texts"),
+            (("voc12", [5]), "overrides [5]: expected a list of 'key=value' texts"),
+            ((5,), "config 5: expected a config name or the path of a YAML file"),
+            ((["voc12"],), "config ['voc12']: expected a config name or the path")]:
+        with pytest.raises(AmnsegError, match=re.escape(words)):
+            load_config(*arguments)
+    config = load_config("voc12", folder_args(data, tmp_path / "run"))
+    config.cam.epochz = 3  # a typo in Python adds an attribute the run would ignore
+    with pytest.raises(AmnsegError, match=r"^cam.epochz: unknown option \(did you mean "
+                       r"cam.epochs\?\)"):
+        run_pipeline(config)
+    del config.cam.epochz
+    manifest = run_pipeline(config, stop="cam", progress=None)  # None: no stage lines
+    assert manifest["stages"]["cam"]["status"] == "done"
+    assert "[run]" not in capsys.readouterr().out
