@@ -4,6 +4,7 @@ threshold sweep against per-threshold recomputation, and the evaluation stage en
 from __future__ import annotations
 
 import itertools
+import re
 from pathlib import Path
 
 import numpy as np
@@ -315,15 +316,24 @@ class ArrayDataset(SegDataset):
 
     class_names = ["cat", "dog", "bird"]
 
-    def __init__(self, masks: dict[str, np.ndarray | None]):
+    def __init__(self, masks: dict[str, np.ndarray | None],
+                 labels: dict[str, np.ndarray] | None = None):
         self.masks = masks
         self.stems = list(masks)
+        self.labels = labels or {}  # class ids by stem; else the classes of the mask
 
     def image_path(self, stem: str) -> Path:
         return Path(f"/nonexistent/{stem}.png")
 
     def label(self, stem: str) -> np.ndarray:
-        return np.zeros(self.num_classes, np.float32)
+        ids = self.labels.get(stem)
+        if ids is None:
+            mask = self.masks[stem]
+            ids = [] if mask is None else [c for c in np.unique(mask)
+                                           if 0 < c <= self.num_classes]
+        label = np.zeros(self.num_classes, np.float32)
+        label[np.asarray(ids, dtype=int) - 1] = 1
+        return label
 
     def mask(self, stem: str) -> np.ndarray | None:
         return self.masks[stem]
@@ -337,15 +347,15 @@ class ArrayDataset(SegDataset):
 def maps_set(tmp_path):
     """Three images with maps (plus one stem without a map file), and their GT masks."""
     rng = np.random.default_rng(6)
-    masks, images = {}, {}
+    masks, labels, images = {}, {}, {}
     for i, stem in enumerate(["a 1", "b_2", "c.3", "no_maps"]):
         scores, ids, gt = make_image(rng, size=20 + 4 * i)
-        masks[stem] = gt
+        masks[stem], labels[stem] = gt, ids
         if stem != "no_maps":
             images[stem] = (scores, ids, gt)
             strided = scores[:, ::4, ::4]
             save_score_maps(tmp_path / "maps" / f"{stem}.npz", ScoreMaps(ids, strided, scores))
-    return tmp_path / "maps", ArrayDataset(masks), images
+    return tmp_path / "maps", ArrayDataset(masks, labels), images
 
 
 def test_evaluate_maps_end_to_end(tmp_path, maps_set):
@@ -408,7 +418,7 @@ def test_oracle_counts_images_whose_optimum_is_the_lowest_threshold(tmp_path, ma
     gt[5:15, 6:18] = 2
     faint = np.where(gt == 2, 0.01, 0.0).astype(np.float32)[None]
     save_score_maps(maps_dir / "faint.npz", ScoreMaps(np.array([2]), faint[:, ::4, ::4], faint))
-    dataset = ArrayDataset({**dataset.masks, "faint": gt})
+    dataset = ArrayDataset({**dataset.masks, "faint": gt}, dataset.labels)
     images = {**images, "faint": (faint, np.array([2]), gt)}
     result = evaluate_maps(maps_dir, dataset, GRID, tmp_path / "eval", name="cam")
     assert result["optimal_thresholds"]["faint"] == 0.0
@@ -461,11 +471,11 @@ def test_evaluate_maps_errors(tmp_path, maps_set):
     (tmp_path / "empty").mkdir()
     with pytest.raises(AmnsegError, match="holds no .npz"):
         evaluate_maps(tmp_path / "empty", dataset, GRID, out)
-    no_gt = ArrayDataset(dict.fromkeys(dataset.stems))
+    no_gt = ArrayDataset(dict.fromkeys(dataset.stems), dataset.labels)
     with pytest.raises(AmnsegError, match="no ground-truth masks"):
         evaluate_maps(maps_dir, no_gt, GRID, out)
     ignored = ArrayDataset({stem: np.full_like(mask, 255) for stem, mask in
-                            dataset.masks.items()})
+                            dataset.masks.items()}, dataset.labels)
     with pytest.raises(AmnsegError, match=r"the ground-truth masks of the 3 "
                        r"evaluated images label no pixel \(all 255, ignored\)"):
         evaluate_maps(maps_dir, ignored, GRID, out)
@@ -552,3 +562,20 @@ def test_evaluate_label_maps_by_hand(tmp_path):
     save_label_png(tmp_path / "seeds" / "b.png", np.array([[2, 4, 0, 1]], np.uint8))
     with pytest.raises(AmnsegError, match=r"b.png: holds class 4, the dataset has 3$"):
         evaluate_label_maps(tmp_path / "seeds", dataset, tmp_path / "eval", "cam_seeds")
+
+
+def test_maps_of_other_classes_than_their_image_are_named(tmp_path, maps_set):
+    """Maps of another dataset, or made before a label changed, are not scored."""
+    maps_dir, dataset, images = maps_set
+    ids = images["b_2"][1]
+    others = [c for c in (1, 2, 3) if c not in ids]
+    relabelled = ArrayDataset(dataset.masks, {**dataset.labels, "b_2": others})
+    names = dict(enumerate(["cat", "dog", "bird"], start=1))
+    with pytest.raises(AmnsegError, match=re.escape(
+            f"b_2.npz: maps of the classes {', '.join(names[c] for c in ids)}, but the image is "
+            f"labelled {', '.join(names[c] for c in others)} (maps of another dataset, or made "
+            "before its labels changed: make them again)")):
+        evaluate_maps(maps_dir, relabelled, GRID, tmp_path / "eval")
+    with pytest.raises(AmnsegError, match="but the image is labelled none"):
+        evaluate_maps(maps_dir, ArrayDataset(dataset.masks, {**dataset.labels, "b_2": []}),
+                      GRID, tmp_path / "eval")

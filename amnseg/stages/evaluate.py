@@ -96,9 +96,24 @@ def _iterate_maps(
     for stem in progress_bar(stems, desc=desc, unit="img", leave=False):
         path = maps_dir / f"{stem}.npz"
         maps = load_score_maps(path, dataset.num_classes)
+        _check_classes(path, maps.class_ids, dataset, stem)
         scores = maps.full if use == "full" else maps.strided
         gt = _gt(dataset, stem, scores.shape[1:], path, 1 if use == "full" else STRIDE)
         yield stem, path, maps, scores, gt
+
+
+def _check_classes(path: Path, class_ids: np.ndarray, dataset: SegDataset, stem: str) -> None:
+    """A map file holds the maps of its image's classes (those of its label): other classes
+    mean maps of another dataset, or made before the labels changed."""
+    labelled = np.flatnonzero(dataset.label(stem)) + 1
+    if not np.array_equal(np.sort(np.asarray(class_ids)), labelled):
+        def names(ids: np.ndarray) -> str:
+            return ", ".join(dataset.class_names[int(i) - 1] for i in ids) or "none"
+
+        raise AmnsegError(
+            f"{path}: maps of the classes {names(np.sort(class_ids))}, but the image is labelled "
+            f"{names(labelled)} (maps of another dataset, or made before its labels changed: "
+            "make them again)")
 
 
 def _sweep_grid(
