@@ -640,13 +640,17 @@ def sweep_table(results: dict[str, dict]) -> Table:
     ranges = {tuple(r["robust_range"]) for r in results.values()}
     span = "-".join(f"{v:g}" for v in ranges.pop()) if len(ranges) == 1 else "robust"
     for column in (
-        "maps", "best t", "best mIoU", "per-image oracle", "opt. t mean +- std", f"range {span}",
-        "FG-BG gap",
+        "maps", "images", "best t", "best mIoU", "per-image oracle", "opt. t mean +- std",
+        f"range {span}", "FG-BG gap",
     ):
         table.add_column(column, justify="right")
+    if len({r["images"] for r in results.values()}) > 1:
+        # Sets of other images are not comparable row by row: say so under the table.
+        table.caption = "the map sets cover different numbers of images"
     for name, r in results.items():
         table.add_row(
             name,
+            str(r["images"]),
             f"{r['best_threshold']:.2f}",
             f"{100 * r['best_miou']:.1f}",
             _shown(r["oracle_miou"], ".1f", 100),

@@ -533,6 +533,13 @@ def test_sweep_table_shows_undefined_values_and_the_runs_robust_range(tmp_path, 
     assert f"{100 * result['best_miou']:.1f}" in cam_row and "n/a" in cam_row
     other_row = next(line for line in text.splitlines() if "other" in line)
     assert other_row.count("n/a") == 3
+    assert "│      3 │" in cam_row and "different numbers of images" not in text
+    # Sets over other images are said to be so.
+    console = Console(record=True, width=200)
+    console.print(sweep_table({"CAM": result, "AMN": dict(result, images=1)}))
+    text = console.export_text()
+    assert "the map sets cover different numbers of images" in text
+    assert "│      1 │" in next(line for line in text.splitlines() if "AMN" in line)
 
 
 def test_evaluate_label_maps_by_hand(tmp_path):
