@@ -20,7 +20,7 @@ from rich.table import Table
 from amnseg import distributed
 from amnseg.config import Config, DataConfig, config_to_dict, load_config
 from amnseg.errors import AmnsegError
-from amnseg.io import save_json
+from amnseg.io import load_checkpoint, save_json
 from amnseg.layout import MAP_SOURCES
 
 app = typer.Typer(
@@ -366,7 +366,10 @@ def eval_seg_command(
             raise AmnsegError(f"{trained}: no trained segmentation network in this run (train "
                               "it with amnseg train-seg, or give --checkpoint)")
     loaded = _load(config, overrides, single_process=True)
-    result = evaluate_seg(loaded, checkpoint=checkpoint, out_dir=commands_eval_dir(loaded))
+    # A network trained on the ground truth (the upper bound) is filed under its own name.
+    upper_bound = checkpoint is not None and load_checkpoint(checkpoint).get("masks") == "gt"
+    result = evaluate_seg(loaded, "seg_gt" if upper_bound else "seg", checkpoint,
+                          commands_eval_dir(loaded))
     line = f"{result['name']}: mIoU {100 * result['no_crf']['miou']:.2f}"
     if result["crf"] is not None:
         line += f", with CRF {100 * result['crf']['miou']:.2f}"
@@ -457,7 +460,7 @@ def export_checkpoint_command(
     if _other_process():
         return
     from amnseg.checkpoints import export_reference
-    from amnseg.io import load_checkpoint, save_checkpoint
+    from amnseg.io import save_checkpoint
 
     if destination.resolve() == source.resolve():
         raise AmnsegError(f"{destination}: the destination is the checkpoint to export; write "

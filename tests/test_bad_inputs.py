@@ -1696,3 +1696,17 @@ def test_config_values_and_api_arguments_of_the_wrong_kind_are_one_line(tmp_path
     manifest = run_pipeline(config, stop="cam", progress=None)  # None: no stage lines
     assert manifest["stages"]["cam"]["status"] == "done"
     assert "[run]" not in capsys.readouterr().out
+
+
+def test_eval_seg_files_a_network_trained_on_the_ground_truth_under_its_own_name(data, tmp_path,
+                                                                                capsys):
+    run = tmp_path / "run"
+    args = [*folder_args(data, run), "seg.masks=gt", "seg.eval_crf=false"]
+    status, _, err = amnseg(capsys, "train-seg", "voc12", *args)
+    assert status == 0, err
+    status, out, err = amnseg(capsys, "eval-seg", "voc12", *args, "--checkpoint",
+                              run / "seg" / "seg.pt")
+    assert status == 0, err
+    assert "seg_gt: mIoU" in out
+    assert json.loads((run / "eval" / "commands" / "seg_gt.json").read_text())["name"] == "seg_gt"
+    assert not (run / "eval" / "commands" / "seg.json").exists()
