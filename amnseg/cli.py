@@ -187,6 +187,7 @@ def status_command(run_dir: Path = typer.Argument(..., help="A run folder.")) ->
     from amnseg.pipeline import (
         MANIFEST,
         RUN_CONFIG,
+        data_signatures,
         load_manifest,
         load_run_config,
         missing_outputs,
@@ -209,6 +210,15 @@ def status_command(run_dir: Path = typer.Argument(..., help="A run folder.")) ->
             stale = stale_stages(config, manifest)
             notes = {name: f"{count} output files missing"
                      for name, count in missing_outputs(config, manifest).items()}
+            if Path(config.data.root).is_dir():
+                # The data as it is now (an edited label, a replaced image) against the
+                # signatures the run recorded.
+                current = data_signatures(config)
+                if isinstance(manifest.get("data"), dict) and current != manifest["data"]:
+                    changed = [name for name in stale_stages(config, manifest, current)
+                               if name not in stale]
+                    notes.update({name: "its data changed" for name in changed})
+                    stale += changed
         except AmnsegError as error:  # the manifest is still worth showing
             unknown = f"which stages are out of date is unknown: {one_line(error)}"
     if not run_in_progress(run_dir):
@@ -217,8 +227,8 @@ def status_command(run_dir: Path = typer.Argument(..., help="A run folder.")) ->
                       if isinstance(record, dict) and record.get("status") == "running"})
     console.print(manifest_table(manifest, stale, notes))
     if stale:
-        _print_plain(f"out of date: {', '.join(stale)} (made with other options than the run's "
-                     "config.json; `amnseg run` makes them again)")
+        _print_plain(f"out of date: {', '.join(stale)} (made with other options or data than "
+                     "the run's config.json and its dataset now; `amnseg run` makes them again)")
     if unknown:
         _print_plain(unknown)
 

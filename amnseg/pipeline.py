@@ -762,11 +762,13 @@ def _fingerprints(config: Config, signatures: dict[str, str]) -> dict[str | None
     return hashes
 
 
-def stale_stages(config: Config, manifest: dict[str, Any]) -> list[str]:
+def stale_stages(config: Config, manifest: dict[str, Any],
+                 data: dict[str, str] | None = None) -> list[str]:
     """The stages recorded as done whose outputs (or evaluation) ``config`` would make
-    differently, with the data signatures the manifest recorded: e.g. the stages after an
-    ``amnseg run --to`` whose options changed, until they run again."""
-    recorded = manifest.get("data")
+    differently, with the data signatures ``data`` (default: those the manifest recorded):
+    e.g. the stages after an ``amnseg run --to`` whose options changed, until they run
+    again."""
+    recorded = manifest.get("data") if data is None else data
     signatures = _with_skipped(config, recorded if isinstance(recorded, dict) else {})
     hashes = _fingerprints(config, signatures)
     records = manifest.get("stages")

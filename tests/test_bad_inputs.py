@@ -1710,3 +1710,23 @@ def test_eval_seg_files_a_network_trained_on_the_ground_truth_under_its_own_name
     assert "seg_gt: mIoU" in out
     assert json.loads((run / "eval" / "commands" / "seg_gt.json").read_text())["name"] == "seg_gt"
     assert not (run / "eval" / "commands" / "seg.json").exists()
+
+
+def test_status_sees_data_changed_since_the_run(data, tmp_path, capsys, monkeypatch):
+    monkeypatch.setenv("COLUMNS", "220")  # the table's cells unwrapped
+    run = tmp_path / "run"
+    status, _, err = amnseg(capsys, "run", "voc12", *folder_args(data, run), "--to", "cam_maps")
+    assert status == 0, err
+    status, out, _ = amnseg(capsys, "status", run)
+    assert status == 0 and "out of date" not in out
+    rows = (data / "labels.csv").read_text().replace("img 03,square", "img 03,disc")
+    (data / "labels.csv").write_text(rows)
+    status, out, _ = amnseg(capsys, "status", run)
+    assert status == 0
+    assert "its data changed" in out
+    assert "out of date: cam, cam_maps (made with other options or data than the run's " \
+           "config.json and its dataset now; `amnseg run` makes them again)" in " ".join(
+               out.split())
+    data.rename(tmp_path / "moved")
+    status, out, _ = amnseg(capsys, "status", run)
+    assert status == 0 and "data: dataset folder not found" in out
