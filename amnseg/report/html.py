@@ -314,9 +314,11 @@ def build_report(run_dir: Path, gallery_count: int = 4) -> Path:
     except (KeyError, TypeError, ValueError, AttributeError, IndexError) as exc:
         # A result file edited into other fields or types (each file's fields are checked when
         # read; what they hold is not).
-        raise AmnsegError(f"{run_dir}: a result file of the run holds something else than "
-                          f"amnseg wrote ({type(exc).__name__}: {exc}); rerun the stage that "
-                          "wrote it") from None
+        raise AmnsegError(f"{run_dir}: a result file of the run does not fit its dataset "
+                          f"({type(exc).__name__}: {exc}): the dataset changed since the run "
+                          "(`amnseg status` shows the stages out of date; `amnseg run` makes "
+                          "them again), or the file was edited (rerun the stage that wrote "
+                          "it)") from None
 
 
 def _build_report(run_dir: Path, gallery_count: int) -> Path:
