@@ -633,6 +633,9 @@ def _option_error(exc: OmegaConfBaseException, merged: Any = None) -> str:
                 "options one by one (`amnseg config show` lists them)")
     if not key:
         return "an override needs an option name before '='" if "Key ''" in message else message
+    if "Incompatible value 'None'" in message:
+        return (f"{key}: empty or null (YAML reads an empty value and a lone ~ as null); "
+                "write the value (~/runs is fine)")
     if "is not a ListConfig" in message:
         return f"{key}: expected a list, e.g. [1, 2]"
     if "is not Optional" in message:

@@ -270,7 +270,9 @@ def load_checkpoint(path: str | Path) -> dict[str, Any]:
     if path.is_dir():
         raise AmnsegError(f"{path}: is a folder; expected a checkpoint file (.pt or .pth)")
     if not path.is_file():
-        raise AmnsegError(f"{path}: checkpoint not found")
+        raise AmnsegError(f"{path}: " + ("not a regular file (a device, a pipe?); expected a "
+                                         "checkpoint file" if path.exists() else
+                                         "checkpoint not found"))
     checkpoint = load_tensors(path, "checkpoint")
     if not isinstance(checkpoint, dict):
         raise AmnsegError(f"{path}: not a checkpoint (it holds a {type(checkpoint).__name__}, "

@@ -641,6 +641,17 @@ def _plan(stage: Stage, index: int, first: int, last: int, config: Config, recor
     return "resume", " (resuming)"
 
 
+def _given_inputs(stage: Stage, config: Config) -> str:
+    """What the stage's description does not say: a network given instead of trained, masks
+    given instead of the pseudo masks."""
+    section = getattr(config, stage.name, None)
+    if getattr(section, "checkpoint", None):
+        return f" (from {stage.name}.checkpoint={section.checkpoint}: nothing to train)"
+    if stage.own_inputs(config):
+        return f" (on seg.masks={config.seg.masks}, not the pseudo masks)"
+    return ""
+
+
 def _upstream(stage: Stage, config: Config) -> str | None:
     """The stage whose outputs ``stage`` reads with this config (None: only the data)."""
     if stage.upstream is None or stage.own_inputs(config) or stage is STAGES[0]:
@@ -953,7 +964,8 @@ def _run_stages(
                 _clear_outputs(config, stage)
             if stage.name in ("seg", "seg_gt") and has_val:
                 _note_val_inside_train(config, progress)
-            progress(f"[run] {stage.name}: {stage.description}{why}")
+            progress(f"[run] {stage.name}: {stage.description}{_given_inputs(stage, config)}"
+                     f"{why}")
             record = _start_record(records, stage, stage_hash, action, config)
         follower = stage.follower if distributed.run_on_main(
             _start_follower_record, stage, first, last, config, records, hashes,

@@ -1613,15 +1613,17 @@ def test_a_single_stage_command_never_runs_on_stale_upstream_outputs(data, tmp_p
     assert (run / "amn" / "amn.pt").read_bytes() == trained
 
 
-def test_seg_on_given_masks_needs_no_pseudo_mask_stage(data, tmp_path, capsys):
+def test_seg_on_given_masks_needs_no_pseudo_mask_stage(data, tmp_path, capsys, monkeypatch):
     """With seg.masks a folder or gt, seg reads none of the stages before it: --from seg runs
     on an empty run folder, and a seed option's change does not retrain it."""
+    monkeypatch.setenv("COLUMNS", "400")  # lines unwrapped
     masks = data / "masks"
     for value in (str(masks), "gt"):
         run = tmp_path / f"run_{Path(value).name}"
         args = [*folder_args(data, run), f"seg.masks={value}"]
         status, out, err = amnseg(capsys, "run", "voc12", *args, "--from", "seg")
         assert status == 0, err
+        assert f"(on seg.masks={value}, not the pseudo masks)" in out
         assert (run / "seg" / "seg.pt").is_file() and not (run / "cam").exists()
         trained = (run / "seg" / "seg.pt").read_bytes()
         status, out, err = amnseg(capsys, "train-seg", "voc12", *args, "seeds.cam_fg_threshold=0.4")
@@ -1635,9 +1637,11 @@ def test_seg_on_given_masks_needs_no_pseudo_mask_stage(data, tmp_path, capsys):
     assert not (tmp_path / "gt").exists()
 
 
-def test_files_and_folders_named_by_options_count_as_inputs(data, tmp_path, capsys):
+def test_files_and_folders_named_by_options_count_as_inputs(data, tmp_path, capsys,
+                                                           monkeypatch):
     """A masks folder made again, or a checkpoint replaced at the same path, is used: the
     stage that reads it runs again (it was "up to date" with the old contents)."""
+    monkeypatch.setenv("COLUMNS", "400")  # lines unwrapped
     masks = tmp_path / "mymasks"
     shutil.copytree(data / "masks", masks)
     run = tmp_path / "run"
@@ -1667,6 +1671,7 @@ def test_files_and_folders_named_by_options_count_as_inputs(data, tmp_path, caps
     status, out, err = amnseg(capsys, "run", "voc12", *args, "--to", "cam_maps")
     assert status == 0, err
     assert "[run] cam: " in out and "[run] cam_maps: " in out
+    assert f"(from cam.checkpoint={given}: nothing to train)" in out
     assert (tmp_path / "run2" / "cam" / "cam.pt").read_bytes() == given.read_bytes()
 
 
@@ -1730,3 +1735,14 @@ def test_status_sees_data_changed_since_the_run(data, tmp_path, capsys, monkeypa
     data.rename(tmp_path / "moved")
     status, out, _ = amnseg(capsys, "status", run)
     assert status == 0 and "data: dataset folder not found" in out
+
+
+def test_empty_values_and_files_that_are_not_regular_files_are_named(capsys):
+    line = one_error_line(capsys, "config", "show", "voc12", "run_dir=~")
+    assert line.endswith("run_dir: empty or null (YAML reads an empty value and a lone ~ as "
+                         "null); write the value (~/runs is fine)"), line
+    line = one_error_line(capsys, "config", "show", "voc12", "data.root=")
+    assert "data.root: empty or null" in line
+    line = one_error_line(capsys, "predict", "/dev/null", "/dev/null", "--out", "/tmp/x")
+    assert line.endswith("/dev/null: not a regular file (a device, a pipe?); expected a "
+                         "checkpoint file"), line
