@@ -136,13 +136,16 @@ def _hash(*parts: Any) -> str:
 
 
 def fingerprint(
-    stage: Stage, config: Config, upstream: str, signatures: dict[str, str] | None = None
+    stage: Stage, config: Config, upstream: str, signatures: dict[str, str] | None = None,
+    recorded: Any = None,
 ) -> str:
-    """Hash of the stage's options, the signatures of the data it reads and its upstream's
-    fingerprint."""
+    """Hash of the stage's options, the signatures of the data it reads (and of the files
+    its options name; ``recorded``: the stage record's, for those gone since) and its
+    upstream's fingerprint."""
     names = (*stage.data, "processed") if stage.own_inputs(config) else stage.data
     data = {name: (signatures or {}).get(name) for name in dict.fromkeys(names)}
-    given = _given_paths(stage, config)
+    given = _given_paths(stage, config, recorded.get("given") if isinstance(recorded, dict)
+                         else None)
     if given:  # (absent otherwise: the fingerprints of runs without them stay as they were)
         data["given"] = given
     return _hash(upstream, stage.name, stage_options(stage, config), data)
@@ -154,9 +157,10 @@ _GIVEN_PATH_OPTIONS = ("cam.checkpoint", "amn.checkpoint", "irn.checkpoint", "se
                        "seg.masks", "seg.init", "backbone.pretrained", "seg.backbone.pretrained")
 
 
-def _given_paths(stage: Stage, config: Config) -> dict[str, str]:
+def _given_paths(stage: Stage, config: Config, recorded: Any = None) -> dict[str, str]:
     """{option: token} of the files and folders that ``stage``'s options name (by size and
-    modification time, or content, as ``data.signature`` says)."""
+    modification time, or content, as ``data.signature`` says). One gone since the stage ran
+    counts as it was (``recorded``): a finished stage no longer needs its ImageNet weights."""
     given = {}
     for option in _GIVEN_PATH_OPTIONS:
         if not any(option == key or option.startswith(f"{key}.") for key in stage.options):
@@ -168,6 +172,8 @@ def _given_paths(stage: Stage, config: Config) -> dict[str, str]:
             given[option] = file_token(path, config.data.signature)
         elif path is not None and path.is_dir():
             given[option] = folder_token(path, config.data.signature)
+        elif path is not None and isinstance(recorded, dict) and option in recorded:
+            given[option] = recorded[option]
     return given
 
 
@@ -633,12 +639,27 @@ def _plan(stage: Stage, index: int, first: int, last: int, config: Config, recor
             return "evaluate", " (its evaluation options or data changed: evaluating again)"
         return "skip", "up to date"
     if not same:
-        # Outputs made with other options or data are replaced: say so, they may be wanted.
-        replaced = " (its options or data changed since it ran: its outputs are replaced)"
-        return "run", replaced if record.get("status") == "done" else ""
+        # Outputs made with other options or data are replaced: say so, and what changed
+        # (they may be wanted: hours of training).
+        return "run", _what_changed(stage, config, record) if record.get(
+            "status") == "done" else ""
     if record.get("status") == "done":
         return "resume", f" ({len(missing)} output files missing, first {missing[0]}; resuming)"
     return "resume", " (resuming)"
+
+
+def _what_changed(stage: Stage, config: Config, record: dict) -> str:
+    """Why a done stage runs again: the options whose values changed since, or else its data
+    or an earlier stage."""
+    before = record.get("options")
+    now = stage_options(stage, config)
+    changed = [key for key, value in now.items()
+               if isinstance(before, dict) and key in before and before[key] != value]
+    if changed:
+        shown = ", ".join(changed[:3]) + (", ..." if len(changed) > 3 else "")
+        return f" ({shown} changed since it ran: its outputs are replaced)"
+    return (" (its options or data changed since it ran, or an earlier stage did: its outputs "
+            "are replaced)")
 
 
 def _given_inputs(stage: Stage, config: Config) -> str:
@@ -764,12 +785,14 @@ def _with_skipped(config: Config, signatures: dict[str, str]) -> dict[str, str]:
     return {name: f"{value}|skipping {digest}" for name, value in signatures.items()}
 
 
-def _fingerprints(config: Config, signatures: dict[str, str]) -> dict[str | None, str]:
+def _fingerprints(config: Config, signatures: dict[str, str], records: Any = None
+                  ) -> dict[str | None, str]:
     """Every stage's fingerprint (None: the empty upstream of the stages that read only data)."""
     hashes: dict[str | None, str] = {None: ""}
     for stage in STAGES:
+        record = records.get(stage.name) if isinstance(records, dict) else None
         hashes[stage.name] = fingerprint(stage, config, hashes[_upstream(stage, config)],
-                                         signatures)
+                                         signatures, record)
     return hashes
 
 
@@ -781,8 +804,8 @@ def stale_stages(config: Config, manifest: dict[str, Any],
     again."""
     recorded = manifest.get("data") if data is None else data
     signatures = _with_skipped(config, recorded if isinstance(recorded, dict) else {})
-    hashes = _fingerprints(config, signatures)
     records = manifest.get("stages")
+    hashes = _fingerprints(config, signatures, records)
     stale = []
     for stage in STAGES:
         record = records.get(stage.name) if isinstance(records, dict) else None
@@ -836,6 +859,9 @@ def _start_record(records: dict[str, Any], stage: Stage, stage_hash: str, action
     record: dict[str, Any] = {"fingerprint": stage_hash, "status": "running",
                               "started": time.strftime("%Y-%m-%dT%H:%M:%S"), "seconds": 0.0,
                               "options": stage_options(stage, config)}
+    given = _given_paths(stage, config)
+    if given:
+        record["given"] = given
     if action == "resume":
         earlier = records.get(name, {})
         record["seconds"] = earlier.get("seconds", 0.0)
@@ -922,7 +948,7 @@ def _run_stages(
     distributed.barrier()
     has_val = signatures.get("val") != "absent"
     signatures = _with_skipped(config, signatures)
-    hashes = _fingerprints(config, signatures)
+    hashes = _fingerprints(config, signatures, records)
     to_run = [stage.name for index, stage in enumerate(STAGES) if distributed.run_on_main(
         _plan, stage, index, first, last, config, records.get(stage.name, {}),
         hashes[stage.name], require_upstream, run_dir)[0] in ("run", "resume")]

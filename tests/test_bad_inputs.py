@@ -1654,7 +1654,7 @@ def test_files_and_folders_named_by_options_count_as_inputs(data, tmp_path, caps
     Image.fromarray(np.zeros((32, 32), np.uint8)).save(mask)  # the user's masks change
     status, out, err = amnseg(capsys, "train-seg", "voc12", *args)
     assert status == 0, err
-    assert "[run] seg: " in out and "its options or data changed" in out
+    assert "[run] seg: " in out and "its options or data changed since it ran" in out
     # A CAM checkpoint replaced at its path is copied in again, and the maps made again.
     first = tmp_path / "ref" / "cam" / "cam.pt"
     status, _, err = amnseg(capsys, "train-cam", "voc12", *folder_args(data, tmp_path / "ref"))

@@ -92,9 +92,13 @@ def test_changed_amn_option_reruns_from_amn(finished_run):
     ran = [m.split()[1].rstrip(":") for m in messages if m.startswith("[run")]
     assert ran == [n for n in STAGE_NAMES[STAGE_NAMES.index("amn"):] if n != "seg_gt"]
     assert digest(run / "cam") == cam_maps  # upstream outputs untouched
-    # The outputs of a finished stage are not replaced silently.
-    assert all(m.endswith("(its options or data changed since it ran: its outputs are "
-                          "replaced)") for m in messages if m.startswith("[run]"))
+    # The outputs of a finished stage are not replaced silently: the changed option is named
+    # for the stage it belongs to, the later ones say an earlier stage changed.
+    said = [m for m in messages if m.startswith("[run]")]
+    assert said[0].endswith("(amn.label_smoothing changed since it ran: its outputs are "
+                            "replaced)"), said[0]
+    assert all(m.endswith("(its options or data changed since it ran, or an earlier stage "
+                          "did: its outputs are replaced)") for m in said[1:]), said
     # the original config is now "changed" again: back to it re-runs the same stages
     messages.clear()
     run_pipeline(config, progress=messages.append)
