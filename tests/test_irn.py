@@ -505,3 +505,42 @@ def test_irn_loss_epsilons_on_single_pairs_and_under_torchrun(monkeypatch):
     assert irn_affinity_loss(aff, bg, fg, neg).item() == pytest.approx(
         ((-math.log(values[0] + 1e-5) / (4 + 1e-5) - math.log(values[1] + 1e-5) / (4 + 1e-5))
          / 2 - math.log(1 + 1e-5 - values[2]) / (4 + 1e-5)) / 2 * 4, rel=1e-12)
+
+
+def test_pad_bottom_right_pads_with_zeros_below_and_right_only():
+    from amnseg.stages.irn import pad_bottom_right
+
+    images = torch.rand(2, 3, 5, 7) + 1  # no zero inside
+    assert torch.equal(pad_bottom_right(images, 0), images)
+    assert torch.equal(pad_bottom_right(images, 4), images)  # smaller than the image: as it is
+    padded = pad_bottom_right(images, 8)
+    assert padded.shape == (2, 3, 8, 8)
+    assert torch.equal(padded[:, :, :5, :7], images)
+    assert (padded[:, :, 5:] == 0).all() and (padded[:, :, :, 7:] == 0).all()
+    tall = pad_bottom_right(torch.rand(1, 3, 9, 4) + 1, 6)  # taller than the size, narrower
+    assert tall.shape == (1, 3, 9, 6) and (tall[..., 4:] == 0).all() and (tall[..., :4] > 0).all()
+
+
+def test_walks_batched_on_a_gpu_kernel_get_the_same_inputs_as_one_by_one(monkeypatch):
+    """The kernel's contract: (walk starts, boundaries, radius, beta, exp_times) -> walks. A
+    kernel keeping it, given by hand, gives what the walks one after the other give."""
+    from amnseg.config import IrnConfig
+    from amnseg.stages import irn as irn_stage
+
+    rng = np.random.default_rng(17)
+    maps = [torch.from_numpy(rng.random((k, h, w))) for k, h, w in ((2, 6, 7), (1, 5, 4))]
+    boundaries = [torch.from_numpy(rng.random(m.shape[1:])) for m in maps]
+    config = IrnConfig(walk_radius=2, exp_times=3, beta=7.0, cam_power=2)
+    one_by_one = irn_stage.walk_many(maps, boundaries, config)
+    calls = []
+
+    def kernel(starts, given_boundaries, radius, beta, exp_times):
+        calls.append((radius, beta, exp_times))
+        return [random_walk(start, boundary, radius, beta, exp_times)
+                for start, boundary in zip(starts, given_boundaries, strict=True)]
+
+    monkeypatch.setattr(irn_stage, "gpu_walk_kernel", lambda device: kernel)
+    batched = irn_stage.walk_many(maps, boundaries, config)
+    assert calls == [(2, 7.0, 3)]
+    for got, expected in zip(batched, one_by_one, strict=True):
+        torch.testing.assert_close(got, expected, rtol=0, atol=0)
