@@ -155,6 +155,7 @@ def fingerprint(
 # stage, like the data's (a masks folder made again, a checkpoint replaced at the same path).
 _GIVEN_PATH_OPTIONS = ("cam.checkpoint", "amn.checkpoint", "irn.checkpoint", "seg.checkpoint",
                        "seg.masks", "seg.init", "backbone.pretrained", "seg.backbone.pretrained")
+_NOT_PATHS = ("", "pseudo", "gt", "imagenet", "cam")  # values of those options that name no file
 
 
 def _given_paths(stage: Stage, config: Config, recorded: Any = None) -> dict[str, str]:
@@ -166,8 +167,7 @@ def _given_paths(stage: Stage, config: Config, recorded: Any = None) -> dict[str
         if not any(option == key or option.startswith(f"{key}.") for key in stage.options):
             continue
         value = _pick(config, option)
-        words = ("pseudo", "gt", "imagenet", "cam")  # values that name no file
-        path = Path(value) if isinstance(value, str) and value not in ("", *words) else None
+        path = Path(value) if isinstance(value, str) and value not in _NOT_PATHS else None
         if path is not None and path.is_file():
             given[option] = file_token(path, config.data.signature)
         elif path is not None and path.is_dir():
@@ -578,8 +578,8 @@ def run_pipeline(
     stages before ``start`` whose outputs the stages asked for read must be done with this
     config and data: a stage must not run on outputs made with other options or data (and be
     recorded as made with these). Without it, a stage whose inputs are missing says so when it
-    reads them. Under torchrun every rank calls this: rank 0 holds the
-    run folder, decides what runs and writes the manifest, every rank takes part in each stage.
+    reads them. Under torchrun every rank calls this: rank 0 holds the run folder, decides
+    what runs and writes the manifest, every rank takes part in each stage.
     """
     validate(config)  # a Config built or edited in Python has not been checked yet
     distributed.setup(config.device)
