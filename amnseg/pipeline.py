@@ -146,6 +146,8 @@ def fingerprint(
     data = {name: (signatures or {}).get(name) for name in dict.fromkeys(names)}
     given = _given_paths(stage, config, recorded.get("given") if isinstance(recorded, dict)
                          else None)
+    if isinstance(recorded, dict) and "fingerprint" in recorded and "given" not in recorded:
+        given = {}  # a record from before files were signed: kept, not redone for that alone
     if given:  # (absent otherwise: the fingerprints of runs without them stay as they were)
         data["given"] = given
     return _hash(upstream, stage.name, stage_options(stage, config), data)

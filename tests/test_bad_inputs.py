@@ -1746,3 +1746,37 @@ def test_empty_values_and_files_that_are_not_regular_files_are_named(capsys):
     line = one_error_line(capsys, "predict", "/dev/null", "/dev/null", "--out", "/tmp/x")
     assert line.endswith("/dev/null: not a regular file (a device, a pipe?); expected a "
                          "checkpoint file"), line
+
+
+def test_a_stage_recorded_before_files_were_signed_is_not_redone_for_that(data, tmp_path,
+                                                                           capsys):
+    """Runs made before the files that options name were signed keep their stages (hours of
+    training with local ImageNet weights); a record of this version signs them."""
+    from amnseg.config import load_config
+    from amnseg.models.resnet import build_backbone
+
+    backbone = load_config("demo", folder_args(data, tmp_path / "x")).backbone
+    weights = tmp_path / "weights.pth"
+    torch.save(build_backbone(backbone).state_dict(), weights)
+    run = tmp_path / "run"
+    args = ["run", "demo", *folder_args(data, run), "--to", "cam",
+            f"backbone.pretrained={weights}"]
+    status, _, err = amnseg(capsys, *args)
+    assert status == 0, err
+    from amnseg.pipeline import STAGES, _with_skipped, fingerprint, load_run_config
+
+    manifest = json.loads((run / "manifest.json").read_text())
+    record = manifest["stages"]["cam"]
+    assert set(record["given"]) == {"backbone.pretrained"}
+    # The record as an older version wrote it: no "given", a fingerprint without the file.
+    config = load_run_config(run)
+    old = fingerprint(STAGES[0], config, "", _with_skipped(config, manifest["data"]),
+                      {"fingerprint": "older"})
+    assert old != record["fingerprint"]
+    del record["given"]
+    record["fingerprint"] = old
+    (run / "manifest.json").write_text(json.dumps(manifest))
+    weights.write_bytes(weights.read_bytes() + b"\0")  # changed: unseen by an old record
+    status, out, err = amnseg(capsys, *args)
+    assert status == 0, err
+    assert "[skip] cam: up to date" in out + err
