@@ -92,7 +92,7 @@ def test_amp_off_as_written_in_yaml(tmp_path):
     config_file = tmp_path / "config.yaml"
     config_file.write_text("amp: off\n")
     assert load_config(config_file).amp == "off"
-    with pytest.raises(AmnsegError, match=r"amp='True': expected one of off, bf16"):
+    with pytest.raises(AmnsegError, match=r"amp='on': expected one of off, bf16"):
         load_config(None, ["amp=on"])  # on is not a precision
 
 
