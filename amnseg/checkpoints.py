@@ -101,11 +101,16 @@ def check_amnseg_fields(checkpoint: dict[str, Any], path: Path | str) -> None:
     problem = None
     if not isinstance(names, list) or not names or not all(isinstance(n, str) for n in names):
         problem = "class_names is not a list of class names"
+    elif not all(name.strip() for name in names) or len(set(names)) < len(names):
+        problem = "class_names holds an empty or a repeated name"
     elif not isinstance(checkpoint.get("backbone"), dict):
         problem = "backbone is not a record of the backbone's options"
     elif not isinstance(checkpoint.get("model"), dict) or not all(
             isinstance(v, torch.Tensor) for v in checkpoint["model"].values()):
         problem = "model is not a state dict of tensors"
+    elif any(value.is_floating_point() != expected for key, value in checkpoint["model"].items()
+             for expected in [not key.endswith("num_batches_tracked")]):
+        problem = "model holds integer weights or a float step count (edited?)"
     elif "msc_scales" in checkpoint and not (
             isinstance(checkpoint["msc_scales"], list) and all(
                 isinstance(v, (int, float)) and not isinstance(v, bool) and 0 < v < math.inf

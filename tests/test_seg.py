@@ -1100,3 +1100,21 @@ def test_evaluation_without_a_val_split_says_so(tiny_dataset, tmp_path):
     config = tiny_config(tiny_dataset, tmp_path / "run", "data.val_split=''")
     with pytest.raises(AmnsegError, match=r"^data.val_split is not set: name the split"):
         seg_stage.evaluate_seg(config, checkpoint=tmp_path / "none.pt")
+
+
+def test_an_edited_checkpoint_with_odd_class_names_or_integer_weights_is_named(tmp_path):
+    from amnseg.io import load_checkpoint, save_checkpoint
+    from amnseg.segmenter import Segmenter
+
+    path = save_tiny_seg_checkpoint(tmp_path / "seg.pt")
+    good = load_checkpoint(path)
+    for change, words in [
+            ({"class_names": ["cat", "cat"]}, "class_names holds an empty or a repeated name"),
+            ({"class_names": [" ", "dog"]}, "class_names holds an empty or a repeated name"),
+            ({"model": {key: value.long() if value.is_floating_point() else value
+                        for key, value in good["model"].items()}},
+             "model holds integer weights or a float step count (edited?)")]:
+        save_checkpoint(tmp_path / "edited.pt", {**good, **change})
+        with pytest.raises(AmnsegError, match=re.escape(f"edited.pt: damaged amnseg checkpoint "
+                                                        f"({words})")):
+            Segmenter.from_checkpoint(tmp_path / "edited.pt")
