@@ -71,7 +71,12 @@ def _other_process() -> bool:
     process (evaluation, report, checkpoints) runs in the first alone, and the others end at
     once (they would repeat its work and print its lines again)."""
     rank = os.environ.get("RANK", "0").strip()
-    return distributed.launched_by_torchrun() and rank.isdigit() and int(rank) > 0
+    other = distributed.launched_by_torchrun() and rank.isdigit() and int(rank) > 0
+    if other and "TORCHELASTIC_RUN_ID" not in os.environ:
+        # Not torchrun's: perhaps a shell's leftover variables, so say why nothing happens.
+        print(f"amnseg: RANK={rank}: this command runs in the process of RANK=0 alone; unset "
+              "RANK, WORLD_SIZE and MASTER_ADDR to run it here", file=sys.stderr)
+    return other
 
 
 def _load(config: str, overrides: list[str] | None, data_exists: bool = True,

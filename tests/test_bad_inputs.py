@@ -1582,6 +1582,12 @@ def test_single_process_commands_run_in_the_first_process_of_a_torchrun_job(data
     for args in commands:
         assert amnseg(capsys, *args) == (0, "", ""), args
     assert sorted(tmp_path.iterdir()) == [data]
+    # Without torchrun (a shell's leftover variables) the process says why it does nothing.
+    monkeypatch.delenv("TORCHELASTIC_RUN_ID")
+    assert amnseg(capsys, "status", missing) == (
+        0, "", "amnseg: RANK=1: this command runs in the process of RANK=0 alone; unset RANK, "
+        "WORLD_SIZE and MASTER_ADDR to run it here\n")
+    monkeypatch.setenv("TORCHELASTIC_RUN_ID", "job")
     monkeypatch.setenv("RANK", "0")
     for args in commands[:-1]:
         line = one_error_line(capsys, *args)
