@@ -13,9 +13,21 @@ METHOD = {
     "data.train_split": "train_aug",
     "data.infer_split": "train",
     "data.val_split": "val",
-    # 1. backbone
+    "data.exif_orientation": False,  # images read as stored, as the reference reads them
+    # The reference's arithmetic: no mixed precision, layout change, compilation or folding.
+    "amp": "off",
+    "channels_last": False,
+    "compile_training": "off",
+    "cudnn_benchmark": False,
+    "sync_batchnorm": False,
+    # 1. backbone (torchvision's ResNet-50 layout)
     "backbone.depth": 50,
+    "backbone.width": 1.0,
     "backbone.strides": [2, 2, 2, 1],
+    "backbone.dilations": [1, 1, 1, 1],
+    "backbone.stride_in_1x1": False,
+    "backbone.stem_pool_ceil": False,
+    "backbone.fold_norm": False,
     "backbone.norm": "frozen",
     "backbone.freeze_stem": True,
     # 2. cam
@@ -43,6 +55,7 @@ METHOD = {
     "seeds.crf.bilateral_sxy": 50,
     "seeds.crf.bilateral_srgb": 5,
     "seeds.crf.bilateral_compat": 10,
+    "seeds.crf_device": "cpu",  # pydensecrf, the reference's C++
     # 4. amn
     "amn.epochs": 5,
     "amn.batch_size": 16,
@@ -82,6 +95,13 @@ METHOD = {
     "seg.backbone.stride_in_1x1": True,
     "seg.backbone.stem_pool_ceil": True,
     "seg.backbone.norm": "frozen",
+    "seg.backbone.freeze_stem": False,
+    "seg.backbone.width": 1.0,
+    "seg.backbone.fold_norm": False,
+    "seg.fused_accumulation": False,
+    "seg.eval_flip": False,
+    "seg.eval_crf": True,
+    "seg.crf_device": "cpu",
     "seg.init": "imagenet",
     "seg.masks": "pseudo",
     "seg.iterations": 20000,
@@ -140,3 +160,10 @@ def test_eval_thresholds_grid():
     grid = config.eval.thresholds()
     assert grid[0] == 0.0 and grid[-1] == 0.95 and len(grid) == 20
     assert config.eval.robust_range == [0.10, 0.60]
+    # A grid that does not start at 0: its count from the span, values rounded to 6 places.
+    from amnseg.config import EvalConfig
+
+    assert EvalConfig(sweep_start=0.3, sweep_stop=0.6, sweep_step=0.1).thresholds() == [
+        0.3, 0.4, 0.5, 0.6]
+    assert EvalConfig(sweep_start=0.1, sweep_stop=0.1000004, sweep_step=0.0000001
+                      ).thresholds()[1] == 0.1
