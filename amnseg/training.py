@@ -89,6 +89,16 @@ def poly_lr_lambda(max_step: int, power: float) -> Callable[[int], float]:
     return lambda step: (1.0 - min(step, max_step) / max_step) ** power
 
 
+def poly_sgd(groups: list[dict[str, Any]], momentum: float, total_steps: int, power: float
+             ) -> tuple[torch.optim.SGD, torch.optim.lr_scheduler.LambdaLR]:
+    """The reference's PolyOptimizer: SGD over parameter ``groups`` (each with its ``lr`` and
+    ``weight_decay``) and a scheduler scaling every group's lr by the poly factor of
+    :func:`poly_lr_lambda` over ``total_steps``."""
+    optimizer = torch.optim.SGD(groups, lr=groups[0]["lr"], momentum=momentum)
+    scheduler = torch.optim.lr_scheduler.LambdaLR(optimizer, poly_lr_lambda(total_steps, power))
+    return optimizer, scheduler
+
+
 class AugmentedSet(torch.utils.data.Dataset):
     """Applies ``make_item(sample, rng)`` to dataset samples (without their ground-truth masks)
     with a per-sample random generator.

@@ -34,7 +34,7 @@ from amnseg.training import (
     AugmentedSet,
     Schedule,
     fit,
-    poly_lr_lambda,
+    poly_sgd,
     start_stage,
     steps_per_epoch,
 )
@@ -48,7 +48,7 @@ def cam_optimizer(
     head_lr_mult``, both with ``weight_decay``; poly decay over ``total_steps``. The reference
     passes its weight decay where SGD expects momentum, hence ``momentum`` 1e-4 by default."""
     backbone_params, head_params = model.param_groups()
-    optimizer = torch.optim.SGD(
+    return poly_sgd(
         [
             {"params": backbone_params, "lr": cam_cfg.lr, "weight_decay": cam_cfg.weight_decay},
             {
@@ -57,13 +57,8 @@ def cam_optimizer(
                 "weight_decay": cam_cfg.weight_decay,
             },
         ],
-        lr=cam_cfg.lr,
-        momentum=cam_cfg.momentum,
+        cam_cfg.momentum, total_steps, cam_cfg.poly_power,
     )
-    scheduler = torch.optim.lr_scheduler.LambdaLR(
-        optimizer, poly_lr_lambda(total_steps, cam_cfg.poly_power)
-    )
-    return optimizer, scheduler
 
 
 def cam_loss(model: CAMNet, images: torch.Tensor, labels: torch.Tensor) -> torch.Tensor:

@@ -38,7 +38,7 @@ from amnseg.training import (
     AugmentedSet,
     Schedule,
     fit,
-    poly_lr_lambda,
+    poly_sgd,
     start_stage,
     steps_per_epoch,
 )
@@ -50,21 +50,9 @@ def irn_optimizer(
     """The reference's PolyOptimizer over the boundary layers only (the backbone is frozen):
     SGD at ``lr`` with ``weight_decay``, the same weight-decay-as-momentum quirk as the CAM
     stage (``momentum`` 1e-4), poly decay over ``total_steps``."""
-    optimizer = torch.optim.SGD(
-        [
-            {
-                "params": model.trainable_parameters(),
-                "lr": irn_cfg.lr,
-                "weight_decay": irn_cfg.weight_decay,
-            }
-        ],
-        lr=irn_cfg.lr,
-        momentum=irn_cfg.momentum,
-    )
-    scheduler = torch.optim.lr_scheduler.LambdaLR(
-        optimizer, poly_lr_lambda(total_steps, irn_cfg.poly_power)
-    )
-    return optimizer, scheduler
+    groups = [{"params": model.trainable_parameters(), "lr": irn_cfg.lr,
+               "weight_decay": irn_cfg.weight_decay}]
+    return poly_sgd(groups, irn_cfg.momentum, total_steps, irn_cfg.poly_power)
 
 
 class IrnTrainingItems:
