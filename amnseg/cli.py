@@ -16,6 +16,7 @@ from pathlib import Path
 import typer
 from rich.console import Console
 from rich.table import Table
+from rich.text import Text
 
 from amnseg import distributed
 from amnseg.config import Config, DataConfig, config_to_dict, load_config
@@ -30,7 +31,8 @@ app = typer.Typer(
     pretty_exceptions_enable=False,
     help="Weakly-supervised semantic segmentation with AMN: image-level tags in, pixel masks out.",
 )
-console = Console()
+# Markup off: paths, class and map names are the user's and may hold brackets.
+console = Console(markup=False)
 
 CONFIG_HELP = "Config name in configs/ (voc12, coco14, demo) or a YAML path."
 OVERRIDES_HELP = ("key=value overrides, e.g. cam.epochs=3 data.root=/data/voc (all options: "
@@ -38,7 +40,13 @@ OVERRIDES_HELP = ("key=value overrides, e.g. cam.epochs=3 data.root=/data/voc (a
 
 
 def _print_plain(line: str) -> None:
-    console.print(line, markup=False, highlight=False)
+    """One line as it is: unwrapped (a path stays whole when the output goes to a file)."""
+    console.print(line, highlight=False, soft_wrap=True)
+
+
+def _print_path(label: str, path: object) -> None:
+    """``label: path``, the path in bold and whole."""
+    console.print(Text.assemble(f"{label}: ", (str(path), "bold")), soft_wrap=True)
 
 
 def _print_main(line: str) -> None:
@@ -129,7 +137,7 @@ def demo_command(
     console.print(manifest_table(manifest))
     _print_skipped(loaded)
     console.print(summary_table(Path(loaded.run_dir)))
-    console.print(f"report: [bold]{report}[/bold]")
+    _print_path("report", report)
     console.print(f"total time: {time.perf_counter() - started:.0f} s")
 
 
@@ -255,14 +263,14 @@ def report_command(
                                               if png.is_dir() else "the file name must end in "
                                               ".png (Chromium writes PNG only)"))
     page = build_report(run_dir)
-    console.print(f"report: [bold]{page}[/bold]")
+    _print_path("report", page)
     if png is not None:
         from amnseg.report.screenshot import broken_images, screenshot
 
         broken = broken_images(page)
         if broken:
             raise AmnsegError(f"{page}: {broken} pictures failed to load")
-        console.print(f"screenshot: [bold]{screenshot(page, png)}[/bold]")
+        _print_path("screenshot", screenshot(page, png))
 
 
 def _stage_command(stage_name: str):
@@ -321,12 +329,12 @@ def eval_command(
     total = len(build_dataset(loaded.data, loaded.data.infer_split))
     subset = "" if result["images"] == total else (
         f" (on the {result['images']} of the {total} images that have maps in {maps})")
-    console.print(
+    _print_plain(
         f"{name}: mIoU {100 * result['miou_at_threshold']:.2f} at threshold "
         f"{result['threshold']:.2f}; best {100 * result['best_miou']:.2f} at "
         f"{result['best_threshold']:.2f}{subset}"
     )
-    console.print(f"written: {commands_eval_dir(loaded) / f'{name}_sweep.json'}")
+    _print_path("written", commands_eval_dir(loaded) / f"{name}_sweep.json")
 
 
 @app.command("sweep")
@@ -357,7 +365,7 @@ def sweep_command(
     paths = _plot(loaded, results)
     console.print(sweep_table(results))
     for path in paths:
-        console.print(f"plot: {path}")
+        _print_path("plot", path)
 
 
 @app.command("eval-seg")
@@ -388,8 +396,8 @@ def eval_seg_command(
     line = f"{result['name']}: mIoU {100 * result['no_crf']['miou']:.2f}"
     if result["crf"] is not None:
         line += f", with CRF {100 * result['crf']['miou']:.2f}"
-    console.print(f"{line} on {result['images']} {result['split']} images")
-    console.print(f"written: {commands_eval_dir(loaded) / 'seg.json'}")
+    _print_plain(f"{line} on {result['images']} {result['split']} images")
+    _print_path("written", commands_eval_dir(loaded) / "seg.json")
 
 
 @app.command("predict")
@@ -431,8 +439,7 @@ def predict_command(
                             overwrite)
     distributed.barrier()  # every share written
     if distributed.is_main():
-        console.print(f"{len(written)} masks: [bold]{written[0].parent if written else out}"
-                      "[/bold]")
+        _print_path(f"{len(written)} masks", written[0].parent if written else out)
 
 
 @app.command("import-checkpoint")
@@ -461,7 +468,7 @@ def import_checkpoint_command(
         import_deeplab(source, _class_names(classes), destination)
     else:
         import_reference(kind, source, _class_names(classes), destination)
-    console.print(f"imported {kind} checkpoint: [bold]{destination}[/bold]")
+    _print_path(f"imported {kind} checkpoint", destination)
 
 
 @app.command("export-checkpoint")
@@ -487,7 +494,7 @@ def export_checkpoint_command(
     except AmnsegError as error:
         raise AmnsegError(f"{source}: {error}") from None
     save_checkpoint(destination, exported)
-    console.print(f"exported: [bold]{destination}[/bold]")
+    _print_path("exported", destination)
 
 
 @app.command("generate-demo")
@@ -500,7 +507,7 @@ def generate_demo_command(
         return
     from amnseg.data.demo import ensure_demo
 
-    console.print(f"demo data: [bold]{ensure_demo(root, seed=seed)}[/bold]")
+    _print_path("demo data", ensure_demo(root, seed=seed))
 
 
 def _check_destination(destination: Path, overwrite: bool) -> None:

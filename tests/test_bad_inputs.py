@@ -1485,6 +1485,28 @@ def test_status_names_missing_outputs_and_interrupted_stages(tmp_path, capsys, d
     assert "interrupted" not in out
 
 
+def test_printed_paths_and_names_are_shown_as_they_are(tmp_path, capsys):
+    """Brackets in a path or a manifest's name are the user's, not rich markup (which dropped
+    "[bs16]" and stopped at "[/x]" with a traceback), and a path longer than the 80 columns of
+    a log file stays on one line, whole."""
+    from test_checkpoints import save, synthetic_reference
+
+    source = save(tmp_path, synthetic_reference("irn"), "res50_irn.pth")
+    destination = tmp_path / ("runs [bs16] [/x] " + "long" * 20) / "irn.pt"
+    status, out, err = amnseg(capsys, "import-checkpoint", "irn", source, destination)
+    assert status == 0, err
+    assert f"imported irn checkpoint: {destination}\n" in out
+    exported = destination.parent / "[bold]exported.pth"
+    status, out, err = amnseg(capsys, "export-checkpoint", destination, exported)
+    assert status == 0, err
+    assert out == f"exported: {exported}\n"
+    (tmp_path / "manifest.json").write_text(json.dumps(
+        {"stages": {"cam [/x]": {"status": "done", "seconds": 3}}}))
+    status, out, err = amnseg(capsys, "status", tmp_path)
+    assert status == 0, err
+    assert "cam [/x]" in out
+
+
 def test_checkpoint_commands_replace_no_file_without_overwrite(tmp_path, capsys):
     """A slip of the tab key must not replace a trained network or a dataset file."""
     from test_checkpoints import save, synthetic_reference
