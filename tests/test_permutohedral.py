@@ -64,6 +64,67 @@ def test_lattice_filter_equals_pydensecrfs(dims, grid):
     torch.testing.assert_close(lattice.weights.sum(1), torch.ones(count), atol=1e-5, rtol=0)
 
 
+def simplex_by_hand(point: np.ndarray) -> tuple[list[float], list[tuple[int, ...]]]:
+    """Adams et al.'s enclosing simplex of one point, written out as pydensecrf's loop does it
+    (float32 throughout): the d + 1 barycentric weights and the vertices' first d coordinates,
+    vertex r being the remainder-r one."""
+    dims = len(point)
+    f32 = np.float32
+    inv_std_dev = f32(np.sqrt(2.0 / 3.0) * (dims + 1))
+    elevated = [f32(0)] * (dims + 1)
+    running = f32(0)
+    for axis in range(dims, 0, -1):
+        scaled = point[axis - 1] * f32(1.0 / np.sqrt((axis + 1) * axis) * np.float64(inv_std_dev))
+        elevated[axis] = f32(running - f32(axis) * scaled)
+        running = f32(running + scaled)
+    elevated[0] = running
+    down = f32(1.0) / f32(dims + 1)
+    rem0, total = [], 0
+    for value in elevated:
+        nearest = int(np.round(value * down))  # no ties in random features
+        rem0.append(nearest * (dims + 1))
+        total += nearest
+    rank = [0] * (dims + 1)
+    for i in range(dims + 1):
+        for j in range(i + 1, dims + 1):
+            if elevated[i] - rem0[i] < elevated[j] - rem0[j]:
+                rank[i] += 1
+            else:
+                rank[j] += 1
+    for i in range(dims + 1):  # back onto the hyperplane: the coordinates' remainders sum to 0
+        if total > 0 and rank[i] >= dims + 1 - total:
+            rem0[i] -= dims + 1
+            rank[i] += total - (dims + 1)
+        elif total < 0 and rank[i] < -total:
+            rem0[i] += dims + 1
+            rank[i] += dims + 1 + total
+        else:
+            rank[i] += total
+    barycentric = [f32(0)] * (dims + 2)
+    for i in range(dims + 1):
+        share = f32(f32(elevated[i] - f32(rem0[i])) * down)
+        barycentric[dims - rank[i]] = f32(barycentric[dims - rank[i]] + share)
+        barycentric[dims + 1 - rank[i]] = f32(barycentric[dims + 1 - rank[i]] - share)
+    barycentric[0] = f32(barycentric[0] + f32(1 + barycentric[dims + 1]))
+    vertices = [tuple(rem0[i] + (r if rank[i] <= dims - r else r - (dims + 1))
+                      for i in range(dims)) for r in range(dims + 1)]
+    return [float(w) for w in barycentric[:dims + 1]], vertices
+
+
+@pytest.mark.parametrize("dims", [1, 2, 5])
+def test_simplex_vertices_and_weights_equal_a_loop_by_hand(dims):
+    """Not only a filter of nearly the same values: the same lattice points and weights (a
+    consistently shifted rank gives other vertices whose filter differs only by ~1e-6)."""
+    from amnseg.ops.permutohedral import _simplex_vertices
+
+    features = (np.random.default_rng(dims).random((200, dims)) * 9 - 3).astype(np.float32)
+    weights, keys = _simplex_vertices(torch.from_numpy(features))
+    for point, point_weights, point_keys in zip(features, weights, keys, strict=True):
+        expected_weights, expected_keys = simplex_by_hand(point)
+        assert [tuple(key) for key in point_keys.tolist()] == expected_keys
+        np.testing.assert_allclose(point_weights.numpy(), expected_weights, rtol=0, atol=1e-6)
+
+
 def test_lattice_filter_is_linear():
     features = torch.rand(300, 3, generator=torch.Generator().manual_seed(0)) * 4
     lattice = PermutohedralLattice(features)
