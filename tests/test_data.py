@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import hashlib
 import json
 from pathlib import Path
 
@@ -723,3 +724,59 @@ def test_voc_missing_split_lists_are_named(tmp_path: Path) -> None:
     with pytest.raises(AmnsegError) as exc:
         VOCDataset(root, "nope")
     assert "nope.txt" in str(exc.value) and "SBD" not in str(exc.value)
+
+
+@pytest.mark.parametrize("side", [7, 8])
+def test_image_size_limits_hold_at_their_ends(tmp_path, side):
+    """An image exactly at a limit is used, one pixel past it is refused: the smallest side
+    (MIN_SIDE = 8, or what a scale needs to keep a pixel) and the most pixels."""
+    from amnseg.data.check import MIN_SIDE, check_dataset, check_pixels, min_side
+
+    assert MIN_SIDE == 8
+    (tmp_path / "images").mkdir()
+    Image.new("RGB", (side, side)).save(tmp_path / "images" / "a.png")
+    (tmp_path / "classes.txt").write_text("cat\n")
+    (tmp_path / "labels.csv").write_text("stem,classes\na,cat\n")
+    dataset = FolderDataset(tmp_path, "all")
+    if side < MIN_SIDE:
+        with pytest.raises(AmnsegError, match=f"is {side}x{side}; both sides must be at least 8"):
+            check_dataset(dataset, max_pixels=0)
+    else:
+        check_dataset(dataset, max_pixels=side * side)
+        with pytest.raises(AmnsegError, match=f"is {side}x{side} .* above data.max_pixels=63"):
+            check_dataset(dataset, max_pixels=side * side - 1)
+    check_pixels("image.png", 3, 5, 15, "--max-pixels 15", "")
+    with pytest.raises(AmnsegError, match="image.png: image is 5x3"):
+        check_pixels("image.png", 3, 5, 14, "--max-pixels 14", "")
+    # A scale that needs exactly MIN_SIDE pixels keeps MIN_SIDE's reason; one that needs more
+    # names itself.
+    assert min_side([("cam.scales", 0.5)]) == min_side([("cam.scales", 0.125)]) == min_side([])
+    assert min_side([("cam.scales", 0.1)]) == (
+        10, "cam.scales scales it by 0.1, which must leave a pixel")
+
+
+def test_data_signature_kinds_see_what_they_promise(tmp_path):
+    """``stat``: a file touched (same bytes, new time) changes the signature; ``content``: it
+    does not, but a byte changed behind the same size and time does."""
+    import os
+
+    from conftest import write_tiny_folder_dataset
+
+    from amnseg.data.signature import data_signature, file_token
+
+    dataset = FolderDataset(write_tiny_folder_dataset(tmp_path / "data", count=3), "train")
+    image = dataset.image_path(dataset.stems[1])
+    before = {kind: data_signature(dataset, kind) for kind in ("stat", "content")}
+    assert before["stat"] != before["content"]
+    assert file_token(image, "content") == hashlib.sha256(image.read_bytes()).hexdigest()
+    info = image.stat()
+    os.utime(image, ns=(info.st_atime_ns, info.st_mtime_ns + 10**9))
+    touched = {kind: data_signature(dataset, kind) for kind in ("stat", "content")}
+    assert touched["stat"] != before["stat"] and touched["content"] == before["content"]
+    data = bytearray(image.read_bytes())
+    data[-5] ^= 0xFF  # a byte of the PNG's end marker: the same size, other content
+    image.write_bytes(bytes(data))
+    os.utime(image, ns=(info.st_atime_ns, info.st_mtime_ns + 10**9))
+    edited = {kind: data_signature(dataset, kind) for kind in ("stat", "content")}
+    assert edited["stat"] == touched["stat"] and edited["content"] != touched["content"]
+    assert file_token(tmp_path / "gone.png", "content") == "missing"
