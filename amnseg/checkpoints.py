@@ -108,8 +108,8 @@ def check_amnseg_fields(checkpoint: dict[str, Any], path: Path | str) -> None:
     elif not isinstance(checkpoint.get("model"), dict) or not all(
             isinstance(v, torch.Tensor) for v in checkpoint["model"].values()):
         problem = "model is not a state dict of tensors"
-    elif any(value.is_floating_point() != expected for key, value in checkpoint["model"].items()
-             for expected in [not key.endswith("num_batches_tracked")]):
+    elif any(value.is_floating_point() == key.endswith("num_batches_tracked")
+             for key, value in checkpoint["model"].items()):
         problem = "model holds integer weights or a float step count (edited?)"
     elif "msc_scales" in checkpoint and not (
             isinstance(checkpoint["msc_scales"], list) and all(
