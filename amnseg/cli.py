@@ -640,6 +640,7 @@ def _evaluate(config: Config, name: str, maps: Path, threshold: float) -> dict:
         name=name,
         threshold=threshold,
         robust_range=tuple(config.eval.robust_range),
+        workers=config.data.num_workers,
     )
 
 

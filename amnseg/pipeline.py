@@ -306,6 +306,7 @@ def _evaluate_maps(config: Config, source: str) -> dict[str, Any]:
         name=source,
         threshold=getattr(config, source).eval_threshold,
         robust_range=tuple(config.eval.robust_range),
+        workers=config.data.num_workers,
     )
     return {
         f"{source}_miou_at_threshold": result["miou_at_threshold"],

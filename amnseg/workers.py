@@ -1,10 +1,12 @@
 """Worker processes for the CPU work that runs per image beside the main process (the dense
-CRFs of the seed stage and of the segmentation net's evaluation)."""
+CRFs of the seed stage and of the segmentation net's evaluation, the map stages' threshold
+sweeps)."""
 
 from __future__ import annotations
 
 import multiprocessing
-from collections.abc import Callable, Iterator
+from collections import deque
+from collections.abc import Callable, Iterable, Iterator
 from concurrent.futures import ProcessPoolExecutor
 from contextlib import contextmanager
 from typing import Any
@@ -27,3 +29,22 @@ def worker_pool(workers: int, initializer: Callable[..., Any] | None = None,
         executor.shutdown(wait=True, cancel_futures=True)
         raise
     executor.shutdown(wait=True)
+
+
+def in_order(run: Callable[[Any], Any], jobs: Iterable[Any], workers: int,
+             initializer: Callable[..., Any] | None = None, initargs: tuple = ()) -> Iterator[Any]:
+    """``run(job)`` of every job, in the jobs' order: in this process when ``workers`` <= 1
+    (``initializer`` is not called then), else in ``workers`` worker processes with at most two
+    jobs per worker waiting, so that large results do not pile up. Sums over the results are
+    then the same, float order included, whatever the number of workers."""
+    if workers <= 1:
+        yield from map(run, jobs)
+        return
+    with worker_pool(workers, initializer, initargs) as pool:
+        pending: deque = deque()
+        for job in jobs:
+            pending.append(pool.submit(run, job))
+            while len(pending) >= 2 * workers:
+                yield pending.popleft().result()
+        while pending:
+            yield pending.popleft().result()

@@ -411,6 +411,23 @@ def test_evaluate_maps_end_to_end(tmp_path, maps_set):
     assert strided["best_miou"] == pytest.approx(max(direct_strided))
 
 
+def test_evaluate_maps_in_worker_processes_gives_the_same_result(tmp_path, maps_set):
+    maps_dir, dataset, images = maps_set
+    alone = evaluate_maps(maps_dir, dataset, GRID, tmp_path / "one", name="cam", threshold=0.12)
+    pooled = evaluate_maps(maps_dir, dataset, GRID, tmp_path / "two", name="cam", threshold=0.12,
+                           workers=2)
+    # Sums in dataset order: the float sums too, and the per-image tables in the same order.
+    assert pooled == alone
+    assert list(pooled["optimal_thresholds"]) == list(alone["optimal_thresholds"]) == \
+        [stem for stem in dataset.stems if (maps_dir / f"{stem}.npz").is_file()]
+    # A bad file met in a worker is the same one-line error, naming it.
+    broken = maps_dir / f"{dataset.stems[1]}.npz"
+    broken.write_bytes(broken.read_bytes()[:200])
+    with pytest.raises(AmnsegError, match=f"^{broken}: not a valid score map file"):
+        evaluate_maps(maps_dir, dataset, GRID, tmp_path / "three", workers=2)
+    assert not (tmp_path / "three" / "cam_sweep.json").exists()
+
+
 def test_oracle_counts_images_whose_optimum_is_the_lowest_threshold(tmp_path, maps_set):
     maps_dir, dataset, images = maps_set
     # A faint object: only at threshold 0.00 does it beat the background fill.

@@ -10,7 +10,7 @@ from __future__ import annotations
 import math
 from collections.abc import Iterator, Sequence
 from pathlib import Path
-from typing import Any
+from typing import Any, NamedTuple
 
 import numpy as np
 
@@ -28,6 +28,7 @@ from amnseg.metrics import (
     sweep_confusions,
 )
 from amnseg.progress import progress_bar
+from amnseg.workers import in_order
 
 MAP_KINDS = ("full", "strided")
 STRIDE = 4  # of the "strided" maps (ScoreMaps.strided)
@@ -94,12 +95,19 @@ def _iterate_maps(
     maps_dir = Path(maps_dir)
     stems = _stems_with(maps_dir, dataset, ".npz")
     for stem in progress_bar(stems, desc=desc, unit="img", leave=False):
-        path = maps_dir / f"{stem}.npz"
-        maps = load_score_maps(path, dataset.num_classes)
-        _check_classes(path, maps.class_ids, dataset, stem)
-        scores = maps.full if use == "full" else maps.strided
-        gt = _gt(dataset, stem, scores.shape[1:], path, 1 if use == "full" else STRIDE)
-        yield stem, path, maps, scores, gt
+        yield stem, *_load_maps_and_gt(maps_dir, dataset, use, stem)
+
+
+def _load_maps_and_gt(maps_dir: Path, dataset: SegDataset, use: str, stem: str
+                      ) -> tuple[Path, ScoreMaps, np.ndarray, np.ndarray]:
+    """(file, maps, scores (K, h, w), gt (h, w)) of ``stem``, checked: ``use``'s maps and the
+    GT mask at their resolution."""
+    path = maps_dir / f"{stem}.npz"
+    maps = load_score_maps(path, dataset.num_classes)
+    _check_classes(path, maps.class_ids, dataset, stem)
+    scores = maps.full if use == "full" else maps.strided
+    gt = _gt(dataset, stem, scores.shape[1:], path, 1 if use == "full" else STRIDE)
+    return path, maps, scores, gt
 
 
 def _check_classes(path: Path, class_ids: np.ndarray, dataset: SegDataset, stem: str) -> None:
@@ -135,6 +143,49 @@ def _sweep_grid(
     return [*values, extra], len(values), len(values)
 
 
+class _SweepJob(NamedTuple):
+    maps_dir: Path
+    dataset: SegDataset
+    use: str
+    grid: tuple[float, ...]
+
+
+class _ImageSweep(NamedTuple):
+    """One image's share of a sweep: its (T, N, N) confusions at the grid's thresholds and its
+    peak activations' sums and counts on GT foreground and background."""
+
+    confusions: np.ndarray
+    fg_sum: float
+    bg_sum: float
+    fg_pixels: int
+    bg_pixels: int
+
+
+def _sweep_image(job: _SweepJob, stem: str) -> _ImageSweep:
+    path, maps, scores, gt = _load_maps_and_gt(job.maps_dir, job.dataset, job.use, stem)
+    try:
+        confusions = sweep_confusions(scores, maps.class_ids, gt, job.grid,
+                                      job.dataset.num_classes + 1)
+    except ValueError as exc:  # e.g. a mask label beyond the dataset's classes
+        raise AmnsegError(f"{path}: {exc}") from None
+    split = foreground_background_gap(scores, gt, maps.class_ids)
+    return _ImageSweep(confusions, float(split.fg.sum(dtype=np.float64)),
+                       float(split.bg.sum(dtype=np.float64)), split.fg.size, split.bg.size)
+
+
+_worker_job: _SweepJob | None = None  # a worker process's job, set as the pool starts it
+
+
+def _start_sweep_worker(job: _SweepJob) -> None:
+    global _worker_job
+    _worker_job = job
+
+
+def _sweep_in_worker(stem: str) -> _ImageSweep:
+    assert _worker_job is not None, "the pool's initializer sets the job"
+    return _sweep_image(_worker_job, stem)
+
+
 def evaluate_maps(
     maps_dir: Path,
     dataset: SegDataset,
@@ -144,13 +195,16 @@ def evaluate_maps(
     use: str = "full",
     threshold: float | None = 0.15,
     robust_range: Sequence[float] = tuple(EvalConfig().robust_range),
+    workers: int = 1,
 ) -> dict[str, Any]:
     """Sweep the background threshold over score maps; write ``<out_dir>/<name>_sweep.json``.
 
     ``use``: "full" compares the (K, H, W) maps with the mask; "strided" the (K, h4, w4) maps
     with the mask subsampled to every 4th row and column. ``threshold`` (e.g. the config's
     eval threshold; None to skip) is reported as ``miou_at_threshold``; it need not lie on the
-    sweep grid, and per-image optima are searched on the grid only.
+    sweep grid, and per-image optima are searched on the grid only. ``workers`` > 1 reads and
+    sweeps the images in that many worker processes (the same results: they are summed in
+    dataset order either way).
 
     Dataset mIoU sums the confusions of all images (the standard, pixel-weighted definition).
     An image's own mIoU averages over the classes in its GT or prediction; its optimal threshold
@@ -177,22 +231,27 @@ def evaluate_maps(
     fg_sum = bg_sum = 0.0
     fg_pixels = bg_pixels = 0
     images = 0
-    for stem, path, maps, scores, gt in _iterate_maps(maps_dir, dataset, use, f"eval {name}"):
-        try:
-            confusions = sweep_confusions(scores, maps.class_ids, gt, grid, n)
-        except ValueError as exc:  # e.g. a mask label beyond the dataset's classes
-            raise AmnsegError(f"{path}: {exc}") from None
+    if use not in MAP_KINDS:
+        raise AmnsegError(f"use={use!r}: expected one of {', '.join(MAP_KINDS)}")
+    stems = _stems_with(maps_dir, dataset, ".npz")
+    job = _SweepJob(maps_dir, dataset, use, tuple(grid))
+    if workers > 1:
+        scored = in_order(_sweep_in_worker, stems, workers, _start_sweep_worker, (job,))
+    else:
+        scored = (_sweep_image(job, stem) for stem in stems)
+    for stem, image in zip(stems, progress_bar(scored, total=len(stems), desc=f"eval {name}",
+                                               unit="img", leave=False), strict=True):
+        confusions = image.confusions
         total += confusions
         best = optimal_thresholds(confusions[:count], sweep)
         if best.index >= 0:  # an image with only ignored pixels has no optimum
             oracle += confusions[int(best.index)]
             optimum[stem] = sweep[int(best.index)]
             optimum_miou[stem] = float(best.miou)
-        split = foreground_background_gap(scores, gt, maps.class_ids)
-        fg_sum += float(split.fg.sum(dtype=np.float64))
-        bg_sum += float(split.bg.sum(dtype=np.float64))
-        fg_pixels += split.fg.size
-        bg_pixels += split.bg.size
+        fg_sum += image.fg_sum
+        bg_sum += image.bg_sum
+        fg_pixels += image.fg_pixels
+        bg_pixels += image.bg_pixels
         images += 1
 
     curve = np.asarray(miou(total), dtype=np.float64)

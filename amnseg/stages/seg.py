@@ -55,7 +55,7 @@ from amnseg.training import (
     resolve_device,
     start_stage,
 )
-from amnseg.workers import worker_pool
+from amnseg.workers import in_order
 
 # --- the network and where it starts from ---------------------------------------------------
 
@@ -368,22 +368,6 @@ def _crf_confusion(job: tuple[np.ndarray, np.ndarray, np.ndarray, CrfConfig, int
     return confusion_matrix(labels, gt, count)
 
 
-def _in_workers(jobs: Iterator, run: Callable, workers: int) -> Iterator:
-    """``run(job)`` of every job, in worker processes when ``workers`` > 1 (at most 2 jobs per
-    worker waiting, so that big probability maps do not pile up)."""
-    if workers <= 1:
-        yield from map(run, jobs)
-        return
-    with worker_pool(workers) as pool:
-        pending = []
-        for job in jobs:
-            pending.append(pool.submit(run, job))
-            while len(pending) >= 2 * workers:
-                yield pending.pop(0).result()
-        for result in pending:
-            yield result.result()
-
-
 def evaluate_seg(config: Config, stage: str = "seg", checkpoint: Path | None = None,
                  out_dir: Path | None = None) -> dict:
     """mIoU and per-class IoU of the ``stage`` network on ``data.val_split`` (MSC, optional
@@ -420,7 +404,7 @@ def evaluate_seg(config: Config, stage: str = "seg", checkpoint: Path | None = N
     # pydensecrf's CRFs in worker processes; the PyTorch ones in this process, on their device.
     workers = (seg_cfg.crf_workers or distributed.cores_per_process()) if crf_device is None else 1
     refined = np.zeros((count, count), dtype=np.int64)
-    for confusion in _in_workers(jobs(), _crf_confusion, workers if seg_cfg.eval_crf else 1):
+    for confusion in in_order(_crf_confusion, jobs(), workers if seg_cfg.eval_crf else 1):
         refined += confusion
     names = ["background", *dataset.class_names]
 
