@@ -8,9 +8,12 @@ manifest. Training stages run one epoch (``seg``: ``--seg-steps`` iterations); t
 scales each stage's per-image cost to the reference schedule:
 
     cam, amn: 5 epochs; irn: 3 epochs; seg: 20k (VOC) / 100k (COCO) iterations of 10 crops;
-    maps, seeds, masks: once per training image (VOC train_aug 10,582; COCO train 82,783).
+    maps, seeds, masks: once per training image (VOC train_aug 10,582; COCO train 82,783);
+    the map stages' evaluation (threshold sweeps): once per image of the evaluation split
+    (data.infer_split: VOC train 1,464; COCO train2014 82,783).
 
-Every stage is projected as its fixed costs (model building, worker start-up, evaluation) plus
+Every stage is projected as its fixed costs (model building, worker start-up; evaluation but a
+map stage's) plus
 the reference schedule's images at its steady rate: for training stages, the rate of their
 epochs after each epoch's first step (from ``log.jsonl``); for the map, seed and mask stages, the
 rate at which their output files appeared after the first 10 % of them (the files' modification
@@ -50,6 +53,8 @@ from benchmarks.common import write_section
 
 WIDTH, HEIGHT = 500, 375
 VOC_TRAIN_AUG, COCO_TRAIN = 10_582, 82_783
+# The map stages evaluate (threshold sweeps) on data.infer_split: VOC train, COCO train2014.
+EVALUATED = {"voc": 1_464, "coco": COCO_TRAIN}
 SCHEDULE = {"cam": 5, "amn": 5, "irn": 3}  # reference epochs of the training stages
 VAL_IMAGES = 2
 SEG_CROPS = {"voc": 20_000 * 10, "coco": 100_000 * 10}
@@ -156,13 +161,19 @@ def per_image_steady_rate(config, stage: str, beside: bool, seconds: float = 0.0
     return None
 
 
-def projected_hours(seconds: float, handled: int, rate: float | None, images: int) -> float:
+def projected_hours(seconds: float, handled: int, rate: float | None, images: int,
+                    evaluation: float = 0.0, evaluated: int = 0) -> float:
     """A stage's projected hours for ``images``: without a steady rate, its measured seconds
     per image; with one, its fixed seconds (those not spent at that rate on the ``handled``
-    images, at least 0) plus ``images`` at that rate."""
+    images, at least 0) plus ``images`` at that rate. ``evaluation``: the part of ``seconds``
+    that evaluated the ``handled`` images, projected apart at its own cost per image for the
+    ``evaluated`` images of a full run (its evaluation split)."""
+    making = seconds - evaluation
     if rate is None:
-        return seconds / handled * images / 3600
-    return (max(seconds - handled / rate, 0.0) + images / rate) / 3600
+        hours = making / handled * images
+    else:
+        hours = max(making - handled / rate, 0.0) + images / rate
+    return (hours + evaluation / handled * evaluated) / 3600
 
 
 def projected_images(stage: str, dataset: str) -> int:
@@ -249,7 +260,9 @@ def main() -> None:
         "costs (the stage's time outside its epochs: model building, checkpoints, evaluation) "
         "plus the reference schedule's images at the steady rate (after each epoch's first "
         "step); the map, seed and mask stages likewise, their steady rate taken from their "
-        "output files' times after the first 10 % of them"
+        "output files' times after the first 10 % of them, and a map stage's "
+        "evaluation (its threshold sweep) apart, at its cost per image for the evaluation "
+        "split (VOC train 1,464, COCO train2014 82,783 images)"
         + (" (a map stage's from its seeds', which it waits for; the seed stages' own time is "
            "counted as fixed)" if beside else "") + ". Waiting for data: the "
         "share of a training stage's epochs spent waiting for the loader after its first "
@@ -273,12 +286,15 @@ def main() -> None:
                           for name in totals}
             steady_text = f"{rate:.1f} | {steady[2]:.0%}"
         else:
-            rate = per_image_steady_rate(config, stage, beside, seconds)
+            # A map stage's threshold sweep runs on the evaluation split, not on every image.
+            making = float(record.get("metrics", {}).get("make_seconds", seconds))
+            rate = per_image_steady_rate(config, stage, beside, making)
             if stage.endswith("_seeds") and beside:  # its images were made beside the maps
                 projection = {name: seconds / 3600 for name in totals}
             else:
                 projection = {name: projected_hours(seconds, handled[stage], rate,
-                                                    projected_images(stage, name))
+                                                    projected_images(stage, name),
+                                                    seconds - making, EVALUATED[name])
                               for name in totals}
             steady_text = f"{rate:.1f} | " if rate else " | "
         for name in totals:

@@ -100,3 +100,7 @@ def test_projection_is_fixed_seconds_plus_images_at_the_steady_rate():
     assert projected_hours(30.0, 100, 5.0, 10_000) == pytest.approx(2010 / 3600)
     assert projected_hours(30.0, 100, None, 10_000) == pytest.approx(3000 / 3600)
     assert projected_hours(10.0, 100, 5.0, 1_000) == pytest.approx(200 / 3600)  # fixed >= 0
+    # 10 of the 30 s evaluated the 100 images: 500 evaluated images take 50 s, and the 20 s
+    # left are the 100 images at 5 images/s, with nothing fixed.
+    assert projected_hours(30.0, 100, 5.0, 10_000, 10.0, 500) == pytest.approx(2050 / 3600)
+    assert projected_hours(30.0, 100, None, 10_000, 10.0, 500) == pytest.approx(2050 / 3600)
