@@ -42,6 +42,8 @@ class DataConfig:
     val_split: str = "val"
     aug_mask_dir: str = "SegmentationClassAug"  # VOC: SBD masks for train_aug
     semantic_dir: str | None = None  # COCO: folder of precomputed semantic PNGs (optional)
+    # Loader worker processes of every stage; also the processes that read and sweep the map
+    # stages' evaluation (0 or 1: in the main process; the same results either way).
     num_workers: int = 2
     # What tells `amnseg run` that the data changed: stat (size + modification time of every
     # image and mask file, cheap) or content (their SHA-256, reads every byte).

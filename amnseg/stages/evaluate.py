@@ -28,7 +28,7 @@ from amnseg.metrics import (
     sweep_confusions,
 )
 from amnseg.progress import progress_bar
-from amnseg.workers import in_order
+from amnseg.workers import in_order_with_job
 
 MAP_KINDS = ("full", "strided")
 STRIDE = 4  # of the "strided" maps (ScoreMaps.strided)
@@ -173,19 +173,6 @@ def _sweep_image(job: _SweepJob, stem: str) -> _ImageSweep:
                        float(split.bg.sum(dtype=np.float64)), split.fg.size, split.bg.size)
 
 
-_worker_job: _SweepJob | None = None  # a worker process's job, set as the pool starts it
-
-
-def _start_sweep_worker(job: _SweepJob) -> None:
-    global _worker_job
-    _worker_job = job
-
-
-def _sweep_in_worker(stem: str) -> _ImageSweep:
-    assert _worker_job is not None, "the pool's initializer sets the job"
-    return _sweep_image(_worker_job, stem)
-
-
 def evaluate_maps(
     maps_dir: Path,
     dataset: SegDataset,
@@ -234,11 +221,8 @@ def evaluate_maps(
     if use not in MAP_KINDS:
         raise AmnsegError(f"use={use!r}: expected one of {', '.join(MAP_KINDS)}")
     stems = _stems_with(maps_dir, dataset, ".npz")
-    job = _SweepJob(maps_dir, dataset, use, tuple(grid))
-    if workers > 1:
-        scored = in_order(_sweep_in_worker, stems, workers, _start_sweep_worker, (job,))
-    else:
-        scored = (_sweep_image(job, stem) for stem in stems)
+    scored = in_order_with_job(_sweep_image, _SweepJob(maps_dir, dataset, use, tuple(grid)),
+                               stems, workers)
     for stem, image in zip(stems, progress_bar(scored, total=len(stems), desc=f"eval {name}",
                                                unit="img", leave=False), strict=True):
         confusions = image.confusions

@@ -35,7 +35,7 @@ from amnseg.ops.crf import crf_refine_labels_batch, crf_refine_labels_many
 from amnseg.progress import progress_bar
 from amnseg.stages.common import processed_images
 from amnseg.training import crf_device_of, crf_on_gpu, resolve_device
-from amnseg.workers import worker_pool
+from amnseg.workers import call_with_job, set_job, worker_pool
 
 UNSURE = 255
 
@@ -170,26 +170,10 @@ def _seeds_on_device(job: SeedJob, stems: list[str], crf_device: torch.device, w
             bar.update(len(batch))
 
 
-# The job of this worker process, set once when the pool starts: sending it with every task
-# would pickle the dataset (its stems, labels and paths: ~1.7 MB at VOC's 10,582 images) for
-# every chunk of images, in the one main process that feeds all the workers.
-_worker_job: SeedJob | None = None
-
-
-def _start_worker(job: SeedJob) -> None:
-    global _worker_job
-    _worker_job = job
-
-
-def _seed_in_worker(stem: str) -> str:
-    assert _worker_job is not None, "the pool's initializer sets the job"
-    return _seed_one(_worker_job, stem)
-
-
 def _start_follower_worker(job: SeedJob, niceness: int) -> None:
     # Below the map stage's loader workers: they keep the GPU busy, the CRFs take what is left.
     os.nice(niceness)
-    _start_worker(job)
+    set_job(job)
 
 
 def overlap_seeds(config: Config) -> bool:
@@ -231,7 +215,7 @@ class SeedFollower:
         """Queue ``stem``'s seed (a no-op once one has failed, or if its file exists). Safe to
         call from the map writer's threads."""
         if self.failure is None and not output_file(self.out_dir, stem, ".png").is_file():
-            self.executor.submit(_seed_in_worker, stem).add_done_callback(self._finished)
+            self.executor.submit(call_with_job, _seed_one, stem).add_done_callback(self._finished)
 
     def _finished(self, seed: Future) -> None:
         if seed.cancelled():
@@ -304,10 +288,11 @@ def make_seeds(
             _seed_one(job, stem)
             bar.update()
     else:
-        with worker_pool(workers, _start_worker, (job,)) as pool:
+        with worker_pool(workers, set_job, (job,)) as pool:
             # One image per task: the job is already in every worker, a task is a stem, and
             # single images balance the last round (4-image chunks left workers idle).
-            for done in as_completed([pool.submit(_seed_in_worker, stem) for stem in todo]):
+            seeds = [pool.submit(call_with_job, _seed_one, stem) for stem in todo]
+            for done in as_completed(seeds):
                 done.result()  # a failed image's error, here
                 bar.update()
     bar.close()
