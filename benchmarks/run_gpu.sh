@@ -6,17 +6,19 @@
 #
 #   bash benchmarks/run_gpu.sh OUT_DIR [STEP ...]     (default: every step)
 #   bash benchmarks/run_gpu.sh OUT_DIR open           (what the open issues still need
-#                                                      measured, about 9 minutes)
+#                                                      measured, about 6 minutes)
 #
 # Steps: gpu_tests walk ddp cam_fp32 cam_bf16 seeds crf seeds_gpu pipeline pipeline_crf_gpu
-# pipeline_serial seg_fp32 seg_bf16 seg_tuned seg_compile seg_stage seg_best map_profile demo demo_bf16
+# pipeline_serial pipeline_steady pipeline_bf16 eval_maps seg_fp32 seg_bf16 seg_tuned seg_compile
+# seg_stage seg_best map_profile demo demo_bf16
 set -u -o pipefail
 out=${1:-/tmp/amnseg-gpu}
 shift || true
-# `open`: issue 13's GPU CRF (tests, kernel rate, the seed stage, the pipeline with it) and
-# issue 11's best seg-stage setting on this card.
-open_steps="gpu_tests crf seeds_gpu pipeline_crf_gpu seg_best"
-wanted=" ${*:-gpu_tests walk ddp cam_fp32 cam_bf16 seeds crf seeds_gpu pipeline pipeline_crf_gpu pipeline_serial seg_fp32 seg_bf16 seg_tuned seg_compile seg_stage map_profile demo demo_bf16} "
+# `open`: issue 13's pipeline at 320 images (the map stages' steady rate against their bare
+# forwards, the VOC projection in fp32 and with bf16 for the networks, CRFs on the GPU) and the
+# map evaluation's worker processes on 16 cores.
+open_steps="pipeline_steady pipeline_bf16 eval_maps"
+wanted=" ${*:-gpu_tests walk ddp cam_fp32 cam_bf16 seeds crf seeds_gpu pipeline pipeline_crf_gpu pipeline_serial pipeline_steady pipeline_bf16 eval_maps seg_fp32 seg_bf16 seg_tuned seg_compile seg_stage map_profile demo demo_bf16} "
 wanted=${wanted/ open / $open_steps }
 mkdir -p "$out"
 export PYTHONUNBUFFERED=1
@@ -48,6 +50,13 @@ step seeds_gpu 90 python3 -m benchmarks.bench_seeds --images 160 --workers 16 8 
 step pipeline 170 python3 -m benchmarks.bench_pipeline --images 160 --workers 16 --bare
 step pipeline_crf_gpu 170 python3 -m benchmarks.bench_pipeline --images 160 --workers 16 seeds.crf_device=cuda
 step pipeline_serial 170 python3 -m benchmarks.bench_pipeline --images 160 --workers 16 seeds.overlap=false
+# 320 images on one data folder (made once): steadier rates than 160; no cudnn_benchmark, whose
+# search made one MSC step of the seg stage take 22 s.
+step pipeline_steady 200 python3 -m benchmarks.bench_pipeline --images 320 --workers 16 --bare \
+    --keep /tmp/amnseg-pipeline-320 seeds.crf_device=cuda
+step pipeline_bf16 180 python3 -m benchmarks.bench_pipeline --images 320 --workers 16 \
+    --keep /tmp/amnseg-pipeline-320 seeds.crf_device=cuda amp=bf16 channels_last=true compress_maps=false
+step eval_maps 60 python3 -m benchmarks.bench_eval_maps --images 160 --workers 1 16
 step seg_fp32 50 python3 -m benchmarks.bench_seg --steps 10
 step seg_bf16 50 python3 -m benchmarks.bench_seg --steps 10 --amp --channels-last
 step seg_tuned 150 python3 -m benchmarks.bench_seg --steps 20 --amp --channels-last --cudnn-benchmark

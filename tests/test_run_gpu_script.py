@@ -28,7 +28,7 @@ def steps_run(tmp_path: Path, *args: str) -> list[str]:
 
 
 @pytest.mark.parametrize("args, expected", [
-    (("open",), ["gpu_tests", "crf", "seeds_gpu", "pipeline_crf_gpu", "seg_best"]),
+    (("open",), ["pipeline_steady", "pipeline_bf16", "eval_maps"]),
     (("walk", "seg_best"), ["walk", "seg_best"]),
 ])
 def test_steps_are_those_asked_in_the_script_order(tmp_path, args, expected):
