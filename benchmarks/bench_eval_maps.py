@@ -3,9 +3,9 @@ image, by worker processes.
 
 ``--images`` images of 500x375 with 1-3 classes and their masks (``bench_pipeline``'s data),
 smooth maps of their classes (``bench_map_storage``'s) written as the map stages write them
-(compressed unless ``--uncompressed``); then
-``evaluate_maps`` on the VOC sweep grid (0.00-0.95) for each ``--workers`` count. Reported:
-milliseconds per image (best of ``--repeats``) and whether every result equals the first row's.
+(compressed unless ``--uncompressed``); then ``evaluate_maps`` on the VOC sweep grid
+(0.00-0.95) for each ``--workers`` count. Reported: milliseconds per image (best of
+``--repeats``) and whether every result equals the first row's.
 
     python -m benchmarks.bench_eval_maps [--images 64] [--workers 1 2] [--repeats 2]
 """
