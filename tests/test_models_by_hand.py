@@ -13,6 +13,7 @@ import pytest
 import torch
 import torch.nn.functional as F
 
+from amnseg.errors import AmnsegError
 from amnseg.models.aspp import ASPP
 from amnseg.models.deeplab import MSC, DeepLabV2
 from amnseg.models.resnet import (
@@ -377,22 +378,34 @@ def test_weights_without_batch_counters_load(tmp_path):
         assert torch.equal(target.state_dict()[key], value), key
 
 
-class NotATensor:  # a pickled object that a weights-only load refuses
-    pass
+class Planted:
+    """A pickled object that runs code when unpickled: it creates the file ``marker``."""
+
+    def __init__(self, marker: Path):
+        self.marker = marker
+
+    def __reduce__(self):
+        return Path.touch, (self.marker,)
 
 
 def test_downloaded_weights_are_loaded_weights_only(tmp_path, monkeypatch):
     monkeypatch.setenv("TORCH_HOME", str(tmp_path / "torch_home"))
     monkeypatch.setattr(torch.hub, "_hub_dir", None)
     state = ResNet(depth=18, width=1 / 32).state_dict()
-    state["fc.payload"] = NotATensor()  # fc.* is dropped after loading, so only the load sees it
+    marker = tmp_path / "code_ran"
+    state["fc.payload"] = Planted(marker)  # fc.* is dropped after loading: only the load sees it
     staged = tmp_path / "staged.pth"
     torch.save(state, staged)
     digest = hashlib.sha256(staged.read_bytes()).hexdigest()[:8]
     published = tmp_path / f"resnet18-{digest}.pth"
     staged.rename(published)
-    with pytest.raises(Exception, match="(?i)weights"):
+    with pytest.raises(AmnsegError, match="never unpickled"):
         load_imagenet_weights(ResNet(depth=18, width=1 / 32), published.as_uri())
+    assert not marker.exists()  # the planted code did not run
+    # The same file given as a path: the same refusal, nothing run.
+    with pytest.raises(AmnsegError, match=f"^{published}: .*never unpickled"):
+        load_imagenet_weights(ResNet(depth=18, width=1 / 32), published)
+    assert not marker.exists()
 
 
 def test_download_shows_its_progress(tmp_path, monkeypatch, capsys):

@@ -293,19 +293,24 @@ IMAGENET_URLS = {
 
 
 def _download_weights(url: str, key: str) -> dict[str, torch.Tensor]:
-    """Weights from ``url`` via the torch hub cache (downloaded once, SHA-256 prefix checked)."""
+    """Weights from ``url`` via the torch hub cache: downloaded once (the SHA-256 prefix in the
+    file's name checked; the file appears only when complete), then read as any weights file is
+    (``load_tensors``: nothing but tensors and plain containers is unpickled)."""
     cache = Path(torch.hub.get_dir()) / "checkpoints" / Path(urllib.parse.urlparse(url).path).name
-    try:
-        return torch.hub.load_state_dict_from_url(
-            url, map_location="cpu", check_hash=True, progress=True, weights_only=True
-        )
-    except (OSError, RuntimeError) as exc:  # URLError is an OSError; a bad hash a RuntimeError
-        reason = str(getattr(exc, "reason", exc)).strip().splitlines()[0]
-        raise AmnsegError(
-            f"{url}: ImageNet weights could not be downloaded ({reason}); put the file at "
-            f"{cache}, set {key}=/path/to/weights.pth, or use {key}=null to start from random "
-            "weights"
-        ) from None
+    if not cache.is_file():
+        digest = torch.hub.HASH_REGEX.search(cache.name)
+        try:
+            cache.parent.mkdir(parents=True, exist_ok=True)
+            torch.hub.download_url_to_file(url, str(cache), digest.group(1) if digest else None,
+                                           progress=True)
+        except (OSError, RuntimeError) as exc:  # URLError is an OSError; a bad hash a RuntimeError
+            reason = str(getattr(exc, "reason", exc)).strip().splitlines()[0]
+            raise AmnsegError(
+                f"{url}: ImageNet weights could not be downloaded ({reason}); put the file at "
+                f"{cache}, set {key}=/path/to/weights.pth, or use {key}=null to start from "
+                "random weights"
+            ) from None
+    return load_tensors(cache, "weights file")
 
 
 def _read_weights(path: Path, key: str) -> dict[str, torch.Tensor]:
