@@ -90,12 +90,17 @@ def _iterate_maps(
 ) -> Iterator[tuple[str, Path, ScoreMaps, np.ndarray, np.ndarray]]:
     """Yield (stem, file, maps, scores (K, h, w), gt (h, w)) for every map file of the dataset,
     with a progress bar; every problem with a file becomes a one-line AmnsegError naming it."""
+    maps_dir = Path(maps_dir)
+    for stem in progress_bar(_map_stems(maps_dir, dataset, use), desc=desc, unit="img",
+                             leave=False):
+        yield stem, *_load_maps_and_gt(maps_dir, dataset, use, stem)
+
+
+def _map_stems(maps_dir: Path, dataset: SegDataset, use: str) -> list[str]:
+    """The dataset's stems that have a map file in ``maps_dir``; ``use`` checked."""
     if use not in MAP_KINDS:
         raise AmnsegError(f"use={use!r}: expected one of {', '.join(MAP_KINDS)}")
-    maps_dir = Path(maps_dir)
-    stems = _stems_with(maps_dir, dataset, ".npz")
-    for stem in progress_bar(stems, desc=desc, unit="img", leave=False):
-        yield stem, *_load_maps_and_gt(maps_dir, dataset, use, stem)
+    return _stems_with(maps_dir, dataset, ".npz")
 
 
 def _load_maps_and_gt(maps_dir: Path, dataset: SegDataset, use: str, stem: str
@@ -218,9 +223,7 @@ def evaluate_maps(
     fg_sum = bg_sum = 0.0
     fg_pixels = bg_pixels = 0
     images = 0
-    if use not in MAP_KINDS:
-        raise AmnsegError(f"use={use!r}: expected one of {', '.join(MAP_KINDS)}")
-    stems = _stems_with(maps_dir, dataset, ".npz")
+    stems = _map_stems(maps_dir, dataset, use)
     scored = in_order_with_job(_sweep_image, _SweepJob(maps_dir, dataset, use, tuple(grid)),
                                stems, workers)
     for stem, image in zip(stems, progress_bar(scored, total=len(stems), desc=f"eval {name}",
