@@ -434,9 +434,9 @@ def predict_command(
     distributed.setup(device)
     segmenter = Segmenter.from_checkpoint(checkpoint, device=device, flip=flip, crf=crf,
                                           crf_device=crf_device,
-                                          exif_orientation=exif_orientation)
-    written = predict_files(segmenter, images, out, overlay, voc_submission, max_pixels,
-                            overwrite)
+                                          exif_orientation=exif_orientation,
+                                          max_pixels=max_pixels)
+    written = predict_files(segmenter, images, out, overlay, voc_submission, overwrite)
     distributed.barrier()  # every share written
     if distributed.is_main():
         _print_path(f"{len(written)} masks", written[0].parent if written else out)

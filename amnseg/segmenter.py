@@ -111,12 +111,15 @@ class Segmenter:
     the dense CRF (True: DeepLab's test-time parameters, or a ``CrfConfig``), which runs in
     pydensecrf (``crf_device="cpu"``) or as PyTorch's mean field on a GPU (``"cuda"``).
     ``exif_orientation``: image files are read turned as their EXIF orientation tag says (the
-    masks then match the images as viewers show them).
+    masks then match the images as viewers show them). An image above ``max_pixels`` (0: no
+    limit) is refused with a one-line error, as ``amnseg run`` refuses it: the network's
+    activations and the CRF grow with the pixel count (a 12 MP photo's CRF takes minutes and
+    ~8 GB), and a decoded numpy array has no PIL decompression-bomb guard.
     """
 
     def __init__(self, model: MSC, class_names: list[str], device: str | torch.device = "cpu",
                  flip: bool = False, crf: bool | CrfConfig = False, crf_device: str = "cpu",
-                 exif_orientation: bool = False):
+                 exif_orientation: bool = False, max_pixels: int = DataConfig.max_pixels):
         self.device = resolve_device(str(device))
         self.model = model.to(self.device).eval()
         self.class_names = list(class_names)
@@ -125,6 +128,10 @@ class Segmenter:
                 raise AmnsegError(f"{name}={value!r}: expected True or False")
         self.flip = flip
         self.exif_orientation = exif_orientation
+        if isinstance(max_pixels, bool) or not isinstance(max_pixels, int) or max_pixels < 0:
+            raise AmnsegError(f"max_pixels={max_pixels!r}: expected a whole number >= 0 (0: no "
+                              "limit)")
+        self.max_pixels = max_pixels
         if not isinstance(crf, (bool, CrfConfig)) and crf is not None:
             raise AmnsegError(f"crf={crf!r}: expected True (DeepLab's parameters), False or a "
                               "CrfConfig")
@@ -136,7 +143,8 @@ class Segmenter:
     @classmethod
     def from_checkpoint(cls, path: str | Path, device: str | torch.device = "cpu",
                         flip: bool = False, crf: bool | CrfConfig = False,
-                        crf_device: str = "cpu", exif_orientation: bool = False) -> Segmenter:
+                        crf_device: str = "cpu", exif_orientation: bool = False,
+                        max_pixels: int = DataConfig.max_pixels) -> Segmenter:
         """A segmenter from an amnseg ``seg`` checkpoint (``amnseg train-seg`` or
         ``amnseg import-checkpoint seg``)."""
         if not isinstance(path, (str, os.PathLike)):
@@ -159,7 +167,7 @@ class Segmenter:
             )
         checkpoint = load_model_checkpoint(path, "seg", raw.get("class_names"))
         segmenter = cls(build_model(checkpoint, path), checkpoint["class_names"], device, flip,
-                        crf, crf_device, exif_orientation)
+                        crf, crf_device, exif_orientation, max_pixels)
         segmenter.checkpoint_sha256 = file_sha256(path)
         return segmenter
 
@@ -170,14 +178,18 @@ class Segmenter:
                 "crf_device": str(self.crf_device or "cpu"),
                 "exif_orientation": self.exif_orientation}
 
-    def check_size(self, height: int, width: int, what: str = "image") -> None:
+    def check_size(self, height: int, width: int, what: str = "image",
+                   limit: str = "max_pixels") -> None:
         """A one-line error naming ``what`` when an image of this size is too small for the
-        network's smallest input scale (which would shrink a side to no pixel)."""
+        network's smallest input scale (which would shrink a side to no pixel) or above
+        ``max_pixels``; ``limit`` is how the error names that option."""
         smallest = min((1.0, *self.model.scales))
         if int(min(height, width) * smallest) < 1:
             raise AmnsegError(
                 f"{what}: {width}x{height} pixels is too small to segment (at least "
                 f"{math.ceil(1 / smallest)} pixels a side, for the input scale {smallest:g})")
+        check_pixels(what, height, width, self.max_pixels, f"{limit}={self.max_pixels}",
+                     f"downscale it, or raise {limit} (0: no limit)")
 
     def probabilities(self, image: Image.Image | np.ndarray | str | Path) -> np.ndarray:
         """(C + 1, H, W) float32 class probabilities (before any CRF)."""
@@ -230,8 +242,7 @@ def overlay(image: np.ndarray, labels: np.ndarray, alpha: float = 0.5) -> np.nda
 
 def predict_files(segmenter: Segmenter, inputs: Iterable[str | Path], out_dir: Path,
                   with_overlay: bool = False, voc_submission: bool = False,
-                  max_pixels: int = DataConfig.max_pixels, overwrite: bool = False
-                  ) -> list[Path]:
+                  overwrite: bool = False) -> list[Path]:
     """Label every image of ``inputs``; returns the mask files.
 
     Default: ``<out>/<stem>.png`` palette PNGs (pixel value = class index, VOC colours).
@@ -239,7 +250,7 @@ def predict_files(segmenter: Segmenter, inputs: Iterable[str | Path], out_dir: P
     class indices, the layout the VOC evaluation server takes (tar the ``results`` folder).
     ``with_overlay``: also ``<out>/overlay/<stem>.png`` blends. Every input is decoded
     first, and no output may replace an input: a bad input stops the run before it writes.
-    An image above ``max_pixels`` (0: no limit) is refused, as ``amnseg run`` refuses it.
+    An image above the segmenter's ``max_pixels`` is refused before anything is written.
 
     A file already at an output's place is replaced only with ``overwrite`` (it could be a
     ground-truth mask), unless ``<out>/amnseg-predict.jsonl`` lists it as written by this
@@ -263,9 +274,7 @@ def predict_files(segmenter: Segmenter, inputs: Iterable[str | Path], out_dir: P
     for path in files:
         # Decoded in full, not only its header: a file cut short shows only then.
         height, width = read_rgb(path, segmenter.exif_orientation).shape[:2]
-        segmenter.check_size(height, width, str(path))
-        check_pixels(path, height, width, max_pixels, f"--max-pixels {max_pixels}",
-                     "downscale it, raise --max-pixels, or use --no-crf")
+        segmenter.check_size(height, width, str(path), "--max-pixels")
         for target in targets[path]:
             if target.resolve() in inputs_resolved:
                 raise AmnsegError(f"{target}: the output would replace this input image; "

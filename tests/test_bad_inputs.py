@@ -718,7 +718,7 @@ def test_predict_never_overwrites_its_inputs_and_checks_them_first(tmp_path, cap
     Image.new("RGB", (30, 20)).save(images / "c.png")
     line = one_error_line(capsys, "predict", checkpoint, images, "--out", tmp_path / "out",
                           "--device", "cpu", "--max-pixels", "599")
-    assert "c.png: image is 30x20 (0.0 MP), above --max-pixels 599" in line
+    assert "c.png: image is 30x20 (0.0 MP), above --max-pixels=599" in line
     assert not (tmp_path / "out").exists()
     assert not (tmp_path / "out").exists()
     line = one_error_line(capsys, "predict", checkpoint, images / "a.png", "--out",

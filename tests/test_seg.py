@@ -697,6 +697,26 @@ def test_segmenter_defaults_no_flip_no_crf_files_as_stored(seg_checkpoint, tmp_p
     assert Segmenter.from_checkpoint(seg_checkpoint, crf=True).crf == deeplab_crf()
 
 
+def test_segmenter_refuses_images_above_its_pixel_limit(seg_checkpoint):
+    from amnseg.config import DataConfig
+    from amnseg.segmenter import Segmenter
+
+    assert Segmenter.from_checkpoint(seg_checkpoint).max_pixels == DataConfig.max_pixels
+    image = np.zeros((20, 30, 3), np.uint8)
+    at_limit = Segmenter.from_checkpoint(seg_checkpoint, max_pixels=600)
+    assert at_limit(image).shape == (20, 30)
+    assert at_limit.probabilities(image).shape[1:] == (20, 30)
+    below = Segmenter(at_limit.model, at_limit.class_names, max_pixels=599)
+    for label in (below, below.probabilities):
+        with pytest.raises(AmnsegError, match=r"^image: image is 30x20 \(0.0 MP\), above "
+                           "max_pixels=599 .*raise max_pixels"):
+            label(image)
+    assert Segmenter(at_limit.model, at_limit.class_names, max_pixels=0)(image).shape == (20, 30)
+    for bad in (-1, 1.5, "600", True):
+        with pytest.raises(AmnsegError, match=f"max_pixels={bad!r}: expected a whole number"):
+            Segmenter(at_limit.model, at_limit.class_names, max_pixels=bad)
+
+
 def test_train_seg_on_ground_truth_then_evaluate(tiny_dataset, tmp_path, monkeypatch):
     from conftest import tiny_config, training_log
 
