@@ -7,10 +7,12 @@
 #   bash benchmarks/run_gpu.sh OUT_DIR [STEP ...]     (default: every step)
 #   bash benchmarks/run_gpu.sh OUT_DIR open           (what the open issues still need
 #                                                      measured, about 6 minutes)
+#   bash benchmarks/run_gpu.sh OUT_DIR seg_profile    (issue 11: where the best seg step's
+#                                                      GPU time goes, about 4 minutes)
 #
 # Steps: gpu_tests walk ddp cam_fp32 cam_bf16 seeds crf seeds_gpu pipeline pipeline_crf_gpu
 # pipeline_serial pipeline_steady pipeline_bf16 eval_maps seg_fp32 seg_bf16 seg_tuned seg_compile
-# seg_stage seg_best map_profile demo demo_bf16
+# seg_stage seg_best seg_profile map_profile demo demo_bf16
 set -u -o pipefail
 out=${1:-/tmp/amnseg-gpu}
 shift || true
@@ -18,7 +20,7 @@ shift || true
 # forwards, the VOC projection in fp32 and with bf16 for the networks, CRFs on the GPU) and the
 # map evaluation's worker processes on 16 cores.
 open_steps="pipeline_steady pipeline_bf16 eval_maps"
-wanted=" ${*:-gpu_tests walk ddp cam_fp32 cam_bf16 seeds crf seeds_gpu pipeline pipeline_crf_gpu pipeline_serial pipeline_steady pipeline_bf16 eval_maps seg_fp32 seg_bf16 seg_tuned seg_compile seg_stage map_profile demo demo_bf16} "
+wanted=" ${*:-gpu_tests walk ddp cam_fp32 cam_bf16 seeds crf seeds_gpu pipeline pipeline_crf_gpu pipeline_serial pipeline_steady pipeline_bf16 eval_maps seg_fp32 seg_bf16 seg_tuned seg_compile seg_stage seg_profile map_profile demo demo_bf16} "
 wanted=${wanted/ open / $open_steps }
 mkdir -p "$out"
 export PYTHONUNBUFFERED=1
@@ -65,6 +67,10 @@ step seg_stage 330 python3 -m benchmarks.bench_seg_stage --images 100 --iteratio
     --variants bf16_tuned bf16_fused_folded_compiled bf16_fused_folded_graphs
 step seg_best 200 python3 -m benchmarks.bench_seg_stage --images 100 --iterations 30 --workers 16 \
     --variants bf16_fused_folded_compiled
+# The network alone with the seg stage's fastest options (folded BatchNorm, compiled): its
+# kernels by device time, in seg_profile_b10.txt.
+step seg_profile 300 python3 -m benchmarks.bench_seg --steps 10 --repeats 1 --amp --channels-last \
+    --cudnn-benchmark --fold-norm --compile --profile "$out"
 step map_profile 150 python3 -m benchmarks.profile_map_stage --images 96 --workers 16 "$out"
 step demo 300 python3 -m amnseg demo run_dir=/tmp/demo-run data.root=/tmp/demo-data
 if [[ -f /tmp/demo-run/manifest.json ]]; then cp /tmp/demo-run/manifest.json "$out/demo_manifest.json"; fi

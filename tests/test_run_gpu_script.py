@@ -30,6 +30,7 @@ def steps_run(tmp_path: Path, *args: str) -> list[str]:
 @pytest.mark.parametrize("args, expected", [
     (("open",), ["pipeline_steady", "pipeline_bf16", "eval_maps"]),
     (("walk", "seg_best"), ["walk", "seg_best"]),
+    (("seg_profile",), ["seg_profile"]),
 ])
 def test_steps_are_those_asked_in_the_script_order(tmp_path, args, expected):
     assert steps_run(tmp_path, *args) == expected
