@@ -716,6 +716,7 @@ def _fail(message: str, status: int = 2) -> None:
     # start a fresh line, in a log return to the line's start.
     start = "\n" if sys.stderr.isatty() else "\r"
     print(f"{start}amnseg: error: {message}", file=sys.stderr)
+    distributed.record_error(f"amnseg: error: {message}")
     sys.exit(status)
 
 

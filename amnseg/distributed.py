@@ -9,8 +9,10 @@ helper here is a no-op for a world of one process, so the stages need no second 
 from __future__ import annotations
 
 import atexit
+import json
 import os
 import sys
+import time
 from collections.abc import Sequence
 from typing import Any, TypeVar
 
@@ -87,6 +89,22 @@ def peer_stopped(error: BaseException) -> bool:
         return False
     return (isinstance(error, getattr(dist, "DistError", ())) or
             any(sign in str(error) for sign in PEER_SIGNS))
+
+
+def record_error(message: str) -> None:
+    """Leave a user error's one line where torchrun looks for a failed process's reason (the
+    file named by ``TORCHELASTIC_ERROR_FILE``, which it sets for every process it starts): its
+    failure summary then shows this line, not a link to its documentation. Best effort: a file
+    that cannot be written leaves the summary as torchrun makes it."""
+    path = os.environ.get("TORCHELASTIC_ERROR_FILE")
+    if not path:
+        return
+    try:
+        # torchrun reads a plain message with its time; it only reads once the process ended.
+        with open(path, "w", encoding="utf-8") as file:
+            json.dump({"message": message, "timestamp": int(time.time())}, file)
+    except OSError:
+        pass
 
 
 def _leave() -> None:

@@ -21,6 +21,7 @@ from conftest import write_tiny_folder_dataset
 from test_pipeline import FAST
 
 import amnseg as amnseg_package
+from amnseg import distributed
 from amnseg.io import load_checkpoint
 
 DRIVER = '''
@@ -260,3 +261,36 @@ def test_a_process_not_started_by_torchrun_says_what_it_waits_for(monkeypatch, c
     with pytest.raises(KeyboardInterrupt):
         distributed.setup("cpu")
     assert capsys.readouterr().err == ""
+
+
+def test_torchruns_failure_summary_names_the_error_line(tmp_path):
+    """torchrun ends a failed job with its own summary (and a traceback of the launcher itself,
+    which no process of the job can prevent); its root-cause block shows our one line."""
+    missing = tmp_path / "no-such-config.yaml"
+    result = subprocess.run(
+        [sys.executable, "-m", "torch.distributed.run", "--nproc_per_node=2", "--nnodes=1",
+         f"--master_port={free_port()}", "-m", "amnseg", "run", str(missing)],
+        capture_output=True, text=True, env=environment(), timeout=120, check=False)
+    assert result.returncode != 0
+    output = result.stdout + result.stderr
+    root_cause = output.split("Root Cause (first observed failure):", 1)[1]
+    assert f"traceback : amnseg: error: {missing}: no such config file" in root_cause
+    assert "To enable traceback see" not in output
+
+
+def test_recorded_error_is_what_torchrun_reads(tmp_path, monkeypatch):
+    from torch.distributed.elastic.multiprocessing.errors import ProcessFailure
+
+    error_file = tmp_path / "error.json"
+    monkeypatch.delenv("TORCHELASTIC_ERROR_FILE", raising=False)
+    distributed.record_error("amnseg: error: x.png: unreadable image")  # no torchrun: no file
+    assert not error_file.exists()
+    monkeypatch.setenv("TORCHELASTIC_ERROR_FILE", str(error_file))
+    before = int(time.time())
+    distributed.record_error("amnseg: error: x.png: unreadable image")
+    failure = ProcessFailure(local_rank=0, pid=1, exitcode=2, error_file=str(error_file))
+    assert failure.message == "amnseg: error: x.png: unreadable image"
+    assert before <= failure.timestamp <= time.time()
+    # A file that cannot be written leaves torchrun's own summary; the error line still shows.
+    monkeypatch.setenv("TORCHELASTIC_ERROR_FILE", str(tmp_path / "missing" / "error.json"))
+    distributed.record_error("amnseg: error: x.png: unreadable image")
