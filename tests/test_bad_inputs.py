@@ -316,6 +316,36 @@ def test_bad_config_values_are_refused_at_load_time(tmp_path, capsys, override, 
     assert not run.exists()  # nothing written
 
 
+# Each kind of check at its edge: the value on the line is accepted, the one past it refused.
+@pytest.mark.parametrize("accepted, refused, words", [
+    ("cam.epochs=1", "cam.epochs=0", "cam.epochs=0: must be a number >= 1"),
+    ("cam.crop_size=8", "cam.crop_size=7", "cam.crop_size=7: must be a number >= 8"),
+    ("cam.weight_decay=0", "cam.weight_decay=-1e-9", "must be a number >= 0"),
+    ("cam.lr=1e-12", "cam.lr=0", "cam.lr=0.0: must be a number > 0"),
+    ("cam.eval_threshold=1", "cam.eval_threshold=1.001", "must lie in [0, 1]"),
+    ("cam.eval_threshold=0", "cam.eval_threshold=-0.001", "must lie in [0, 1]"),
+    ("cam.momentum=0", "cam.momentum=1", "cam.momentum=1.0: must lie in [0, 1)"),
+    ("cam.momentum=0.999", "cam.momentum=-0.001", "must lie in [0, 1)"),
+    ("cam.scales=[1.0]", "cam.scales=[]", "cam.scales=[]: must be a list of one or more "
+     "numbers > 0"),
+    ("cam.scales=[1.0,0.001]", "cam.scales=[1.0,0]", "must be a list of one or more numbers"),
+    ("backbone.strides=[2,2,2,1]", "backbone.strides=[2,2,2]", "must be a list of 4 numbers > 0"),
+    ("amn.rescale=[0.5,0.5]", "amn.rescale=[0.5,0.499]", "must be [low, high] with 0 < low <= "
+     "high"),
+    ("amn.rescale=[0.001,2]", "amn.rescale=[0,2]", "amn.rescale=[0.0, 2.0]: must be [low, high] "
+     "with 0 < low"),
+    ("eval.robust_range=[0,0.5]", "eval.robust_range=[-0.001,0.5]", "must be [low, high] with "
+     "0 <= low <= high"),
+    ("eval.robust_range=[0.5,0.5]", "eval.robust_range=[0.5,0.4]", "with 0 <= low <= high"),
+])
+def test_config_checks_at_their_edges(accepted, refused, words):
+    from amnseg.config import load_config
+
+    load_config(None, [accepted])
+    with pytest.raises(AmnsegError, match=re.escape(words)):
+        load_config(None, [refused])
+
+
 def test_a_run_that_cannot_start_leaves_no_run_folder(tmp_path, capsys, data):
     run = tmp_path / "runs" / "first"
     args = folder_args(data, run)
