@@ -346,6 +346,22 @@ def test_config_checks_at_their_edges(accepted, refused, words):
         load_config(None, [refused])
 
 
+@pytest.mark.parametrize("cores, most", [(16, 128), (4, 64), (None, 64)])
+def test_process_counts_are_capped_by_the_cores(monkeypatch, cores, most):
+    """At most 8 processes a core, and 64 on any machine: beyond that only memory and start-up
+    grow, and a typo (seeds.workers=1600) would fork until the machine stalls."""
+    from amnseg.config import load_config
+
+    monkeypatch.setattr(os, "cpu_count", lambda: cores)
+    for key, kind in (("data.num_workers", "loader"), ("seeds.workers", "CRF worker"),
+                      ("seg.crf_workers", "CRF worker")):
+        load_config(None, [f"{key}={most}"])
+        with pytest.raises(AmnsegError, match=re.escape(
+                f"{key}={most + 1}: at most {most} {kind} processes on this machine of {cores} "
+                "cores")):
+            load_config(None, [f"{key}={most + 1}"])
+
+
 def test_a_run_that_cannot_start_leaves_no_run_folder(tmp_path, capsys, data):
     run = tmp_path / "runs" / "first"
     args = folder_args(data, run)
