@@ -346,6 +346,60 @@ def test_config_checks_at_their_edges(accepted, refused, words):
         load_config(None, [refused])
 
 
+# The options' own limits at their edges (overrides joined by spaces are given together).
+@pytest.mark.parametrize("accepted, refused, words", [
+    ("seeds.crf.iterations=0", "seeds.crf.iterations=-1", "must be a number >= 0"),
+    ("seg.crf.iterations=1000", "seg.crf.iterations=1001", "seg.crf.iterations=1001: must be "
+     "at most 1000"),
+    ("seeds.crf.gt_prob=0.001", "seeds.crf.gt_prob=0", "seeds.crf.gt_prob=0.0: must lie in "
+     "(0, 1)"),
+    ("seeds.crf.gt_prob=0.999", "seeds.crf.gt_prob=1", "seeds.crf.gt_prob=1.0: must lie in"),
+    ("seed=4294967295", "seed=4294967296", "seed=4294967296: must be an integer in 0 .. 2^32"),
+    ("map_batch_images=1", "map_batch_images=0", "map_batch_images=0: must be an integer >= 1"),
+    ("data.max_pixels=0", "data.max_pixels=-1", "data.max_pixels=-1: must be a number >= 0"),
+    ("backbone.depth=34", "backbone.depth=35", "backbone.depth=35: expected one of 18, 34, 50, "
+     "101"),
+    ("backbone.strides=[2,1,1,2]", "backbone.strides=[2,3,2,1]", "must be [2, s2, s3, s4]"),
+    ("backbone.fold_norm=true", "backbone.fold_norm=true backbone.norm=batch",
+     "backbone.fold_norm=True: needs backbone.norm=frozen"),
+    ("seeds.cam_bg_threshold=0.3", "seeds.cam_bg_threshold=0.31",
+     "seeds.cam_bg_threshold=0.31: must not exceed seeds.cam_fg_threshold=0.3"),
+    ("seeds.crf_batch_images=1", "seeds.crf_batch_images=0", "must be a number >= 1"),
+    ("seeds.crf_device=cuda:1", "seeds.crf_device=gpu", "seeds.crf_device='gpu': must be auto"),
+    ("seeds.overlap=true", "seeds.overlap=true seeds.crf_device=cuda",
+     "seeds.overlap='true': seeds beside the maps need seeds.crf_device=cpu, not cuda"),
+    ("irn.radius=2 irn.walk_radius=2", "irn.radius=1", "irn.radius=1: must be a number >= 2"),
+    ("irn.exp_times=16", "irn.exp_times=17", "irn.exp_times=17: must be at most 16"),
+    ("irn.walk_radius=32", "irn.walk_radius=33", "must be at most 32"),
+    ("irn.infer_pad_size=4096", "irn.infer_pad_size=4097", "must be at most 4096"),
+    # radius 10 (the reference's): pairs reach 9 stride-4 cells each way, so 19 cells = 76
+    # pixels.
+    ("irn.crop_size=76", "irn.crop_size=75", "irn.crop_size=75: must be at least 76 for "
+     "irn.radius=10"),
+    ("irn.momentum=0.999", "irn.momentum=1", "irn.momentum=1.0: must lie in [0, 1)"),
+    ("seg.momentum=0.999", "seg.momentum=1", "seg.momentum=1.0: must lie in [0, 1)"),
+    ("seg.crop_size=16", "seg.crop_size=15", "seg.crop_size=15: must be a number >= 16"),
+    ("seg.msc_scales=[]", "seg.msc_scales=[0.5,0]", "must be a list of numbers > 0"),
+    ("seg.crop_size=16 seg.msc_scales=[0.0625]", "seg.crop_size=16 seg.msc_scales=[0.062]",
+     "must leave a pixel of the seg.crop_size=16 crops"),
+    ("seg.fused_accumulation=true", "seg.fused_accumulation=true seg.backbone.norm=batch",
+     "seg.fused_accumulation=True: needs seg.backbone.norm=frozen"),
+    ("eval.sweep_start=0.5 eval.sweep_stop=0.5", "eval.sweep_start=0.6 eval.sweep_stop=0.5",
+     "eval.sweep_start=0.6: must not exceed eval.sweep_stop=0.5"),
+    # (1 - 0.5) / 0.00005 = 10000 steps, the most; 10000.5 is refused.
+    ("eval.sweep_start=0.5 eval.sweep_stop=1 eval.sweep_step=0.00005",
+     "eval.sweep_start=0.5 eval.sweep_stop=1 eval.sweep_step=0.0000499975",
+     "gives more than 10000 thresholds"),
+    ("eval.robust_range=[0.5,1]", "eval.robust_range=[0.5,1.001]", "must lie in [0, 1]"),
+])
+def test_option_limits_at_their_edges(accepted, refused, words):
+    from amnseg.config import load_config
+
+    load_config(None, accepted.split())
+    with pytest.raises(AmnsegError, match=re.escape(words)):
+        load_config(None, refused.split())
+
+
 @pytest.mark.parametrize("cores, most", [(16, 128), (4, 64), (None, 64)])
 def test_process_counts_are_capped_by_the_cores(monkeypatch, cores, most):
     """At most 8 processes a core, and 64 on any machine: beyond that only memory and start-up
