@@ -755,6 +755,21 @@ def test_image_size_limits_hold_at_their_ends(tmp_path, side):
         10, "cam.scales scales it by 0.1, which must leave a pixel")
 
 
+def test_image_scales_are_each_options_smallest_factor():
+    """What the smallest-side check is given: each option that shrinks a whole image, with the
+    smallest factor it applies (a range's low end; 1.0 counts for DeepLab's MSC pyramid)."""
+    from amnseg.config import image_scales, load_config
+
+    config = load_config(None, ["cam.scales=[1.0,0.7,2.0]", "amn.scales=[0.6,1.0]",
+                                "amn.rescale=[0.4,1.6]", "irn.rescale=[0.3,1.7]",
+                                "seg.rescale=[1.2,0.9,1.5]", "seg.msc_scales=[1.5,2.0]"])
+    assert image_scales(config) == [("cam.scales", 0.7), ("amn.scales", 0.6),
+                                    ("amn.rescale", 0.4), ("irn.rescale", 0.3),
+                                    ("seg.rescale", 0.9), ("seg.msc_scales", 1.0)]
+    assert image_scales(load_config(None, ["seg.msc_scales=[0.25]"]))[-1] == (
+        "seg.msc_scales", 0.25)
+
+
 def test_data_signature_kinds_see_what_they_promise(tmp_path):
     """``stat``: a file touched (same bytes, new time) changes the signature; ``content``: it
     does not, but a byte changed behind the same size and time does."""

@@ -237,3 +237,26 @@ def test_an_epoch_logged_twice_by_a_killed_run_is_logged_once(finished, monkeypa
     assert [__import__("json").loads(e)["epoch"] for e in epochs] == [1, 2]
     assert (run / "irn" / "irn.pt").read_bytes() == (root / "straight" / "irn" / "irn.pt"
                                                       ).read_bytes()
+
+
+def test_a_run_folders_config_reads_back_as_written(tmp_path):
+    """status and report read a run's config.json: every option as the run had it (not the
+    defaults under it), its run_dir where the folder is now, and a bad value named with the
+    file."""
+    import json
+
+    from amnseg.config import config_to_dict, load_config
+    from amnseg.pipeline import RUN_CONFIG, load_run_config
+
+    config = load_config("demo", ["cam.epochs=7", "seeds.amn_fg_threshold=0.5",
+                                  "seg.msc_scales=[0.25]", "eval.robust_range=[0.2,0.3]"])
+    (tmp_path / RUN_CONFIG).write_text(json.dumps(config_to_dict(config)))
+    read = load_run_config(tmp_path)
+    assert read.run_dir == str(tmp_path)
+    read.run_dir = config.run_dir
+    assert config_to_dict(read) == config_to_dict(config)
+    values = config_to_dict(config)
+    values["cam"]["epochs"] = 0
+    (tmp_path / RUN_CONFIG).write_text(json.dumps(values))
+    with pytest.raises(AmnsegError, match=f"{tmp_path / RUN_CONFIG}: cam.epochs=0: must be"):
+        load_run_config(tmp_path)
