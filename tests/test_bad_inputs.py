@@ -212,6 +212,8 @@ def test_missing_image_of_a_split_is_named(tmp_path, capsys):
     ('"img 00,square', "a quoted field runs on to line 9 (a stray '\"'?)"),
     ("img 00\tsquare", "one column, with a tab in it: columns are separated by commas"),
     ("img 00;square", "one column, with ';' in it"),
+    # Only the first row may be the header (a second one: files joined with their headers).
+    ("stem,classes", "unknown class 'classes'"),
 ])
 def test_bad_label_rows_are_named_with_their_line(data, tmp_path, capsys, row, words):
     labels = data / "labels.csv"
