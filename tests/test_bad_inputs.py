@@ -1501,6 +1501,11 @@ def test_cores_per_process_ignores_a_local_world_size_torchrun_would_not_set(mon
         assert distributed.cores_per_process() == max(1, os.cpu_count() or 1)
     monkeypatch.setenv("LOCAL_WORLD_SIZE", "2")
     assert distributed.cores_per_process() == max(1, (os.cpu_count() or 1) // 2)
+    # The machine's cores split between its processes, whole cores, at least one each.
+    for cores, processes, each in ((16, 3, 5), (16, 1, 16), (2, 4, 1), (None, 2, 1)):
+        monkeypatch.setattr(os, "cpu_count", lambda cores=cores: cores)
+        monkeypatch.setenv("LOCAL_WORLD_SIZE", str(processes))
+        assert distributed.cores_per_process() == each, (cores, processes)
 
 
 @pytest.mark.skipif(torch.cuda.is_available(), reason="needs a machine without CUDA")

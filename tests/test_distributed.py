@@ -261,6 +261,12 @@ def test_a_process_not_started_by_torchrun_says_what_it_waits_for(monkeypatch, c
     with pytest.raises(KeyboardInterrupt):
         distributed.setup("cpu")
     assert capsys.readouterr().err == ""
+    # A world of one process waits for no other.
+    monkeypatch.delenv("TORCHELASTIC_RUN_ID")
+    monkeypatch.setenv("WORLD_SIZE", "1")
+    with pytest.raises(KeyboardInterrupt):
+        distributed.setup("cpu")
+    assert capsys.readouterr().err == ""
 
 
 def test_torchruns_failure_summary_names_the_error_line(tmp_path):
