@@ -513,7 +513,7 @@ def validate(config: Config) -> Config:
                       ("seg.crf_device", config.seg.crf_device)):
         _require(is_device(spec), key, spec, "must be auto, cpu, cuda or cuda:N")
     # The seeds made beside the map stage run in forked processes, where CUDA cannot start.
-    _require(seeds.overlap == "true" or str(seeds.crf_device) == "cpu", "seeds.overlap",
+    _require(seeds.overlap != "true" or str(seeds.crf_device) == "cpu", "seeds.overlap",
              seeds.overlap, f"seeds beside the maps need seeds.crf_device=cpu, not "
              f"{seeds.crf_device}")
     validate_crf(seeds.crf, "seeds.crf")

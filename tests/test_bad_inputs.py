@@ -359,6 +359,7 @@ def test_config_checks_at_their_edges(accepted, refused, words):
     ("seed=4294967295", "seed=4294967296", "seed=4294967296: must be an integer in 0 .. 2^32"),
     ("map_batch_images=1", "map_batch_images=0", "map_batch_images=0: must be an integer >= 1"),
     ("data.max_pixels=0", "data.max_pixels=-1", "data.max_pixels=-1: must be a number >= 0"),
+    ("data.train_split=x", 'data.train_split=""', "data.train_split='': must be set"),
     ("backbone.depth=34", "backbone.depth=35", "backbone.depth=35: expected one of 18, 34, 50, "
      "101"),
     ("backbone.strides=[2,1,1,2]", "backbone.strides=[2,3,2,1]", "must be [2, s2, s3, s4]"),
