@@ -318,8 +318,9 @@ def test_bad_config_values_are_refused_at_load_time(tmp_path, capsys, override, 
     assert not run.exists()  # nothing written
 
 
-# Each kind of check at its edge: the value on the line is accepted, the one past it refused.
-@pytest.mark.parametrize("accepted, refused, words", [
+# Every kind of check, then every option's own limit, at its edge: the value on the line is
+# accepted, the one past it refused (overrides joined by spaces are given together).
+CHECK_EDGES = [
     ("cam.epochs=1", "cam.epochs=0", "cam.epochs=0: must be a number >= 1"),
     ("cam.crop_size=8", "cam.crop_size=7", "cam.crop_size=7: must be a number >= 8"),
     ("cam.weight_decay=0", "cam.weight_decay=-1e-9", "must be a number >= 0"),
@@ -339,17 +340,8 @@ def test_bad_config_values_are_refused_at_load_time(tmp_path, capsys, override, 
     ("eval.robust_range=[0,0.5]", "eval.robust_range=[-0.001,0.5]", "must be [low, high] with "
      "0 <= low <= high"),
     ("eval.robust_range=[0.5,0.5]", "eval.robust_range=[0.5,0.4]", "with 0 <= low <= high"),
-])
-def test_config_checks_at_their_edges(accepted, refused, words):
-    from amnseg.config import load_config
-
-    load_config(None, [accepted])
-    with pytest.raises(AmnsegError, match=re.escape(words)):
-        load_config(None, [refused])
-
-
-# The options' own limits at their edges (overrides joined by spaces are given together).
-@pytest.mark.parametrize("accepted, refused, words", [
+]
+LIMIT_EDGES = [
     ("seeds.crf.iterations=0", "seeds.crf.iterations=-1", "must be a number >= 0"),
     ("seg.crf.iterations=1000", "seg.crf.iterations=1001", "seg.crf.iterations=1001: must be "
      "at most 1000"),
@@ -394,8 +386,11 @@ def test_config_checks_at_their_edges(accepted, refused, words):
      "eval.sweep_start=0.5 eval.sweep_stop=1 eval.sweep_step=0.0000499975",
      "gives more than 10000 thresholds"),
     ("eval.robust_range=[0.5,1]", "eval.robust_range=[0.5,1.001]", "must lie in [0, 1]"),
-])
-def test_option_limits_at_their_edges(accepted, refused, words):
+]
+
+
+@pytest.mark.parametrize("accepted, refused, words", CHECK_EDGES + LIMIT_EDGES)
+def test_config_checks_and_limits_at_their_edges(accepted, refused, words):
     from amnseg.config import load_config
 
     load_config(None, accepted.split())
