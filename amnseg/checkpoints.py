@@ -368,7 +368,7 @@ def export_reference(checkpoint: dict[str, Any]) -> dict[str, Any]:
 
 
 # The backbone options that decide the reference network's shapes and arithmetic; the others
-# (norm, freeze_stem, fold_norm, pretrained) only decide how it trained or runs.
+# (norm, freeze_stem, fold_norm, space_to_batch, pretrained) only decide how it trained or runs.
 LAYOUT_FIELDS = ("depth", "width", "strides", "dilations", "stride_in_1x1", "stem_pool_ceil")
 
 

@@ -47,7 +47,7 @@ def profile_steps(step, sync, args: argparse.Namespace, per_step: float) -> None
     lines = [
         f"batch {args.batch}, crop {args.crop}, amp={args.amp}, channels_last="
         f"{args.channels_last}, cudnn.benchmark={args.cudnn_benchmark}, compile={args.compile}, "
-        f"fold_norm={args.fold_norm}",
+        f"fold_norm={args.fold_norm}, space_to_batch={args.space_to_batch}",
         f"step {per_step * 1000:.1f} ms unprofiled; {'kernels' if on_cuda else 'operators'} "
         f"busy {busy * 1000:.1f} ms "
         f"per step ({busy / per_step:.0%} of the step)", "",
@@ -74,6 +74,8 @@ def main() -> None:
                         help="torch.compile the training network (inductor; minutes to compile)")
     parser.add_argument("--fold-norm", action="store_true",
                         help="apply the frozen BatchNorm inside the convolutions (fold_norm)")
+    parser.add_argument("--space-to-batch", action="store_true",
+                        help="dilated convs as undilated ones over sub-grids (space_to_batch)")
     parser.add_argument("--device", default="cuda" if torch.cuda.is_available() else "cpu")
     parser.add_argument("--profile", type=Path, metavar="OUT_DIR",
                         help="also profile 3 training steps: seg_profile_b<batch>.txt in OUT_DIR")
@@ -84,6 +86,7 @@ def main() -> None:
     backbone = deeplab_backbone()
     backbone.depth = args.depth
     backbone.fold_norm = args.fold_norm
+    backbone.space_to_batch = args.space_to_batch
     model = MSC(DeepLabV2(resnet_from_config(backbone), 21)).to(device)
     freeze_batchnorm(model)
     if args.channels_last:
@@ -140,7 +143,8 @@ def main() -> None:
         ", channels_last" if args.channels_last else "") + (
         ", cudnn.benchmark" if args.cudnn_benchmark else "") + (
         ", torch.compile" if args.compile else "") + (
-        ", fold_norm" if args.fold_norm else "")
+        ", fold_norm" if args.fold_norm else "") + (
+        ", space_to_batch" if args.space_to_batch else "")
     body = (
         f"DeepLab-v2 ResNet-{args.depth} MSC (scales 1, 0.5, 0.75), 21 classes, device "
         f"{device}, {mode}. Training: batch {args.batch} of {args.crop}x{args.crop} crops, "

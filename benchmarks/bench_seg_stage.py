@@ -53,6 +53,11 @@ VARIANTS = {
                                  "seg.fused_accumulation + seg.backbone.fold_norm + "
                                  "compile_training=reduce-overhead",
                                  [*FOLDED, "compile_training=reduce-overhead"]),
+    "bf16_fused_folded_s2b_compiled": ("bf16 + channels_last + cudnn_benchmark + "
+                                       "seg.fused_accumulation + seg.backbone.fold_norm + "
+                                       "seg.backbone.space_to_batch + compile_training=default",
+                                       [*FOLDED, "seg.backbone.space_to_batch=true",
+                                        "compile_training=default"]),
     # Not the recipe: one batch of 10 instead of 2 x 5 accumulated (the loss is then averaged
     # over the 10 crops' pixels, not over each 5's), for what the batch size costs.
     "bf16_batch10": ("bf16 + channels_last + cudnn_benchmark, batch 10 x 1 (not the recipe)",

@@ -51,12 +51,61 @@ def conv_norm(conv: nn.Conv2d, norm: nn.BatchNorm2d, x: torch.Tensor) -> torch.T
     the convolutions themselves (benchmarks/RESULTS.md, "Segmentation stage on an H200: fused
     accumulation and folded BatchNorm")."""
     if not getattr(norm, "fold", False):
-        return norm(conv(x))
+        return norm(convolve(conv, x, conv.weight, conv.bias))
     scale, shift = norm.scale_shift()
     if conv.bias is not None:
         shift = shift + conv.bias * scale
     weight = conv.weight * scale.reshape(-1, 1, 1, 1)
-    return F.conv2d(x, weight, shift, conv.stride, conv.padding, conv.dilation, conv.groups)
+    return convolve(conv, x, weight, shift)
+
+
+def convolve(conv: nn.Conv2d, x: torch.Tensor, weight: torch.Tensor,
+             bias: torch.Tensor | None) -> torch.Tensor:
+    """``conv``'s convolution of ``x`` with ``weight`` and ``bias`` in its place. A dilated
+    "same" convolution of a ResNet built with ``space_to_batch`` runs as
+    :func:`space_to_batch_conv`."""
+    dilation = conv.dilation[0]
+    if (getattr(conv, "space_to_batch", False) and dilation > 1 and conv.groups == 1
+            and conv.stride == (1, 1) and conv.dilation == (dilation, dilation)
+            and conv.padding == tuple(dilation * (k - 1) // 2 for k in conv.kernel_size)):
+        return space_to_batch_conv(x, weight, bias, dilation)
+    return F.conv2d(x, weight, bias, conv.stride, conv.padding, conv.dilation, conv.groups)
+
+
+def space_to_batch_conv(x: torch.Tensor, weight: torch.Tensor, bias: torch.Tensor | None,
+                        dilation: int) -> torch.Tensor:
+    """``F.conv2d(x, weight, bias, padding=dilation * (k - 1) // 2, dilation=dilation)`` for an
+    odd k x k ``weight``, computed without dilation: (B, C, H, W) -> (B, O, H, W).
+
+    Output pixel (i, j) of the dilated convolution reads only pixels of its own phase
+    (i mod d, j mod d). So ``x``, zero-padded to multiples of d (where the dilated
+    convolution's own zero padding reads zeros too), is cut into its d * d phases, each a
+    (ceil(H / d), ceil(W / d)) image; one undilated convolution runs over all of them as a
+    batch, and the outputs are interleaved back. Every output is the same sum of products in
+    another order. Dilated convolution kernels are slow on some GPUs; these are ordinary ones
+    (benchmarks/RESULTS.md, "Dilated convolutions: as dilated kernels and space to batch").
+    The work happens on channels-last views, the layout the GPU options use, where each
+    rearrangement is a single copy; the result has the input's memory format."""
+    batch, channels, height, width = x.shape
+    rows, cols = -(-height // dilation), -(-width // dilation)
+    padded = F.pad(x, (0, cols * dilation - width, 0, rows * dilation - height))
+    # (B, rows * d, cols * d, C) -> (B, d, d, rows, cols, C): phase (p, q) holds the pixels
+    # (p + d * r, q + d * c).
+    phases = (padded.permute(0, 2, 3, 1)
+              .reshape(batch, rows, dilation, cols, dilation, channels)
+              .permute(0, 2, 4, 1, 3, 5)
+              .reshape(batch * dilation * dilation, rows, cols, channels)
+              .permute(0, 3, 1, 2))
+    out = F.conv2d(phases, weight, bias, 1, tuple((k - 1) // 2 for k in weight.shape[-2:]))
+    out_channels = out.shape[1]
+    merged = (out.permute(0, 2, 3, 1)
+              .reshape(batch, dilation, dilation, rows, cols, out_channels)
+              .permute(0, 3, 1, 4, 2, 5)
+              .reshape(batch, rows * dilation, cols * dilation, out_channels)
+              [:, :height, :width].permute(0, 3, 1, 2))
+    channels_last = x.is_contiguous(memory_format=torch.channels_last)
+    return merged.contiguous(
+        memory_format=torch.channels_last if channels_last else torch.contiguous_format)
 
 
 class ConvNorm(nn.Sequential):
@@ -168,7 +217,8 @@ class ResNet(nn.Module):
     ``stride_in_1x1``: Caffe's block layout (stride on the first 1x1 conv).
     ``stem_pool_ceil``: the stem's max-pool rounds its output size up (Caffe, DeepLab-v2).
     ``fold_norm``: each frozen BatchNorm is applied by the convolution before it (``conv_norm``;
-    needs ``norm="frozen"``).
+    needs ``norm="frozen"``). ``space_to_batch``: dilated 3x3 convs run as undilated ones over
+    their interleaved sub-grids (``space_to_batch_conv``).
     """
 
     def __init__(
@@ -182,6 +232,7 @@ class ResNet(nn.Module):
         stride_in_1x1: bool = False,
         stem_pool_ceil: bool = False,
         fold_norm: bool = False,
+        space_to_batch: bool = False,
     ):
         super().__init__()
         if fold_norm and norm != "frozen":
@@ -222,6 +273,8 @@ class ResNet(nn.Module):
         for module in self.modules():
             if isinstance(module, FixedStatsBatchNorm2d):
                 module.fold = fold_norm
+            if isinstance(module, nn.Conv2d):
+                module.space_to_batch = space_to_batch
         if freeze_stem:
             for parameter in (*self.conv1.parameters(), *self.bn1.parameters()):
                 parameter.requires_grad_(False)
@@ -271,6 +324,7 @@ def resnet_from_config(config) -> ResNet:
         stride_in_1x1=get("stride_in_1x1", False),
         stem_pool_ceil=get("stem_pool_ceil", False),
         fold_norm=get("fold_norm", False),
+        space_to_batch=get("space_to_batch", False),
     )
 
 
