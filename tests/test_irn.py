@@ -337,6 +337,8 @@ def test_irn_training_pairs_come_from_the_seed_at_cell_centres(tmp_path):
     _, bg_pos, fg_pos, neg = items(sample, np.random.default_rng(0))
     expected = affinity_labels(seed[2::4, 2::4], 3)  # x0.25 nearest: pixels 4i + 2
     for got, want in zip((bg_pos, fg_pos, neg), expected, strict=True):
+        assert got.dtype == torch.uint8  # a quarter of float32's bytes between processes
+        assert want.dtype == np.float32 and set(np.unique(want)) == {0.0, 1.0}
         np.testing.assert_array_equal(got.numpy(), want)
 
 
@@ -407,6 +409,9 @@ def test_irn_training_loss_is_the_pair_loss_of_path_affinities():
               zip(*(affinity_labels(seed, radius) for seed in seeds), strict=True)]
     with torch.no_grad():
         got = irn_training_loss(model, images, *labels, radius=radius).item()
+        # The loader's uint8 labels give the same loss to the bit.
+        as_bytes = [label.to(torch.uint8) for label in labels]
+        assert irn_training_loss(model, images, *as_bytes, radius=radius).item() == got
     # Brute force: affinity of source (y, x) and direction d = 1 - max boundary on the path.
     rows, cols = pair_region(10, 12, radius)
     affinity = np.zeros(labels[0].shape)

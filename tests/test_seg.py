@@ -1138,3 +1138,83 @@ def test_an_edited_checkpoint_with_odd_class_names_or_integer_weights_is_named(t
         with pytest.raises(AmnsegError, match=re.escape(f"edited.pt: damaged amnseg checkpoint "
                                                         f"({words})")):
             Segmenter.from_checkpoint(tmp_path / "edited.pt")
+
+
+def test_scale_streams_compiles_the_base_network_alone(tiny_dataset, tmp_path, monkeypatch):
+    """seg.scale_streams with compile_training: the base network is compiled (one graph per
+    scale's size), the whole MSC is not, the base's compiled form runs in training only, the
+    checkpoint keeps its keys, and the weights are those of a run without the option (on the
+    CPU the scales run one after the other). torch.compile is replaced by a recorder here:
+    compiling for real takes minutes on a CPU (tests/test_space_to_batch.py and the GPU run of
+    benchmarks/run_gpu.sh compile)."""
+    from conftest import tiny_config
+
+    from amnseg import training
+
+    compiled, calls = [], []
+
+    def recording_compile(module, mode=None, dynamic=None):
+        compiled.append((type(module).__name__, mode, dynamic))
+
+        def run(x):
+            calls.append(tuple(x.shape[-2:]))
+            return module(x)
+        return run
+
+    monkeypatch.setattr(torch, "compile", recording_compile)
+    monkeypatch.setattr(training, "check_compiler", lambda mode, device: None)
+    monkeypatch.setattr(seg_stage, "check_compiler", lambda mode, device: None)
+    weights = []
+    for run, options in (("plain", []),
+                         ("streams", ["seg.scale_streams=true", "compile_training=default"])):
+        config = tiny_config(
+            tiny_dataset, tmp_path / run, "seg.init=null", "seg.iterations=2",
+            "seg.batch_size=2", "seg.crop_size=32", "seg.eval_images=1",
+            "seg.backbone.depth=18", "seg.backbone.width=0.125",
+            "seg.backbone.pretrained=null", "seg.lr=0.05", *options)
+        path = seg_stage.train_seg(config, "seg_gt", "gt")
+        weights.append(torch.load(path, weights_only=True)["model"])
+    assert compiled == [("DeepLabV2", "default", False)]
+    # Two iterations of two accumulated batches, three scales each (32 px crops and their 16
+    # and 24 px versions); the evaluation after the epoch used the uncompiled network.
+    assert calls == [(32, 32), (16, 16), (24, 24)] * 4
+    assert list(weights[1]) == list(weights[0])
+    for key, value in weights[0].items():
+        torch.testing.assert_close(weights[1][key], value, rtol=1e-5, atol=1e-7, msg=key)
+
+
+def test_scale_streams_is_checked():
+    from amnseg.config import load_config
+
+    assert load_config(None, []).seg.scale_streams is False
+    assert load_config("voc12", []).seg.scale_streams is False
+    with pytest.raises(AmnsegError, match="seg.scale_streams=True: does not go with "
+                       "compile_training=reduce-overhead"):
+        load_config(None, ["seg.scale_streams=true", "compile_training=reduce-overhead"])
+    with pytest.raises(AmnsegError, match="seg.scale_streams: Value 'maybe' is not a valid bool"):
+        load_config(None, ["seg.scale_streams=maybe"])
+
+
+@pytest.mark.gpu
+@pytest.mark.skipif(not torch.cuda.is_available(), reason="needs CUDA")
+def test_scale_streams_on_the_gpu_give_the_same_outputs_and_gradients():
+    """The three scales on three streams: the same logits (the same kernels), the gradients up
+    to the order in which the scales' parts are summed."""
+    torch.backends.cudnn.allow_tf32 = False
+    torch.backends.cuda.matmul.allow_tf32 = False
+    results = []
+    for streams in (False, True):
+        model = tiny_msc(num_outputs=5).cuda().train()
+        model.scale_streams = streams
+        images = torch.randn(4, 3, 65, 65, generator=torch.Generator().manual_seed(1)).cuda()
+        outputs = model(images)
+        sum(((i + 1) * out.square()).mean() for i, out in enumerate(outputs)).backward()
+        results.append(([out.detach() for out in outputs],
+                        {name: p.grad.clone() for name, p in model.named_parameters()
+                         if p.grad is not None}))
+    (plain_out, plain_grads), (stream_out, stream_grads) = results
+    for a, b in zip(stream_out, plain_out, strict=True):
+        torch.testing.assert_close(a, b, rtol=0, atol=0)
+    assert list(stream_grads) == list(plain_grads) and plain_grads
+    for name, grad in plain_grads.items():
+        torch.testing.assert_close(stream_grads[name], grad, rtol=1e-5, atol=1e-6, msg=name)

@@ -73,13 +73,14 @@ def pair_region(height: int, width: int, radius: int) -> tuple[slice, slice]:
     return slice(0, height - margin), slice(margin, width - margin)
 
 
-def affinity_labels(seed: np.ndarray, radius: int) -> tuple[np.ndarray, np.ndarray, np.ndarray]:
+def affinity_labels(seed: np.ndarray, radius: int, dtype: type = np.float32
+                    ) -> tuple[np.ndarray, np.ndarray, np.ndarray]:
     """Pair labels of a stride-4 seed map for IRN training.
 
     ``seed`` (h, w): 0 bg, 1..C, 255 unsure. For every source pixel of :func:`pair_region` and
     every search direction d: background-positive if both ends are 0, foreground-positive if both
     are the same class 1..C, negative if they differ (no 255 involved); a pair with a 255 end is
-    in none. Returns three float32 arrays (D, h', w') of 0/1.
+    in none. Returns three arrays (D, h', w') of 0/1 of ``dtype``.
     """
     rows, cols = pair_region(*seed.shape, radius)
     source = seed[rows, cols]
@@ -91,4 +92,4 @@ def affinity_labels(seed: np.ndarray, radius: int) -> tuple[np.ndarray, np.ndarr
         bg_pos.append(valid & same & (source == 0))
         fg_pos.append(valid & same & (source != 0))
         neg.append(valid & ~same)
-    return tuple(np.stack(group).astype(np.float32) for group in (bg_pos, fg_pos, neg))
+    return tuple(np.stack(group).astype(dtype) for group in (bg_pos, fg_pos, neg))
