@@ -232,11 +232,6 @@ class SegConfig:
     # order (BatchNorm has fixed statistics), in larger and faster GPU work (benchmarks/
     # RESULTS.md, "Segmentation stage"). Off by default: the reference runs two passes.
     fused_accumulation: bool = False
-    # Run each MSC scale's pass on its own CUDA stream in training, so that the small scales'
-    # kernels run beside the others (the same kernels and results per scale; gradients are
-    # summed over the scales in another order). CUDA only; with compile_training, the base
-    # network is compiled alone (benchmarks/RESULTS.md, "Segmentation stage").
-    scale_streams: bool = False
     lr: float = 2.5e-4
     momentum: float = 0.9
     weight_decay: float = 5e-4
@@ -577,11 +572,6 @@ def validate(config: Config) -> Config:
     _require(not seg.fused_accumulation or seg.backbone.norm == "frozen",
              "seg.fused_accumulation", seg.fused_accumulation,
              "needs seg.backbone.norm=frozen (BatchNorm that trains would see another batch)")
-    _require(isinstance(seg.scale_streams, bool), "seg.scale_streams", seg.scale_streams,
-             "must be true or false")
-    _require(not seg.scale_streams or config.compile_training != "reduce-overhead",
-             "seg.scale_streams", seg.scale_streams,
-             "does not go with compile_training=reduce-overhead (CUDA graphs capture one stream)")
     ev = config.eval
     _positive(ev, "eval", "sweep_step")
     _fraction(ev, "eval", "sweep_start", "sweep_stop")

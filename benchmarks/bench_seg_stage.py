@@ -58,11 +58,6 @@ VARIANTS = {
                                        "seg.backbone.space_to_batch + compile_training=default",
                                        [*FOLDED, "seg.backbone.space_to_batch=true",
                                         "compile_training=default"]),
-    "bf16_fused_folded_streams_compiled": ("bf16 + channels_last + cudnn_benchmark + "
-                                           "seg.fused_accumulation + seg.backbone.fold_norm + "
-                                           "seg.scale_streams + compile_training=default",
-                                           [*FOLDED, "seg.scale_streams=true",
-                                            "compile_training=default"]),
     # Not the recipe: one batch of 10 instead of 2 x 5 accumulated (the loss is then averaged
     # over the 10 crops' pixels, not over each 5's), for what the batch size costs.
     "bf16_batch10": ("bf16 + channels_last + cudnn_benchmark, batch 10 x 1 (not the recipe)",

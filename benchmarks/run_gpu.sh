@@ -9,17 +9,13 @@
 #                                                      measured, about 6 minutes)
 #   bash benchmarks/run_gpu.sh OUT_DIR seg_profile    (issue 11: where the best seg step's
 #                                                      GPU time goes, about 4 minutes)
-#   bash benchmarks/run_gpu.sh OUT_DIR streams        (issue 11: the MSC scales on CUDA streams,
-#                                                      its GPU test and the seg stage, about
-#                                                      4 minutes)
 #   bash benchmarks/run_gpu.sh OUT_DIR s2b            (issue 11: dilated convolutions as space
 #                                                      to batch, then the bf16 pipeline, about
 #                                                      9 minutes)
 #
 # Steps: gpu_tests walk ddp cam_fp32 cam_bf16 seeds crf seeds_gpu pipeline pipeline_crf_gpu
 # pipeline_serial pipeline_steady pipeline_bf16 eval_maps seg_fp32 seg_bf16 seg_tuned seg_compile
-# seg_stage seg_best seg_profile s2b_tests dilated_conv seg_s2b streams_tests seg_streams map_profile
-# demo demo_bf16
+# seg_stage seg_best seg_profile s2b_tests dilated_conv seg_s2b map_profile demo demo_bf16
 set -u -o pipefail
 out=${1:-/tmp/amnseg-gpu}
 shift || true
@@ -30,12 +26,9 @@ open_steps="pipeline_steady pipeline_bf16 eval_maps"
 # `s2b`: backbone.space_to_batch's GPU equality test, its convolutions against cuDNN's dilated
 # kernels, the seg stage's best setting with and without it, and the bf16 pipeline.
 s2b_steps="s2b_tests dilated_conv pipeline_bf16 seg_s2b"
-# `streams`: seg.scale_streams's GPU test and the seg stage's best setting with it.
-streams_steps="streams_tests seg_streams"
 wanted=" ${*:-gpu_tests walk ddp cam_fp32 cam_bf16 seeds crf seeds_gpu pipeline pipeline_crf_gpu pipeline_serial pipeline_steady pipeline_bf16 eval_maps seg_fp32 seg_bf16 seg_tuned seg_compile seg_stage seg_profile dilated_conv map_profile demo demo_bf16} "
 wanted=${wanted/ open / $open_steps }
 wanted=${wanted/ s2b / $s2b_steps }
-wanted=${wanted/ streams / $streams_steps }
 mkdir -p "$out"
 export PYTHONUNBUFFERED=1
 
@@ -54,7 +47,7 @@ python3 -c "import torch, triton; print('torch', torch.__version__, 'triton', tr
     | tee -a "$out/steps.log"
 step gpu_tests 90 python3 -m pytest -q -p no:cacheprovider -m gpu \
     tests/test_walk_kernel.py tests/test_walk_cuda.py tests/test_precision.py tests/test_models.py tests/test_cam_stage.py \
-    tests/test_fold_norm.py tests/test_permutohedral.py tests/test_space_to_batch.py tests/test_seg.py
+    tests/test_fold_norm.py tests/test_permutohedral.py tests/test_space_to_batch.py
 step walk 90 python3 -m benchmarks.bench_random_walk_gpu
 # BatchNorm that normalises (and a smaller lr) keeps random-weight training finite.
 step ddp 80 python3 -m benchmarks.bench_ddp --images 128 backbone.norm=batch cam.lr=0.01
@@ -79,7 +72,7 @@ step seg_tuned 150 python3 -m benchmarks.bench_seg --steps 20 --amp --channels-l
 step seg_compile 300 python3 -m benchmarks.bench_seg --steps 20 --amp --channels-last --compile
 step seg_stage 450 python3 -m benchmarks.bench_seg_stage --images 100 --iterations 30 --workers 16 \
     --variants bf16_tuned bf16_fused_folded_compiled bf16_fused_folded_graphs \
-    bf16_fused_folded_s2b_compiled bf16_fused_folded_streams_compiled
+    bf16_fused_folded_s2b_compiled
 step seg_best 200 python3 -m benchmarks.bench_seg_stage --images 100 --iterations 30 --workers 16 \
     --variants bf16_fused_folded_compiled
 # The network alone with the seg stage's fastest options (folded BatchNorm, compiled): its
@@ -90,9 +83,6 @@ step s2b_tests 30 python3 -m pytest -q -p no:cacheprovider -m gpu tests/test_spa
 step dilated_conv 45 python3 -m benchmarks.bench_dilated_conv
 step seg_s2b 300 python3 -m benchmarks.bench_seg_stage --images 100 --iterations 30 --workers 16 \
     --variants bf16_fused_folded_compiled bf16_fused_folded_s2b_compiled
-step streams_tests 40 python3 -m pytest -q -p no:cacheprovider -m gpu tests/test_seg.py -k scale_streams
-step seg_streams 220 python3 -m benchmarks.bench_seg_stage --images 100 --iterations 30 --workers 16 \
-    --variants bf16_fused_folded_streams_compiled
 step map_profile 150 python3 -m benchmarks.profile_map_stage --images 96 --workers 16 "$out"
 step demo 300 python3 -m amnseg demo run_dir=/tmp/demo-run data.root=/tmp/demo-data
 if [[ -f /tmp/demo-run/manifest.json ]]; then cp /tmp/demo-run/manifest.json "$out/demo_manifest.json"; fi

@@ -32,7 +32,6 @@ def steps_run(tmp_path: Path, *args: str) -> list[str]:
     (("walk", "seg_best"), ["walk", "seg_best"]),
     (("seg_profile",), ["seg_profile"]),
     (("s2b",), ["pipeline_bf16", "s2b_tests", "dilated_conv", "seg_s2b"]),
-    (("streams",), ["streams_tests", "seg_streams"]),
 ])
 def test_steps_are_those_asked_in_the_script_order(tmp_path, args, expected):
     assert steps_run(tmp_path, *args) == expected

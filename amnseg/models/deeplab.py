@@ -21,7 +21,6 @@ from torch import nn
 
 from amnseg.models.aspp import ASPP
 from amnseg.models.resnet import ResNet
-from amnseg.ops.streams import map_on_streams
 
 MSC_SCALES = (0.5, 0.75)  # besides 1.0
 
@@ -47,39 +46,24 @@ class MSC(nn.Module):
     ``scale_factor`` as given); each scale's logits are resized to the scale-1 logit size and
     fused by a pixel-wise max. ``forward`` in training returns [scale-1 logits, logits of each
     scale at their own size, fused max] (every one gets a loss); in eval the fused logits.
-
-    ``scale_streams`` (training on CUDA): each scale's pass runs on its own CUDA stream, so that
-    the small scales' kernels, too small to fill the GPU alone, run beside the others
-    (``seg.scale_streams``); the same kernels and results per scale.
     """
 
     def __init__(self, base: DeepLabV2, scales: Sequence[float] = MSC_SCALES,
-                 input_kind: str = "caffe", scale_streams: bool = False):
+                 input_kind: str = "caffe"):
         super().__init__()
         self.base = base
         self.scales = tuple(scales)
         self.input_kind = input_kind  # how images are normalised for it (deeplab_input)
-        self.scale_streams = scale_streams
-
-    def compile_base(self, mode: str) -> None:
-        """Train with ``torch.compile(self.base)``, one graph per scale's input size, instead
-        of compiling the whole MSC: torch.compile does not trace the stream switches of
-        ``scale_streams``. Kept outside the module's children, so that the state dict keeps its
-        keys."""
-        self.__dict__["compiled_base"] = torch.compile(self.base, mode=mode, dynamic=False)
 
     def pyramid(self, images: torch.Tensor) -> tuple[torch.Tensor, list[torch.Tensor]]:
         """(scale-1 logits, [logits of each scale at their own size])."""
-        inputs = [images] + [
-            F.interpolate(images, scale_factor=scale, mode="bilinear", align_corners=False)
+        logits = self.base(images)
+        others = [
+            self.base(F.interpolate(images, scale_factor=scale, mode="bilinear",
+                                    align_corners=False))
             for scale in self.scales
         ]
-        base = self.__dict__.get("compiled_base", self.base) if self.training else self.base
-        if self.scale_streams and self.training:
-            outputs = map_on_streams(base, inputs)
-        else:
-            outputs = [base(x) for x in inputs]
-        return outputs[0], outputs[1:]
+        return logits, others
 
     def fuse(self, logits: torch.Tensor, others: list[torch.Tensor]) -> torch.Tensor:
         size = logits.shape[-2:]

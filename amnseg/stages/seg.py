@@ -50,7 +50,6 @@ from amnseg.progress import progress_bar
 from amnseg.training import (
     AugmentedSet,
     Schedule,
-    check_compiler,
     crf_device_of,
     fit,
     resolve_device,
@@ -272,13 +271,6 @@ def train_seg(config: Config, stage: str = "seg", masks: str | None = None) -> P
     model, backbone_cfg, init = initial_seg_model(config, dataset.num_classes)
     freeze_batchnorm(model)
     model.to(device)
-    model.scale_streams = seg_cfg.scale_streams
-    fit_config = config
-    if seg_cfg.scale_streams and config.compile_training != "off":
-        # The base network is compiled alone: torch.compile does not trace stream switches.
-        check_compiler(config.compile_training, device)
-        model.compile_base(config.compile_training)
-        fit_config = dataclasses.replace(config, compile_training="off")
     optimizer, scheduler = seg_optimizer(model, seg_cfg)
     items = SegTrainingItems(mask_source(config, masks or seg_cfg.masks, dataset), seg_cfg,
                              pyramid_sizes(model, seg_cfg.crop_size), model.input_kind)
@@ -307,7 +299,7 @@ def train_seg(config: Config, stage: str = "seg", masks: str | None = None) -> P
         model.train()
         return {"val_miou": float(miou(confusion))}
 
-    fit(stage, fit_config, model, optimizer, scheduler, AugmentedSet(dataset, items, config.seed),
+    fit(stage, config, model, optimizer, scheduler, AugmentedSet(dataset, items, config.seed),
         lambda net, images, *targets: msc_loss_in_parts(net(images), targets, parts),
         device, schedule, after_epoch=after_epoch)
     checkpoint = {
