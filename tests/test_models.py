@@ -349,3 +349,30 @@ def test_gpu_network_batches_equal_the_cpu_ones_bit_for_bit():
     for gpu, cpu in zip(on_gpu, network_batches(scaled, True), strict=True):
         assert gpu.is_cuda and torch.equal(gpu.cpu(), cpu)
 
+
+
+def test_queued_copy_off_the_gpu_is_a_plain_copy():
+    from amnseg.ops.multiscale import queued_copy
+
+    seed = torch.from_numpy(np.arange(12, dtype=np.uint8).reshape(3, 4))
+    copied = queued_copy(seed, "cpu")
+    assert torch.equal(copied, seed) and copied.dtype == torch.uint8 and copied.device.type == "cpu"
+    copied = queued_copy(seed != 0, torch.device("cpu"))
+    assert copied.dtype == torch.bool and copied.sum().item() == 11
+
+
+@pytest.mark.gpu
+@pytest.mark.skipif(not torch.cuda.is_available(), reason="needs CUDA")
+def test_queued_copy_to_the_gpu_keeps_the_values_of_its_call():
+    """Queued behind a long matrix product, the copy still carries the values the tensor had
+    when it was made, although the caller overwrites the tensor at once."""
+    from amnseg.ops.multiscale import queued_copy
+
+    big = torch.randn(4096, 4096, device="cuda")
+    for _ in range(8):
+        big = big @ big / 64  # work for the copy to queue behind
+    source = torch.arange(500 * 375, dtype=torch.int32).reshape(375, 500)  # pageable, 750 kB
+    expected = source.clone()
+    on_gpu = queued_copy(source, "cuda")
+    source.zero_()
+    assert on_gpu.is_cuda and torch.equal(on_gpu.cpu(), expected)

@@ -68,6 +68,16 @@ def network_batches(
     return batches
 
 
+def queued_copy(tensor: torch.Tensor, device: torch.device | str) -> torch.Tensor:
+    """A CPU ``tensor`` on ``device``. On a GPU the copy is queued behind the work already there
+    and the caller runs on: from pageable memory CUDA may first wait for that work (it stages
+    the bytes through pinned memory), which would stall the map stages' CPU side once per
+    image, so the tensor is pinned first. Elsewhere a plain copy."""
+    if torch.device(device).type != "cuda":
+        return tensor.to(device)
+    return tensor.pin_memory().to(device, non_blocking=True)
+
+
 def merge_flip(maps: torch.Tensor) -> torch.Tensor:
     """(2, C, h, w) image + mirrored maps -> (C, h, w) sum (mirror flipped back); (1, ...) as is."""
     return maps[0] + maps[1].flip(-1) if maps.shape[0] == 2 else maps[0]

@@ -26,7 +26,7 @@ from amnseg.layout import checkpoint_path, maps_dir
 from amnseg.losses import amn_loss
 from amnseg.metrics import confusion_matrix, miou, scores_to_labels
 from amnseg.models.amn import AMN
-from amnseg.ops.multiscale import merge_flip, multiscale_inputs, strided_size
+from amnseg.ops.multiscale import merge_flip, multiscale_inputs, queued_copy, strided_size
 from amnseg.stages.common import (
     MapTensors,
     multiscale_outputs,
@@ -155,11 +155,11 @@ def amn_scores(logits: torch.Tensor, class_ids: np.ndarray, cam_seed: torch.Tens
     """
     probs = torch.softmax(logits, dim=0)
     keys = torch.as_tensor(np.concatenate([[0], class_ids]), dtype=torch.long)
-    kept = probs[keys.to(probs.device, non_blocking=True)]
+    kept = probs[queued_copy(keys, probs.device)]
     low = kept.amin(dim=(1, 2), keepdim=True)
     high = kept.amax(dim=(1, 2), keepdim=True)
     normalized = (kept - low) / (high - low + 1e-5)
-    not_background = (cam_seed != 0).to(kept.device, non_blocking=True)
+    not_background = queued_copy(cam_seed != 0, kept.device)
     kept = torch.where(not_background[None], normalized, kept)
     return kept[1:]
 

@@ -22,7 +22,7 @@ from amnseg.data.transforms import ClassificationTrainTransform
 from amnseg.io import ScoreMaps
 from amnseg.layout import checkpoint_path, maps_dir
 from amnseg.models import CAMNet, build_backbone
-from amnseg.ops.multiscale import max_normalize, merge_cam_scales, multiscale_cam
+from amnseg.ops.multiscale import max_normalize, merge_cam_scales, multiscale_cam, queued_copy
 from amnseg.stages.common import (
     MapTensors,
     multiscale_outputs,
@@ -105,7 +105,7 @@ def class_score_tensors(strided: torch.Tensor, full: torch.Tensor, label: np.nda
     """The summed multi-scale CAMs (C, h, w) of the image's classes, each divided by its own
     max + 1e-5, on the maps' device: (class ids, stride-4 maps, image-size maps)."""
     class_ids = np.flatnonzero(np.asarray(label)) + 1
-    keep = torch.from_numpy(class_ids - 1).to(strided.device, non_blocking=True)
+    keep = queued_copy(torch.from_numpy(class_ids - 1), strided.device)
     return class_ids, max_normalize(strided[keep]), max_normalize(full[keep])
 
 

@@ -31,7 +31,7 @@ from amnseg.layout import checkpoint_path, maps_dir, masks_dir
 from amnseg.losses import irn_affinity_loss
 from amnseg.models.irn import BoundaryNet
 from amnseg.ops.affinity import affinity_labels, pair_region, path_affinities
-from amnseg.ops.multiscale import merge_flip, multiscale_inputs, strided_size
+from amnseg.ops.multiscale import merge_flip, multiscale_inputs, queued_copy, strided_size
 from amnseg.ops.random_walk import random_walk
 from amnseg.stages.common import multiscale_outputs, read_seed, start_inference
 from amnseg.training import (
@@ -287,8 +287,7 @@ def make_masks(
             check_boundary_size(score_maps.strided, boundary)
         except AmnsegError as error:
             raise AmnsegError(f"{maps_file}: {error}") from None
-        # non_blocking: a plain copy to a GPU would first wait for all the work queued there.
-        maps_on_device = torch.from_numpy(score_maps.strided).to(job.device, non_blocking=True)
+        maps_on_device = queued_copy(torch.from_numpy(score_maps.strided), job.device)
         pending.append(PendingWalk(stem, maps_on_device, boundary, score_maps.class_ids, size))
         if len(pending) == walk_batch:
             walk_pending()
