@@ -193,9 +193,9 @@ def bare_forward_seconds(config, stage: str) -> float:
                           / "bare", ".none", group=config.map_batch_images)
     scales = list(config.cam.scales if stage == "cam" else config.amn.scales)
     inputs = MultiscaleInputs(job.dataset, list(job.todo), scales, True)
-    prepared = [(items, torch.stack([label for _, _, label, _ in items]).to(device))
+    prepared = [(items, torch.stack([label for _, _, label, _, _ in items]).to(device))
                 for items in inputs.loader(config.data.num_workers, job.groups)]
-    prepared = [([inputs.batches(scaled, device) for _, scaled, _, _ in items], labels)
+    prepared = [([inputs.batches(scaled, device) for _, scaled, _, _, _ in items], labels)
                 for items, labels in prepared]
 
     @torch.no_grad()

@@ -9,6 +9,7 @@ image of the run, in the format of CAM maps (foreground classes only), resuming 
 from __future__ import annotations
 
 from collections.abc import Callable, Sequence
+from functools import partial
 from pathlib import Path
 
 import numpy as np
@@ -173,19 +174,34 @@ def amn_maps_for_image(model, batches, label, seed: np.ndarray, device) -> Score
 def amn_maps_from_logits(strided_logits: torch.Tensor, full_logits: torch.Tensor,
                          label: torch.Tensor, seed: np.ndarray) -> ScoreMaps:
     """:func:`amn_maps_for_image` from the merged logits of :func:`merge_amn_scales`."""
-    class_ids, strided, full = amn_score_tensors(strided_logits, full_logits, label, seed)
+    class_ids, strided, full = amn_score_tensors(strided_logits, full_logits, label,
+                                                 cam_seed_sizes(seed))
     return ScoreMaps(class_ids, strided.cpu().numpy(), full.cpu().numpy())
 
 
+def cam_seed_sizes(seed: np.ndarray) -> tuple[torch.Tensor, torch.Tensor]:
+    """An (H, W) CAM seed as the AMN maps mask with it: (at stride 4, shrunk by PIL NEAREST
+    like the reference; as it is)."""
+    strided = resize_labels(seed, strided_size(*seed.shape, 4))
+    return torch.as_tensor(strided), torch.as_tensor(seed)
+
+
+def read_cam_seed_sizes(seeds_dir: Path, stem: str, size: tuple[int, int]
+                        ) -> tuple[torch.Tensor, torch.Tensor]:
+    """:func:`cam_seed_sizes` of ``stem``'s seed in ``seeds_dir`` (checked against the image
+    size): what the AMN map stage's loader workers read."""
+    return cam_seed_sizes(read_seed(seeds_dir, stem, size))
+
+
 def amn_score_tensors(strided_logits: torch.Tensor, full_logits: torch.Tensor,
-                      label: torch.Tensor, seed: np.ndarray) -> MapTensors:
+                      label: torch.Tensor, seeds: tuple[torch.Tensor, torch.Tensor]
+                      ) -> MapTensors:
     """:func:`amn_maps_from_logits` on the logits' device: (class ids, stride-4 maps,
-    image-size maps)."""
+    image-size maps); ``seeds``: the CAM seed of :func:`cam_seed_sizes`."""
     class_ids = np.flatnonzero(np.asarray(label)) + 1
-    # The stride-4 maps mask with the seed shrunk by PIL NEAREST, like the reference.
-    strided_seed = resize_labels(seed, strided_size(*seed.shape, 4))
-    return (class_ids, amn_scores(strided_logits, class_ids, torch.as_tensor(strided_seed)),
-            amn_scores(full_logits, class_ids, torch.as_tensor(seed)))
+    strided_seed, seed = seeds
+    return (class_ids, amn_scores(strided_logits, class_ids, strided_seed),
+            amn_scores(full_logits, class_ids, seed))
 
 
 def make_amn_maps(config: Config, cam_seeds_dir: Path, checkpoint: Path | None = None,
@@ -198,12 +214,14 @@ def make_amn_maps(config: Config, cam_seeds_dir: Path, checkpoint: Path | None =
                           ".npz", group=config.map_batch_images)
 
     def finish(stem: str, scale_logits: list[torch.Tensor], label: torch.Tensor,
-               size: tuple[int, int]) -> MapTensors:
-        seed = read_seed(cam_seeds_dir, stem, size)
-        return amn_score_tensors(*merge_amn_scales(scale_logits, size), label, seed)
+               size: tuple[int, int], seeds: tuple[torch.Tensor, torch.Tensor]) -> MapTensors:
+        return amn_score_tensors(*merge_amn_scales(scale_logits, size), label, seeds)
 
+    # The seeds are read (PNG decoding, the stride-4 shrink) in the loader workers: in this
+    # process they took a few ms per image from the thread that feeds the GPU.
     outputs = multiscale_outputs(job, job.model, list(config.amn.scales), True,
-                                 config.data.num_workers, "amn maps")
+                                 config.data.num_workers, "amn maps",
+                                 partial(read_cam_seed_sizes, cam_seeds_dir))
     write_score_maps(config, out_dir,
                      score_maps_from(outputs, job.device, finish, config.map_batch_images),
                      on_saved)

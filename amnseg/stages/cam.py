@@ -127,7 +127,7 @@ def make_cams(config: Config, checkpoint: Path | None = None,
     output_stride = job.model.backbone.output_stride
 
     def finish(stem: str, scale_maps: list[torch.Tensor], label: torch.Tensor,
-               size: tuple[int, int]) -> MapTensors:
+               size: tuple[int, int], extra: None) -> MapTensors:
         return class_score_tensors(*merge_cam_scales(scale_maps, size, output_stride), label)
 
     outputs = multiscale_outputs(

@@ -98,19 +98,26 @@ class MultiscaleInputs(torch.utils.data.Dataset):
     """Loader-side preparation of each image at every scale (decoding and PIL resizing overlap
     the network's work), as uint8: normalising and mirroring are left to the device
     (:func:`network_batches`), which moves an eighth of the bytes of float32 batches.
-    Items: (stem, uint8 (h_s, w_s, 3) per scale, label, (H, W))."""
+    ``extra(stem, (H, W))``, when given, reads what else a stage needs of each image (the AMN
+    maps' CAM seeds), in the workers too. Items: (stem, uint8 (h_s, w_s, 3) per scale, label,
+    (H, W), extra's result or None)."""
 
-    def __init__(self, dataset: SegDataset, stems: list[str], scales: list[float], flip: bool):
+    def __init__(self, dataset: SegDataset, stems: list[str], scales: list[float], flip: bool,
+                 extra: Callable[[str, tuple[int, int]], Any] | None = None):
         self.dataset, self.stems, self.scales, self.flip = dataset, stems, scales, flip
+        self.extra = extra
 
     def __len__(self) -> int:
         return len(self.stems)
 
-    def __getitem__(self, index: int) -> tuple[str, list[torch.Tensor], torch.Tensor, tuple]:
+    def __getitem__(self, index: int
+                    ) -> tuple[str, list[torch.Tensor], torch.Tensor, tuple[int, int], Any]:
         stem = self.stems[index]
         image = self.dataset.image(stem)
         scaled = rescaled_images(image, self.scales)
-        return stem, scaled, torch.from_numpy(self.dataset.label(stem)), image.shape[:2]
+        size = image.shape[:2]
+        extra = None if self.extra is None else self.extra(stem, size)
+        return stem, scaled, torch.from_numpy(self.dataset.label(stem)), size, extra
 
     def batches(self, scaled: list[torch.Tensor], device: torch.device) -> list[torch.Tensor]:
         """One item's uint8 images -> its network batches on ``device``."""
@@ -126,6 +133,11 @@ class MultiscaleInputs(torch.utils.data.Dataset):
                                            num_workers=num_workers, pin_memory=pin_memory)
 
 
+# One image's network outputs: (stem, per-scale outputs, label, (H, W), what
+# ``MultiscaleInputs``' ``extra`` read for it or None).
+ImageOutputs = tuple[str, list[torch.Tensor], torch.Tensor, tuple[int, int], Any]
+
+
 def multiscale_outputs(
     job: InferenceJob,
     forward: Callable[[torch.Tensor, torch.Tensor], torch.Tensor],
@@ -133,27 +145,29 @@ def multiscale_outputs(
     flip: bool,
     num_workers: int,
     desc: str,
-) -> Iterator[tuple[str, list[torch.Tensor], torch.Tensor, tuple[int, int]]]:
-    """(stem, per-scale network outputs, label, (H, W)) of every image the job has to do, its
-    multi-scale (+ flip) inputs prepared in loader workers and run through
-    ``forward(images, labels)`` a whole group at a time (labels: each row's image label)."""
+    extra: Callable[[str, tuple[int, int]], Any] | None = None,
+) -> Iterator[ImageOutputs]:
+    """The outputs of every image the job has to do, its multi-scale (+ flip) inputs (and
+    ``extra``'s reads, see :class:`MultiscaleInputs`) prepared in loader workers and run
+    through ``forward(images, labels)`` a whole group at a time (labels: each row's image
+    label)."""
     inputs = MultiscaleInputs(job.dataset, [s for group in job.groups for s in group], scales,
-                              flip)
+                              flip, extra)
     todo = set(job.todo)
     with progress_bar(total=len(todo), desc=desc) as bar:
         for items in inputs.loader(num_workers, job.groups, job.device.type == "cuda"):
             labels = torch.stack([label.to(job.device, non_blocking=True)
-                                  for _, _, label, _ in items])
+                                  for _, _, label, _, _ in items])
 
             def rows_forward(rows, owners, labels=labels):
                 return forward(rows, labels[owners])
 
             outputs = grouped_forward(
-                rows_forward, [inputs.batches(scaled, job.device) for _, scaled, _, _ in items],
+                rows_forward, [inputs.batches(scaled, job.device) for _, scaled, _, _, _ in items],
                 job.device)
-            for (stem, _, label, size), scale_outputs in zip(items, outputs, strict=True):
+            for (stem, _, label, size, read), scale_outputs in zip(items, outputs, strict=True):
                 if stem in todo:  # the others were done by an earlier run
-                    yield stem, scale_outputs, label, tuple(size)
+                    yield stem, scale_outputs, label, tuple(size), read
                     bar.update()
 
 
@@ -163,14 +177,14 @@ MapTensors = tuple[np.ndarray, torch.Tensor, torch.Tensor]
 
 
 def score_maps_from(
-    outputs: Iterator[tuple[str, list[torch.Tensor], torch.Tensor, tuple[int, int]]],
+    outputs: Iterator[ImageOutputs],
     device: torch.device,
-    finish: Callable[[str, list[torch.Tensor], torch.Tensor, tuple[int, int]], MapTensors],
+    finish: Callable[[str, list[torch.Tensor], torch.Tensor, tuple[int, int], Any], MapTensors],
     lookahead: int,
 ) -> Iterator[tuple[str, ScoreMaps]]:
     """(stem, score maps) of every image of ``outputs`` (:func:`multiscale_outputs` on
-    ``device``), ``finish(stem, scale_outputs, label, size)`` making each image's maps on the
-    device. From a GPU the maps come back asynchronously and are handed out ``lookahead`` images
+    ``device``), ``finish(stem, scale_outputs, label, size, extra)`` making each image's maps on
+    the device. From a GPU the maps come back asynchronously and are handed out ``lookahead`` images
     late (a group's worth): by then the next group's forward is queued, so the GPU works on it
     while the caller handles these maps on the CPU (each copy was waited for, not the work
     queued after it)."""
@@ -182,8 +196,8 @@ def score_maps_from(
             copied.synchronize()
         return stem, ScoreMaps(class_ids, strided.cpu().numpy(), full.cpu().numpy())
 
-    for stem, scale_outputs, label, size in outputs:
-        class_ids, strided, full = finish(stem, scale_outputs, label, size)
+    for stem, scale_outputs, label, size, extra in outputs:
+        class_ids, strided, full = finish(stem, scale_outputs, label, size, extra)
         copied = None
         if device.type == "cuda":  # into pinned memory, behind the work queued so far
             strided, full = strided.to("cpu", non_blocking=True), full.to("cpu", non_blocking=True)

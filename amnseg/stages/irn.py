@@ -276,7 +276,7 @@ def make_masks(
         pending.clear()
 
     pad_size = config.irn.infer_pad_size
-    for stem, (logits,), _, size in multiscale_outputs(
+    for stem, (logits,), _, size, _ in multiscale_outputs(
         job, lambda images, labels: job.model(pad_bottom_right(images, pad_size)), [1.0], True,
         config.data.num_workers, "pseudo masks",
     ):
