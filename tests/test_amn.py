@@ -381,3 +381,60 @@ def test_segmentation_transform_draws_the_rescale_range_flips_half_and_keeps_pai
     assert 10 <= min(sides) <= 11 and 29 <= max(sides) <= 30
     assert abs(np.mean(sides) - 20) < 1.0  # uniform on [10, 30]
     assert 120 <= flipped <= 180
+
+
+def test_amn_maps_read_their_seeds_in_loader_workers(tiny_dataset, tmp_path):
+    """The CAM seeds are read in the loader workers: the same files as without workers, and a
+    missing seed is still one line naming it."""
+    from conftest import tiny_config, write_random_seeds
+
+    from amnseg.checkpoints import save_model
+    from amnseg.cli import one_line
+    from amnseg.data import build_dataset
+    from amnseg.errors import AmnsegError
+    from amnseg.io import load_score_maps
+    from amnseg.layout import checkpoint_path
+    from amnseg.models import build_backbone
+    from amnseg.stages.amn import make_amn_maps
+
+    made = {}
+    for workers in (0, 2):
+        config = tiny_config(tiny_dataset, tmp_path / f"run{workers}", "amn.scales=[1.0]",
+                             f"data.num_workers={workers}")
+        dataset = build_dataset(config.data, "train")
+        torch.manual_seed(0)
+        model = AMN(build_backbone(config.backbone), dataset.num_classes)
+        torch.nn.init.normal_(model.label_enc.weight)
+        save_model(checkpoint_path(config, "amn"), "amn", model, dataset.class_names,
+                   config.backbone)
+        seeds = tmp_path / f"seeds{workers}"
+        write_random_seeds(config, seeds, seed=2)
+        out_dir = make_amn_maps(config, seeds)
+        made[workers] = {p.stem: load_score_maps(p) for p in sorted(out_dir.glob("*.npz"))}
+    assert list(made[0]) == list(made[2]) == list(dataset.stems)
+    for stem, maps in made[0].items():
+        np.testing.assert_array_equal(made[2][stem].full, maps.full)
+        np.testing.assert_array_equal(made[2][stem].strided, maps.strided)
+
+    missing = seeds / f"{dataset.stems[1]}.png"
+    missing.unlink()
+    for done in out_dir.glob("*.npz"):  # all to make again
+        done.unlink()
+    with pytest.raises(AmnsegError) as caught:
+        make_amn_maps(config, seeds)
+    assert one_line(caught.value) == f"{missing}: seed not found; run the seed stage first"
+
+
+def test_read_cam_seed_sizes_shrinks_the_seed_it_checks(tmp_path):
+    from amnseg.errors import AmnsegError
+    from amnseg.io import save_label_png
+    from amnseg.stages.amn import read_cam_seed_sizes
+
+    seed = np.arange(5 * 9, dtype=np.uint8).reshape(5, 9) % 4
+    save_label_png(tmp_path / "a.png", seed)
+    strided, full = read_cam_seed_sizes(tmp_path, "a", (5, 9))
+    assert torch.equal(full, torch.from_numpy(seed))
+    # PIL NEAREST to (2, 3): rows floor((i + 0.5) * 5 / 2) = 1, 3; columns 1, 4, 7
+    assert torch.equal(strided, torch.from_numpy(seed[[1, 3]][:, [1, 4, 7]]))
+    with pytest.raises(AmnsegError, match="seed is 9x5, the image is 5x9"):
+        read_cam_seed_sizes(tmp_path, "a", (9, 5))
