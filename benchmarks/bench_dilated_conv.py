@@ -14,13 +14,13 @@ dilation 4, each at the three MSC scales).
 from __future__ import annotations
 
 import argparse
-import time
+import statistics
 
 import torch
 import torch.nn.functional as F
 
 from amnseg.models.resnet import space_to_batch_conv
-from benchmarks.common import write_section
+from benchmarks.common import run_times, write_section
 
 # (layer, channels, dilation, blocks) of DeepLab-v2's ResNet-101 at output stride 8.
 LAYERS = [("layer3", 256, 2, 23), ("layer4", 512, 4, 3)]
@@ -37,14 +37,7 @@ def time_fwd_bwd(conv, x: torch.Tensor, weight: torch.Tensor, repeats: int) -> f
         if x.is_cuda:
             torch.cuda.synchronize()
 
-    for _ in range(3):  # warm-up: cuDNN's search
-        once()
-    times = []
-    for _ in range(repeats):
-        start = time.perf_counter()
-        once()
-        times.append(time.perf_counter() - start)
-    return sorted(times)[len(times) // 2]
+    return statistics.median(run_times(once, repeats, warmups=3))  # warm-ups: cuDNN's search
 
 
 def main() -> None:

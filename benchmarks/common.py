@@ -32,15 +32,21 @@ def machine() -> str:
     )
 
 
-def best_time(fn: Callable[[], object], repeats: int) -> float:
-    """Minimum wall time of ``repeats`` calls (after one warm-up call)."""
-    fn()
+def run_times(fn: Callable[[], object], repeats: int, warmups: int = 1) -> list[float]:
+    """Wall times of ``repeats`` calls of ``fn``, after ``warmups`` calls that are not timed."""
+    for _ in range(warmups):
+        fn()
     times = []
     for _ in range(repeats):
         start = time.perf_counter()
         fn()
         times.append(time.perf_counter() - start)
-    return min(times)
+    return times
+
+
+def best_time(fn: Callable[[], object], repeats: int) -> float:
+    """Minimum wall time of ``repeats`` calls (after one warm-up call)."""
+    return min(run_times(fn, repeats))
 
 
 def card_name() -> str | None:
