@@ -82,10 +82,11 @@ def space_to_batch_conv(x: torch.Tensor, weight: torch.Tensor, bias: torch.Tenso
     convolution's own zero padding reads zeros too), is cut into its d * d phases, each a
     (ceil(H / d), ceil(W / d)) image; one undilated convolution runs over all of them as a
     batch, and the outputs are interleaved back. Every output is the same sum of products in
-    another order. Dilated convolution kernels are slow on some GPUs; these are ordinary ones
-    (benchmarks/RESULTS.md, "Dilated convolutions: as dilated kernels and space to batch").
-    The work happens on channels-last views, the layout the GPU options use, where each
-    rearrangement is a single copy; the result has the input's memory format."""
+    another order, from ordinary convolution kernels (on an H100 the two rearranging copies
+    cost more than the dilated kernels do, unless torch.compile fuses them: benchmarks/
+    RESULTS.md, "Dilated convolutions: as dilated kernels and space to batch"). The work
+    happens on channels-last views, the layout the GPU options use, where each rearrangement
+    is a single copy; the result has the input's memory format."""
     batch, channels, height, width = x.shape
     rows, cols = -(-height // dilation), -(-width // dilation)
     padded = F.pad(x, (0, cols * dilation - width, 0, rows * dilation - height))
