@@ -15,7 +15,7 @@
 #
 # Steps: gpu_tests walk ddp cam_fp32 cam_bf16 seeds crf seeds_gpu pipeline pipeline_crf_gpu
 # pipeline_serial pipeline_steady pipeline_bf16 eval_maps seg_fp32 seg_bf16 seg_tuned seg_compile
-# seg_stage seg_best seg_profile s2b_tests dilated_conv seg_s2b map_profile demo demo_bf16
+# seg_stage seg_best seg_profile s2b_tests dilated_conv seg_s2b seg_convs map_profile demo demo_bf16
 set -u -o pipefail
 out=${1:-/tmp/amnseg-gpu}
 shift || true
@@ -26,7 +26,7 @@ open_steps="pipeline_steady pipeline_bf16 eval_maps"
 # `s2b`: backbone.space_to_batch's GPU equality test, its convolutions against cuDNN's dilated
 # kernels, the seg stage's best setting with and without it, and the bf16 pipeline.
 s2b_steps="s2b_tests dilated_conv pipeline_bf16 seg_s2b"
-wanted=" ${*:-gpu_tests walk ddp cam_fp32 cam_bf16 seeds crf seeds_gpu pipeline pipeline_crf_gpu pipeline_serial pipeline_steady pipeline_bf16 eval_maps seg_fp32 seg_bf16 seg_tuned seg_compile seg_stage seg_profile dilated_conv map_profile demo demo_bf16} "
+wanted=" ${*:-gpu_tests walk ddp cam_fp32 cam_bf16 seeds crf seeds_gpu pipeline pipeline_crf_gpu pipeline_serial pipeline_steady pipeline_bf16 eval_maps seg_fp32 seg_bf16 seg_tuned seg_compile seg_stage seg_profile dilated_conv seg_convs map_profile demo demo_bf16} "
 wanted=${wanted/ open / $open_steps }
 wanted=${wanted/ s2b / $s2b_steps }
 mkdir -p "$out"
@@ -83,6 +83,8 @@ step s2b_tests 30 python3 -m pytest -q -p no:cacheprovider -m gpu tests/test_spa
 step dilated_conv 45 python3 -m benchmarks.bench_dilated_conv
 step seg_s2b 300 python3 -m benchmarks.bench_seg_stage --images 100 --iterations 30 --workers 16 \
     --variants bf16_fused_folded_compiled bf16_fused_folded_s2b_compiled
+# Issue 11: every convolution of a seg step timed alone, the step's lower bound (about 1 minute).
+step seg_convs 120 python3 -m benchmarks.bench_seg_convs
 step map_profile 150 python3 -m benchmarks.profile_map_stage --images 96 --workers 16 "$out"
 step demo 300 python3 -m amnseg demo run_dir=/tmp/demo-run data.root=/tmp/demo-data
 if [[ -f /tmp/demo-run/manifest.json ]]; then cp /tmp/demo-run/manifest.json "$out/demo_manifest.json"; fi
