@@ -160,7 +160,7 @@ def amn_scores(logits: torch.Tensor, class_ids: np.ndarray, cam_seed: torch.Tens
     low = kept.amin(dim=(1, 2), keepdim=True)
     high = kept.amax(dim=(1, 2), keepdim=True)
     normalized = (kept - low) / (high - low + 1e-5)
-    not_background = queued_copy(cam_seed != 0, kept.device)
+    not_background = queued_copy(cam_seed, kept.device) != 0  # the loader pinned the seed
     kept = torch.where(not_background[None], normalized, kept)
     return kept[1:]
 
