@@ -65,7 +65,7 @@ def size_groups(dataset: SegDataset, stems: list[str], most: int) -> list[list[s
 
 
 def start_inference(
-    config: Any, stage: str, checkpoint: Path, out_dir: Path, suffix: str, group: int = 1
+    config: Any, stage: str, checkpoint: Path, out_dir: Path, suffix: str, group: int
 ) -> InferenceJob:
     """Create ``out_dir`` and load the ``stage`` network of ``checkpoint`` for the run's images;
     the stems that already have ``<out_dir>/<stem><suffix>`` are done. ``group``: images per
