@@ -6,7 +6,7 @@
 #
 #   bash benchmarks/run_gpu.sh OUT_DIR [STEP ...]     (default: every step)
 #   bash benchmarks/run_gpu.sh OUT_DIR open           (what the open issues still need
-#                                                      measured, about 6 minutes)
+#                                                      measured, about 4 minutes)
 #   bash benchmarks/run_gpu.sh OUT_DIR seg_profile    (issue 11: where the best seg step's
 #                                                      GPU time goes, about 4 minutes)
 #   bash benchmarks/run_gpu.sh OUT_DIR s2b            (issue 11: dilated convolutions as space
@@ -15,14 +15,15 @@
 #
 # Steps: gpu_tests walk ddp cam_fp32 cam_bf16 seeds crf seeds_gpu pipeline pipeline_crf_gpu
 # pipeline_serial pipeline_steady pipeline_bf16 eval_maps seg_fp32 seg_bf16 seg_tuned seg_compile
-# seg_stage seg_best seg_profile s2b_tests dilated_conv seg_s2b seg_convs map_profile demo demo_bf16
+# seg_stage seg_best seg_profile open_tests s2b_tests dilated_conv seg_s2b seg_convs map_profile demo
+# demo_bf16
 set -u -o pipefail
 out=${1:-/tmp/amnseg-gpu}
 shift || true
-# `open`: issue 13's pipeline at 320 images (the map stages' steady rate against their bare
-# forwards, the VOC projection in fp32 and with bf16 for the networks, CRFs on the GPU) and the
-# map evaluation's worker processes on 16 cores.
-open_steps="pipeline_steady pipeline_bf16 eval_maps"
+# `open`: the new GPU tests; issue 13's bf16 pipeline at 320 images (the map stages' steady
+# rate against their bare forwards since the seeds are read in loader workers and copied from
+# pinned memory, and the VOC projection); issue 11's lower bound, the seg step's convolutions.
+open_steps="open_tests pipeline_bf16 seg_convs"
 # `s2b`: backbone.space_to_batch's GPU equality test, its convolutions against cuDNN's dilated
 # kernels, the seg stage's best setting with and without it, and the bf16 pipeline.
 s2b_steps="s2b_tests dilated_conv pipeline_bf16 seg_s2b"
@@ -79,6 +80,8 @@ step seg_best 200 python3 -m benchmarks.bench_seg_stage --images 100 --iteration
 # kernels by device time, in seg_profile_b10.txt.
 step seg_profile 300 python3 -m benchmarks.bench_seg --steps 10 --repeats 1 --amp --channels-last \
     --cudnn-benchmark --fold-norm --compile --profile "$out"
+step open_tests 40 python3 -m pytest -q -p no:cacheprovider -m gpu tests/test_space_to_batch.py \
+    tests/test_models.py
 step s2b_tests 30 python3 -m pytest -q -p no:cacheprovider -m gpu tests/test_space_to_batch.py
 step dilated_conv 45 python3 -m benchmarks.bench_dilated_conv
 step seg_s2b 300 python3 -m benchmarks.bench_seg_stage --images 100 --iterations 30 --workers 16 \

@@ -28,7 +28,7 @@ def steps_run(tmp_path: Path, *args: str) -> list[str]:
 
 
 @pytest.mark.parametrize("args, expected", [
-    (("open",), ["pipeline_steady", "pipeline_bf16", "eval_maps"]),
+    (("open",), ["pipeline_bf16", "open_tests", "seg_convs"]),
     (("walk", "seg_best"), ["walk", "seg_best"]),
     (("seg_profile",), ["seg_profile"]),
     (("s2b",), ["pipeline_bf16", "s2b_tests", "dilated_conv", "seg_s2b"]),
