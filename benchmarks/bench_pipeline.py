@@ -44,7 +44,7 @@ from PIL import Image
 from amnseg.config import load_config
 from amnseg.data.voc import VOC_CLASSES
 from amnseg.layout import checkpoint_path, log_path, maps_dir, masks_dir, seeds_dir
-from amnseg.ops.multiscale import grouped_forward
+from amnseg.ops.multiscale import network_batch
 from amnseg.pipeline import STAGE_NAMES, run_pipeline
 from amnseg.stages.common import MultiscaleInputs, start_inference
 from amnseg.stages.seeds import overlap_seeds
@@ -193,19 +193,18 @@ def bare_forward_seconds(config, stage: str) -> float:
                           / "bare", ".none", group=config.map_batch_images)
     scales = list(config.cam.scales if stage == "cam" else config.amn.scales)
     inputs = MultiscaleInputs(job.dataset, list(job.todo), scales, True)
-    prepared = [(items, torch.stack([label for _, _, label, _, _ in items]).to(device))
-                for items in inputs.loader(config.data.num_workers, job.groups)]
-    prepared = [([inputs.batches(scaled, device) for _, scaled, _, _, _ in items], labels)
-                for items, labels in prepared]
+    prepared = [([network_batch(images, True, device) for images in group.scaled],
+                 group.labels.to(device).repeat_interleave(2, dim=0))
+                for group in inputs.loader(config.data.num_workers, job.groups)]
 
     @torch.no_grad()
     def forwards() -> None:
-        for batches, labels in prepared:
-            if stage == "cam":  # what make_cam and make_amn_maps run
-                grouped_forward(lambda rows, owners: job.model.cam(rows), batches, device)
-            else:
-                grouped_forward(lambda rows, owners, labels=labels: job.model(
-                    rows, labels[owners]), batches, device)
+        for batches, row_labels in prepared:  # what make_cams and make_amn_maps run
+            for rows in batches:
+                if stage == "cam":
+                    job.model.cam(rows)
+                else:
+                    job.model(rows, row_labels)
         if device.type == "cuda":
             torch.cuda.synchronize()
 

@@ -111,31 +111,61 @@ def test_aspp_init_and_reference_key_layout():
 
 
 def test_amn_scores_equal_per_pixel_computation():
+    """A group of three images, each with its own classes and seed (one with none)."""
     rng = np.random.default_rng(1)
-    logits = torch.tensor(rng.normal(size=(5, 6, 7)), dtype=torch.float32)
-    class_ids = np.array([2, 4])
-    cam_seed = torch.tensor(rng.choice([0, 2, 4, 255], size=(6, 7)))
-    got = amn_scores(logits, class_ids, cam_seed).numpy()
-    probs = np.exp(logits.numpy()) / np.exp(logits.numpy()).sum(0, keepdims=True)
-    expected = np.zeros((2, 6, 7))
-    for k, channel in enumerate(class_ids):
-        plane = probs[channel]
-        low, high = plane.min(), plane.max()
-        for y in range(6):
-            for x in range(7):
-                value = plane[y, x]
-                if cam_seed[y, x] != 0:
-                    value = (value - low) / (high - low + 1e-5)
-                expected[k, y, x] = value
-    np.testing.assert_allclose(got, expected, rtol=1e-5, atol=1e-6)
+    logits = torch.tensor(rng.normal(size=(3, 5, 6, 7)), dtype=torch.float32)
+    class_ids = [np.array([2, 4]), np.array([], np.int64), np.array([1, 3, 4])]
+    cam_seeds = torch.tensor(rng.choice([0, 2, 4, 255], size=(3, 6, 7)))
+    got = amn_scores(logits, class_ids, cam_seeds).numpy()
+    expected = []
+    for image, ids in enumerate(class_ids):
+        scores = np.exp(logits[image].numpy())
+        probs = scores / scores.sum(0, keepdims=True)
+        for channel in ids:
+            plane = probs[channel]
+            low, high = plane.min(), plane.max()
+            rows = np.zeros((6, 7))
+            for y in range(6):
+                for x in range(7):
+                    value = plane[y, x]
+                    if cam_seeds[image, y, x] != 0:
+                        value = (value - low) / (high - low + 1e-5)
+                    rows[y, x] = value
+            expected.append(rows)
+    assert got.shape == (5, 6, 7)
+    np.testing.assert_allclose(got, np.stack(expected), rtol=1e-5, atol=1e-6)
+    # Each image alone gives its rows of the group's, bit for bit.
+    alone = [amn_scores(logits[i:i + 1], class_ids[i:i + 1], cam_seeds[i:i + 1])
+             for i in range(3)]
+    assert torch.equal(torch.cat(alone), torch.from_numpy(got))
+
+
+@torch.no_grad()
+def test_amn_logits_of_a_group_equal_those_of_each_image_bit_for_bit():
+    from amnseg.stages.amn import merge_amn_scales
+
+    torch.manual_seed(2)
+    scale_logits = [torch.randn(6, 5, 6, 8), torch.randn(6, 5, 3, 4)]
+    strided, full = merge_amn_scales(scale_logits, 3, (21, 30))
+    assert strided.shape == (3, 5, 6, 8) and full.shape == (3, 5, 21, 30)
+    for image in range(3):
+        pairs = [logits[2 * image:2 * image + 2] for logits in scale_logits]
+        one_strided, one_full = merge_amn_scales(pairs, 1, (21, 30))
+        assert torch.equal(one_strided[0], strided[image])
+        assert torch.equal(one_full[0], full[image])
+    # Scale by scale: the mean of image and mirror, resized, then the mean of the scales.
+    expected = sum(F.interpolate(((logits[0] + logits[1].flip(-1)) / 2)[None], (21, 30),
+                                 mode="bilinear", align_corners=False)[0]
+                   for logits in scale_logits) / 2
+    torch.testing.assert_close(full[0], expected)
 
 
 def test_amn_scores_min_max_uses_its_epsilon():
     # A channel of small probabilities (range ~8e-5): the 1e-5 in the denominator matters.
     logits = torch.zeros(3, 2, 3)
     logits[1] = torch.tensor([[-10.0, -9.7, -9.0], [-9.4, -9.9, -10.0]])
-    seed = torch.ones(2, 3, dtype=torch.long)
-    got = amn_scores(logits, np.array([1]), seed)[0].double()
+    seed = torch.ones(1, 2, 3, dtype=torch.long)
+    got = amn_scores(logits[None], [np.array([1])], seed)[0].double()
     probs = torch.softmax(logits.double(), dim=0)[1]
     expected = (probs - probs.min()) / (probs.max() - probs.min() + 1e-5)
     torch.testing.assert_close(got, expected, rtol=1e-4, atol=1e-6)

@@ -13,10 +13,12 @@ from amnseg.data.transforms import normalize, rescale
 from amnseg.errors import AmnsegError
 from amnseg.models import CAMNet, FixedStatsBatchNorm2d, ResNet, load_imagenet_weights
 from amnseg.ops.multiscale import (
-    grouped_forward,
     max_normalize,
+    merge_cam_scales,
+    merge_flip,
     multiscale_cam,
     multiscale_inputs,
+    network_batch,
     network_batches,
     rescaled_images,
     strided_size,
@@ -179,28 +181,92 @@ def test_multiscale_cam_equals_per_scale_loop():
 
 
 @torch.no_grad()
-def test_grouped_forward_gives_each_image_its_rows_of_one_batch_per_scale():
+def test_map_groups_run_one_forward_per_scale_with_each_rows_own_label(tmp_path):
+    from conftest import write_tiny_folder_dataset
+
+    from amnseg.data.folder import FolderDataset
+    from amnseg.stages.common import InferenceJob, multiscale_outputs
+
     torch.manual_seed(1)
-    model = CAMNet(ResNet(depth=18, width=0.25, strides=[2, 2, 2, 1]), 4).eval()
-    rng = np.random.default_rng(2)
-    images = [rng.integers(0, 256, (37, 50, 3), dtype=np.uint8) for _ in range(3)]
-    inputs = [multiscale_inputs(image, [1.0, 0.5, 1.5]) for image in images]
+    model = CAMNet(ResNet(depth=18, width=0.25, strides=[2, 2, 2, 1]), 2).eval()
+    dataset = FolderDataset(write_tiny_folder_dataset(tmp_path / "data", count=5), "train")
+    stems = list(dataset.stems)
+    labels = torch.stack([torch.from_numpy(dataset.label(stem)) for stem in stems])
+    assert len(set(map(tuple, labels.tolist()))) > 1  # a row given another's label shows
+    job = InferenceJob(model, torch.device("cpu"), dataset, [stems[:3], stems[3:]],
+                       todo=[stems[0], stems[2], stems[4]])
+    scales = [1.0, 0.5, 1.5]
     calls = []
 
-    def forward(rows, owners):
-        calls.append((rows.shape, owners.tolist()))
-        # Each row's output marks its owner, so a mix-up of rows shows.
-        return model.cam(rows) + owners[:, None, None, None]
+    def forward(rows, row_labels):
+        calls.append((tuple(rows.shape), row_labels))
+        return model.cam(rows)
 
-    outputs = grouped_forward(forward, inputs)
-    # One call per scale, all images' rows (image + mirror) in image order.
-    assert [shape[0] for shape, _ in calls] == [6, 6, 6]
-    assert [tuple(shape[2:]) for shape, _ in calls] == [(37, 50), (18, 25), (56, 75)]
-    assert all(owners == [0, 0, 1, 1, 2, 2] for _, owners in calls)
-    for index, (image_inputs, image_outputs) in enumerate(zip(inputs, outputs, strict=True)):
-        assert len(image_outputs) == 3
-        for batch, output in zip(image_inputs, image_outputs, strict=True):
-            torch.testing.assert_close(output, model.cam(batch) + index, rtol=1e-5, atol=1e-5)
+    for flip in (True, False):
+        calls.clear()
+        groups = list(multiscale_outputs(job, forward, scales, flip, 0, "test"))
+        rows = 2 if flip else 1
+        # One call per scale and group, all its images' rows (each image, then its mirror).
+        assert [shape for shape, _ in calls] == [
+            (count * rows, 3, side, side) for count in (3, 2) for side in (32, 16, 48)]
+        for index, (_, row_labels) in enumerate(calls):
+            chosen = labels[:3] if index < 3 else labels[3:]
+            assert torch.equal(row_labels, chosen.repeat_interleave(rows, dim=0))
+        assert [group.stems for group, _, _ in groups] == [stems[:3], stems[3:]]
+        assert [wanted for _, _, wanted in groups] == [[True, False, True], [False, True]]
+        for group, outputs, _ in groups:
+            assert group.size == (32, 32) and torch.equal(
+                group.labels, labels[stems.index(group.stems[0]):][:len(group.stems)])
+            for image, stem in enumerate(group.stems):
+                alone = network_batches(rescaled_images(dataset.image(stem), scales), flip)
+                for output, batch in zip(outputs, alone, strict=True):
+                    torch.testing.assert_close(output[image * rows:(image + 1) * rows],
+                                               model.cam(batch), rtol=1e-5, atol=1e-5)
+
+
+def test_network_batch_of_a_group_equals_its_images_batches_bit_for_bit():
+    rng = np.random.default_rng(4)
+    images = torch.from_numpy(rng.integers(0, 256, (3, 9, 11, 3), dtype=np.uint8))
+    for flip in (True, False):
+        group = network_batch(images, flip)
+        alone = torch.cat([network_batches([image], flip)[0] for image in images])
+        assert group.shape == ((6 if flip else 3), 3, 9, 11) and torch.equal(group, alone)
+    assert torch.equal(network_batch(images)[1], network_batch(images)[0].flip(-1))
+
+
+def test_merge_flip_adds_each_images_mirror_flipped_back():
+    rows = torch.arange(4 * 2 * 2 * 3, dtype=torch.float32).reshape(4, 2, 2, 3)
+    merged = merge_flip(rows, 2)
+    assert merged.shape == (2, 2, 2, 3)
+    for image in range(2):
+        torch.testing.assert_close(merged[image],
+                                   rows[2 * image] + rows[2 * image + 1].flip(-1))
+    assert merge_flip(rows, 4) is rows  # no mirrors
+
+
+@torch.no_grad()
+def test_cam_maps_of_a_group_equal_those_of_each_image_bit_for_bit():
+    from amnseg.stages.cam import class_score_tensors
+
+    torch.manual_seed(3)
+    images, channels, size = 3, 4, (21, 30)
+    scale_maps = [torch.rand(images * 2, channels, 6, 8), torch.rand(images * 2, channels, 3, 4)]
+    labels = np.array([[0, 1, 0, 1], [1, 0, 0, 0], [0, 0, 0, 0]], np.float32)
+    strided, full = merge_cam_scales(scale_maps, images, size, 8)
+    assert strided.shape == (3, 4, 6, 8) and full.shape == (3, 4, 21, 30)
+    class_ids, kept_strided, kept_full = class_score_tensors(strided, full, labels)
+    assert [ids.tolist() for ids in class_ids] == [[2, 4], [1], []]
+    assert kept_strided.shape == (3, 6, 8) and kept_full.shape == (3, 21, 30)
+    first = 0
+    for image in range(images):
+        one = merge_cam_scales([maps[2 * image:2 * image + 2] for maps in scale_maps], 1, size, 8)
+        assert torch.equal(one[0][0], strided[image]) and torch.equal(one[1][0], full[image])
+        (ids,), alone_strided, alone_full = class_score_tensors(*one, labels[image:image + 1])
+        count = len(ids)
+        assert torch.equal(alone_strided, kept_strided[first:first + count])
+        assert torch.equal(alone_full, kept_full[first:first + count])
+        torch.testing.assert_close(alone_full, max_normalize(full[image, ids - 1]))
+        first += count
 
 
 def test_size_groups_cut_runs_of_one_size(tmp_path):

@@ -52,20 +52,27 @@ def _normalisation(device: torch.device) -> tuple[torch.Tensor, torch.Tensor, to
             torch.from_numpy(IMAGENET_STD).to(device)[:, None, None])
 
 
+def network_batch(
+    images: torch.Tensor, flip: bool = True, device: torch.device | str = "cpu"
+) -> torch.Tensor:
+    """uint8 (N, h, w, 3) images of one size -> their normalised rows on ``device``: (2N, 3, h,
+    w) with each image followed by its mirror, or (N, 3, h, w) without ``flip``. The values of
+    ``normalize`` on every device: its float32 (x / 255 - mean) / std divides by tensors, since
+    CUDA turns a division by a Python number into a multiplication by its reciprocal, which can
+    differ in the last bit. One call per group of images: each operation here is a kernel
+    launch on a GPU, paid once per group, not once per image."""
+    full_scale, mean, std = _normalisation(torch.device(device))
+    rgb = images.to(device, non_blocking=True).permute(0, 3, 1, 2).float()
+    chw = ((rgb / full_scale - mean) / std).contiguous()
+    return torch.stack([chw, chw.flip(-1)], dim=1).flatten(0, 1) if flip else chw
+
+
 def network_batches(
     images: Sequence[torch.Tensor], flip: bool = True, device: torch.device | str = "cpu"
 ) -> list[torch.Tensor]:
-    """uint8 (h, w, 3) images -> normalised batches (2 or 1, 3, h, w) on ``device``, with their
-    mirrors: the values of ``normalize`` on every device. Its float32 (x / 255 - mean) / std
-    divides by tensors: CUDA turns a division by a Python number into a multiplication by its
-    reciprocal, which can differ in the last bit."""
-    full_scale, mean, std = _normalisation(torch.device(device))
-    batches = []
-    for image in images:
-        rgb = image.to(device, non_blocking=True).permute(2, 0, 1).float()
-        chw = ((rgb / full_scale - mean) / std).contiguous()
-        batches.append(torch.stack([chw, chw.flip(-1)]) if flip else chw[None])
-    return batches
+    """One image's uint8 (h, w, 3) scales -> its :func:`network_batch` per scale, (2 or 1, 3,
+    h, w) on ``device``."""
+    return [network_batch(image[None], flip, device) for image in images]
 
 
 def queued_copy(tensor: torch.Tensor, device: torch.device | str) -> torch.Tensor:
@@ -78,9 +85,13 @@ def queued_copy(tensor: torch.Tensor, device: torch.device | str) -> torch.Tenso
     return tensor.pin_memory().to(device, non_blocking=True)
 
 
-def merge_flip(maps: torch.Tensor) -> torch.Tensor:
-    """(2, C, h, w) image + mirrored maps -> (C, h, w) sum (mirror flipped back); (1, ...) as is."""
-    return maps[0] + maps[1].flip(-1) if maps.shape[0] == 2 else maps[0]
+def merge_flip(rows: torch.Tensor, images: int = 1) -> torch.Tensor:
+    """Outputs (2N, C, h, w) of N images, each followed by its mirror -> (N, C, h, w) sums,
+    the mirrors flipped back; (N, C, h, w) outputs without mirrors as they are."""
+    if rows.shape[0] == images:
+        return rows
+    pairs = rows.unflatten(0, (images, 2))
+    return pairs[:, 0] + pairs[:, 1].flip(-1)
 
 
 @torch.no_grad()
@@ -91,61 +102,37 @@ def multiscale_cam(
     output_stride: int,
     device: torch.device | str = "cpu",
 ) -> tuple[torch.Tensor, torch.Tensor]:
-    """Sum of per-scale activation maps at stride 4 and at image size.
+    """Sum of one image's per-scale activation maps at stride 4 and at image size.
 
-    ``cam_fn`` maps images (B, 3, h, w) to maps (B, C, h / s, w / s). Returns
-    (strided (C, (H-1)//4+1, (W-1)//4+1), full (C, H, W)), not normalised, on ``device``.
+    ``cam_fn`` maps images (B, 3, h, w) to maps (B, C, h / s, w / s); ``inputs`` are the
+    image's batches of :func:`network_batches`. Returns (strided (C, (H-1)//4+1, (W-1)//4+1),
+    full (C, H, W)), not normalised, on ``device``.
     """
     scale_maps = [cam_fn(batch.to(device, non_blocking=True)) for batch in inputs]
-    return merge_cam_scales(scale_maps, image_size, output_stride)
+    strided, full = merge_cam_scales(scale_maps, 1, image_size, output_stride)
+    return strided[0], full[0]
 
 
 def merge_cam_scales(
-    scale_maps: Sequence[torch.Tensor], image_size: tuple[int, int], output_stride: int
+    scale_maps: Sequence[torch.Tensor], images: int, image_size: tuple[int, int],
+    output_stride: int,
 ) -> tuple[torch.Tensor, torch.Tensor]:
-    """:func:`multiscale_cam` from the network's outputs: ``scale_maps[s]`` (2 or 1, C, h, w)
-    are one image's maps at scale s (with its mirror's)."""
+    """:func:`multiscale_cam` of a group of ``images`` images of one size from the network's
+    outputs: ``scale_maps[s]`` (2N or N, C, h, w) are the rows of :func:`network_batch` at
+    scale s. Returns (N, C, h4, w4) and (N, C, H, W)."""
     height, width = image_size
     small = strided_size(height, width, 4)
     up = strided_up_size(height, width, output_stride)
     strided_sum: torch.Tensor | None = None
     full_sum: torch.Tensor | None = None
     for maps in scale_maps:
-        maps = merge_flip(maps)[None]
-        strided = F.interpolate(maps, small, mode="bilinear", align_corners=False)[0]
-        full = F.interpolate(maps, up, mode="bilinear", align_corners=False)[0, :, :height, :width]
+        maps = merge_flip(maps, images)
+        strided = F.interpolate(maps, small, mode="bilinear", align_corners=False)
+        full = F.interpolate(maps, up, mode="bilinear", align_corners=False)[:, :, :height, :width]
         strided_sum = strided if strided_sum is None else strided_sum + strided
         full_sum = full if full_sum is None else full_sum + full
     assert strided_sum is not None and full_sum is not None, "at least one scale is needed"
     return strided_sum, full_sum
-
-
-@torch.no_grad()
-def grouped_forward(
-    forward: Callable[[torch.Tensor, torch.Tensor], torch.Tensor],
-    inputs: Sequence[Sequence[torch.Tensor]],
-    device: torch.device | str = "cpu",
-) -> list[list[torch.Tensor]]:
-    """One forward pass per scale for a group of images of one size.
-
-    ``inputs[i][s]``: image i's batch at scale s (its rows: the image and its mirror). For each
-    scale, the rows of all images run as one batch through ``forward(batch, owners)``
-    (``owners`` (rows,): the image index of each row); returns ``outputs[i][s]``, image i's
-    rows of the result. On the CPU each row's output does not depend on the other rows
-    (tests/test_models.py), so the maps equal those of one image at a time.
-    """
-    outputs: list[list[torch.Tensor]] = [[] for _ in inputs]
-    for scale in range(len(inputs[0])):
-        batches = [image_inputs[scale] for image_inputs in inputs]
-        rows = [len(batch) for batch in batches]
-        owners = torch.repeat_interleave(torch.arange(len(batches)), torch.tensor(rows))
-        # Copied one by one, then joined on the device: from pinned memory the copies are
-        # asynchronous (a joined copy on the CPU would not be pinned).
-        rows_in = torch.cat([batch.to(device, non_blocking=True) for batch in batches])
-        result = forward(rows_in, owners.to(device, non_blocking=True))
-        for image_outputs, part in zip(outputs, result.split(rows), strict=True):
-            image_outputs.append(part)
-    return outputs
 
 
 def max_normalize(maps: torch.Tensor, eps: float = 1e-5) -> torch.Tensor:

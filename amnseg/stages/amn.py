@@ -11,6 +11,7 @@ from __future__ import annotations
 from collections.abc import Callable, Sequence
 from functools import partial
 from pathlib import Path
+from typing import Any
 
 import numpy as np
 import torch
@@ -29,7 +30,8 @@ from amnseg.metrics import confusion_matrix, miou, scores_to_labels
 from amnseg.models.amn import AMN
 from amnseg.ops.multiscale import merge_flip, multiscale_inputs, queued_copy, strided_size
 from amnseg.stages.common import (
-    MapTensors,
+    GroupMaps,
+    ImageGroup,
     multiscale_outputs,
     read_seed,
     score_maps_from,
@@ -115,67 +117,70 @@ def amn_logits(
     image_size: tuple[int, int],
     device: torch.device | str = "cpu",
 ) -> tuple[torch.Tensor, torch.Tensor]:
-    """Multi-scale + flip AMN logits: (C + 1, h4, w4) at stride 4 and (C + 1, H, W).
-
-    Each scale's image/mirror pair is averaged (mirror flipped back), resized bilinearly to the
-    stride-4 size and to the image size, and the scales are averaged.
-    """
+    """Multi-scale + flip AMN logits of one image: (C + 1, h4, w4) at stride 4 and (C + 1, H,
+    W). Each scale's image/mirror pair is averaged (mirror flipped back), resized bilinearly
+    to the stride-4 size and to the image size, and the scales are averaged."""
     label = label.to(device)
     scale_logits = [model(batch.to(device), label[None].expand(len(batch), -1))
                     for batch in inputs]
-    return merge_amn_scales(scale_logits, image_size)
+    strided, full = merge_amn_scales(scale_logits, 1, image_size)
+    return strided[0], full[0]
 
 
 def merge_amn_scales(
-    scale_logits: Sequence[torch.Tensor], image_size: tuple[int, int]
+    scale_logits: Sequence[torch.Tensor], images: int, image_size: tuple[int, int]
 ) -> tuple[torch.Tensor, torch.Tensor]:
-    """:func:`amn_logits` from the network's outputs: ``scale_logits[s]`` (2 or 1, C + 1, h, w)
-    are one image's logits at scale s (with its mirror's)."""
+    """:func:`amn_logits` of a group of ``images`` images of one size from the network's
+    outputs: ``scale_logits[s]`` (2N or N, C + 1, h, w) are the rows of
+    :func:`~amnseg.ops.multiscale.network_batch` at scale s. Returns (N, C + 1, h4, w4) and
+    (N, C + 1, H, W)."""
     small = strided_size(*image_size, 4)
     strided_sum: torch.Tensor | float = 0.0
     full_sum: torch.Tensor | float = 0.0
     for logits in scale_logits:
-        merged = (merge_flip(logits) / len(logits))[None]
+        merged = merge_flip(logits, images) / (len(logits) // images)
         strided_sum = strided_sum + F.interpolate(
             merged, small, mode="bilinear", align_corners=False
-        )[0]
+        )
         full_sum = full_sum + F.interpolate(
             merged, image_size, mode="bilinear", align_corners=False
-        )[0]
+        )
     assert isinstance(strided_sum, torch.Tensor) and isinstance(full_sum, torch.Tensor)
     return strided_sum / len(scale_logits), full_sum / len(scale_logits)
 
 
-def amn_scores(logits: torch.Tensor, class_ids: np.ndarray, cam_seed: torch.Tensor) -> torch.Tensor:
-    """AMN logits -> foreground score maps of the image's classes (METHOD.md section 4).
+def amn_scores(logits: torch.Tensor, class_ids: Sequence[np.ndarray], cam_seeds: torch.Tensor
+               ) -> torch.Tensor:
+    """AMN logits of N images -> the foreground score maps of each image's classes (METHOD.md
+    section 4).
 
-    ``logits`` (C + 1, h, w); ``class_ids`` (K,) ids 1..C; ``cam_seed`` (h, w) the CAM seed at
-    the same size. Softmax over all C + 1 channels, keep [background] + the image's classes;
-    where the CAM seed is not background, each kept channel is replaced by its min-max
-    normalised value (min and max over the whole map). Returns the (K, h, w) foreground part.
+    ``logits`` (N, C + 1, h, w); ``class_ids[i]`` (K_i,) image i's ids 1..C; ``cam_seeds``
+    (N, h, w) their CAM seeds at the same size. Softmax over all C + 1 channels, keep the
+    image's classes; where the CAM seed is not background, each kept channel is replaced by
+    its min-max normalised value (min and max over the whole map). Returns (sum K_i, h, w),
+    image after image. (The reference normalises the background channel too and then drops
+    it: each channel is normalised on its own, so it is left out from the start.)
     """
-    probs = torch.softmax(logits, dim=0)
-    keys = torch.as_tensor(np.concatenate([[0], class_ids]), dtype=torch.long)
-    kept = probs[queued_copy(keys, probs.device)]
+    probs = torch.softmax(logits, dim=1)
+    channels = logits.shape[1]
+    # Each kept row's place among the N * (C + 1) channels, and its image: one copy.
+    rows = np.concatenate([image * channels + ids for image, ids in enumerate(class_ids)])
+    owners = np.repeat(np.arange(len(class_ids)), [len(ids) for ids in class_ids])
+    rows_and_owners = queued_copy(torch.from_numpy(np.stack([rows, owners])), probs.device)
+    kept = probs.flatten(0, 1)[rows_and_owners[0]]
     low = kept.amin(dim=(1, 2), keepdim=True)
     high = kept.amax(dim=(1, 2), keepdim=True)
     normalized = (kept - low) / (high - low + 1e-5)
-    not_background = queued_copy(cam_seed, kept.device) != 0  # the loader pinned the seed
-    kept = torch.where(not_background[None], normalized, kept)
-    return kept[1:]
+    not_background = queued_copy(cam_seeds, kept.device)[rows_and_owners[1]] != 0
+    return torch.where(not_background, normalized, kept)
 
 
 def amn_maps_for_image(model, batches, label, seed: np.ndarray, device) -> ScoreMaps:
     """ScoreMaps (foreground classes) of one image from its prepared inputs and CAM seed."""
     strided_logits, full_logits = amn_logits(model, batches, label, seed.shape, device)
-    return amn_maps_from_logits(strided_logits, full_logits, label, seed)
-
-
-def amn_maps_from_logits(strided_logits: torch.Tensor, full_logits: torch.Tensor,
-                         label: torch.Tensor, seed: np.ndarray) -> ScoreMaps:
-    """:func:`amn_maps_for_image` from the merged logits of :func:`merge_amn_scales`."""
-    class_ids, strided, full = amn_score_tensors(strided_logits, full_logits, label,
-                                                 cam_seed_sizes(seed))
+    strided_seed, full_seed = cam_seed_sizes(seed)
+    (class_ids,), strided, full = amn_score_tensors(
+        strided_logits[None], full_logits[None], label[None], (strided_seed[None], full_seed[None]))
     return ScoreMaps(class_ids, strided.cpu().numpy(), full.cpu().numpy())
 
 
@@ -194,14 +199,15 @@ def read_cam_seed_sizes(seeds_dir: Path, stem: str, size: tuple[int, int]
 
 
 def amn_score_tensors(strided_logits: torch.Tensor, full_logits: torch.Tensor,
-                      label: torch.Tensor, seeds: tuple[torch.Tensor, torch.Tensor]
-                      ) -> MapTensors:
-    """:func:`amn_maps_from_logits` on the logits' device: (class ids, stride-4 maps,
-    image-size maps); ``seeds``: the CAM seed of :func:`cam_seed_sizes`."""
-    class_ids = np.flatnonzero(np.asarray(label)) + 1
-    strided_seed, seed = seeds
-    return (class_ids, amn_scores(strided_logits, class_ids, strided_seed),
-            amn_scores(full_logits, class_ids, seed))
+                      labels: Sequence[Any], seeds: tuple[torch.Tensor, torch.Tensor]
+                      ) -> GroupMaps:
+    """The AMN maps of N images on the logits' device from their merged logits
+    (:func:`merge_amn_scales`), ``labels`` (N multi-hot rows) and CAM seeds (stacked
+    :func:`cam_seed_sizes`: (N, h4, w4), (N, H, W)): :data:`GroupMaps`."""
+    class_ids = [np.flatnonzero(np.asarray(label)) + 1 for label in labels]
+    strided_seeds, full_seeds = seeds
+    return (class_ids, amn_scores(strided_logits, class_ids, strided_seeds),
+            amn_scores(full_logits, class_ids, full_seeds))
 
 
 def make_amn_maps(config: Config, cam_seeds_dir: Path, checkpoint: Path | None = None,
@@ -213,9 +219,9 @@ def make_amn_maps(config: Config, cam_seeds_dir: Path, checkpoint: Path | None =
     job = start_inference(config, "amn", checkpoint or checkpoint_path(config, "amn"), out_dir,
                           ".npz", group=config.map_batch_images)
 
-    def finish(stem: str, scale_logits: list[torch.Tensor], label: torch.Tensor,
-               size: tuple[int, int], seeds: tuple[torch.Tensor, torch.Tensor]) -> MapTensors:
-        return amn_score_tensors(*merge_amn_scales(scale_logits, size), label, seeds)
+    def finish(group: ImageGroup, scale_logits: list[torch.Tensor]) -> GroupMaps:
+        merged = merge_amn_scales(scale_logits, len(group.stems), group.size)
+        return amn_score_tensors(*merged, group.labels, group.extra)
 
     # The seeds are read (PNG decoding, the stride-4 shrink) in the loader workers: in this
     # process they took a few ms per image from the thread that feeds the GPU.
@@ -223,7 +229,7 @@ def make_amn_maps(config: Config, cam_seeds_dir: Path, checkpoint: Path | None =
                                  config.data.num_workers, "amn maps",
                                  partial(read_cam_seed_sizes, cam_seeds_dir))
     write_score_maps(config, out_dir,
-                     score_maps_from(outputs, job.device, finish, config.map_batch_images),
+                     score_maps_from(outputs, job.device, finish),
                      on_saved)
     distributed.barrier()  # every rank's share is written
     return out_dir

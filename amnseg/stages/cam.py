@@ -7,8 +7,9 @@ run (``processed_images``), resuming per image.
 
 from __future__ import annotations
 
-from collections.abc import Callable
+from collections.abc import Callable, Sequence
 from pathlib import Path
+from typing import Any
 
 import numpy as np
 import torch
@@ -24,7 +25,8 @@ from amnseg.layout import checkpoint_path, maps_dir
 from amnseg.models import CAMNet, build_backbone
 from amnseg.ops.multiscale import max_normalize, merge_cam_scales, multiscale_cam, queued_copy
 from amnseg.stages.common import (
-    MapTensors,
+    GroupMaps,
+    ImageGroup,
     multiscale_outputs,
     score_maps_from,
     start_inference,
@@ -97,23 +99,22 @@ def cam_score_maps(
     strided, full = multiscale_cam(
         model.cam, batches, tuple(size), model.backbone.output_stride, device
     )
-    return class_score_maps(strided, full, label)
-
-
-def class_score_tensors(strided: torch.Tensor, full: torch.Tensor, label: np.ndarray
-                        ) -> MapTensors:
-    """The summed multi-scale CAMs (C, h, w) of the image's classes, each divided by its own
-    max + 1e-5, on the maps' device: (class ids, stride-4 maps, image-size maps)."""
-    class_ids = np.flatnonzero(np.asarray(label)) + 1
-    keep = queued_copy(torch.from_numpy(class_ids - 1), strided.device)
-    return class_ids, max_normalize(strided[keep]), max_normalize(full[keep])
-
-
-def class_score_maps(strided: torch.Tensor, full: torch.Tensor, label: np.ndarray
-                     ) -> ScoreMaps:
-    """:func:`class_score_tensors` as ScoreMaps on the CPU."""
-    class_ids, strided_maps, full_maps = class_score_tensors(strided, full, label)
+    (class_ids,), strided_maps, full_maps = class_score_tensors(strided[None], full[None],
+                                                                [label])
     return ScoreMaps(class_ids, strided_maps.cpu().numpy(), full_maps.cpu().numpy())
+
+
+def class_score_tensors(strided: torch.Tensor, full: torch.Tensor, labels: Sequence[Any]
+                        ) -> GroupMaps:
+    """The summed multi-scale CAMs of N images, (N, C, h, w) at stride 4 and (N, C, H, W), ->
+    the maps of each image's classes (``labels``: N multi-hot rows), each divided by its own
+    max + 1e-5, on the maps' device: :data:`GroupMaps`."""
+    class_ids = [np.flatnonzero(np.asarray(label)) + 1 for label in labels]
+    channels = strided.shape[1]
+    rows = np.concatenate([image * channels + ids - 1 for image, ids in enumerate(class_ids)])
+    keep = queued_copy(torch.from_numpy(rows), strided.device)
+    return (class_ids, max_normalize(strided.flatten(0, 1)[keep]),
+            max_normalize(full.flatten(0, 1)[keep]))
 
 
 def make_cams(config: Config, checkpoint: Path | None = None,
@@ -126,16 +127,16 @@ def make_cams(config: Config, checkpoint: Path | None = None,
                           ".npz", group=config.map_batch_images)
     output_stride = job.model.backbone.output_stride
 
-    def finish(stem: str, scale_maps: list[torch.Tensor], label: torch.Tensor,
-               size: tuple[int, int], extra: None) -> MapTensors:
-        return class_score_tensors(*merge_cam_scales(scale_maps, size, output_stride), label)
+    def finish(group: ImageGroup, scale_maps: list[torch.Tensor]) -> GroupMaps:
+        merged = merge_cam_scales(scale_maps, len(group.stems), group.size, output_stride)
+        return class_score_tensors(*merged, group.labels)
 
     outputs = multiscale_outputs(
         job, lambda images, labels: job.model.cam(images), list(config.cam.scales),
         config.cam.flip, config.data.num_workers, "cam maps",
     )
     write_score_maps(config, out_dir,
-                     score_maps_from(outputs, job.device, finish, config.map_batch_images),
+                     score_maps_from(outputs, job.device, finish),
                      on_saved)
     distributed.barrier()  # every rank's share is written
     return out_dir

@@ -8,7 +8,7 @@ from collections import deque
 from collections.abc import Callable, Iterable, Iterator
 from dataclasses import dataclass
 from pathlib import Path
-from typing import Any
+from typing import Any, NamedTuple
 
 import numpy as np
 import torch
@@ -20,7 +20,7 @@ from amnseg.data import run_splits
 from amnseg.data.base import SegDataset, read_index_png
 from amnseg.errors import AmnsegError
 from amnseg.io import BackgroundWriter, ScoreMaps, output_file, save_score_maps
-from amnseg.ops.multiscale import grouped_forward, network_batches, rescaled_images
+from amnseg.ops.multiscale import network_batch, rescaled_images
 from amnseg.precision import with_precision
 from amnseg.progress import progress_bar
 from amnseg.training import resolve_device
@@ -97,13 +97,14 @@ def _plan(dataset: SegDataset, out_dir: Path, suffix: str, group: int
 class MultiscaleInputs(torch.utils.data.Dataset):
     """Loader-side preparation of each image at every scale (decoding and PIL resizing overlap
     the network's work), as uint8: normalising and mirroring are left to the device
-    (:func:`network_batches`), which moves an eighth of the bytes of float32 batches.
-    ``extra(stem, (H, W))``, when given, reads what else a stage needs of each image (the AMN
-    maps' CAM seeds), in the workers too. Items: (stem, uint8 (h_s, w_s, 3) per scale, label,
-    (H, W), extra's result or None)."""
+    (:func:`network_batch`), which moves an eighth of the bytes of float32 batches.
+    ``extra(stem, (H, W))``, when given, reads a tuple of tensors that a stage also needs of
+    each image (the AMN maps' CAM seeds), in the workers too. Items: (stem, uint8 (h_s, w_s, 3)
+    per scale, label, (H, W), extra's result or None); the loader joins a group's items into
+    one :class:`ImageGroup`."""
 
     def __init__(self, dataset: SegDataset, stems: list[str], scales: list[float], flip: bool,
-                 extra: Callable[[str, tuple[int, int]], Any] | None = None):
+                 extra: Callable[[str, tuple[int, int]], tuple[torch.Tensor, ...]] | None = None):
         self.dataset, self.stems, self.scales, self.flip = dataset, stems, scales, flip
         self.extra = extra
 
@@ -119,25 +120,47 @@ class MultiscaleInputs(torch.utils.data.Dataset):
         extra = None if self.extra is None else self.extra(stem, size)
         return stem, scaled, torch.from_numpy(self.dataset.label(stem)), size, extra
 
-    def batches(self, scaled: list[torch.Tensor], device: torch.device) -> list[torch.Tensor]:
-        """One item's uint8 images -> its network batches on ``device``."""
-        return network_batches(scaled, self.flip, device)
-
     def loader(self, num_workers: int, groups: list[list[str]], pin_memory: bool = False
                ) -> torch.utils.data.DataLoader:
-        """One group of ``groups`` (of this dataset's stems) per step, in order: a list of
-        items, prepared by one worker; ``pin_memory`` for asynchronous copies to a GPU."""
+        """One :class:`ImageGroup` per group of ``groups`` (of this dataset's stems, images of
+        one size), in order, prepared by one worker; ``pin_memory`` for asynchronous copies to
+        a GPU."""
         index = {stem: position for position, stem in enumerate(self.stems)}
         batches = [[index[stem] for stem in group] for group in groups]
-        return torch.utils.data.DataLoader(self, batch_sampler=batches, collate_fn=list,
+        return torch.utils.data.DataLoader(self, batch_sampler=batches, collate_fn=join_group,
                                            num_workers=num_workers, pin_memory=pin_memory)
 
 
-# One image's network outputs: (stem, per-scale outputs, label, (H, W), what
-# ``MultiscaleInputs``' ``extra`` read for it or None).
-ImageOutputs = tuple[str, list[torch.Tensor], torch.Tensor, tuple[int, int], Any]
+class ImageGroup(NamedTuple):
+    """N images of one size that go through the network together, as the loader hands them
+    over (a NamedTuple, so that the loader pins its tensors)."""
+
+    stems: list[str]
+    scaled: list[torch.Tensor]  # per scale: uint8 (N, h_s, w_s, 3)
+    labels: torch.Tensor  # (N, C)
+    size: tuple[int, int]  # (H, W)
+    extra: tuple[torch.Tensor, ...] | None  # each of ``extra``'s tensors stacked: (N, ...)
 
 
+def join_group(items: list[tuple[str, list[torch.Tensor], torch.Tensor, tuple[int, int], Any]]
+               ) -> ImageGroup:
+    """:class:`MultiscaleInputs`' items of one group -> their :class:`ImageGroup`, in a loader
+    worker: one stacked tensor per scale, so that the device gets one copy and one set of
+    normalising kernels per scale and group, not per image."""
+    stems, scaled, labels, sizes, extras = zip(*items, strict=True)
+    extra = None
+    if extras[0] is not None:
+        extra = tuple(torch.stack(part) for part in zip(*extras, strict=True))
+    return ImageGroup(list(stems), [torch.stack(images) for images in zip(*scaled, strict=True)],
+                      torch.stack(labels), tuple(sizes[0]), extra)
+
+
+# One group's network outputs: (the group, per scale its rows' outputs (2N or N, ...), for
+# each image whether it is to do).
+GroupOutputs = tuple[ImageGroup, list[torch.Tensor], list[bool]]
+
+
+@torch.no_grad()
 def multiscale_outputs(
     job: InferenceJob,
     forward: Callable[[torch.Tensor, torch.Tensor], torch.Tensor],
@@ -145,69 +168,70 @@ def multiscale_outputs(
     flip: bool,
     num_workers: int,
     desc: str,
-    extra: Callable[[str, tuple[int, int]], Any] | None = None,
-) -> Iterator[ImageOutputs]:
-    """The outputs of every image the job has to do, its multi-scale (+ flip) inputs (and
-    ``extra``'s reads, see :class:`MultiscaleInputs`) prepared in loader workers and run
-    through ``forward(images, labels)`` a whole group at a time (labels: each row's image
-    label)."""
+    extra: Callable[[str, tuple[int, int]], tuple[torch.Tensor, ...]] | None = None,
+) -> Iterator[GroupOutputs]:
+    """The outputs of every group the job has to do: its images' multi-scale (+ flip) inputs
+    (and ``extra``'s reads, see :class:`MultiscaleInputs`) prepared in loader workers, then
+    one ``forward(rows, labels)`` per scale on all the group's rows (:func:`network_batch`'s
+    order: each image, then its mirror; labels: each row's image label). A row's output does
+    not depend on the other rows on the CPU (tests/test_models.py), so the outputs equal
+    those of one image at a time."""
     inputs = MultiscaleInputs(job.dataset, [s for group in job.groups for s in group], scales,
                               flip, extra)
     todo = set(job.todo)
     with progress_bar(total=len(todo), desc=desc) as bar:
-        for items in inputs.loader(num_workers, job.groups, job.device.type == "cuda"):
-            labels = torch.stack([label.to(job.device, non_blocking=True)
-                                  for _, _, label, _, _ in items])
-
-            def rows_forward(rows, owners, labels=labels):
-                return forward(rows, labels[owners])
-
-            outputs = grouped_forward(
-                rows_forward, [inputs.batches(scaled, job.device) for _, scaled, _, _, _ in items],
-                job.device)
-            for (stem, _, label, size, read), scale_outputs in zip(items, outputs, strict=True):
-                if stem in todo:  # the others were done by an earlier run
-                    yield stem, scale_outputs, label, tuple(size), read
-                    bar.update()
+        for group in inputs.loader(num_workers, job.groups, job.device.type == "cuda"):
+            labels = group.labels.to(job.device, non_blocking=True)
+            row_labels = labels.repeat_interleave(2, dim=0) if flip else labels
+            outputs = [forward(network_batch(images, flip, job.device), row_labels)
+                       for images in group.scaled]
+            wanted = [stem in todo for stem in group.stems]  # the others: done by an earlier run
+            yield group, outputs, wanted
+            bar.update(sum(wanted))
 
 
-# An image's maps before they leave the device: (class ids (K,), stride-4 maps (K, h4, w4),
-# image-size maps (K, H, W)).
-MapTensors = tuple[np.ndarray, torch.Tensor, torch.Tensor]
+# A group's maps before they leave the device: each image's class ids (K_i,), then the
+# stride-4 maps (sum K_i, h4, w4) and image-size maps (sum K_i, H, W) of all its images'
+# classes, image after image.
+GroupMaps = tuple[list[np.ndarray], torch.Tensor, torch.Tensor]
 
 
 def score_maps_from(
-    outputs: Iterator[ImageOutputs],
+    outputs: Iterator[GroupOutputs],
     device: torch.device,
-    finish: Callable[[str, list[torch.Tensor], torch.Tensor, tuple[int, int], Any], MapTensors],
-    lookahead: int,
+    finish: Callable[[ImageGroup, list[torch.Tensor]], GroupMaps],
 ) -> Iterator[tuple[str, ScoreMaps]]:
-    """(stem, score maps) of every image of ``outputs`` (:func:`multiscale_outputs` on
-    ``device``), ``finish(stem, scale_outputs, label, size, extra)`` making each image's maps on
-    the device. From a GPU the maps come back asynchronously and are handed out ``lookahead`` images
-    late (a group's worth): by then the next group's forward is queued, so the GPU works on it
-    while the caller handles these maps on the CPU (each copy was waited for, not the work
-    queued after it)."""
-    waiting: deque[tuple[str, MapTensors, torch.cuda.Event | None]] = deque()
+    """(stem, score maps) of every image to do of ``outputs`` (:func:`multiscale_outputs` on
+    ``device``), ``finish(group, scale_outputs)`` making a group's maps on the device. From a
+    GPU the maps come back asynchronously, a group late: by then the next group's forward is
+    queued, so the GPU works on it while the caller handles these maps on the CPU (each copy
+    was waited for, not the work queued after it)."""
+    waiting: deque[tuple[ImageGroup, list[bool], GroupMaps, torch.cuda.Event | None]] = deque()
 
-    def ready(entry: tuple[str, MapTensors, torch.cuda.Event | None]) -> tuple[str, ScoreMaps]:
-        stem, (class_ids, strided, full), copied = entry
+    def ready(group: ImageGroup, wanted: list[bool], maps: GroupMaps,
+              copied: torch.cuda.Event | None) -> Iterator[tuple[str, ScoreMaps]]:
+        class_ids, strided, full = maps
         if copied is not None:
             copied.synchronize()
-        return stem, ScoreMaps(class_ids, strided.cpu().numpy(), full.cpu().numpy())
+        counts = [len(ids) for ids in class_ids]
+        for stem, is_todo, ids, image_strided, image_full in zip(
+                group.stems, wanted, class_ids, strided.cpu().split(counts),
+                full.cpu().split(counts), strict=True):
+            if is_todo:
+                yield stem, ScoreMaps(ids, image_strided.numpy(), image_full.numpy())
 
-    for stem, scale_outputs, label, size, extra in outputs:
-        class_ids, strided, full = finish(stem, scale_outputs, label, size, extra)
+    for group, scale_outputs, wanted in outputs:
+        class_ids, strided, full = finish(group, scale_outputs)
         copied = None
         if device.type == "cuda":  # into pinned memory, behind the work queued so far
             strided, full = strided.to("cpu", non_blocking=True), full.to("cpu", non_blocking=True)
             copied = torch.cuda.Event()
             copied.record(torch.cuda.current_stream(device))  # the maps' device's stream
-        waiting.append((stem, (class_ids, strided, full), copied))
-        if len(waiting) > lookahead:
-            yield ready(waiting.popleft())
+        waiting.append((group, wanted, (class_ids, strided, full), copied))
+        if len(waiting) > 1:
+            yield from ready(*waiting.popleft())
     while waiting:
-        yield ready(waiting.popleft())
+        yield from ready(*waiting.popleft())
 
 
 def write_score_maps(config: Any, out_dir: Path, maps: Iterable[tuple[str, ScoreMaps]],

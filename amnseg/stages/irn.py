@@ -127,7 +127,7 @@ def boundary_from_logits(logits: torch.Tensor, image_size: tuple[int, int]) -> t
     probabilities (h4, w4): sigmoid of the mean of the two, cropped to the image's stride-4
     size before the mirror is flipped back."""
     rows, cols = strided_size(*image_size, 4)
-    return torch.sigmoid(merge_flip(logits[:, :, :rows, :cols])[0] / 2)
+    return torch.sigmoid(merge_flip(logits[:, :, :rows, :cols])[0, 0] / 2)
 
 
 @torch.no_grad()
@@ -276,21 +276,26 @@ def make_masks(
         pending.clear()
 
     pad_size = config.irn.infer_pad_size
-    for stem, (logits,), _, size, _ in multiscale_outputs(
+    for group, (logits,), wanted in multiscale_outputs(
         job, lambda images, labels: job.model(pad_bottom_right(images, pad_size)), [1.0], True,
         config.data.num_workers, "pseudo masks",
     ):
-        maps_file = amn_maps_dir / f"{stem}.npz"
-        score_maps = load_score_maps(maps_file, job.dataset.num_classes)
-        boundary = boundary_from_logits(logits, size)
-        try:
-            check_boundary_size(score_maps.strided, boundary)
-        except AmnsegError as error:
-            raise AmnsegError(f"{maps_file}: {error}") from None
-        maps_on_device = queued_copy(torch.from_numpy(score_maps.strided), job.device)
-        pending.append(PendingWalk(stem, maps_on_device, boundary, score_maps.class_ids, size))
-        if len(pending) == walk_batch:
-            walk_pending()
+        image_logits = logits.unflatten(0, (len(group.stems), 2))  # each image and its mirror
+        for stem, is_todo, pair in zip(group.stems, wanted, image_logits, strict=True):
+            if not is_todo:
+                continue
+            maps_file = amn_maps_dir / f"{stem}.npz"
+            score_maps = load_score_maps(maps_file, job.dataset.num_classes)
+            boundary = boundary_from_logits(pair, group.size)
+            try:
+                check_boundary_size(score_maps.strided, boundary)
+            except AmnsegError as error:
+                raise AmnsegError(f"{maps_file}: {error}") from None
+            maps_on_device = queued_copy(torch.from_numpy(score_maps.strided), job.device)
+            pending.append(PendingWalk(stem, maps_on_device, boundary, score_maps.class_ids,
+                                       group.size))
+            if len(pending) == walk_batch:
+                walk_pending()
     if pending:
         walk_pending()
     distributed.barrier()  # every rank's share is written
