@@ -10,6 +10,7 @@ of the other work can make a step faster than that (torch.compile leaves convolu
 cuDNN).
 
     python -m benchmarks.bench_seg_convs [--batch 10] [--crop 321] [--repeats 10]
+    python -m benchmarks.bench_seg_convs --arithmetic   # no timing: FLOP per kind, any machine
 """
 
 from __future__ import annotations
@@ -75,9 +76,46 @@ def time_convolution(signature: Signature, batch: int, device: torch.device, dty
         if device.type == "cuda":
             torch.cuda.synchronize()
 
-    products = 2 + input_grad
-    flop = products * 2 * upstream.numel() * channels * kh * kw
+    flop = convolution_flop(signature, batch)
     return statistics.median(run_times(once, repeats, warmups=3)), flop  # warm-ups: cuDNN
+
+
+def convolution_flop(signature: Signature, batch: int) -> int:
+    """FLOP of one convolution's forward and backward at ``batch``: the forward, the weight
+    gradient and, where needed, the input gradient, each 2 FLOP per multiply-add."""
+    (channels, height, width, out_channels, kh, kw, stride, padding, dilation, _,
+     input_grad) = signature
+    rows = (height + 2 * padding[0] - dilation[0] * (kh - 1) - 1) // stride[0] + 1
+    cols = (width + 2 * padding[1] - dilation[1] * (kw - 1) - 1) // stride[1] + 1
+    products = 2 + input_grad
+    return products * 2 * batch * out_channels * rows * cols * channels * kh * kw
+
+
+def kind_of(signature: Signature) -> str:
+    """A convolution's kind for the tables: kernel, dilation, ASPP or input size."""
+    out_channels, kh, kw = signature[3:6]
+    kind = f"{kh}x{kw}" + (f" dilation {signature[8][0]}" if signature[8][0] > 1 else "")
+    return kind + (" (ASPP)" if out_channels == 21 else f", {signature[1]}x{signature[2]} in")
+
+
+def write_arithmetic(crop: int) -> None:
+    """The step's arithmetic per convolution kind (no timing): what a GPU has to run."""
+    convolutions = step_convolutions(crop)
+    by_kind: dict[str, int] = {}
+    for signature, count in convolutions.items():
+        kind = kind_of(signature)
+        by_kind[kind] = by_kind.get(kind, 0) + count * convolution_flop(signature, 1)
+    total = sum(by_kind.values())
+    rows = [f"| {kind} | {flop / 1e9:.1f} | {100 * flop / total:.1f} % |"
+            for kind, flop in sorted(by_kind.items(), key=lambda item: -item[1])]
+    body = "\n".join([
+        f"The convolutions of one DeepLab-v2 ResNet-101 MSC training crop ({crop}x{crop}, "
+        "scales 1, 0.5, 0.75), forward + backward (weight gradients; input gradients except "
+        "for the image's own convolution), 2 FLOP per multiply-add; counted, not timed.", "",
+        "| convolutions | GFLOP per crop | share |", "|---|---|---|", *rows, "",
+        f"All convolutions: **{total / 1e9:.1f} GFLOP per crop**.",
+    ])
+    write_section("Seg training step: arithmetic by convolution", body)
 
 
 def main() -> None:
@@ -87,7 +125,12 @@ def main() -> None:
     parser.add_argument("--repeats", type=int, default=10)
     parser.add_argument("--device", default="cuda",
                         help="cuda (what is measured); cpu only checks that the script runs")
+    parser.add_argument("--arithmetic", action="store_true",
+                        help="count each kind's FLOP instead of timing (any machine)")
     args = parser.parse_args()
+    if args.arithmetic:
+        write_arithmetic(args.crop)
+        return
     device = torch.device(args.device)
     torch.backends.cudnn.benchmark = True
     dtype = torch.bfloat16 if device.type == "cuda" else torch.float32
@@ -96,11 +139,9 @@ def main() -> None:
     total = flops = 0.0
     for signature, count in convolutions.items():
         seconds, flop = time_convolution(signature, args.batch, device, dtype, args.repeats)
-        out_channels, kh, kw = signature[3:6]
         flops += count * flop
         total += count * seconds
-        kind = f"{kh}x{kw}" + (f" dilation {signature[8][0]}" if signature[8][0] > 1 else "")
-        kind += " (ASPP)" if out_channels == 21 else ""
+        kind = kind_of(signature)
         by_kind.setdefault(kind, [0.0, 0])
         by_kind[kind][0] += count * seconds
         by_kind[kind][1] += count

@@ -104,3 +104,30 @@ def test_projection_is_fixed_seconds_plus_images_at_the_steady_rate():
     # left are the 100 images at 5 images/s, with nothing fixed.
     assert projected_hours(30.0, 100, 5.0, 10_000, 10.0, 500) == pytest.approx(2050 / 3600)
     assert projected_hours(30.0, 100, None, 10_000, 10.0, 500) == pytest.approx(2050 / 3600)
+
+
+def test_convolution_flop_counts_each_product_of_forward_and_backward():
+    from benchmarks.bench_seg_convs import convolution_flop
+
+    # 8 -> 4 channels, 3x3 dilation 2 padding 2 on 10x12: the output keeps its size.
+    signature = (8, 10, 12, 4, 3, 3, (1, 1), (2, 2), (2, 2), False, True)
+    products = 2 * 4 * 10 * 12 * 8 * 3 * 3  # multiply-adds of one forward of 2 images
+    assert convolution_flop(signature, 2) == 3 * 2 * products
+    # Without the input gradient (the image's own convolution): forward + weight gradient.
+    assert convolution_flop(signature[:-1] + (False,), 2) == 2 * 2 * products
+    # Stride 2, no padding, 1x1: ceil-free output size (10 - 1) // 2 + 1 = 5 by 6.
+    strided = (8, 10, 12, 4, 1, 1, (2, 2), (0, 0), (1, 1), True, True)
+    assert convolution_flop(strided, 1) == 3 * 2 * (4 * 5 * 6 * 8)
+
+
+def test_operator_count_tells_forwards_from_the_rest():
+    from benchmarks.bench_map_ops import CountedModel, OperatorCount
+
+    layer = torch.nn.Linear(3, 2)
+    count = OperatorCount()
+    model = CountedModel(layer, count)
+    with count:
+        inputs = torch.ones(4, 3) * 2  # two operators outside: ones, mul
+        model(inputs)
+    assert count.outside == 2 and count.inside >= 1
+    assert model.out_features == 2  # the network's attributes pass through
