@@ -134,10 +134,11 @@ def test_amn_scores_equal_per_pixel_computation():
             expected.append(rows)
     assert got.shape == (5, 6, 7)
     np.testing.assert_allclose(got, np.stack(expected), rtol=1e-5, atol=1e-6)
-    # Each image alone gives its rows of the group's, bit for bit.
+    # Each image alone gives its rows of the group's (to the last unit: softmax's vector
+    # and scalar paths may fall on other elements in a group).
     alone = [amn_scores(logits[i:i + 1], class_ids[i:i + 1], cam_seeds[i:i + 1])
              for i in range(3)]
-    assert torch.equal(torch.cat(alone), torch.from_numpy(got))
+    torch.testing.assert_close(torch.cat(alone), torch.from_numpy(got), rtol=1e-6, atol=0)
 
 
 @torch.no_grad()
