@@ -141,6 +141,13 @@ def test_amn_scores_equal_per_pixel_computation():
     torch.testing.assert_close(torch.cat(alone), torch.from_numpy(got), rtol=1e-6, atol=0)
 
 
+def test_amn_scores_of_a_group_without_classes_are_empty():
+    # COCO has images with no class; a group may hold only such images.
+    empty = np.array([], np.int64)
+    scores = amn_scores(torch.randn(2, 4, 5, 6), [empty, empty], torch.ones(2, 5, 6))
+    assert scores.shape == (0, 5, 6)
+
+
 @torch.no_grad()
 def test_amn_logits_of_a_group_equal_those_of_each_image_bit_for_bit():
     from amnseg.stages.amn import merge_amn_scales
