@@ -4,6 +4,7 @@ from __future__ import annotations
 
 import hashlib
 import json
+import re
 from pathlib import Path
 
 import numpy as np
@@ -795,3 +796,38 @@ def test_data_signature_kinds_see_what_they_promise(tmp_path):
     edited = {kind: data_signature(dataset, kind) for kind in ("stat", "content")}
     assert edited["stat"] == touched["stat"] and edited["content"] != touched["content"]
     assert file_token(tmp_path / "gone.png", "content") == "missing"
+
+
+def test_split_union_takes_each_image_once_from_its_first_split(tmp_path):
+    from conftest import write_tiny_folder_dataset
+
+    from amnseg.data import SplitUnion
+
+    root = write_tiny_folder_dataset(tmp_path / "data", count=6)
+    # Another copy with other pictures and labels under the same names: each image of the
+    # union must come from its own part.
+    second = write_tiny_folder_dataset(tmp_path / "data2", count=6, seed=1)
+    (second / "splits" / "late.txt").write_text("img 04\nimg 01\nimg 05\n")
+    val, late = FolderDataset(root, "val"), FolderDataset(second, "late")
+    assert not np.array_equal(val.image("img 01"), late.image("img 01"))
+    union = SplitUnion([val, late])
+    assert union.stems == ["img 00", "img 01", "img 02", "img 04", "img 05"]
+    assert union.class_names == val.class_names and union.root == root
+    assert union.split == "val+late"
+    for stem in union.stems:
+        owner = val if stem in val.stems else late
+        np.testing.assert_array_equal(union.image(stem), owner.image(stem))
+        np.testing.assert_array_equal(union.label(stem), owner.label(stem))
+        assert union.image_path(stem) == owner.image_path(stem)
+    other = tmp_path / "other"
+    write_tiny_folder_dataset(other, count=2)
+    with open(other / "classes.txt", "a") as classes:  # one class more
+        classes.write("triangle\n")
+    for split, parts in (("train", [val, FolderDataset(other, "train")]),
+                         ("val", [val, late, FolderDataset(other, "val")])):
+        with pytest.raises(AmnsegError,
+                           match=rf"^{re.escape(str(other))}: split '{split}' has other classes"):
+            SplitUnion(parts)
+    exif = FolderDataset(second, "late")
+    exif.exif_orientation = not val.exif_orientation
+    assert SplitUnion([val, exif]).exif_orientation == val.exif_orientation
