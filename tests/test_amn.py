@@ -141,6 +141,50 @@ def test_amn_scores_equal_per_pixel_computation():
     torch.testing.assert_close(torch.cat(alone), torch.from_numpy(got), rtol=1e-6, atol=0)
 
 
+@torch.no_grad()
+def test_groups_are_finished_in_parts_of_a_bounded_size():
+    """COCO's 81 channels at full size do not fit a whole group at once: its images are
+    finished a few at a time, with the same maps as the whole group."""
+    from amnseg.stages.amn import amn_score_tensors, merge_amn_scales
+    from amnseg.stages.common import ImageGroup, finish_group, group_parts
+
+    rng = np.random.default_rng(3)
+    images, channels, size = 5, 4, (9, 12)
+    labels = torch.tensor([[1, 0, 1], [0, 0, 0], [0, 1, 0], [1, 1, 1], [0, 0, 1]],
+                          dtype=torch.float32)
+    seeds = (torch.from_numpy(rng.integers(0, 3, (images, 3, 3)).astype(np.uint8)),
+             torch.from_numpy(rng.integers(0, 3, (images, 9, 12)).astype(np.uint8)))
+    group = ImageGroup([f"i{n}" for n in range(images)],
+                       [torch.zeros(images, 9, 12, 3, dtype=torch.uint8)], labels, size, seeds)
+    outputs = [torch.randn(2 * images, channels, 3, 3), torch.randn(2 * images, channels, 2, 2)]
+
+    def finish(part, rows):
+        return amn_score_tensors(*merge_amn_scales(rows, len(part.stems), part.size),
+                                 part.labels, part.extra)
+
+    per_image = channels * 9 * 12
+    parts = list(group_parts(group, outputs, 2 * per_image + 1))
+    assert [part.stems for part, _ in parts] == [["i0", "i1"], ["i2", "i3"], ["i4"]]
+    for part, rows in parts:
+        first = int(part.stems[0][1:])
+        count = len(part.stems)
+        assert torch.equal(part.labels, labels[first:first + count])
+        assert torch.equal(part.extra[1], seeds[1][first:first + count])
+        assert part.scaled[0].shape[0] == count and part.size == size
+        for scale, scale_rows in zip(outputs, rows, strict=True):
+            assert torch.equal(scale_rows, scale[2 * first:2 * (first + count)])
+    assert [len(p.stems) for p, _ in group_parts(group, outputs, per_image - 1)] == [1] * 5
+    whole_group = list(group_parts(group, outputs, images * per_image))
+    assert len(whole_group) == 1 and whole_group[0][0] is group
+
+    whole = finish(group, outputs)
+    in_parts = finish_group(group, outputs, finish, 2 * per_image)
+    assert [ids.tolist() for ids in in_parts[0]] == [ids.tolist() for ids in whole[0]]
+    assert in_parts[1].shape == (7, 3, 3) and in_parts[2].shape == (7, 9, 12)
+    torch.testing.assert_close(in_parts[1], whole[1], rtol=1e-6, atol=0)
+    torch.testing.assert_close(in_parts[2], whole[2], rtol=1e-6, atol=0)
+
+
 def test_amn_scores_of_a_group_without_classes_are_empty():
     # COCO has images with no class; a group may hold only such images.
     empty = np.array([], np.int64)

@@ -195,17 +195,58 @@ def multiscale_outputs(
 # classes, image after image.
 GroupMaps = tuple[list[np.ndarray], torch.Tensor, torch.Tensor]
 
+# The most values (2**26: 256 MB in float32) of image-size maps of all channels that a map
+# stage makes at once: a group's images are finished in parts of at most that many. VOC's
+# 21 channels at 500x375 fit 17 images (a default group of 8 is one part); COCO's 81 at
+# 640x480 fit 2, where a whole group of 8 took 2 GB more memory (benchmarks/RESULTS.md).
+IMAGE_SIZE_VALUES = 2**26
+
+
+def group_parts(group: ImageGroup, outputs: list[torch.Tensor], values: int
+                ) -> Iterator[tuple[ImageGroup, list[torch.Tensor]]]:
+    """``group`` and its per-scale ``outputs`` (rows of each image in turn) in parts of
+    consecutive images whose image-size maps of all the outputs' channels hold at most
+    ``values`` values (one image at least); the whole group when it fits."""
+    images = len(group.stems)
+    per_image = outputs[0].shape[1] * group.size[0] * group.size[1]
+    step = max(1, values // per_image)
+    if step >= images:
+        yield group, outputs
+        return
+    for start in range(0, images, step):
+        part = slice(start, start + step)
+        extra = None if group.extra is None else tuple(tensor[part] for tensor in group.extra)
+        rows = [scale[start * (len(scale) // images):(start + step) * (len(scale) // images)]
+                for scale in outputs]
+        yield ImageGroup(group.stems[part], [scaled[part] for scaled in group.scaled],
+                         group.labels[part], group.size, extra), rows
+
+
+def finish_group(group: ImageGroup, outputs: list[torch.Tensor],
+                 finish: Callable[[ImageGroup, list[torch.Tensor]], GroupMaps], values: int
+                 ) -> GroupMaps:
+    """``finish(group, outputs)`` done on :func:`group_parts` of at most ``values`` image-size
+    values, joined."""
+    parts = [finish(*part) for part in group_parts(group, outputs, values)]
+    if len(parts) == 1:
+        return parts[0]
+    return ([ids for class_ids, _, _ in parts for ids in class_ids],
+            torch.cat([strided for _, strided, _ in parts]),
+            torch.cat([full for _, _, full in parts]))
+
 
 def score_maps_from(
     outputs: Iterator[GroupOutputs],
     device: torch.device,
     finish: Callable[[ImageGroup, list[torch.Tensor]], GroupMaps],
+    values: int = IMAGE_SIZE_VALUES,
 ) -> Iterator[tuple[str, ScoreMaps]]:
     """(stem, score maps) of every image to do of ``outputs`` (:func:`multiscale_outputs` on
-    ``device``), ``finish(group, scale_outputs)`` making a group's maps on the device. From a
-    GPU the maps come back asynchronously, a group late: by then the next group's forward is
-    queued, so the GPU works on it while the caller handles these maps on the CPU (each copy
-    was waited for, not the work queued after it)."""
+    ``device``), ``finish(group, scale_outputs)`` making a group's maps on the device (in
+    parts of at most ``values`` image-size values, see :func:`group_parts`). From a GPU the
+    maps come back asynchronously, a group late: by then the next group's forward is queued,
+    so the GPU works on it while the caller handles these maps on the CPU (each copy was
+    waited for, not the work queued after it)."""
     waiting: deque[tuple[ImageGroup, list[bool], GroupMaps, torch.cuda.Event | None]] = deque()
 
     def ready(group: ImageGroup, wanted: list[bool], maps: GroupMaps,
@@ -221,7 +262,7 @@ def score_maps_from(
                 yield stem, ScoreMaps(ids, image_strided.numpy(), image_full.numpy())
 
     for group, scale_outputs, wanted in outputs:
-        class_ids, strided, full = finish(group, scale_outputs)
+        class_ids, strided, full = finish_group(group, scale_outputs, finish, values)
         copied = None
         if device.type == "cuda":  # into pinned memory, behind the work queued so far
             strided, full = strided.to("cpu", non_blocking=True), full.to("cpu", non_blocking=True)
