@@ -442,3 +442,13 @@ def test_queued_copy_to_the_gpu_keeps_the_values_of_its_call():
     on_gpu = queued_copy(source, "cuda")
     source.zero_()
     assert on_gpu.is_cuda and torch.equal(on_gpu.cpu(), expected)
+
+
+def test_a_group_whose_images_changed_size_is_a_one_line_error():
+    from amnseg.stages.common import join_group
+
+    items = [(stem, [torch.zeros(height, 5, 3, dtype=torch.uint8)], torch.zeros(2),
+              (height, 5), None) for stem, height in (("a", 4), ("b", 4), ("c", 6))]
+    assert join_group(items[:2]).scaled[0].shape == (2, 4, 5, 3)
+    with pytest.raises(AmnsegError, match=r"^c: image is 5x6, a is 5x4, .* replaced"):
+        join_group(items)

@@ -148,6 +148,12 @@ def join_group(items: list[tuple[str, list[torch.Tensor], torch.Tensor, tuple[in
     worker: one stacked tensor per scale, so that the device gets one copy and one set of
     normalising kernels per scale and group, not per image."""
     stems, scaled, labels, sizes, extras = zip(*items, strict=True)
+    for stem, size in zip(stems, sizes, strict=True):
+        if tuple(size) != tuple(sizes[0]):  # groups are cut by the files' headers
+            raise AmnsegError(
+                f"{stem}: image is {size[1]}x{size[0]}, {stems[0]} is {sizes[0][1]}x"
+                f"{sizes[0][0]}, and their headers gave one size when the stage began: was "
+                "an image replaced while the stage ran?")
     extra = None
     if extras[0] is not None:
         extra = tuple(torch.stack(part) for part in zip(*extras, strict=True))
