@@ -161,7 +161,11 @@ def amn_scores(logits: torch.Tensor, class_ids: Sequence[np.ndarray], cam_seeds:
     image after image. (The reference normalises the background channel too and then drops
     it: each channel is normalised on its own, so it is left out from the start.)
     """
-    probs = torch.softmax(logits, dim=1)
+    # One softmax per image: over a whole group, its vector and scalar paths fall on other
+    # elements, which changes a few tiny probabilities in the last bit (and the seeds and
+    # everything after them, through the CRF). Per image, the maps are those of one image at
+    # a time, bit for bit.
+    probs = torch.stack([torch.softmax(image_logits, dim=0) for image_logits in logits])
     channels = logits.shape[1]
     # Each kept row's place among the N * (C + 1) channels, and its image: one copy.
     rows = np.concatenate([image * channels + ids for image, ids in enumerate(class_ids)])
