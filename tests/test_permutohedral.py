@@ -328,3 +328,17 @@ def test_crf_on_cuda_equals_pydensecrf_on_a_voc_size_image():
             assert torch.equal(cpu_lattice.offsets, gpu_lattice.offsets.cpu())
             assert torch.equal(cpu_lattice.weights, gpu_lattice.weights.cpu())
             torch.testing.assert_close(cpu_norm, gpu_norm.cpu(), rtol=1e-5, atol=0)
+
+
+def test_kernel_normalisation_is_pydensecrfs_double_precision_formula():
+    """pydensecrf normalises each kernel by 1.0 / sqrt(density + 1e-20) in double precision,
+    stored as float32: computed in float32 instead, some values differ in the last bit."""
+    image = image_scene(33, 47, "blocks", seed=3)
+    crf = DenseCrf([torch.from_numpy(image)], CrfConfig())
+    for lattice, norm, _ in crf.kernels:
+        density = lattice.filter(torch.ones(lattice.offsets.shape[0], 1)).numpy()
+        expected = (1.0 / np.sqrt(density.astype(np.float64) + 1e-20)).astype(np.float32)
+        assert norm.dtype == torch.float32
+        np.testing.assert_array_equal(norm.numpy(), expected)
+        in_float32 = np.float32(1.0) / np.sqrt(density.astype(np.float32))
+        assert not np.array_equal(in_float32, expected)  # the test can tell the two apart
